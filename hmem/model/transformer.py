@@ -1,0 +1,119 @@
+"""The anchor LM: a pre-norm decoder whose FFNs a fetched memory can widen per sequence.
+
+`model(tokens, segment_ids, memory)`: `memory` is None for the dense anchor, or a dict of
+per-sequence arrays with a layer axis (e.g. FFN memory: `ffn_gate`/`ffn_up`/`ffn_down`
+[B, layers_m, r, d]) covering the contiguous layer range `memory_layers`. The layer stack
+is one set of stacked parameters; a memory range splits the scan into segments, so the
+scanned body never branches on the layer index.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hmem import sharding
+from hmem.model.attention import Attention, attention_mask
+from hmem.model.layers import SwiGLU, make_norm, segment_positions
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def dtype_of(name: str):
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ValueError(f'{name!r} is not a dtype; use e.g. float32 or bfloat16') from e
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype, param_dtype, 'embed', rngs)
+    self.attn = Attention(cfg, dtype, param_dtype, rngs)
+    self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype, param_dtype, 'embed', rngs)
+    out_std = cfg.init_std / (2 * cfg.layers) ** 0.5
+    self.ffn = SwiGLU(cfg.d_model, cfg.ffn, cfg.init_std, out_std, dtype, param_dtype, rngs)
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, memory=None):
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS)
+    x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD), memory)
+    return sharding.constrain(x_BxTxD, ('batch', None, None))
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg, rngs: nnx.Rngs, memory_layers: tuple[int, int] | None = None):
+    """`memory_layers` = (first, end) of the layers a memory widens; None means all."""
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    self.embed = nnx.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(cfg.init_std), ('vocab', 'embed')),
+        rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype, param_dtype, 'embed', rngs)
+    if cfg.tie_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = nnx.Linear(
+          cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+          kernel_init=nnx.with_partitioning(nnx.initializers.truncated_normal(cfg.init_std), ('embed', 'vocab')),
+          rngs=rngs)
+    self.num_layers = cfg.layers
+    self.memory_layers = tuple(memory_layers) if memory_layers else (0, cfg.layers)
+    self.remat_policy = REMAT_POLICIES[cfg.remat] if cfg.remat in REMAT_POLICIES else _bad_remat(cfg.remat)
+    self.remat = cfg.remat != 'none'
+    self.scan_layers = cfg.scan_layers
+
+  def __call__(self, tokens_BxT, segment_ids_BxT, memory: dict | None = None) -> jax.Array:
+    """Returns fp32 logits [B, T, vocab]."""
+    positions_BxT = segment_positions(segment_ids_BxT)
+    mask_BxTxS = attention_mask(segment_ids_BxT)
+    x_BxTxD = sharding.constrain(self.embed(tokens_BxT), ('batch', None, None))
+
+    graphdef, stack = nnx.split(self.blocks)
+    first, end = self.memory_layers if memory is not None else (0, self.num_layers)
+    # Memory arrays come as [B, layers_m, ...]; the scan walks the leading axis.
+    memory_L = None if memory is None else {n: jnp.moveaxis(a, 1, 0) for n, a in memory.items()}
+    for lo, hi, mem in ((0, first, None), (first, end, memory_L), (end, self.num_layers, None)):
+      if hi > lo:
+        segment = jax.tree.map(lambda a: a[lo:hi], stack) if (lo, hi) != (0, self.num_layers) else stack
+        x_BxTxD = self._run_layers(graphdef, segment, x_BxTxD, positions_BxT, mask_BxTxS, mem)
+
+    x_BxTxD = self.final_norm(x_BxTxD)
+    if self.lm_head is None:
+      logits = self.embed.attend(x_BxTxD)
+    else:
+      logits = self.lm_head(x_BxTxD)
+    return sharding.constrain(logits.astype(jnp.float32), ('batch', None, 'vocab'))
+
+  def _run_layers(self, graphdef, stack, x_BxTxD, positions_BxT, mask_BxTxS, memory_L):
+    def body(x, layer):
+      state, mem = layer
+      return nnx.merge(graphdef, state)(x, positions_BxT, mask_BxTxS, mem), None
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=self.remat_policy, prevent_cse=not self.scan_layers)
+    if self.scan_layers:
+      x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stack, memory_L))
+      return x_BxTxD
+    n = jax.tree.leaves(stack)[0].shape[0]
+    for i in range(n):
+      x_BxTxD, _ = body(x_BxTxD, jax.tree.map(lambda a: a[i], (stack, memory_L)))
+    return x_BxTxD
+
+
+def _bad_remat(name):
+  raise ValueError(f'model.remat={name!r}; choose one of {sorted(REMAT_POLICIES)}')

@@ -1,0 +1,128 @@
+"""The device mesh and the mapping from logical axis names to mesh axes.
+
+Parameters carry logical names (`embed`, `mlp`, `heads`, `vocab`, `layers`, ...); the
+ordered rule list in `config.mesh.rules` turns them into PartitionSpecs. Activations are
+constrained the same way through `constrain`, which is a no-op outside `use_mesh`, so
+the model runs unchanged on one device and in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'memory')
+BATCH_AXES = ('data', 'fsdp')
+
+_ACTIVE: list[tuple[Mesh, tuple]] = []
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """Resolves the one allowed -1 so the product is `num_devices`; explains any mismatch."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  fill = [i for i, s in enumerate(sizes) if s == -1]
+  if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh sizes {dict(zip(MESH_AXES, sizes))}: use positive sizes and at most one -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: '
+                       f'{num_devices} is not a multiple of {known}')
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but '
+                     f'{num_devices} are present; set one axis to -1 or match the device count')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: XLA propagates shardings from the jit boundaries and our constraints.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(logical: Sequence[str | None] | None, rules) -> P:
+  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once."""
+  if logical is None:
+    return P()
+  table = {}
+  for name, axes in rules:
+    table.setdefault(name, axes)
+  used: set[str] = set()
+  out = []
+  for name in logical:
+    axes = table.get(name) if name is not None else None
+    if axes is None:
+      out.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    free = tuple(a for a in axes if a not in used)
+    used.update(free)
+    out.append(free if len(free) > 1 else (free[0] if free else None))
+  return P(*out)
+
+
+def drop_indivisible(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Replicates any dimension the mesh axes mapped onto it do not divide evenly."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    size = math.prod(mesh.shape[a] for a in names)
+    out.append(axes if size and dim % size == 0 else None)
+  return P(*out)
+
+
+def named_sharding(mesh: Mesh, logical, rules, shape: Sequence[int]) -> NamedSharding:
+  return NamedSharding(mesh, drop_indivisible(logical_to_spec(logical, rules), shape, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules):
+  """Activates `mesh` (for jit and PartitionSpecs) and the logical rules for `constrain`."""
+  _ACTIVE.append((mesh, tuple(tuple(r) for r in rules)))
+  try:
+    with jax.set_mesh(mesh):
+      yield mesh
+  finally:
+    _ACTIVE.pop()
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names under `use_mesh`; identity otherwise."""
+  if not _ACTIVE:
+    return x
+  mesh, rules = _ACTIVE[-1]
+  spec = drop_indivisible(logical_to_spec(logical, rules), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def host_local_rows(global_batch: int, mesh: Mesh) -> slice:
+  """Rows of the global batch that this process's devices hold (batch over data x fsdp)."""
+  sharding = batch_sharding(mesh, 1)
+  idx = sharding.addressable_devices_indices_map((global_batch,))
+  starts = sorted({i[0].start or 0 for i in idx.values()})
+  stops = sorted({i[0].stop if i[0].stop is not None else global_batch for i in idx.values()})
+  lo, hi = starts[0], stops[-1]
+  if sum(b - a for a, b in zip(starts, stops)) != hi - lo:
+    raise ValueError('this process holds a non-contiguous part of the batch; order the mesh '
+                     'so that data x fsdp is major across processes')
+  return slice(lo, hi)
+
+
+def np_global(x: np.ndarray, sharding: NamedSharding, global_shape) -> jax.Array:
+  """Builds a global array from this process's rows of it."""
+  return jax.make_array_from_process_local_data(sharding, x, global_shape)
