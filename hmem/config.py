@@ -15,9 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A user-facing config problem; the CLI prints it as one line."""
+from hmem.errors import ConfigError
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -46,8 +44,8 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
   # Mesh axes are always written in full; -1 fills with the remaining devices.
-  # `rules` maps logical axis names (on parameters and activations) to mesh axes, first
-  # match wins; a logical name with no rule is replicated.
+  # `rules` maps logical axis names (on parameters and activations) to mesh axes (None:
+  # replicated); the first rule for a name wins. Every logical name needs a rule.
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,
       fsdp=1,
@@ -60,6 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
           ('kv_heads', 'tensor'),
           ('mlp', 'tensor'),
           ('embed', 'fsdp'),
+          ('layers', None),
           ('bank_rows', 'memory'),
           ('bank_embed', ('data', 'fsdp')),
       ),
@@ -71,7 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
       k=16,
       depth=4,
       levels=(0, 0, 0, 0),
-      type='ffn',
+      type='ffn',          # 'ffn' | 'lora' | 'kv'
+      layers=(),           # () = every layer, or (first, end) for a contiguous range
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -98,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000,
+      schedule_steps=0,    # length of the LR schedule; 0 = steps (set it to run a prefix of a longer run)
       batch_size=8,        # global, in sequences
       grad_accum=1,        # micro-batches per step
       seed=0,

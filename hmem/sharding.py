@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
+from hmem.errors import ConfigError
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'memory')
@@ -27,15 +29,15 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   fill = [i for i, s in enumerate(sizes) if s == -1]
   if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'mesh sizes {dict(zip(MESH_AXES, sizes))}: use positive sizes and at most one -1')
+    raise ConfigError(f'mesh sizes {dict(zip(MESH_AXES, sizes))}: use positive sizes and at most one -1')
   known = math.prod(s for s in sizes if s != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: '
+      raise ConfigError(f'mesh {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: '
                        f'{num_devices} is not a multiple of {known}')
     sizes[fill[0]] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but '
+    raise ConfigError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but '
                      f'{num_devices} are present; set one axis to -1 or match the device count')
   return tuple(sizes)
 
@@ -86,6 +88,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def data_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  """Shardings of a batch dict: every array split over data x fsdp on its row axis."""
+  return {'tokens': batch_sharding(mesh, 2), 'segment_ids': batch_sharding(mesh, 2),
+          'leaf_id': batch_sharding(mesh, 1)}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -93,9 +101,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules):
   """Activates `mesh` (for jit and PartitionSpecs) and the logical rules for `constrain`."""
-  _ACTIVE.append((mesh, tuple(tuple(r) for r in rules)))
+  rules = tuple(tuple(r) for r in rules)
+  _ACTIVE.append((mesh, rules))
   try:
-    with jax.set_mesh(mesh):
+    # flax reads the same rules when nnx.eval_shape annotates abstract variables.
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
       yield mesh
   finally:
     _ACTIVE.pop()
@@ -118,7 +128,7 @@ def host_local_rows(global_batch: int, mesh: Mesh) -> slice:
   stops = sorted({i[0].stop if i[0].stop is not None else global_batch for i in idx.values()})
   lo, hi = starts[0], stops[-1]
   if sum(b - a for a, b in zip(starts, stops)) != hi - lo:
-    raise ValueError('this process holds a non-contiguous part of the batch; order the mesh '
+    raise ConfigError('this process holds a non-contiguous part of the batch; order the mesh '
                      'so that data x fsdp is major across processes')
   return slice(lo, hi)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hmem.errors import ConfigError
+
 from hmem.data.source import Position, Source, check_batch
 
 
@@ -18,7 +20,7 @@ def make_source(cfg, split: str = 'train') -> Source:
     from hmem.data.loader import PreparedSource
     return PreparedSource(d.path, batch_size=cfg.train.batch_size, seq_len=d.seq_len,
                           seed=cfg.train.seed, split=split)
-  raise ValueError(f"data.source={d.source!r}; use 'synthetic' or 'prepared'")
+  raise ConfigError(f"data.source={d.source!r}; use 'synthetic' or 'prepared'")
 
 
 __all__ = ['Position', 'Source', 'check_batch', 'make_source']

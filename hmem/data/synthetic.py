@@ -9,6 +9,8 @@ Every row is a pure function of (seed, split, epoch, step, row).
 
 from __future__ import annotations
 
+from hmem.errors import ConfigError
+
 import numpy as np
 
 from hmem.data.source import Position
@@ -22,7 +24,7 @@ class SyntheticSource:
   def __init__(self, *, vocab_size: int, seq_len: int, batch_size: int, num_leaves: int,
                mean_doc_len: int, seed: int, split: str = 'train', noise: float = 0.1):
     if vocab_size < 4:
-      raise ValueError(f'synthetic data needs model.vocab_size >= 4, got {vocab_size}')
+      raise ConfigError(f'synthetic data needs model.vocab_size >= 4, got {vocab_size}')
     self.seq_len, self.batch_size, self.steps_per_epoch = seq_len, batch_size, None
     self.vocab_size, self.num_leaves, self.mean_doc_len = vocab_size, num_leaves, mean_doc_len
     self.noise, self.seed, self.split_id = noise, seed, _SPLITS[split]

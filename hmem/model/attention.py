@@ -7,6 +7,8 @@ honour packed documents.
 
 from __future__ import annotations
 
+from hmem.errors import ConfigError
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,9 +50,9 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg, dtype, param_dtype, rngs: nnx.Rngs):
     if cfg.attention not in ATTENTION_KERNELS:
-      raise ValueError(f'model.attention={cfg.attention!r}; choose one of {sorted(ATTENTION_KERNELS)}')
+      raise ConfigError(f'model.attention={cfg.attention!r}; choose one of {sorted(ATTENTION_KERNELS)}')
     if cfg.heads % cfg.kv_heads:
-      raise ValueError(f'model.heads={cfg.heads} must be a multiple of model.kv_heads={cfg.kv_heads}')
+      raise ConfigError(f'model.heads={cfg.heads} must be a multiple of model.kv_heads={cfg.kv_heads}')
     d, N, K, H = cfg.d_model, cfg.heads, cfg.kv_heads, cfg.head_dim
     out_std = cfg.init_std / (2 * cfg.layers) ** 0.5
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hmem.errors import ConfigError
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,7 +22,7 @@ def make_norm(kind: str, features: int, eps: float, dtype, param_dtype, axis: st
   if kind == 'rmsnorm':
     return nnx.RMSNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
                        scale_init=scale_init, rngs=rngs)
-  raise ValueError(f"model.norm={kind!r} is not a norm; use 'layernorm' or 'rmsnorm'")
+  raise ConfigError(f"model.norm={kind!r} is not a norm; use 'layernorm' or 'rmsnorm'")
 
 
 def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:

@@ -9,6 +9,8 @@ scanned body never branches on the layer index.
 
 from __future__ import annotations
 
+from hmem.errors import ConfigError
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,7 +30,7 @@ def dtype_of(name: str):
   try:
     return jnp.dtype(name)
   except TypeError as e:
-    raise ValueError(f'{name!r} is not a dtype; use e.g. float32 or bfloat16') from e
+    raise ConfigError(f'{name!r} is not a dtype; use e.g. float32 or bfloat16') from e
 
 
 class Block(nnx.Module):
@@ -116,4 +118,4 @@ class Transformer(nnx.Module):
 
 
 def _bad_remat(name):
-  raise ValueError(f'model.remat={name!r}; choose one of {sorted(REMAT_POLICIES)}')
+  raise ConfigError(f'model.remat={name!r}; choose one of {sorted(REMAT_POLICIES)}')

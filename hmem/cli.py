@@ -1,0 +1,90 @@
+"""The `hmem` command: train, sizes, config, prepare (and more as the framework grows).
+
+Every subcommand takes `--config FILE` plus any number of `--config.a.b=value` overrides.
+User errors (bad config, missing file, bad data, unusable checkpoint) print one line
+starting with `hmem: error:` and exit 2; a diverged run prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_train(args, cfg):
+  from hmem.train.trainer import train
+  summary = train(cfg, args.workdir, progress=not args.no_progress)
+  print(json.dumps(summary))
+
+
+def _cmd_sizes(args, cfg):
+  from hmem import sizes
+  from hmem.memory import config as memory_config
+  memory_config.check(cfg)
+  counts = sizes.sizes(cfg)
+  counts['flops_per_token'] = sizes.flops_per_token(cfg, counts)
+  width = max(map(len, counts))
+  for name, value in counts.items():
+    print(f'{name:<{width}}  {value:,.0f}')
+  print(json.dumps(counts))
+
+
+def _cmd_config(args, cfg):
+  print(cfg)
+
+
+def _cmd_prepare(args, cfg):
+  from hmem.data.prepare import prepare
+  manifest = prepare(cfg, args.input, args.out, processes=args.processes, process_index=args.process_index)
+  if manifest is not None:
+    print(json.dumps(manifest))
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='hmem', description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest='command', required=True)
+
+  def add(name, fn, help_text):
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument('--config', required=True, help='config file defining get_config()')
+    p.set_defaults(fn=fn)
+    return p
+
+  p = add('train', _cmd_train, 'train (or resume) a run in --workdir')
+  p.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config')
+  p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  add('sizes', _cmd_sizes, 'print parameter counts and FLOPs per token')
+  add('config', _cmd_config, 'print the resolved config')
+  p = add('prepare', _cmd_prepare, 'build a clustered, packed dataset from raw documents')
+  p.add_argument('--input', required=True, help='file, directory or glob of JSONL / Parquet / .txt')
+  p.add_argument('--out', required=True, help='output dataset directory')
+  p.add_argument('--processes', type=int, default=1, help='processes sharing the work')
+  p.add_argument('--process-index', type=int, default=0, help='index of this process')
+  return parser
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides = [a for a in argv if a.startswith('--config.')]
+  args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
+
+  from hmem.config import load_config
+  from hmem.errors import TrainingError, UserError
+  try:
+    cfg = load_config(args.config, overrides)
+    args.fn(args, cfg)
+  except TrainingError as e:
+    print(f'hmem: error: {e}', file=sys.stderr)
+    return 1
+  except UserError as e:
+    print(f'hmem: error: {e}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print('hmem: interrupted', file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,205 @@
+"""Raw documents from JSONL, Parquet and plain-text files, optionally gzip- or zstd-compressed.
+
+A corpus is a file, a directory (searched recursively) or a glob. Its files are sorted,
+and every document gets a stable key (file index in that sorted list, line or row index),
+which fixes the packing order and the held-out split whatever the number of processes.
+Kept documents are exactly the text that was stored. Records that cannot be used are
+skipped and counted by reason, never dropped silently; problems the user must fix
+(a missing path, an unreadable file, no usable document) raise `DataError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from typing import BinaryIO, NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from hmem.errors import DataError
+
+_FORMATS = {'.jsonl': 'jsonl', '.ndjson': 'jsonl', '.json': 'jsonl', '.parquet': 'parquet',
+            '.txt': 'text'}
+_COMPRESSIONS = ('.gz', '.zst')
+SUPPORTED = ('.jsonl/.ndjson/.json (one JSON object a line), .parquet or .txt (one document a '
+             'file); all but .parquet may be .gz or .zst compressed')
+
+
+class Document(NamedTuple):
+  file: int   # index in the sorted file list
+  index: int  # line (JSONL), row (Parquet) or 0 (one text file is one document)
+  text: str
+
+
+@dataclasses.dataclass
+class ReadStats:
+  """Records seen, documents kept, and skipped records (and unsupported files) by reason."""
+
+  read: int = 0
+  kept: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def skip(self, reason: str, count: int = 1) -> None:
+    self.read += count
+    self.skipped[reason] += count
+
+  def keep(self) -> None:
+    self.read += 1
+    self.kept += 1
+
+  def add(self, other: 'ReadStats') -> None:
+    self.read += other.read
+    self.kept += other.kept
+    self.skipped.update(other.skipped)
+
+  def to_json(self) -> dict:
+    return {'read': self.read, 'kept': self.kept, 'skipped': dict(sorted(self.skipped.items()))}
+
+  @classmethod
+  def from_json(cls, d: dict) -> 'ReadStats':
+    return cls(d['read'], d['kept'], collections.Counter(d['skipped']))
+
+
+def file_format(path: str) -> str | None:
+  """'jsonl', 'parquet', 'text', or None for a file hmem cannot read."""
+  stem, ext = os.path.splitext(path.lower())
+  if ext in _COMPRESSIONS:
+    stem, ext = os.path.splitext(stem)
+    if ext == '.parquet':  # Parquet compresses internally; a compressed wrapper is an error
+      return None
+  return _FORMATS.get(ext)
+
+
+def list_files(path_or_glob: str) -> tuple[list[str], list[str]]:
+  """(readable files, unsupported files), each sorted, of a file, directory or glob."""
+  if os.path.isfile(path_or_glob):
+    if file_format(path_or_glob) is None:
+      raise DataError(f'input {path_or_glob!r} has an unsupported format; use {SUPPORTED}')
+    return [os.path.abspath(path_or_glob)], []
+  if os.path.isdir(path_or_glob):
+    found = [os.path.join(root, name) for root, _, names in os.walk(path_or_glob) for name in names]
+  else:
+    found = [p for p in glob.glob(path_or_glob, recursive=True) if os.path.isfile(p)]
+    if not found:
+      raise DataError(f'input {path_or_glob!r} does not exist or matches no file; '
+                      'pass an existing file, directory or glob')
+  found = sorted(os.path.abspath(p) for p in found)
+  files = [p for p in found if file_format(p) is not None]
+  if not files:
+    raise DataError(f'input {path_or_glob!r} holds no readable file ({len(found)} files of other '
+                    f'types); use {SUPPORTED}')
+  return files, [p for p in found if file_format(p) is None]
+
+
+def read_documents(path: str, file_index: int, text_field: str, stats: ReadStats) -> Iterator[Document]:
+  """The kept documents of one file, in order; `stats` counts every record as it is read."""
+  reader = {'jsonl': _read_jsonl, 'parquet': _read_parquet, 'text': _read_text}[file_format(path)]
+  try:
+    yield from reader(path, file_index, text_field, stats)
+  except (OSError, EOFError, zstandard.ZstdError, pa.ArrowException) as e:
+    raise DataError(f'cannot read {path} ({type(e).__name__}: {e}); fix or remove the file') from None
+
+
+def _skip_reason(text) -> str | None:
+  """Why a document's text cannot be used, or None to keep it."""
+  if text is None:
+    return 'missing_field'
+  if not isinstance(text, str):
+    return 'non_string_field'
+  if not text.strip():
+    return 'empty'
+  try:
+    text.encode('utf-8')  # JSON can smuggle in lone surrogates, which no tokenizer accepts
+  except UnicodeEncodeError:
+    return 'invalid_unicode'
+  return None
+
+
+def _open(path: str) -> BinaryIO:
+  ext = os.path.splitext(path.lower())[1]
+  if ext == '.gz':
+    return gzip.open(path, 'rb')
+  if ext == '.zst':
+    raw = zstandard.ZstdDecompressor().stream_reader(open(path, 'rb'), read_across_frames=True,
+                                                     closefd=True)
+    return io.BufferedReader(raw)
+  return open(path, 'rb')
+
+
+def _read_jsonl(path, file_index, text_field, stats):
+  with _open(path) as f:
+    for line_index, line in enumerate(f):
+      if not line.strip():
+        stats.skip('blank_line')
+        continue
+      try:
+        record = json.loads(line.decode('utf-8'))
+      except UnicodeDecodeError:
+        stats.skip('non_utf8')
+        continue
+      except json.JSONDecodeError:
+        stats.skip('malformed_json')
+        continue
+      if not isinstance(record, dict):
+        stats.skip('not_an_object')
+        continue
+      text = record.get(text_field)
+      if reason := _skip_reason(text):
+        stats.skip(reason)
+        continue
+      stats.keep()
+      yield Document(file_index, line_index, text)
+
+
+def _read_text(path, file_index, text_field, stats):
+  del text_field  # the whole file is the document
+  with _open(path) as f:
+    data = f.read()
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError:
+    stats.skip('non_utf8')
+    return
+  if reason := _skip_reason(text):
+    stats.skip(reason)
+    return
+  stats.keep()
+  yield Document(file_index, 0, text)
+
+
+def _read_parquet(path, file_index, text_field, stats):
+  pf = pq.ParquetFile(path)
+  schema = pf.schema_arrow
+  if text_field not in schema.names:
+    stats.skip('missing_field', pf.metadata.num_rows)
+    return
+  column_type = schema.field(text_field).type
+  is_text = pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+  is_bytes = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
+  if not (is_text or is_bytes):
+    stats.skip('non_string_field', pf.metadata.num_rows)
+    return
+  row = 0
+  for batch in pf.iter_batches(batch_size=8192, columns=[text_field]):
+    for value in batch.column(0).to_pylist():
+      if is_bytes and value is not None:
+        try:
+          value = value.decode('utf-8')
+        except UnicodeDecodeError:
+          stats.skip('non_utf8')
+          row += 1
+          continue
+      if reason := _skip_reason(value):
+        stats.skip(reason)
+      else:
+        stats.keep()
+        yield Document(file_index, row, value)
+      row += 1

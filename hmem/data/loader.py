@@ -1,0 +1,104 @@
+"""The trainer's source over a prepared dataset (`hmem prepare` output).
+
+Global batch `step` of epoch `epoch` is sequences [step*B, (step+1)*B) of a seeded
+permutation of the split; the permutation is a fresh one each epoch (grain's
+index_shuffle, so nothing of dataset size is materialised) and the tail that does not
+fill a batch is skipped that epoch. A batch is a pure function of (seed, epoch, step), so
+a resumed run sees the batches an uninterrupted one would, on any number of hosts; each
+host reads only its rows, by random access into the ArrayRecord shards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+
+import grain
+import numpy as np
+
+from hmem.data import layout
+from hmem.errors import DataError
+from hmem.data.layout import MANIFEST, SPLITS
+from hmem.data.source import Position
+
+_SHUFFLE_ROUNDS = 4
+
+
+class PreparedSource:
+  """`Source` over one split of a prepared dataset; prefetches the next batch in a thread."""
+
+  def __init__(self, path: str, *, batch_size: int, seq_len: int, seed: int, split: str = 'train',
+               prefetch: bool = True):
+    if split not in SPLITS:
+      raise DataError(f'split {split!r} is not one of {", ".join(SPLITS)}')
+    manifest = _read_manifest(path)
+    if manifest['seq_len'] != seq_len:
+      raise DataError(f'{path} was packed with seq_len={manifest["seq_len"]}, but data.seq_len={seq_len}; '
+                      f'set --config.data.seq_len={manifest["seq_len"]} or prepare the data again')
+    info = manifest['splits'][split]
+    size = info['sequences']
+    if batch_size > size:
+      fix = ('raise data.eval_fraction and prepare again, or lower train.batch_size' if split == 'eval'
+             else 'lower train.batch_size or prepare more documents')
+      raise DataError(f'train.batch_size={batch_size} is larger than the {size} sequences of the '
+                      f'{split!r} split of {path}; {fix}')
+    self.seq_len, self.batch_size, self.seed, self.split = seq_len, batch_size, seed, split
+    self.steps_per_epoch = size // batch_size
+    self.size = size
+    self.manifest = manifest
+    # `file[0:n]` tells grain the record count, so it need not open every shard up front.
+    self._source = grain.sources.ArrayRecordDataSource(
+        [f'{os.path.join(path, s["file"])}[0:{s["sequences"]}]' for s in info['shards']])
+    self._pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
+    self._pending: tuple | None = None  # ((position, start, stop), future) of a prefetched batch
+
+  def indices(self, position: Position, rows: slice) -> np.ndarray:
+    """Dataset indices of the given rows of a global batch."""
+    if not 0 <= position.step < self.steps_per_epoch:
+      raise ValueError(f'step {position.step} is outside the {self.steps_per_epoch} steps of an epoch')
+    start, stop, step = rows.indices(self.batch_size)
+    if step != 1 or not 0 <= (rows.start or 0) <= (rows.stop or 0) <= self.batch_size:
+      raise ValueError(f'rows {rows} are not a contiguous part of a batch of {self.batch_size}')
+    epoch_seed = int(np.random.SeedSequence((self.seed, position.epoch)).generate_state(1)[0])
+    first = position.step * self.batch_size
+    return np.array([grain.experimental.index_shuffle(first + r, self.size - 1, epoch_seed,
+                                                      _SHUFFLE_ROUNDS)
+                     for r in range(start, stop)], np.int64)
+
+  def _read(self, position: Position, rows: slice) -> dict[str, np.ndarray]:
+    return layout.decode_batch(self._source.__getitems__(self.indices(position, rows).tolist()),
+                                self.seq_len)
+
+  def batch(self, position: Position, rows: slice) -> dict[str, np.ndarray]:
+    """tokens, segment_ids [rows, seq_len] and leaf_id [rows], int32."""
+    if self._pool is None:
+      return self._read(position, rows)
+    key = (position, *rows.indices(self.batch_size)[:2])
+    pending, self._pending = self._pending, None
+    out = pending[1].result() if pending and pending[0] == key else self._read(position, rows)
+    following = position.next(self.steps_per_epoch)
+    self._pending = ((following, *key[1:]), self._pool.submit(self._read, following, rows))
+    return out
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_manifest(path: str) -> dict:
+  if not path or not os.path.isdir(path):
+    raise DataError(f'prepared dataset {path!r} does not exist; run `hmem prepare --out DIR` and '
+                    'set --config.data.path=DIR')
+  manifest_path = os.path.join(path, MANIFEST)
+  if not os.path.isfile(manifest_path):
+    raise DataError(f'{path} has no {MANIFEST}: its preparation did not finish; rerun '
+                    f'`hmem prepare --out {path}` (it resumes)')
+  try:
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise DataError(f'{manifest_path} is unreadable ({e}); prepare the data again') from None
+  if manifest.get('format') != layout.FORMAT or manifest.get('version') != layout.VERSION:
+    raise DataError(f'{manifest_path} is not an hmem v1 dataset manifest; prepare the data again')
+  return manifest

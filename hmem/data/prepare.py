@@ -1,0 +1,427 @@
+"""`hmem prepare`: raw documents -> a tokenized, clustered, packed dataset.
+
+Three stages, so the work spreads over processes and the output does not depend on how
+many there are (DESIGN.md, "Data flow"):
+
+  fit     process 0 reads a sample (the first ceil(S/files) usable documents of every
+          file, S = max(data.tokenizer_sample, data.tree_sample)), trains or loads the
+          tokenizer, fits the embedder on data.tokenizer_sample of them and the
+          hierarchical k-means tree on the embeddings of data.tree_sample of them.
+  map     process i of n takes files[i::n]: reads, tokenizes, embeds and routes every
+          document and spills (leaf, key, held-out flag, tokens) sorted by leaf.
+  reduce  process i takes a contiguous range of shards (a shard is a fixed leaf range)
+          and packs each leaf's documents in (file, line) order, the train and eval
+          splits into separate shards; process 0 then writes manifest.json.
+
+With stage='all' each process runs the stages in turn; the stages can also be run as
+separate jobs (stage='fit' on one process, then 'map' and 'reduce' on n), as long as
+every map and reduce job of a run uses the same n. Processes coordinate only through files
+in out_dir: process 0 writes the plan when the fit is done, a file's spill appears (by
+an atomic rename) when it is mapped, a shard's marker when it is packed. Waiting for a
+file times out with a clear message, and a process that fails leaves a note that makes
+its peers stop too. A rerun with the same inputs and settings resumes: finished files
+and shards are kept. Intermediate files live in out_dir/_work, removed at the end.
+
+Output (out_dir):
+  {split}-{s:05d}-of-{S:05d}.array_record   split 'train' or 'eval'; shard s holds the
+        sequences of leaves [s*L/S, (s+1)*L/S) in leaf order (layout.py has the record bytes)
+  manifest.json   counts, skipped records by reason, splits and shards, tree occupancy
+  tokenizer.json, tree.npz, embedder.json (+ embedder_* files)
+A document is held out for eval when a hash of its key falls under data.eval_fraction,
+so eval documents come from the same clusters as the training ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
+
+from hmem.data import layout
+from hmem.data.embed import load_embedder, make_embedder
+from hmem.errors import DataError
+from hmem.data.inputs import ReadStats, list_files, read_documents
+from hmem.data.packing import pack
+from hmem.data.tokenizer import Tokenizer
+from hmem.data.tree import Tree, fit_tree, route, tree_stats
+
+STAGES = ('all', 'fit', 'map', 'reduce')
+_MAX_SHARDS = 256  # shards per split; also the most processes the reduce can use
+_CHUNK = 1024      # documents tokenized, embedded and routed together
+_POLL_S = 0.5
+
+
+def prepare(cfg, input_path_or_glob: str, out_dir: str, processes: int = 1, process_index: int = 0,
+            *, stage: str = 'all', timeout_s: float = 6 * 3600, progress: bool = True) -> dict | None:
+  """Runs `stage` of the preparation as process `process_index` of `processes`.
+
+  Returns the manifest on the process that writes it (process 0 of the reduce, or any
+  process once the dataset is complete), else None. `timeout_s` bounds each wait for
+  another process's output.
+  """
+  if stage not in STAGES:
+    raise DataError(f'stage {stage!r} is not one of {", ".join(STAGES)}')
+  if not 0 <= process_index < processes:
+    raise DataError(f'process index {process_index} is outside [0, {processes}); '
+                    'pass --process-index between 0 and --processes - 1')
+  if not 0 <= cfg.data.eval_fraction < 1:
+    raise DataError(f'data.eval_fraction={cfg.data.eval_fraction} must lie in [0, 1)')
+  files, unsupported = list_files(input_path_or_glob)
+  run = _Run(cfg, input_path_or_glob, os.path.abspath(out_dir), files, unsupported, processes,
+             process_index, timeout_s, progress)
+  if os.path.exists(os.path.join(run.out_dir, layout.MANIFEST)):
+    return run.finished_manifest()
+  run.begin()
+  try:
+    if stage in ('all', 'fit') and process_index == 0 and not os.path.exists(run.plan_path):
+      run.fit()
+    if stage == 'fit':
+      return None
+    run.wait(lambda: os.path.exists(run.plan_path), 'the fit stage (process 0)')
+    run.check_plan()
+    if stage in ('all', 'map'):
+      run.map()
+    if stage == 'map':
+      return None
+    run.wait(lambda: run.files_mapped() == len(files), 'every input file to be mapped')
+    run.reduce()
+    if process_index != 0:
+      return None
+    run.wait(lambda: run.shards_packed() == run.shards, 'every shard to be packed')
+    return run.finalize()
+  except BaseException as e:
+    run.note_failure(e)
+    raise
+
+
+class _Run:
+  """The state one process needs; the methods are the stages."""
+
+  def __init__(self, cfg, input_path, out_dir, files, unsupported, processes, index, timeout_s,
+               progress):
+    self.cfg, self.input_path, self.out_dir = cfg, input_path, out_dir
+    self.files, self.unsupported = files, unsupported
+    self.processes, self.index, self.timeout_s, self.progress = processes, index, timeout_s, progress
+    self.work = os.path.join(out_dir, '_work')
+    self.plan_path = os.path.join(self.work, 'plan.json')
+    self.spill_dir = os.path.join(self.work, 'spill')
+    self.packed_dir = os.path.join(self.work, 'packed')
+    self.failure_path = os.path.join(self.work, f'failed-{index}.txt')
+    self.started = time.time()
+    self.fingerprint = _fingerprint(cfg, input_path, files, unsupported)
+    self.leaves = cfg.memory.k**cfg.memory.depth
+    self.shards = min(self.leaves, _MAX_SHARDS)
+
+  # Coordination.
+
+  def begin(self) -> None:
+    for d in (self.spill_dir, self.packed_dir):
+      os.makedirs(d, exist_ok=True)
+    if os.path.exists(self.failure_path):
+      os.remove(self.failure_path)
+
+  def finished_manifest(self) -> dict | None:
+    with open(os.path.join(self.out_dir, layout.MANIFEST)) as f:
+      manifest = json.load(f)
+    if manifest.get('fingerprint') != self.fingerprint:
+      raise DataError(f'{self.out_dir} already holds a dataset prepared from other inputs or '
+                      'settings; pass a new --out or delete that directory')
+    return manifest if self.index == 0 else None
+
+  def check_plan(self) -> None:
+    with open(self.plan_path) as f:
+      plan = json.load(f)
+    if plan['fingerprint'] != self.fingerprint:
+      raise DataError(f'{self.work} belongs to a preparation of other inputs or settings; give '
+                      'every process the same --config, --input and overrides, or delete '
+                      f'{self.work}')
+
+  def wait(self, ready, what: str) -> None:
+    deadline = time.monotonic() + self.timeout_s
+    while not ready():
+      for name in os.listdir(self.work):
+        path = os.path.join(self.work, name)
+        # Notes older than this process are left over from an earlier attempt.
+        if (name.startswith('failed-') and path != self.failure_path
+            and os.path.getmtime(path) >= self.started - 60):
+          with open(path) as f:
+            raise DataError(f'process {self.index} stops because process {name[7:-4]} failed: '
+                            f'{f.read().strip()}')
+      if time.monotonic() > deadline:
+        raise DataError(f'process {self.index} of {self.processes} waited {self.timeout_s:.0f}s for '
+                        f'{what} in {self.out_dir}; start every process with the same --input, '
+                        '--out and --processes, and check the log of the one that is missing')
+      time.sleep(_POLL_S)
+
+  def note_failure(self, e: BaseException) -> None:
+    if os.path.isdir(self.work):
+      with open(self.failure_path, 'w') as f:
+        f.write(f'{type(e).__name__}: {e}\n')
+
+  def files_mapped(self) -> int:
+    return sum(1 for name in os.listdir(self.spill_dir) if name.isdigit())
+
+  def shards_packed(self) -> int:
+    return sum(1 for name in os.listdir(self.packed_dir) if name.endswith('.json'))
+
+  # Stage a: fit.
+
+  def fit(self) -> None:
+    d = self.cfg.data
+    wanted = max(d.tokenizer_sample, d.tree_sample)
+    quota = math.ceil(wanted / len(self.files))
+    sample, stats = [], ReadStats()
+    for i, path in enumerate(tqdm(self.files, desc='fit: sample', unit='file', disable=not self.progress)):
+      docs = read_documents(path, i, d.text_field, stats)
+      sample.extend(doc.text for doc in itertools.islice(docs, quota))
+      docs.close()
+    if not sample:  # every file was read to its end, so the corpus has no usable document
+      raise DataError(f'input {self.input_path!r} has no usable document ({stats.read} records, '
+                      f'skipped: {dict(stats.skipped)}); check the files and '
+                      f'data.text_field={d.text_field!r}')
+    fit_texts = _spread(sample, d.tokenizer_sample)
+    tokenizer = (Tokenizer.load(d.tokenizer) if d.tokenizer
+                 else Tokenizer.train(fit_texts, self.cfg.model.vocab_size))
+    if tokenizer.vocab_size > self.cfg.model.vocab_size:
+      raise DataError(f'the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size='
+                      f'{self.cfg.model.vocab_size}; set --config.model.vocab_size='
+                      f'{tokenizer.vocab_size} or more')
+    embedder = make_embedder(d, fit_texts=fit_texts)
+    tree_texts = _spread(sample, d.tree_sample)
+    emb_NxD = np.concatenate([
+        embedder.embed(tree_texts[lo:lo + _CHUNK])
+        for lo in tqdm(range(0, len(tree_texts), _CHUNK), desc='fit: embed', unit='chunk',
+                       disable=not self.progress)])
+    m = self.cfg.memory
+    tree = fit_tree(emb_NxD, m.k, m.depth, seed=self.cfg.train.seed, samples=d.kmeans_samples,
+                    steps=d.kmeans_steps, balance=d.balance, progress=self.progress)
+    tokenizer.save(os.path.join(self.out_dir, 'tokenizer.json'))
+    embedder.save(self.out_dir)
+    tree.save(os.path.join(self.out_dir, 'tree.npz'))
+    _write_json(self.plan_path, {'fingerprint': self.fingerprint, 'sample_documents': len(sample),
+                                 'vocab_size': tokenizer.vocab_size, 'eot_id': tokenizer.eot_id})
+
+  # Stage b: map.
+
+  def map(self) -> None:
+    tokenizer = Tokenizer.load(os.path.join(self.out_dir, 'tokenizer.json'))
+    embedder = load_embedder(self.out_dir)
+    tree = Tree.load(os.path.join(self.out_dir, 'tree.npz'))
+    dtype = layout.token_dtype(tokenizer.vocab_size)
+    mine = range(self.index, len(self.files), self.processes)
+    with tqdm(desc=f'map {self.index}/{self.processes}', unit='doc', disable=not self.progress) as bar:
+      for f in mine:
+        if not os.path.exists(self._spill(f)):
+          self._map_file(f, tokenizer, embedder, tree, dtype, bar)
+
+  def _spill(self, f: int) -> str:
+    return os.path.join(self.spill_dir, f'{f:06d}')
+
+  def _map_file(self, f, tokenizer, embedder, tree, dtype, bar) -> None:
+    """Spills one file's documents sorted by (leaf, line): the reduce reads leaf ranges."""
+    stats = ReadStats()
+    docs = read_documents(self.files[f], f, self.cfg.data.text_field, stats)
+    index, leaf, tokens = [], [], []
+    while chunk := list(itertools.islice(docs, _CHUNK)):
+      texts = [doc.text for doc in chunk]
+      index.extend(doc.index for doc in chunk)
+      tokens.extend(tokenizer.encode(texts))
+      leaf.append(_route(tree, embedder.embed(texts)))
+      bar.update(len(chunk))
+    index_N = np.asarray(index, np.int64)
+    leaf_N = np.concatenate(leaf) if leaf else np.zeros(0, np.int64)
+    order = np.lexsort((index_N, leaf_N))
+    lengths_N = np.asarray([len(tokens[i]) for i in order], np.int64)
+    tmp = f'{self._spill(f)}.tmp{self.index}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    arrays = {
+        'leaf': leaf_N[order], 'index': index_N[order],
+        'held_out': _held_out(f, index_N[order], self.cfg.data.eval_fraction),
+        'offsets': np.concatenate([[0], np.cumsum(lengths_N)]),
+        'tokens': (np.concatenate([tokens[i] for i in order]) if tokens else np.zeros(0)).astype(dtype),
+    }
+    for name, a in arrays.items():
+      np.save(os.path.join(tmp, f'{name}.npy'), a)
+    _write_json(os.path.join(tmp, 'stats.json'), stats.to_json())
+    try:
+      os.rename(tmp, self._spill(f))  # atomic: a spill exists whole or not at all
+    except OSError:  # another process already spilled this file (same content)
+      shutil.rmtree(tmp)
+
+  # Stage c: reduce.
+
+  def reduce(self) -> None:
+    with open(self.plan_path) as f:
+      plan = json.load(f)
+    dtype = layout.token_dtype(plan['vocab_size'])
+    lo, hi = self.index * self.shards // self.processes, (self.index + 1) * self.shards // self.processes
+    for s in tqdm(range(lo, hi), desc=f'reduce {self.index}/{self.processes}', unit='shard',
+                  disable=not self.progress):
+      if not os.path.exists(self._packed(s)):
+        self._pack_shard(s, plan['eot_id'], dtype)
+
+  def _packed(self, s: int) -> str:
+    return os.path.join(self.packed_dir, f'{s:05d}.json')
+
+  def _shard_leaves(self, s: int) -> tuple[int, int]:
+    return s * self.leaves // self.shards, (s + 1) * self.leaves // self.shards
+
+  def _pack_shard(self, s: int, eot_id: int, dtype: np.dtype) -> None:
+    lo, hi = self._shard_leaves(s)
+    docs = _select([self._spill(f) for f in range(len(self.files))], lo, hi)
+    order = np.lexsort((docs['index'], docs['file'], docs['leaf']))
+    seq_len = self.cfg.data.seq_len
+    summary = {'leaf_documents': np.bincount(docs['leaf'] - lo, minlength=hi - lo).tolist()}
+    for split in layout.SPLITS:
+      chosen = order[docs['held_out'][order] == (split == 'eval')]
+      name = layout.shard_name(split, s, self.shards)
+      sequences, tokens = self._write_shard(os.path.join(self.out_dir, name), docs, chosen, seq_len,
+                                            eot_id, dtype)
+      summary[split] = {'file': name if sequences else None, 'documents': int(chosen.size),
+                        'sequences': sequences, 'tokens': tokens}
+    _write_json(self._packed(s), summary)
+
+  @staticmethod
+  def _write_shard(path, docs, chosen, seq_len, eot_id, dtype) -> tuple[int, int]:
+    """Packs the chosen documents leaf by leaf into one shard; (sequences, non-padding tokens)."""
+    leaf = docs['leaf'][chosen]
+    runs = np.split(chosen, np.flatnonzero(np.diff(leaf)) + 1) if chosen.size else []
+    writer, sequences, tokens = None, 0, 0
+    for run in runs:
+      lengths_N = docs['lengths'][run]
+      tokens_MxT, segment_ids_MxT = pack(_concat_ranges(docs['tokens'], docs['starts'][run], lengths_N),
+                                         lengths_N, seq_len, eot_id, pad_id=eot_id)
+      if writer is None:
+        writer = ArrayRecordWriter(f'{path}.tmp', 'group_size:1')
+      for t_T, s_T in zip(tokens_MxT, segment_ids_MxT):
+        writer.write(layout.encode(t_T, s_T, int(docs['leaf'][run[0]]), dtype))
+      sequences += tokens_MxT.shape[0]
+      tokens += int((segment_ids_MxT > 0).sum())
+    if writer is not None:
+      writer.close()
+      os.replace(f'{path}.tmp', path)
+    return sequences, tokens
+
+  def finalize(self) -> dict:
+    stats = ReadStats()
+    for f in range(len(self.files)):
+      with open(os.path.join(self._spill(f), 'stats.json')) as fh:
+        stats.add(ReadStats.from_json(json.load(fh)))
+    packed = []
+    for s in range(self.shards):
+      with open(self._packed(s)) as fh:
+        packed.append(json.load(fh))
+    with open(self.plan_path) as fh:
+      plan = json.load(fh)
+    c, seq_len = self.cfg, self.cfg.data.seq_len
+    splits = {}
+    for split in layout.SPLITS:
+      parts = [p[split] for p in packed]
+      sequences = sum(p['sequences'] for p in parts)
+      tokens = sum(p['tokens'] for p in parts)
+      splits[split] = {
+          'documents': sum(p['documents'] for p in parts), 'sequences': sequences, 'tokens': tokens,
+          'padding_fraction': _padding(sequences, tokens, seq_len),
+          'shards': [{'file': p['file'], 'sequences': p['sequences']} for p in parts if p['file']],
+      }
+    leaf_documents = np.concatenate([p['leaf_documents'] for p in packed])
+    tree = Tree.load(os.path.join(self.out_dir, 'tree.npz'))
+    occupancy = tree_stats(tree, np.repeat(np.arange(self.leaves), leaf_documents))
+    sequences = sum(s['sequences'] for s in splits.values())
+    tokens = sum(s['tokens'] for s in splits.values())
+    manifest = {
+        'format': layout.FORMAT, 'version': layout.VERSION, 'fingerprint': self.fingerprint,
+        'input': self.input_path, 'files': len(self.files), 'files_unsupported': len(self.unsupported),
+        'documents_read': stats.read, 'documents_kept': stats.kept, 'skipped': stats.to_json()['skipped'],
+        'sample_documents': plan['sample_documents'],
+        'sequences': sequences, 'tokens': tokens, 'padding_fraction': _padding(sequences, tokens, seq_len),
+        'seq_len': seq_len, 'vocab_size': plan['vocab_size'], 'eot_id': plan['eot_id'],
+        'pad_id': plan['eot_id'], 'token_dtype': layout.token_dtype(plan['vocab_size']).name,
+        'k': c.memory.k, 'depth': c.memory.depth, 'leaves': self.leaves, 'embedder': c.data.embedder,
+        'eval_fraction': c.data.eval_fraction, 'splits': splits,
+        'occupancy': {str(level): v for level, v in occupancy.items()},
+    }
+    _write_json(os.path.join(self.out_dir, layout.MANIFEST), manifest)
+    shutil.rmtree(self.work)
+    return manifest
+
+
+def _fingerprint(cfg, input_path, files, unsupported) -> str:
+  """A hash of everything the output depends on: a rerun with the same one resumes."""
+  data = {k: v for k, v in cfg.data.items() if k not in ('source', 'path')}
+  stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]
+  key = json.dumps([input_path, stamp, unsupported, data, cfg.memory.k, cfg.memory.depth,
+                    cfg.model.vocab_size, cfg.train.seed], sort_keys=True, default=str)
+  return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _spread(items: list, n: int) -> list:
+  """At most n items spaced evenly over the list (so a sample spans every file)."""
+  if n >= len(items):
+    return items
+  return [items[i] for i in np.arange(n) * len(items) // n]
+
+
+def _route(tree: Tree, emb_NxD: np.ndarray) -> np.ndarray:
+  """`route`, padded to _CHUNK rows so that every chunk has one shape and one compile."""
+  n = emb_NxD.shape[0]
+  return route(tree, np.pad(emb_NxD, ((0, _CHUNK - n), (0, 0))))[:n]
+
+
+def _held_out(file_index: int, index_N: np.ndarray, fraction: float) -> np.ndarray:
+  """Whether each document (file_index, index_N) is in the eval split: splitmix64 of its key."""
+  z = (np.uint64(file_index) << np.uint64(32)) ^ index_N.astype(np.uint64)
+  z = z + np.uint64(0x9E3779B97F4A7C15)
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  z = z ^ (z >> np.uint64(31))
+  return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
+
+
+def _select(spills: list[str], lo: int, hi: int) -> dict[str, np.ndarray]:
+  """The documents of leaves [lo, hi) from every file's spill, concatenated in file order.
+
+  Spills are memory-mapped and sorted by leaf, so only the range's bytes are read.
+  """
+  parts = {name: [] for name in ('leaf', 'index', 'held_out', 'file', 'lengths', 'tokens')}
+  for f, path in enumerate(spills):
+    sp = {name: np.load(os.path.join(path, f'{name}.npy'), mmap_mode='r')
+          for name in ('leaf', 'index', 'held_out', 'offsets', 'tokens')}
+    a, b = np.searchsorted(sp['leaf'], [lo, hi])
+    offsets = np.asarray(sp['offsets'][a:b + 1])
+    parts['leaf'].append(np.asarray(sp['leaf'][a:b]))
+    parts['index'].append(np.asarray(sp['index'][a:b]))
+    parts['held_out'].append(np.asarray(sp['held_out'][a:b]))
+    parts['file'].append(np.full(b - a, f, np.int64))
+    parts['lengths'].append(np.diff(offsets))
+    parts['tokens'].append(np.asarray(sp['tokens'][offsets[0]:offsets[-1]]))
+  docs = {name: np.concatenate(p) for name, p in parts.items()}
+  docs['starts'] = np.cumsum(docs['lengths']) - docs['lengths']
+  return docs
+
+
+def _concat_ranges(tokens: np.ndarray, starts_N: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:
+  """tokens[starts[0]:starts[0]+lengths[0]], tokens[starts[1]:...], ... concatenated."""
+  shift_N = starts_N - (np.cumsum(lengths_N) - lengths_N)
+  return tokens[np.repeat(shift_N, lengths_N) + np.arange(lengths_N.sum())]
+
+
+def _padding(sequences: int, tokens: int, seq_len: int) -> float:
+  return 1.0 - tokens / (sequences * seq_len) if sequences else 0.0
+
+
+def _write_json(path: str, obj) -> None:
+  """Atomic: a reader sees the whole file or none (other processes poll for these files)."""
+  with open(f'{path}.tmp', 'w') as f:
+    json.dump(obj, f, indent=1)
+    f.write('\n')
+  os.replace(f'{path}.tmp', path)

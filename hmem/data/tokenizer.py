@@ -1,0 +1,72 @@
+"""The dataset's tokenizer: a byte-level BPE trained on the corpus, or a given tokenizer.json.
+
+Byte-level BPE encodes any text without unknown tokens and decodes it back exactly. The
+end-of-text token (EOT) ends every packed document. Text that happens to spell a special
+token is encoded as plain text, so a document can never fake an EOT.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from hmem.errors import DataError
+
+EOT = '<|endoftext|>'
+# End-of-text spellings of common pretrained tokenizers, tried before adding EOT.
+_EOT_ALIASES = (EOT, '<|end_of_text|>', '</s>', '<eos>')
+_MIN_VOCAB = 257  # the 256 byte symbols and EOT
+
+
+class Tokenizer:
+  """A `tokenizers.Tokenizer` with a known EOT id."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer):
+    eot = next((t for t in _EOT_ALIASES if tokenizer.token_to_id(t) is not None), None)
+    if eot is None:
+      tokenizer.add_special_tokens([EOT])
+      eot = EOT
+    tokenizer.encode_special_tokens = True  # not stored in tokenizer.json; set on every load
+    self._tokenizer = tokenizer
+    self.eot_id = tokenizer.token_to_id(eot)
+    self.vocab_size = tokenizer.get_vocab_size()
+
+  @classmethod
+  def train(cls, texts: Sequence[str], vocab_size: int) -> 'Tokenizer':
+    """A byte-level BPE with at most `vocab_size` tokens (fewer when the sample is small); EOT is id 0."""
+    if vocab_size < _MIN_VOCAB:
+      raise DataError(f'model.vocab_size={vocab_size} is too small for a byte-level BPE; '
+                      f'use at least {_MIN_VOCAB} (256 bytes + EOT)')
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return cls(tokenizer)
+
+  @classmethod
+  def load(cls, path: str) -> 'Tokenizer':
+    if not os.path.isfile(path):
+      raise DataError(f'tokenizer {path!r} not found; set data.tokenizer to a tokenizer.json, '
+                      "or to '' to train one on the corpus")
+    try:
+      return cls(tokenizers.Tokenizer.from_file(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+      raise DataError(f'tokenizer {path!r} cannot be loaded ({e}); pass a tokenizer.json '
+                      'written by the `tokenizers` library') from None
+
+  def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """Token ids of each text, without special tokens (documents get their EOT when packed)."""
+    encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encodings]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tokenizer.decode(list(map(int, ids)), skip_special_tokens=False)
+
+  def save(self, path: str) -> None:
+    self._tokenizer.save(path)

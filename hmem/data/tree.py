@@ -1,0 +1,307 @@
+"""Balanced hierarchical k-means tree over document embeddings, and greedy routing.
+
+The tree is complete: level l = 1..depth has k**l nodes, stored as one [k**l, D] centroid
+array. Node j of level l has parent j // k at level l-1, so the children of a node are
+contiguous and a leaf id (a level-`depth` node) encodes its whole path: the level-l
+ancestor of leaf i is i // k**(depth - l). Nodes may be empty; the tree keeps its shape so
+memory-bank rows can be indexed by node id.
+
+Fitting follows the paper, root to leaf. Every node of a level is fit by the same jitted EM
+function, vmapped over a fixed-size chunk of nodes: `samples` points are drawn with
+replacement from the documents routed to the node (static shapes whatever the node size),
+k-means++ seeds k centroids, then each of `steps` EM steps draws fresh samples, assigns
+them to the nearest centroid, applies the balancing rule and re-estimates the centroids.
+Children are fit on the documents that `route` (the greedy descent used for the whole
+corpus) sends to their parent, so the fit and the final routing agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import pickle
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+# Working-set budget of one jitted level-fit call; sets how many nodes are vmapped at once.
+_CHUNK_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tree:
+  """A complete k-ary tree of centroids: `centroids[l-1]` is level l's [k**l, D] array."""
+
+  k: int
+  depth: int
+  centroids: tuple[np.ndarray, ...]
+
+  def __post_init__(self):
+    if self.k < 2 or self.depth < 1:
+      raise ValueError(f'a tree needs k >= 2 and depth >= 1, got k={self.k}, depth={self.depth}')
+    if len(self.centroids) != self.depth:
+      raise ValueError(f'depth={self.depth} but {len(self.centroids)} centroid levels')
+    centroids = tuple(np.asarray(c, np.float32) for c in self.centroids)
+    dim = centroids[0].shape[-1]
+    for level, c in enumerate(centroids, 1):
+      if c.shape != (self.k**level, dim):
+        raise ValueError(f'level {level} centroids have shape {c.shape}, '
+                         f'expected ({self.k**level}, {dim})')
+      if not np.isfinite(c).all():
+        raise ValueError(f'level {level} centroids are not all finite')
+    object.__setattr__(self, 'centroids', centroids)
+
+  @property
+  def dim(self) -> int:
+    return self.centroids[0].shape[1]
+
+  def save(self, path: str) -> None:
+    """Writes tree.npz (k, depth, level_1..level_depth) atomically: readers never see half a file."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+      np.savez(f, k=np.int64(self.k), depth=np.int64(self.depth),
+               **{f'level_{l}': c for l, c in enumerate(self.centroids, 1)})
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str) -> Tree:
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        k, depth = int(z['k']), int(z['depth'])
+        return cls(k, depth, tuple(z[f'level_{l}'] for l in range(1, depth + 1)))
+    except FileNotFoundError:
+      raise FileNotFoundError(f'tree file {path} does not exist; build it with `hmem prepare`') from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+      raise ValueError(f'tree file {path} is corrupt or not a tree ({type(e).__name__}: {e}); '
+                       'rebuild it with `hmem prepare`') from None
+
+
+def fit_tree(emb_NxD: np.ndarray, k: int, depth: int, *, seed: int, samples: int = 6400,
+             steps: int = 20, balance: float = 1.5, progress: bool = True) -> Tree:
+  """Fits a balanced hierarchical k-means tree to embeddings (L2-normalised rows), root to leaf.
+
+  The embeddings live on the device for the whole fit, so pass a sample of the corpus (the
+  tree is fit once on a sample, then `route` places every document). `balance`: in every
+  EM step no cluster may hold more than balance/k of a node's samples. The result is a
+  pure function of the inputs and `seed`, whatever the chunking.
+  """
+  x_NxD = np.asarray(emb_NxD, np.float32)
+  if x_NxD.ndim != 2 or x_NxD.shape[0] == 0:
+    raise ValueError(f'fit_tree needs a non-empty [N, D] embedding array, got shape {x_NxD.shape}')
+  if not np.isfinite(x_NxD).all():
+    raise ValueError('fit_tree: embeddings contain NaN or inf')
+  if k < 2 or depth < 1 or steps < 1:
+    raise ValueError(f'fit_tree needs k >= 2, depth >= 1, steps >= 1; got {k}, {depth}, {steps}')
+  # The rule can only be met if k clusters of at most floor(balance*samples/k) hold all samples.
+  if not balance > 1 or math.floor(balance * samples / k) * k < samples:
+    raise ValueError(f'balance={balance} with samples={samples}, k={k} cannot be met: '
+                     'use balance > 1 and more samples')
+  n, d = x_NxD.shape
+  x_dev = jnp.asarray(x_NxD)
+  fit = functools.partial(_fit_nodes, k=k, samples=samples, steps=steps, balance=balance)
+  # One chunk size for every level, so one compile; level 1 pads its single node to it.
+  chunk = min(k**(depth - 1), max(1, _CHUNK_BYTES // (4 * samples * (d + 4 * k))))
+  key = jax.random.key(seed)
+  centroids = []
+  node_N = np.zeros(n, np.int64)      # each point's node at the level being split
+  parent_PxD = np.zeros((1, d), np.float32)  # the root is never empty, so never copied
+  for level in range(1, depth + 1):
+    parents = k**(level - 1)
+    count_P = np.bincount(node_N, minlength=parents)
+    start_P = np.cumsum(count_P) - count_P
+    perm_dev = jnp.asarray(np.argsort(node_N, kind='stable').astype(np.int32))
+    level_key = jax.random.fold_in(key, level)
+    c_PxKxD = np.empty((parents, k, d), np.float32)
+    with tqdm(total=parents, desc=f'tree level {level}/{depth}', unit='node',
+              disable=not progress) as bar:
+      for lo in range(0, parents, chunk):
+        node_C = np.arange(lo, lo + chunk)
+        real = node_C < parents  # the last chunk is padded with empty nodes, then dropped
+        p_C = np.minimum(node_C, parents - 1)
+        c_CxKxD, _ = fit(x_dev, perm_dev, start_P[p_C].astype(np.int32),
+                         np.where(real, count_P[p_C], 0).astype(np.int32), parent_PxD[p_C],
+                         level_key, node_C.astype(np.int32))
+        c_PxKxD[lo:lo + chunk] = np.asarray(c_CxKxD)[real]
+        bar.update(int(real.sum()))
+    centroids.append(c_PxKxD.reshape(parents * k, d))
+    parent_PxD = centroids[-1]
+    if level < depth:
+      node_N = route(Tree(k, level, tuple(centroids)), x_dev)
+  return Tree(k, depth, tuple(centroids))
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'samples', 'steps', 'balance'))
+def _fit_nodes(x_NxD, perm_N, start_C, count_C, parent_CxD, level_key, node_C, *, k, samples,
+               steps, balance):
+  """`_fit_node` vmapped over a chunk of C nodes; each node's key depends on its id only."""
+  key_C = jax.vmap(jax.random.fold_in, (None, 0))(level_key, node_C)
+  fit = functools.partial(_fit_node, k=k, samples=samples, steps=steps, balance=balance)
+  return jax.vmap(fit, (None, None, 0, 0, 0, 0))(x_NxD, perm_N, start_C, count_C, parent_CxD, key_C)
+
+
+def _fit_node(x_NxD, perm_N, start, count, parent_D, key, *, k, samples, steps, balance):
+  """Balanced k-means for one node whose points are x_NxD[perm_N[start:start + count]].
+
+  Returns [k, D] centroids and the [k] cluster sizes of the last step's balanced sample
+  assignment. A node without points gets k copies of its parent centroid (and zero sizes),
+  so the tree stays complete and its empty subtree routes like its parent.
+  """
+  draw_key, pp_key = jax.random.split(key)
+  # An empty node's samples are all one arbitrary point: skip its (discarded) balancing.
+  max_size = jnp.where(count > 0, balance * samples / k, jnp.inf)
+  # Sample indices of the seeding draw (row 0) and of each EM step, drawn in one go.
+  r_TxS = jax.random.randint(draw_key, (steps + 1, samples), 0, jnp.maximum(count, 1))
+
+  def draw(t):
+    return x_NxD[perm_N[jnp.minimum(start + r_TxS[t], perm_N.shape[0] - 1)]]
+
+  def em_step(t, carry):
+    c_KxD, _ = carry
+    x_SxD = draw(t + 1)
+    # ||x||^2 is the same for every centroid, so it changes neither argmin nor move costs.
+    d_SxK = (c_KxD**2).sum(1) - 2 * jnp.dot(x_SxD, c_KxD.T, precision='highest')
+    onehot_SxK = jax.nn.one_hot(_balanced_assign(d_SxK, max_size), k)
+    size_K = onehot_SxK.sum(0).astype(jnp.int32)
+    # A matmul, not a scatter-add: float atomics would make GPU fits non-deterministic.
+    sum_KxD = jnp.dot(onehot_SxK.T, x_SxD, precision='highest')
+    c_KxD = jnp.where(size_K[:, None] > 0, sum_KxD / jnp.maximum(size_K, 1)[:, None], c_KxD)
+    return c_KxD, size_K
+
+  c_KxD = _kmeans_pp(jax.random.uniform(pp_key, (k,)), draw(0))
+  c_KxD, size_K = jax.lax.fori_loop(0, steps, em_step, (c_KxD, jnp.zeros(k, jnp.int32)))
+  c_KxD = _merge_duplicates(c_KxD)
+  empty = count == 0
+  return (jnp.where(empty, jnp.broadcast_to(parent_D, c_KxD.shape), c_KxD),
+          jnp.where(empty, 0, size_K))
+
+
+def _merge_duplicates(c_KxD, tol=1e-5):
+  """Makes centroids closer than `tol` (L2) exact copies of the first of them.
+
+  A node with fewer distinct points than k gets centroids that are equal up to rounding.
+  Points are then tied between them up to rounding, and two implementations of the descent
+  (say a different device at inference) could pick different children. With exact copies the
+  tie is exact and every implementation picks the lowest index. Distinct centroids of unit
+  vectors that close would route differently only by rounding anyway.
+  """
+  d2_KxK = ((c_KxD[:, None] - c_KxD[None]) ** 2).sum(2)
+  return c_KxD[jnp.argmax(d2_KxK <= tol**2, axis=1)]
+
+
+def _kmeans_pp(u_K, x_SxD):
+  """k-means++ seeding: a uniform first centroid, then samples drawn with probability ∝ D(x)^2.
+
+  u_K: one uniform [0, 1) number per centroid, used by inverse-CDF sampling.
+  """
+  num_samples = x_SxD.shape[0]
+  c0_D = x_SxD[jnp.floor(u_K[0] * num_samples).astype(jnp.int32)]
+  d2_S = ((x_SxD - c0_D)**2).sum(1)
+
+  def pick(i, carry):
+    c_KxD, d2_S = carry
+    cdf_S = jnp.cumsum(d2_S)
+    # Chosen samples have weight 0 and are never drawn again, unless every sample is
+    # chosen (fewer distinct points than k): then draw uniformly.
+    i_D2 = (cdf_S <= u_K[i] * cdf_S[-1]).sum()
+    i_uniform = jnp.floor(u_K[i] * num_samples).astype(i_D2.dtype)
+    c_D = x_SxD[jnp.where(cdf_S[-1] > 0, i_D2, i_uniform)]
+    return c_KxD.at[i].set(c_D), jnp.minimum(d2_S, ((x_SxD - c_D)**2).sum(1))
+
+  c_KxD = jnp.zeros((u_K.shape[0], x_SxD.shape[1]), x_SxD.dtype).at[0].set(c0_D)
+  return jax.lax.fori_loop(1, u_K.shape[0], pick, (c_KxD, d2_S))[0]
+
+
+def _balanced_assign(d_SxK, max_size):
+  """Nearest-centroid assignment under the paper's balancing rule.
+
+  While the largest cluster holds more than `max_size` samples, it and the smallest cluster
+  split their samples evenly: the largest gives away the samples that cost least to move,
+  i.e. smallest d(x, smallest) - d(x, largest), so the split follows a hyperplane instead of
+  scattering the cluster. Each round shrinks the excess, and `fit_tree` checks the rule is
+  satisfiable, so the loop ends; the round cap (one per sample) is only a safety net.
+  """
+  num_samples, k = d_SxK.shape
+  assign_S = jnp.argmin(d_SxK, axis=1)
+  size_K = jnp.bincount(assign_S, length=k)
+
+  def unbalanced(carry):
+    _, size_K, rounds = carry
+    return (size_K.max() > max_size) & (rounds < num_samples)
+
+  def split(carry):
+    assign_S, size_K, rounds = carry
+    big, small = jnp.argmax(size_K), jnp.argmin(size_K)
+    moved = (size_K[big] - size_K[small]) // 2
+    cost_S = jnp.where(assign_S == big, d_SxK[:, small] - d_SxK[:, big], jnp.inf)
+    cheapest_S = jnp.zeros(num_samples, bool).at[jnp.argsort(cost_S)].set(
+        jnp.arange(num_samples) < moved)
+    return (jnp.where(cheapest_S, small, assign_S),
+            size_K.at[big].add(-moved).at[small].add(moved), rounds + 1)
+
+  return jax.lax.while_loop(unbalanced, split, (assign_S, size_K, 0))[0]
+
+
+@functools.partial(jax.jit, static_argnames='k')
+def _descend(c_levels, x_BxD, *, k):
+  """Leaf ids by greedy descent: at each level the nearest (L2) of the current node's k children."""
+  node_B = jnp.zeros(x_BxD.shape[0], jnp.int32)
+  for c_MxD in c_levels:
+    c_PxKxD = c_MxD.reshape(-1, k, c_MxD.shape[1])
+    child_BxKxD = c_PxKxD[node_B]
+    # ||x||^2 is constant over the children; argmin takes the lowest index on ties.
+    d_BxK = (child_BxKxD**2).sum(2) - 2 * jnp.einsum('bd,bkd->bk', x_BxD, child_BxKxD,
+                                                     precision='highest')
+    node_B = node_B * k + jnp.argmin(d_BxK, axis=1).astype(jnp.int32)
+  return node_B
+
+
+def route(tree: Tree, emb_NxD, batch: int = 65536) -> np.ndarray:
+  """[N] int64 leaf ids of the rows of emb_NxD (numpy or on-device), by greedy descent.
+
+  Runs on the device in batches of `batch` rows (the last one padded, so one compile); the
+  working set is about batch * k * D floats.
+  """
+  if emb_NxD.ndim != 2 or emb_NxD.shape[1] != tree.dim:
+    raise ValueError(f'route: embeddings of shape {emb_NxD.shape} do not match the tree '
+                     f'(dimension {tree.dim})')
+  n = emb_NxD.shape[0]
+  leaf_N = np.empty(n, np.int64)
+  if n == 0:
+    return leaf_N
+  b = min(batch, n)
+  c_levels = tuple(jnp.asarray(c) for c in tree.centroids)
+
+  def collect(lo, rows, leaf_B):
+    leaf_N[lo:lo + rows] = np.asarray(leaf_B)[:rows]
+
+  in_flight = None  # the previous batch computes while the next one is sent
+  for lo in range(0, n, b):
+    x_BxD = jnp.asarray(emb_NxD[lo:lo + b], jnp.float32)
+    rows = x_BxD.shape[0]
+    leaf_B = _descend(c_levels, jnp.pad(x_BxD, ((0, b - rows), (0, 0))), k=tree.k)
+    if in_flight is not None:
+      collect(*in_flight)
+    in_flight = (lo, rows, leaf_B)
+  collect(*in_flight)
+  return leaf_N
+
+
+def tree_stats(tree: Tree, leaf_ids) -> dict[int, dict[str, int]]:
+  """Per level: nodes, non-empty nodes, and the largest/smallest non-empty node (documents)."""
+  leaf_N = np.asarray(leaf_ids, np.int64)
+  leaves = tree.k**tree.depth
+  if leaf_N.size and (leaf_N.min() < 0 or leaf_N.max() >= leaves):
+    raise ValueError(f'leaf ids must lie in [0, {leaves}) for this tree')
+  stats = {}
+  for level in range(1, tree.depth + 1):
+    size = np.bincount(leaf_N // tree.k**(tree.depth - level), minlength=tree.k**level)
+    used = size[size > 0]
+    stats[level] = {'nodes': int(size.size), 'non_empty': int(used.size),
+                    'largest': int(used.max()) if used.size else 0,
+                    'smallest': int(used.min()) if used.size else 0}
+  return stats

@@ -1,0 +1,1 @@
+"""Hierarchical parametric memory: the bank, the fetch, and its row-sparse optimizer."""

@@ -1,0 +1,51 @@
+"""Parameter counts and FLOPs: the one place every printout, test and export takes them from."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+
+from hmem.memory import config as memory_config
+
+
+def anchor_param_counts(cfg) -> dict[str, int]:
+  """Counts the parameters of the model `build_model(cfg)` would create (abstractly)."""
+  from hmem.model import build_model
+  abstract = nnx.eval_shape(lambda: build_model(cfg))
+  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  embedding = math.prod(params['embed']['embedding'].shape)
+  head = math.prod(params['lm_head']['kernel'].shape) if 'lm_head' in params else 0
+  return {'anchor_params': total, 'non_embedding_params': total - embedding - head}
+
+
+def memory_param_counts(cfg) -> dict[str, int]:
+  """fetch_params: what one sequence fetches (the root-to-leaf path); bank_params: all nodes."""
+  if not memory_config.enabled(cfg):
+    return {'fetch_params': 0, 'bank_params': 0}
+  from hmem.memory.bank import bank_shapes
+  fetch = bank = 0
+  for arrays in bank_shapes(cfg).values():
+    for shape in arrays.values():
+      bank += math.prod(shape)
+      fetch += math.prod(shape[1:])  # one node of the level
+  return {'fetch_params': fetch, 'bank_params': bank}
+
+
+def flops_per_token(cfg, counts: dict[str, int] | None = None) -> float:
+  """Training FLOPs per token: 6 (N_non-embedding + V d + fetch) + 6 L T H d_head.
+
+  The 6 L T H d_head term is causal attention (QK^T and AV, forward and backward, on
+  half the T x T scores); the fetched memory adds its width to every memory FFN.
+  """
+  counts = counts or sizes(cfg)
+  m = cfg.model
+  dense = counts['non_embedding_params'] + m.vocab_size * m.d_model + counts['fetch_params']
+  attention = m.layers * cfg.data.seq_len * m.heads * m.head_dim
+  return 6.0 * dense + 6.0 * attention
+
+
+def sizes(cfg) -> dict[str, int]:
+  return {**anchor_param_counts(cfg), **memory_param_counts(cfg)}

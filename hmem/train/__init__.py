@@ -1,0 +1,1 @@
+"""Training: optimizer, loss, train state, the jitted step, checkpoints, metrics, the loop."""

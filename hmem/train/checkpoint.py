@@ -1,0 +1,77 @@
+"""Checkpoints: one orbax CheckpointManager, one item per part of the train state.
+
+Items: every TrainState field except `step` (anchor params, anchor optimizer state, and the
+bank items the memory adds), `data` (the global data position) and `meta` (step, config).
+Restores go through abstract targets that carry shardings, so a checkpoint restores onto
+any mesh or device count; `restore(..., items=...)` reads only what it is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from hmem.data.source import Position
+from hmem.errors import CheckpointError
+
+
+def state_items(state) -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(state) if f.name != 'step')
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class Checkpoints:
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state, position: Position, meta: dict) -> None:
+    """Saves asynchronously (when enabled); refuses a state with non-finite values."""
+    step = int(state.step)
+    if not bool(_all_finite(state)):
+      raise CheckpointError(f'refusing to save step {step}: the state holds NaN or Inf values')
+    args = {name: ocp.args.StandardSave(getattr(state, name)) for name in state_items(state)}
+    args['data'] = ocp.args.JsonSave(position.to_json())
+    args['meta'] = ocp.args.JsonSave({**meta, 'step': step})
+    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def restore(self, step: int, abstract_state, items=None):
+    """Returns (state or None, Position, meta). `items` limits which state items are read;
+    the state fields not read keep their abstract values (the caller fills them)."""
+    names = state_items(abstract_state) if items is None else tuple(items)
+    args = {name: ocp.args.StandardRestore(getattr(abstract_state, name)) for name in names}
+    args['data'] = ocp.args.JsonRestore()
+    args['meta'] = ocp.args.JsonRestore()
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: {e}); '
+          'delete that step directory to fall back to an earlier one, or start a fresh workdir') from e
+    state = abstract_state.replace(step=jnp.asarray(step, jnp.int32),
+                                   **{name: restored[name] for name in names})
+    return state, Position.from_json(restored['data']), restored['meta']
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+

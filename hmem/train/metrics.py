@@ -1,0 +1,60 @@
+"""Metrics to WORKDIR/metrics.jsonl (one exact JSON object per logged step) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from tensorboardX import SummaryWriter
+
+
+def _plain(value):
+  value = float(value) if not isinstance(value, (int, str, bool)) else value
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/Inf; keep them readable instead of invalid
+  return value
+
+
+class MetricsWriter:
+  """Appends rows; on resume, rows after the restored step are dropped so none repeats."""
+
+  def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    if not enabled:
+      return
+    if resume_step is not None:
+      self._truncate_after(resume_step)
+    elif os.path.exists(self.path):
+      os.remove(self.path)
+    # purge_step makes TensorBoard discard events a killed run wrote past the checkpoint.
+    purge = None if resume_step is None else resume_step + 1
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge)
+    self.file = open(self.path, 'a')
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(rows)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    # Python's float repr round-trips exactly, so the file holds the exact values.
+    self.file.write(json.dumps(row) + '\n')
+    self.file.flush()
+    for name, value in row.items():
+      if name != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
+        self.tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.file.close()
+      self.tb.close()

@@ -1,0 +1,82 @@
+"""The train state, its shardings, and its sharded initialisation.
+
+Anchor parameters are a plain nested dict of arrays (nnx.to_pure_dict), so optax, orbax
+and jit see ordinary pytrees; the model's graphdef is kept beside the state and merged
+inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from hmem import sharding
+from hmem.model import build_model
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array      # int32 scalar: updates applied so far
+  params: Any          # anchor parameters (nested dict)
+  opt_state: Any       # anchor optimizer state
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+  """What the trainer needs to build, shard, restore and step a TrainState."""
+  graphdef: Any
+  abstract: TrainState     # ShapeDtypeStructs carrying their shardings
+  shardings: TrainState
+
+
+def _param_shardings(abstract_state: nnx.State, mesh, rules):
+  """NamedShardings of the anchor parameters from their logical axis annotations."""
+  def one(var):
+    logical = var.get_metadata().get('out_sharding')
+    return sharding.named_sharding(mesh, logical, rules, var.get_value().shape)
+  return nnx.to_pure_dict(jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def shard_like(tree_abstract, like_abstract, like_shardings, mesh):
+  """Shardings for an optimizer state: sub-trees shaped like the params take their
+  shardings; every other leaf (step counts, scalars) is replicated."""
+  like_def = jax.tree.structure(like_abstract)
+
+  def walk(node):
+    if jax.tree.structure(node) == like_def:
+      return like_shardings
+    if isinstance(node, jax.ShapeDtypeStruct):
+      return sharding.replicated(mesh)
+    # Flatten one level: every proper descendant counts as a leaf.
+    children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+    return jax.tree_util.tree_unflatten(treedef, [walk(c) for c in children])
+
+  return walk(tree_abstract)
+
+
+def state_spec(cfg, tx, mesh) -> StateSpec:
+  rules = cfg.mesh.rules
+  abstract_model = nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed))
+  graphdef, abstract_vars = nnx.split(abstract_model)
+  abstract_params = nnx.to_pure_dict(abstract_vars)
+  param_shardings = _param_shardings(abstract_vars, mesh, rules)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = shard_like(abstract_opt, abstract_params, param_shardings, mesh)
+  shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings)
+
+
+def init_state(cfg, tx, spec: StateSpec) -> TrainState:
+  """Initialises parameters and optimizer state directly into their shardings."""
+  def init():
+    model = build_model(cfg, cfg.train.seed)
+    params = nnx.to_pure_dict(nnx.state(model))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return jax.jit(init, out_shardings=spec.shardings)()

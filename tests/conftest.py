@@ -1,0 +1,40 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported), a persistent compile cache,
+and shared fixtures."""
+
+import os
+import pathlib
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Through the environment, so `hmem` subprocesses started by tests share the cache.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(REPO / '.jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def repo() -> pathlib.Path:
+  return REPO
+
+
+def tiny_config(*overrides: str):
+  """configs/tiny.py with `a.b=value` overrides."""
+  from hmem.config import load_config
+  return load_config(str(REPO / 'configs' / 'tiny.py'), overrides)
+
+
+@pytest.fixture(scope='session')
+def make_config():
+  return tiny_config
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """configs/tiny.py trained for its 20 steps once per test session: (config, workdir, summary)."""
+  from hmem.train.trainer import train
+  cfg = tiny_config()
+  workdir = tmp_path_factory.mktemp('tiny_run')
+  summary = train(cfg, str(workdir), progress=False)
+  return cfg, workdir, summary

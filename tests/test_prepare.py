@@ -1,0 +1,229 @@
+"""`hmem prepare`: inputs and their skip counts, packing invariants, process-count invariance."""
+
+import gzip
+import json
+import os
+import pathlib
+import threading
+
+import grain
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from hmem.config import apply_overrides, default_config
+from hmem.data import layout
+from hmem.data.embed import load_embedder
+from hmem.data.inputs import ReadStats, list_files, read_documents
+from hmem.data.packing import pack
+from hmem.data.prepare import prepare
+from hmem.data.tokenizer import EOT, Tokenizer
+from hmem.data.tree import Tree, route
+from hmem.errors import DataError
+
+WIKI = pathlib.Path(__file__).parent / 'data' / 'wiki_sample.jsonl'
+SMALL = ('memory.k=4', 'memory.depth=2', 'model.vocab_size=512', 'data.seq_len=128',
+         'data.tokenizer_sample=400', 'data.tree_sample=400', 'data.kmeans_samples=256',
+         'data.kmeans_steps=5', 'data.tfidf_dim=32', 'data.eval_fraction=0.1')
+SPELLS_EOT = f'A document that spells {EOT} in its text must not end there.'
+# What the messy corpus below skips, by reason.
+SKIPPED = {'blank_line': 1, 'empty': 4, 'invalid_unicode': 1, 'malformed_json': 1, 'missing_field': 3,
+           'non_string_field': 1, 'non_utf8': 2, 'not_an_object': 1}
+
+
+def small_config(*overrides):
+  cfg = default_config()
+  apply_overrides(cfg, SMALL + overrides)
+  return cfg
+
+
+def wiki_texts():
+  with open(WIKI, encoding='utf-8') as f:
+    return [json.loads(line)['text'] for line in f]
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """The 400 wiki documents spread over every input kind, with bad records between them."""
+  root = tmp_path_factory.mktemp('corpus')
+  texts = wiki_texts()
+  line = lambda obj: json.dumps(obj).encode()
+  bad = [b'{"text": "unterminated', b'\xff\xfe not utf-8 \xc3\x28', line({'text': ''}),
+         line({'text': ' \n\t '}), line({'label': 'no text'}), line({'text': 42}), line({'text': None}),
+         b'["not", "an", "object"]', b'', line({'text': '\ud800 lone surrogate'})]
+  lines = [line({'text': t, 'label': 'x'}) for t in texts[:250]] + [line({'text': SPELLS_EOT})]
+  for i, b in enumerate(bad):
+    lines.insert(1 + 25 * i, b)
+  (root / 'main.jsonl').write_bytes(b'\n'.join(lines) + b'\n')
+  part = lambda ts: ''.join(json.dumps({'text': t}) + '\n' for t in ts).encode()
+  (root / 'part.jsonl.gz').write_bytes(gzip.compress(part(texts[250:300])))
+  (root / 'part.jsonl.zst').write_bytes(zstandard.ZstdCompressor().compress(part(texts[300:350])))
+  pq.write_table(pa.table({'text': texts[350:380] + [None, '']}), root / 'rows.parquet')
+  (root / 'txt').mkdir()
+  for i, t in enumerate(texts[380:]):
+    (root / 'txt' / f'doc{i:02d}.txt').write_text(t, encoding='utf-8')
+  (root / 'txt' / 'empty.txt').write_text('  \n')
+  (root / 'txt' / 'latin1.txt').write_bytes(b'caf\xe9')
+  (root / 'notes.md').write_text('not a corpus file')
+  return root
+
+
+@pytest.fixture(scope='module')
+def prepared(corpus, tmp_path_factory):
+  """(config, output directory, manifest) of the corpus prepared by one process."""
+  cfg = small_config()
+  out = tmp_path_factory.mktemp('prepared')
+  return cfg, out, prepare(cfg, str(corpus), str(out), progress=False)
+
+
+def read_split(out, manifest, split):
+  """All sequences of a split in shard order: {tokens, segment_ids, leaf_id}."""
+  raw = [bytes(r) for s in manifest['splits'][split]['shards']
+         for r in grain.sources.ArrayRecordDataSource(str(out / s['file']))]
+  return layout.decode_batch(raw, manifest['seq_len'])
+
+
+def test_manifest_counts_every_record(prepared):
+  _, out, m = prepared
+  assert m['documents_kept'] == 401 and m['skipped'] == SKIPPED
+  assert m['documents_read'] == 401 + sum(SKIPPED.values())
+  assert m['files'] == 26 and m['files_unsupported'] == 1  # notes.md
+  assert m['splits']['train']['documents'] + m['splits']['eval']['documents'] == 401
+  assert 20 <= m['splits']['eval']['documents'] <= 60  # eval_fraction=0.1
+  assert m['sequences'] == sum(m['splits'][s]['sequences'] for s in layout.SPLITS)
+  assert (m['k'], m['depth'], m['leaves'], m['seq_len'], m['eot_id']) == (4, 2, 16, 128, 0)
+  assert 257 <= m['vocab_size'] <= 512 and m['token_dtype'] == 'uint16'
+  assert m['occupancy']['1']['nodes'] == 4 and m['occupancy']['2']['nodes'] == 16
+  assert 0 < m['padding_fraction'] < 0.2
+  for split in layout.SPLITS:
+    assert sum(s['sequences'] for s in m['splits'][split]['shards']) == m['splits'][split]['sequences']
+  for name in ('tokenizer.json', 'tree.npz', 'embedder.json', 'manifest.json'):
+    assert (out / name).is_file()
+  assert not (out / '_work').exists()
+
+
+def test_packing_keeps_every_document_once_in_order(prepared, corpus):
+  cfg, out, m = prepared
+  tokenizer = Tokenizer.load(str(out / 'tokenizer.json'))
+  eot = m['eot_id']
+  # What should be there: every kept document, routed to its leaf, in (file, line) order.
+  files, _ = list_files(str(corpus))
+  docs = [d for i, p in enumerate(files) for d in read_documents(p, i, 'text', ReadStats())]
+  assert sorted(d.text for d in docs) == sorted(wiki_texts() + [SPELLS_EOT])
+  texts = [d.text for d in docs]
+  leaf_N = route(Tree.load(str(out / 'tree.npz')), load_embedder(str(out)).embed(texts))
+  expected = {}
+  for leaf, ids, text in zip(leaf_N, tokenizer.encode(texts), texts):
+    assert tokenizer.decode(ids) == text  # byte-exact round trip
+    expected.setdefault(int(leaf), []).append(ids.tolist())
+
+  found = {}  # split -> leaf -> documents rebuilt from the shards
+  for split in layout.SPLITS:
+    b = read_split(out, m, split)
+    tokens, seg, leaf = b['tokens'], b['segment_ids'], b['leaf_id']
+    assert (np.diff(leaf) >= 0).all()  # shards are leaf ranges, written in leaf order
+    real = seg > 0
+    assert (seg[:, 0] == 1).all()
+    assert not (real[:, 1:] & ~real[:, :-1]).any()  # padding only at the end
+    # Inside a sequence the segment id grows by one exactly after each EOT.
+    step = np.diff(seg, axis=1)
+    both = real[:, 1:]
+    assert (step[both] == (tokens[:, :-1] == eot)[both]).all()
+    # Only a leaf's last sequence is padded.
+    padded = ~real[:, -1]
+    assert (leaf[:-1][padded[:-1]] != leaf[1:][padded[:-1]]).all()
+    for l in np.unique(leaf):
+      stream = tokens[leaf == l][real[leaf == l]]
+      assert stream[-1] == eot
+      cuts = np.flatnonzero(stream == eot)
+      found.setdefault(split, {})[int(l)] = [d.tolist() for d in np.split(stream, cuts + 1)[:-1]]
+      assert all(d[-1] == eot for d in found[split][int(l)])
+
+  for leaf, want in expected.items():
+    train = [d[:-1] for d in found['train'].get(leaf, [])]
+    held = [d[:-1] for d in found['eval'].get(leaf, [])]
+    # The two splits partition the leaf's documents and each keeps their order.
+    for ids in want:
+      if train and train[0] == ids:
+        train.pop(0)
+      else:
+        assert held and held[0] == ids, f'leaf {leaf}: document missing or out of order'
+        held.pop(0)
+    assert not train and not held
+  assert set(found['train']) | set(found['eval']) == set(expected)
+
+
+def test_output_does_not_depend_on_process_count(prepared, corpus, tmp_path):
+  cfg, out, manifest = prepared
+  # Two processes side by side, all stages each.
+  two = tmp_path / 'two'
+  results = [None, None]
+
+  def run(i):
+    try:
+      results[i] = prepare(cfg, str(corpus), str(two), processes=2, process_index=i, timeout_s=120,
+                           progress=False)
+    except BaseException as e:  # surfaced below
+      results[i] = e
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert results[0] == manifest and results[1] is None
+  # The stages as separate jobs: fit, map on 3 processes, reduce on 2.
+  staged = tmp_path / 'staged'
+  prepare(cfg, str(corpus), str(staged), stage='fit', progress=False)
+  for i in range(3):
+    prepare(cfg, str(corpus), str(staged), 3, i, stage='map', progress=False)
+  assert prepare(cfg, str(corpus), str(staged), 2, 1, stage='reduce', progress=False) is None
+  assert prepare(cfg, str(corpus), str(staged), 2, 0, stage='reduce', progress=False) == manifest
+  for other in (two, staged):
+    assert sorted(os.listdir(other)) == sorted(os.listdir(out))
+    for name in os.listdir(out):
+      assert (other / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_rerun_returns_the_dataset_and_refuses_other_settings(prepared, corpus):
+  cfg, out, manifest = prepared
+  assert prepare(cfg, str(corpus), str(out), progress=False) == manifest
+  with pytest.raises(DataError, match='already holds a dataset'):
+    prepare(small_config('data.seq_len=64'), str(corpus), str(out), progress=False)
+
+
+def test_missing_input_and_empty_corpus_stop_with_one_message(tmp_path):
+  cfg = small_config()
+  with pytest.raises(DataError, match='does not exist or matches no file'):
+    prepare(cfg, str(tmp_path / 'missing.jsonl'), str(tmp_path / 'out'))
+  with pytest.raises(DataError, match='matches no file'):
+    prepare(cfg, str(tmp_path / '*.jsonl'), str(tmp_path / 'out'))
+  (tmp_path / 'bad.jsonl').write_bytes(b'{"text": ""}\nnot json\n{"body": "x"}\n')
+  with pytest.raises(DataError, match=r"no usable document \(3 records.*empty.*data.text_field='text'"):
+    prepare(cfg, str(tmp_path / 'bad.jsonl'), str(tmp_path / 'out'))
+  (tmp_path / 'corpus.csv').write_text('text\n')
+  with pytest.raises(DataError, match='unsupported format'):
+    prepare(cfg, str(tmp_path / 'corpus.csv'), str(tmp_path / 'out'))
+
+
+def test_pack_splits_long_documents_and_pads_only_the_end():
+  # Documents of 2, 6, 1 and 1 tokens, each + EOT (0), in sequences of 4; padding is 99.
+  tokens, seg = pack(np.arange(1, 11), np.array([2, 6, 1, 1]), 4, eot_id=0, pad_id=99)
+  np.testing.assert_array_equal(tokens, [[1, 2, 0, 3], [4, 5, 6, 7], [8, 0, 9, 0], [10, 0, 99, 99]])
+  # The long document continues as segment 1 of the next sequences.
+  np.testing.assert_array_equal(seg, [[1, 1, 1, 2], [1, 1, 1, 1], [1, 1, 2, 2], [1, 1, 0, 0]])
+
+
+def test_record_round_trip():
+  tokens = np.array([5, 65535, 0, 7, 0, 0], np.int32)
+  seg = np.array([1, 1, 2, 2, 0, 0], np.int32)
+  rec = layout.encode(tokens, seg, 13, layout.token_dtype(65536))
+  assert len(rec) == 24 + 6 * 2 + 2 * 4
+  b = layout.decode_batch([rec, rec], 6)
+  np.testing.assert_array_equal(b['tokens'][1], tokens)
+  np.testing.assert_array_equal(b['segment_ids'][0], seg)
+  np.testing.assert_array_equal(b['leaf_id'], [13, 13])
+  with pytest.raises(ValueError, match='runs'):
+    layout.encode(tokens, np.array([1, 2, 1, 0, 0, 0]), 0, np.dtype('<u2'))

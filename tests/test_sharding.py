@@ -1,0 +1,74 @@
+"""The same run on 1 device and on 8 fake devices under several meshes gives the same losses."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from hmem import sharding
+from hmem.model import build_model
+from hmem.train.trainer import train
+
+MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1)]
+
+
+def _losses(workdir):
+  return [json.loads(line)['loss'] for line in open(workdir / 'metrics.jsonl')]
+
+
+def _run(make_config, tmp_path, mesh, devices):
+  d, f, t, m = mesh
+  cfg = make_config('train.steps=3', 'train.log_every=1', 'train.eval_every=0', 'train.checkpoint_every=0',
+                    f'mesh.data={d}', f'mesh.fsdp={f}', f'mesh.tensor={t}', f'mesh.memory={m}')
+  workdir = tmp_path / '_'.join(map(str, mesh))
+  train(cfg, str(workdir), progress=False, devices=devices)
+  return _losses(workdir)
+
+
+@pytest.fixture(scope='module')
+def single_device_losses(make_config, tmp_path_factory):
+  return _run(make_config, tmp_path_factory.mktemp('one'), (1, 1, 1, 1), jax.devices()[:1])
+
+
+@pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))
+def test_losses_match_single_device(make_config, tmp_path, single_device_losses, mesh):
+  assert jax.device_count() == 8
+  losses = _run(make_config, tmp_path, mesh, jax.devices())
+  assert len(losses) == 3
+  np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
+
+
+def test_every_parameter_has_logical_axes_with_rules(make_config):
+  cfg = make_config()
+  abstract = nnx.eval_shape(lambda: build_model(cfg))
+  ruled = {name for name, _ in cfg.mesh.rules}
+  for path, var in nnx.to_flat_state(nnx.state(abstract)):
+    names = var.get_metadata().get('out_sharding')
+    assert names is not None and len(names) == var.get_value().ndim, path
+    assert set(names) <= ruled, (path, names)
+
+
+def test_parameters_are_sharded_by_the_rules(make_config):
+  cfg = make_config('mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2')
+  mesh = sharding.make_mesh(cfg.mesh)
+  from hmem.train.optimizer import anchor_optimizer
+  from hmem.train.state import state_spec
+  with sharding.use_mesh(mesh, cfg.mesh.rules):
+    spec = state_spec(cfg, anchor_optimizer(cfg.train)[0], mesh)
+  gate = spec.shardings.params['blocks']['ffn']['gate']['kernel'].spec
+  assert tuple(gate) == (None, 'fsdp', 'tensor')
+  mu_gate = spec.shardings.opt_state[0].mu['blocks']['ffn']['gate']['kernel'].spec
+  assert mu_gate == gate
+
+
+@pytest.mark.parametrize('sizes, devices, message', [
+    ({'data': -1, 'fsdp': 3, 'tensor': 1, 'memory': 1}, 8, 'not a multiple of 3'),
+    ({'data': -1, 'fsdp': -1, 'tensor': 1, 'memory': 1}, 8, 'at most one -1'),
+    ({'data': 2, 'fsdp': 2, 'tensor': 1, 'memory': 1}, 8, 'needs 4 devices'),
+])
+def test_bad_mesh_is_explained(sizes, devices, message):
+  from hmem.errors import ConfigError
+  with pytest.raises(ConfigError, match=message):
+    sharding.mesh_shape(sizes, devices)

@@ -1,0 +1,147 @@
+"""The trainer end to end: learning, metrics, accumulation, checkpoints, resume, signals, NaNs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from hmem.errors import TrainingError
+from hmem.train.trainer import train
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def _params(workdir, step=None):
+  """Final (or given) checkpointed anchor params as numpy arrays, whatever mesh wrote them."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  step = manager.latest_step() if step is None else step
+  meta = manager.item_metadata(step)['params']
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
+                        is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))['params']
+  return jax.tree.map(np.asarray, restored)
+
+
+def _assert_trees_equal(a, b):
+  ja, jb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+  assert [p for p, _ in ja] == [p for p, _ in jb]
+  for (path, x), (_, y) in zip(ja, jb):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_tiny_run_learns_and_logs(tiny_run):
+  cfg, workdir, summary = tiny_run
+  rows = [r for r in _rows(workdir) if 'loss' in r]
+  assert [r['step'] for r in rows] == list(range(5, 21, 5))
+  assert rows[-1]['loss'] < rows[0]['loss'] - 0.2
+  assert summary['eval_loss'] is not None and summary['eval_loss'] < np.log(cfg.model.vocab_size)
+  for key in ('grad_norm', 'lr', 'tokens_per_s', 'step_time'):
+    assert all(np.isfinite(r[key]) for r in rows)
+  assert os.listdir(workdir / 'tensorboard')
+  assert sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()) == [10, 20]
+
+
+def test_grad_accumulation_gives_the_same_update(make_config, tmp_path):
+  losses = {}
+  for accum in (1, 4):
+    cfg = make_config('train.steps=2', 'train.log_every=1', 'train.eval_every=0', f'train.grad_accum={accum}',
+                      'mesh.data=2', 'mesh.fsdp=1')
+    train(cfg, str(tmp_path / str(accum)), progress=False, devices=jax.devices()[:2])
+    losses[accum] = [r['loss'] for r in _rows(tmp_path / str(accum))]
+  np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+
+
+def test_resume_continues_exactly(make_config, tiny_run, tmp_path):
+  """Stop after 10 steps, resume to 20: metrics and final params equal the uninterrupted run."""
+  _, full_dir, _ = tiny_run
+  train(make_config('train.steps=10', 'train.schedule_steps=20'), str(tmp_path), progress=False)
+  # A row beyond the checkpoint, as a killed run might leave: resume must drop it.
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write(json.dumps({'step': 11, 'loss': 123.0}) + '\n')
+  train(make_config(), str(tmp_path), progress=False)
+  full, resumed = _rows(full_dir), _rows(tmp_path)
+  strip = lambda rows: [{k: v for k, v in r.items() if k not in ('step_time', 'tokens_per_s')} for r in rows]
+  assert strip(resumed) == strip(full)
+  _assert_trees_equal(_params(tmp_path), _params(full_dir))
+
+
+def test_restore_onto_a_different_mesh(make_config, tiny_run, tmp_path):
+  _, full_dir, _ = tiny_run
+  train(make_config('train.steps=10', 'train.schedule_steps=20', 'mesh.data=8'), str(tmp_path), progress=False)
+  train(make_config('mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2'), str(tmp_path), progress=False)
+  full = {r['step']: r for r in _rows(full_dir) if 'loss' in r}
+  resumed = {r['step']: r for r in _rows(tmp_path) if 'loss' in r}
+  for step in (15, 20):
+    np.testing.assert_allclose(resumed[step]['loss'], full[step]['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(_params(tmp_path)), jax.tree.leaves(_params(full_dir))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _hmem_train(repo, workdir, *overrides):
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+  return subprocess.Popen(
+      [sys.executable, '-m', 'hmem.cli', 'train', '--config', str(repo / 'configs/tiny.py'), '--workdir',
+       str(workdir), '--no-progress', *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def _wait_for_checkpoint(workdir, min_step, proc, timeout=120):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    ckpts = workdir / 'checkpoints'
+    done = [int(s) for s in os.listdir(ckpts) if s.isdigit()] if ckpts.exists() else []
+    if any(s >= min_step for s in done):
+      return
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.05)
+  raise AssertionError('no checkpoint appeared')
+
+
+def test_sigkill_then_resume_is_bitwise_equal(repo, tiny_run, tmp_path):
+  _, full_dir, _ = tiny_run
+  slow = ('--config.train.checkpoint_every=2', '--config.train.async_checkpoints=false')
+  proc = _hmem_train(repo, tmp_path, *slow)
+  _wait_for_checkpoint(tmp_path, 6, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  proc = _hmem_train(repo, tmp_path, *slow)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert json.loads(out.strip().splitlines()[-1])['step'] == 20
+  _assert_trees_equal(_params(tmp_path, 20), _params(full_dir, 20))
+  assert [r['step'] for r in _rows(tmp_path) if 'loss' in r] == [5, 10, 15, 20]
+
+
+def test_sigterm_saves_and_exits_zero(repo, tmp_path):
+  proc = _hmem_train(repo, tmp_path, '--config.train.steps=100000', '--config.train.checkpoint_every=5',
+                     '--config.train.log_every=1', '--config.train.eval_every=0')
+  _wait_for_checkpoint(tmp_path, 5, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary['stopped_by_signal'] and summary['step'] >= 5
+  steps = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
+  assert max(steps) == summary['step']
+
+
+def test_non_finite_loss_stops_the_run_and_no_bad_checkpoint(make_config, tmp_path):
+  cfg = make_config('train.lr=1e30', 'train.warmup_steps=0', 'train.clip_norm=0.0', 'train.checkpoint_every=1',
+                    'train.eval_every=0')
+  with pytest.raises(TrainingError, match=r'non-finite loss or gradient at step (\d+)') as info:
+    train(cfg, str(tmp_path), progress=False)
+  bad_step = int(info.value.args[0].split('at step ')[1].split(':')[0])
+  saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  assert saved and max(saved) < bad_step
+  for step in saved:
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_params(tmp_path, step)))
