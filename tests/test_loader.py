@@ -9,7 +9,7 @@ from hmem.data import make_source
 from hmem.data.loader import PreparedSource
 from hmem.data.source import Position, check_batch
 from hmem.errors import DataError
-from test_prepare import corpus, prepared, read_split  # noqa: F401 (fixtures)
+from test_prepare import corpus, prepared, read_split, small_config  # noqa: F401 (fixtures)
 
 B = 64
 
@@ -39,6 +39,7 @@ def test_batches_are_rows_of_the_shards(dataset):
   check_batch(b, rows.stop - rows.start, 128)
   index = src.indices(Position(0, 2), rows)
   assert same(b, {k: v[index] for k, v in everything.items()})
+  assert len(np.unique(b['leaf_id'])) > 4  # globally shuffled: a batch mixes clusters
 
 
 def test_same_position_same_batch_and_rows_slice_it(dataset):
@@ -56,7 +57,8 @@ def test_an_epoch_is_a_permutation_and_the_next_epoch_another(dataset):
   src = source(path)
   n = manifest['splits']['train']['sequences']
   epoch = [src.indices(Position(e, s), slice(0, B)) for e in (0, 1) for s in range(src.steps_per_epoch)]
-  first, second = np.concatenate(epoch[:src.steps_per_epoch]), np.concatenate(epoch[src.steps_per_epoch:])
+  first = np.concatenate(epoch[:src.steps_per_epoch])
+  second = np.concatenate(epoch[src.steps_per_epoch:])
   assert len(set(first.tolist())) == first.size == src.steps_per_epoch * B
   assert first.min() >= 0 and first.max() < n
   assert not np.array_equal(first, second)
@@ -110,7 +112,6 @@ def test_clear_messages_for_unusable_datasets(dataset, tmp_path):
 
 def test_make_source_dispatches_to_the_prepared_dataset(dataset):
   path, _ = dataset
-  from test_prepare import small_config
   cfg = small_config('data.source=prepared', f'data.path={path}', f'train.batch_size={B}')
   src = make_source(cfg, split='train')
   assert isinstance(src, PreparedSource) and src.batch_size == B

@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import pathlib
+import shutil
 import threading
 
 import grain
@@ -192,6 +193,14 @@ def test_rerun_returns_the_dataset_and_refuses_other_settings(prepared, corpus):
   assert prepare(cfg, str(corpus), str(out), progress=False) == manifest
   with pytest.raises(DataError, match='already holds a dataset'):
     prepare(small_config('data.seq_len=64'), str(corpus), str(out), progress=False)
+
+
+def test_an_output_inside_the_input_is_not_read_back(corpus, tmp_path):
+  shutil.copytree(corpus, tmp_path / 'in')
+  cfg, out = small_config(), tmp_path / 'in' / 'prepared'
+  first = prepare(cfg, str(tmp_path / 'in'), str(out), progress=False)
+  assert first['files'] == 26
+  assert prepare(cfg, str(tmp_path / 'in'), str(out), progress=False) == first
 
 
 def test_missing_input_and_empty_corpus_stop_with_one_message(tmp_path):

@@ -41,7 +41,7 @@ class Document(NamedTuple):
 
 @dataclasses.dataclass
 class ReadStats:
-  """Records seen, documents kept, and skipped records (and unsupported files) by reason."""
+  """Records seen, documents kept, and skipped records by reason."""
 
   read: int = 0
   kept: int = 0

@@ -47,12 +47,13 @@ def encode(tokens_T: np.ndarray, segment_ids_T: np.ndarray, leaf_id: int, dtype:
   expected_T = np.repeat(np.arange(1, num_segments + 1), lengths_S)
   if not (np.array_equal(segment_ids_T[:used], expected_T) and not segment_ids_T[used:].any()):
     raise ValueError('segment ids are not runs 1..n followed by padding zeros')
-  header = _HEADER.pack(_MAGIC, _RECORD_VERSION, dtype.itemsize, 0, tokens_T.shape[0], num_segments, leaf_id)
+  header = _HEADER.pack(_MAGIC, _RECORD_VERSION, dtype.itemsize, 0, tokens_T.shape[0], num_segments,
+                        leaf_id)
   return header + tokens_T.astype(dtype).tobytes() + lengths_S.astype('<u4').tobytes()
 
 
 def decode_batch(records: Sequence[bytes], seq_len: int) -> dict[str, np.ndarray]:
-  """Records -> {tokens, segment_ids: [B, seq_len] int32, leaf_id: [B] int32}, as the trainer takes them."""
+  """Records -> {tokens, segment_ids: [B, seq_len], leaf_id: [B]}, int32 as the trainer takes them."""
   b = len(records)
   tokens_BxT = np.empty((b, seq_len), np.int32)
   segment_ids_BxT = np.zeros((b, seq_len), np.int32)

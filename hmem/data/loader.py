@@ -34,7 +34,8 @@ class PreparedSource:
       raise DataError(f'split {split!r} is not one of {", ".join(SPLITS)}')
     manifest = _read_manifest(path)
     if manifest['seq_len'] != seq_len:
-      raise DataError(f'{path} was packed with seq_len={manifest["seq_len"]}, but data.seq_len={seq_len}; '
+      raise DataError(f'{path} was packed with seq_len={manifest["seq_len"]}, but '
+                      f'data.seq_len={seq_len}; '
                       f'set --config.data.seq_len={manifest["seq_len"]} or prepare the data again')
     info = manifest['splits'][split]
     size = info['sequences']
@@ -57,8 +58,8 @@ class PreparedSource:
     """Dataset indices of the given rows of a global batch."""
     if not 0 <= position.step < self.steps_per_epoch:
       raise ValueError(f'step {position.step} is outside the {self.steps_per_epoch} steps of an epoch')
-    start, stop, step = rows.indices(self.batch_size)
-    if step != 1 or not 0 <= (rows.start or 0) <= (rows.stop or 0) <= self.batch_size:
+    start, stop = rows.start or 0, self.batch_size if rows.stop is None else rows.stop
+    if rows.step not in (None, 1) or not 0 <= start <= stop <= self.batch_size:
       raise ValueError(f'rows {rows} are not a contiguous part of a batch of {self.batch_size}')
     epoch_seed = int(np.random.SeedSequence((self.seed, position.epoch)).generate_state(1)[0])
     first = position.step * self.batch_size
@@ -74,7 +75,7 @@ class PreparedSource:
     """tokens, segment_ids [rows, seq_len] and leaf_id [rows], int32."""
     if self._pool is None:
       return self._read(position, rows)
-    key = (position, *rows.indices(self.batch_size)[:2])
+    key = (position, rows.start, rows.stop)
     pending, self._pending = self._pending, None
     out = pending[1].result() if pending and pending[0] == key else self._read(position, rows)
     following = position.next(self.steps_per_epoch)

@@ -15,7 +15,7 @@ import numpy as np
 
 def pack(tokens: np.ndarray, lengths_N: np.ndarray, seq_len: int, eot_id: int,
          pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Documents (their tokens concatenated, and their [N] lengths) -> ([M, seq_len] tokens, segment ids)."""
+  """Documents (tokens concatenated, [N] lengths) -> [M, seq_len] tokens and segment ids."""
   lengths_N = np.asarray(lengths_N, np.int64)
   n = lengths_N.shape[0]
   if n == 0:

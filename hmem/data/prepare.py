@@ -13,14 +13,18 @@ many there are (DESIGN.md, "Data flow"):
           and packs each leaf's documents in (file, line) order, the train and eval
           splits into separate shards; process 0 then writes manifest.json.
 
-With stage='all' each process runs the stages in turn; the stages can also be run as
-separate jobs (stage='fit' on one process, then 'map' and 'reduce' on n), as long as
-every map and reduce job of a run uses the same n. Processes coordinate only through files
-in out_dir: process 0 writes the plan when the fit is done, a file's spill appears (by
-an atomic rename) when it is mapped, a shard's marker when it is packed. Waiting for a
-file times out with a clear message, and a process that fails leaves a note that makes
-its peers stop too. A rerun with the same inputs and settings resumes: finished files
-and shards are kept. Intermediate files live in out_dir/_work, removed at the end.
+With stage='all' each process runs the stages in turn. The stages can also run as
+separate jobs: 'fit' (process 0 only; others return at once), then 'map' on n processes,
+then 'reduce' on m processes (m need not equal n: spills are per input file and shards
+are fixed leaf ranges); the reduce's process 0 writes the manifest. There are
+min(k**depth, 256) shards per split, which is also the most processes a reduce can use.
+
+Processes coordinate only through files in out_dir: process 0 writes the plan when the
+fit is done, a file's spill appears (by an atomic rename) when it is mapped, a shard's
+marker when it is packed. Waiting for a file times out with a clear message, and a
+process that fails leaves a note that makes its peers stop too. A rerun with the same
+inputs and settings resumes: finished files and shards are kept. Intermediate files live
+in out_dir/_work, removed at the end.
 
 Output (out_dir):
   {split}-{s:05d}-of-{S:05d}.array_record   split 'train' or 'eval'; shard s holds the
@@ -74,9 +78,14 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, processes: int = 1, proc
                     'pass --process-index between 0 and --processes - 1')
   if not 0 <= cfg.data.eval_fraction < 1:
     raise DataError(f'data.eval_fraction={cfg.data.eval_fraction} must lie in [0, 1)')
-  files, unsupported = list_files(input_path_or_glob)
-  run = _Run(cfg, input_path_or_glob, os.path.abspath(out_dir), files, unsupported, processes,
-             process_index, timeout_s, progress)
+  out_dir = os.path.abspath(out_dir)
+  # An output directory inside the input one must not feed its own files back in on a rerun.
+  files, unsupported = ([p for p in found if not p.startswith(out_dir + os.sep)]
+                        for found in list_files(input_path_or_glob))
+  if not files:
+    raise DataError(f'input {input_path_or_glob!r} holds no readable file outside --out {out_dir}')
+  run = _Run(cfg, input_path_or_glob, out_dir, files, unsupported, processes, process_index,
+             timeout_s, progress)
   if os.path.exists(os.path.join(run.out_dir, layout.MANIFEST)):
     return run.finished_manifest()
   run.begin()
@@ -179,7 +188,8 @@ class _Run:
     wanted = max(d.tokenizer_sample, d.tree_sample)
     quota = math.ceil(wanted / len(self.files))
     sample, stats = [], ReadStats()
-    for i, path in enumerate(tqdm(self.files, desc='fit: sample', unit='file', disable=not self.progress)):
+    files = tqdm(self.files, desc='fit: sample', unit='file', disable=not self.progress)
+    for i, path in enumerate(files):
       docs = read_documents(path, i, d.text_field, stats)
       sample.extend(doc.text for doc in itertools.islice(docs, quota))
       docs.close()
@@ -254,8 +264,10 @@ class _Run:
     _write_json(os.path.join(tmp, 'stats.json'), stats.to_json())
     try:
       os.rename(tmp, self._spill(f))  # atomic: a spill exists whole or not at all
-    except OSError:  # another process already spilled this file (same content)
-      shutil.rmtree(tmp)
+    except OSError:
+      if not os.path.isdir(self._spill(f)):
+        raise
+      shutil.rmtree(tmp)  # another process spilled this file first (the same content)
 
   # Stage c: reduce.
 
@@ -284,32 +296,11 @@ class _Run:
     for split in layout.SPLITS:
       chosen = order[docs['held_out'][order] == (split == 'eval')]
       name = layout.shard_name(split, s, self.shards)
-      sequences, tokens = self._write_shard(os.path.join(self.out_dir, name), docs, chosen, seq_len,
-                                            eot_id, dtype)
+      sequences, tokens = _write_shard(os.path.join(self.out_dir, name), docs, chosen, seq_len,
+                                       eot_id, dtype)
       summary[split] = {'file': name if sequences else None, 'documents': int(chosen.size),
                         'sequences': sequences, 'tokens': tokens}
     _write_json(self._packed(s), summary)
-
-  @staticmethod
-  def _write_shard(path, docs, chosen, seq_len, eot_id, dtype) -> tuple[int, int]:
-    """Packs the chosen documents leaf by leaf into one shard; (sequences, non-padding tokens)."""
-    leaf = docs['leaf'][chosen]
-    runs = np.split(chosen, np.flatnonzero(np.diff(leaf)) + 1) if chosen.size else []
-    writer, sequences, tokens = None, 0, 0
-    for run in runs:
-      lengths_N = docs['lengths'][run]
-      tokens_MxT, segment_ids_MxT = pack(_concat_ranges(docs['tokens'], docs['starts'][run], lengths_N),
-                                         lengths_N, seq_len, eot_id, pad_id=eot_id)
-      if writer is None:
-        writer = ArrayRecordWriter(f'{path}.tmp', 'group_size:1')
-      for t_T, s_T in zip(tokens_MxT, segment_ids_MxT):
-        writer.write(layout.encode(t_T, s_T, int(docs['leaf'][run[0]]), dtype))
-      sequences += tokens_MxT.shape[0]
-      tokens += int((segment_ids_MxT > 0).sum())
-    if writer is not None:
-      writer.close()
-      os.replace(f'{path}.tmp', path)
-    return sequences, tokens
 
   def finalize(self) -> dict:
     stats = ReadStats()
@@ -341,9 +332,11 @@ class _Run:
     manifest = {
         'format': layout.FORMAT, 'version': layout.VERSION, 'fingerprint': self.fingerprint,
         'input': self.input_path, 'files': len(self.files), 'files_unsupported': len(self.unsupported),
-        'documents_read': stats.read, 'documents_kept': stats.kept, 'skipped': stats.to_json()['skipped'],
+        'documents_read': stats.read, 'documents_kept': stats.kept,
+        'skipped': stats.to_json()['skipped'],
         'sample_documents': plan['sample_documents'],
-        'sequences': sequences, 'tokens': tokens, 'padding_fraction': _padding(sequences, tokens, seq_len),
+        'sequences': sequences, 'tokens': tokens,
+        'padding_fraction': _padding(sequences, tokens, seq_len),
         'seq_len': seq_len, 'vocab_size': plan['vocab_size'], 'eot_id': plan['eot_id'],
         'pad_id': plan['eot_id'], 'token_dtype': layout.token_dtype(plan['vocab_size']).name,
         'k': c.memory.k, 'depth': c.memory.depth, 'leaves': self.leaves, 'embedder': c.data.embedder,
@@ -407,6 +400,27 @@ def _select(spills: list[str], lo: int, hi: int) -> dict[str, np.ndarray]:
   docs = {name: np.concatenate(p) for name, p in parts.items()}
   docs['starts'] = np.cumsum(docs['lengths']) - docs['lengths']
   return docs
+
+
+def _write_shard(path, docs, chosen, seq_len, eot_id, dtype) -> tuple[int, int]:
+  """Packs the chosen documents leaf by leaf into one shard; (sequences, non-padding tokens)."""
+  leaf = docs['leaf'][chosen]
+  runs = np.split(chosen, np.flatnonzero(np.diff(leaf)) + 1) if chosen.size else []
+  writer, sequences, tokens = None, 0, 0
+  for run in runs:
+    lengths_N = docs['lengths'][run]
+    tokens_MxT, segment_ids_MxT = pack(_concat_ranges(docs['tokens'], docs['starts'][run], lengths_N),
+                                       lengths_N, seq_len, eot_id, pad_id=eot_id)
+    if writer is None:
+      writer = ArrayRecordWriter(f'{path}.tmp', 'group_size:1')
+    for t_T, s_T in zip(tokens_MxT, segment_ids_MxT):
+      writer.write(layout.encode(t_T, s_T, int(docs['leaf'][run[0]]), dtype))
+    sequences += tokens_MxT.shape[0]
+    tokens += int((segment_ids_MxT > 0).sum())
+  if writer is not None:
+    writer.close()
+    os.replace(f'{path}.tmp', path)
+  return sequences, tokens
 
 
 def _concat_ranges(tokens: np.ndarray, starts_N: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:

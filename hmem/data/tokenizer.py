@@ -37,7 +37,7 @@ class Tokenizer:
 
   @classmethod
   def train(cls, texts: Sequence[str], vocab_size: int) -> 'Tokenizer':
-    """A byte-level BPE with at most `vocab_size` tokens (fewer when the sample is small); EOT is id 0."""
+    """A byte-level BPE of at most `vocab_size` tokens (fewer on a small sample); EOT is id 0."""
     if vocab_size < _MIN_VOCAB:
       raise DataError(f'model.vocab_size={vocab_size} is too small for a byte-level BPE; '
                       f'use at least {_MIN_VOCAB} (256 bytes + EOT)')

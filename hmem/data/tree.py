@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from hmem.errors import ConfigError, DataError
+
 # Working-set budget of one jitted level-fit call; sets how many nodes are vmapped at once.
 _CHUNK_BYTES = 256 << 20
 
@@ -47,7 +49,7 @@ class Tree:
     if len(self.centroids) != self.depth:
       raise ValueError(f'depth={self.depth} but {len(self.centroids)} centroid levels')
     centroids = tuple(np.asarray(c, np.float32) for c in self.centroids)
-    dim = centroids[0].shape[-1]
+    dim = centroids[0].shape[1] if centroids[0].ndim == 2 else 'D'
     for level, c in enumerate(centroids, 1):
       if c.shape != (self.k**level, dim):
         raise ValueError(f'level {level} centroids have shape {c.shape}, '
@@ -61,7 +63,7 @@ class Tree:
     return self.centroids[0].shape[1]
 
   def save(self, path: str) -> None:
-    """Writes tree.npz (k, depth, level_1..level_depth) atomically: readers never see half a file."""
+    """Writes k, depth and level_1..level_depth to an .npz, atomically (no half-written file)."""
     tmp = f'{path}.tmp'
     with open(tmp, 'wb') as f:
       np.savez(f, k=np.int64(self.k), depth=np.int64(self.depth),
@@ -70,14 +72,16 @@ class Tree:
 
   @classmethod
   def load(cls, path: str) -> Tree:
+    """Reads a tree written by `save`; errors name a missing, corrupt or inconsistent file."""
     try:
       with np.load(path, allow_pickle=False) as z:
         k, depth = int(z['k']), int(z['depth'])
         return cls(k, depth, tuple(z[f'level_{l}'] for l in range(1, depth + 1)))
     except FileNotFoundError:
-      raise FileNotFoundError(f'tree file {path} does not exist; build it with `hmem prepare`') from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-      raise ValueError(f'tree file {path} is corrupt or not a tree ({type(e).__name__}: {e}); '
+      raise DataError(f'tree file {path} does not exist; build it with `hmem prepare`') from None
+    except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile,
+            pickle.UnpicklingError) as e:
+      raise DataError(f'tree file {path} is corrupt or not a tree ({type(e).__name__}: {e}); '
                        'rebuild it with `hmem prepare`') from None
 
 
@@ -87,25 +91,25 @@ def fit_tree(emb_NxD: np.ndarray, k: int, depth: int, *, seed: int, samples: int
 
   The embeddings live on the device for the whole fit, so pass a sample of the corpus (the
   tree is fit once on a sample, then `route` places every document). `balance`: in every
-  EM step no cluster may hold more than balance/k of a node's samples. The result is a
-  pure function of the inputs and `seed`, whatever the chunking.
+  EM step no cluster may hold more than balance/k of a node's samples. The result depends
+  only on the inputs and `seed`: every node draws from a key folded from (seed, level, node
+  id), so chunking changes nothing beyond, at most, the device kernels' float rounding.
   """
   x_NxD = np.asarray(emb_NxD, np.float32)
   if x_NxD.ndim != 2 or x_NxD.shape[0] == 0:
-    raise ValueError(f'fit_tree needs a non-empty [N, D] embedding array, got shape {x_NxD.shape}')
+    raise DataError(f'fit_tree needs a non-empty [N, D] embedding array, got shape {x_NxD.shape}')
   if not np.isfinite(x_NxD).all():
-    raise ValueError('fit_tree: embeddings contain NaN or inf')
+    raise DataError('fit_tree: embeddings contain NaN or inf; check the embedder')
   if k < 2 or depth < 1 or steps < 1:
-    raise ValueError(f'fit_tree needs k >= 2, depth >= 1, steps >= 1; got {k}, {depth}, {steps}')
+    raise ConfigError(f'fit_tree needs k >= 2, depth >= 1, steps >= 1; got {k}, {depth}, {steps}')
   # The rule can only be met if k clusters of at most floor(balance*samples/k) hold all samples.
   if not balance > 1 or math.floor(balance * samples / k) * k < samples:
-    raise ValueError(f'balance={balance} with samples={samples}, k={k} cannot be met: '
+    raise ConfigError(f'balance={balance} with samples={samples}, k={k} cannot be met: '
                      'use balance > 1 and more samples')
   n, d = x_NxD.shape
   x_dev = jnp.asarray(x_NxD)
   fit = functools.partial(_fit_nodes, k=k, samples=samples, steps=steps, balance=balance)
-  # One chunk size for every level, so one compile; level 1 pads its single node to it.
-  chunk = min(k**(depth - 1), max(1, _CHUNK_BYTES // (4 * samples * (d + 4 * k))))
+  max_chunk = max(1, _CHUNK_BYTES // (4 * samples * (d + 4 * k)))
   key = jax.random.key(seed)
   centroids = []
   node_N = np.zeros(n, np.int64)      # each point's node at the level being split
@@ -115,6 +119,7 @@ def fit_tree(emb_NxD: np.ndarray, k: int, depth: int, *, seed: int, samples: int
     count_P = np.bincount(node_N, minlength=parents)
     start_P = np.cumsum(count_P) - count_P
     perm_dev = jnp.asarray(np.argsort(node_N, kind='stable').astype(np.int32))
+    chunk = min(max_chunk, parents)  # at most one compile per level
     level_key = jax.random.fold_in(key, level)
     c_PxKxD = np.empty((parents, k, d), np.float32)
     with tqdm(total=parents, desc=f'tree level {level}/{depth}', unit='node',
@@ -263,17 +268,18 @@ def _descend(c_levels, x_BxD, *, k):
 def route(tree: Tree, emb_NxD, batch: int = 65536) -> np.ndarray:
   """[N] int64 leaf ids of the rows of emb_NxD (numpy or on-device), by greedy descent.
 
-  Runs on the device in batches of `batch` rows (the last one padded, so one compile); the
-  working set is about batch * k * D floats.
+  Runs on the device in batches of `batch` rows; the working set is about batch * k * D
+  floats. Batches are padded to a power of two (at most `batch`), so calls with varying N
+  reuse a few compiled shapes and a single query does not pay for a full batch.
   """
   if emb_NxD.ndim != 2 or emb_NxD.shape[1] != tree.dim:
-    raise ValueError(f'route: embeddings of shape {emb_NxD.shape} do not match the tree '
+    raise DataError(f'route: embeddings of shape {emb_NxD.shape} do not match the tree '
                      f'(dimension {tree.dim})')
   n = emb_NxD.shape[0]
   leaf_N = np.empty(n, np.int64)
   if n == 0:
     return leaf_N
-  b = min(batch, n)
+  b = min(batch, 1 << (n - 1).bit_length())
   c_levels = tuple(jnp.asarray(c) for c in tree.centroids)
 
   def collect(lo, rows, leaf_B):

