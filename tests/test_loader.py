@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
+from test_prepare import corpus, prepared, read_split, small_config  # noqa: F401 (fixtures)
 
 from hmem.data import make_source
 from hmem.data.loader import PreparedSource
 from hmem.data.source import Position, check_batch
 from hmem.errors import DataError
-from test_prepare import corpus, prepared, read_split, small_config  # noqa: F401 (fixtures)
 
 B = 64
 

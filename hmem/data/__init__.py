@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from hmem.errors import ConfigError
-
 from hmem.data.source import Position, Source, check_batch
+from hmem.errors import ConfigError
 
 
 def make_source(cfg, split: str = 'train') -> Source:

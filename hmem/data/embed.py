@@ -20,6 +20,8 @@ import numpy as np
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
+from hmem.errors import ConfigError, DataError
+
 CONFIG_FILE = 'embedder.json'
 _TFIDF_ARRAYS = 'embedder_tfidf.npz'
 _TFIDF_VOCAB = 'embedder_vocab.txt'
@@ -58,7 +60,7 @@ class TfidfEmbedder:
 
   def __init__(self, vocabulary: Sequence[str], idf_V: np.ndarray, components_DxV: np.ndarray):
     if len(vocabulary) != idf_V.shape[0] or components_DxV.shape[1] != idf_V.shape[0]:
-      raise ValueError(f'tfidf embedder: vocabulary ({len(vocabulary)}), idf {idf_V.shape} and '
+      raise DataError(f'tfidf embedder: vocabulary ({len(vocabulary)}), idf {idf_V.shape} and '
                        f'components {components_DxV.shape} disagree')
     self.vocabulary = list(vocabulary)
     self.idf_V = np.asarray(idf_V, np.float32)
@@ -84,12 +86,12 @@ class TfidfEmbedder:
     try:
       tfidf_NxV = vectorizer.fit_transform(texts)
     except ValueError as e:  # sklearn's "empty vocabulary"
-      raise ValueError(f'tfidf embedder: cannot fit on {len(texts)} sample texts ({e}); '
+      raise DataError(f'tfidf embedder: cannot fit on {len(texts)} sample texts ({e}); '
                        'give data.tokenizer_sample more non-empty documents') from e
     vocab_size = tfidf_NxV.shape[1]
     dim = min(dim, len(texts), vocab_size - 1)
     if dim < 1:
-      raise ValueError(f'tfidf embedder: the sample ({len(texts)} texts, {vocab_size} terms) '
+      raise DataError(f'tfidf embedder: the sample ({len(texts)} texts, {vocab_size} terms) '
                        'is too small for an SVD basis; give it more documents')
     svd = TruncatedSVD(n_components=dim, algorithm='randomized', n_iter=7, random_state=0)
     svd.fit(tfidf_NxV)
@@ -119,7 +121,7 @@ class TfidfEmbedder:
   @classmethod
   def load(cls, directory: str, config: dict) -> 'TfidfEmbedder':
     if config.get('token_pattern') != _TOKEN_PATTERN:
-      raise ValueError(f'{os.path.join(directory, CONFIG_FILE)}: token_pattern '
+      raise DataError(f'{os.path.join(directory, CONFIG_FILE)}: token_pattern '
                        f'{config.get("token_pattern")!r} is not the supported {_TOKEN_PATTERN!r}')
     with open(os.path.join(directory, _TFIDF_VOCAB), encoding='utf-8') as f:
       vocabulary = f.read().split('\n')
@@ -140,21 +142,21 @@ def make_embedder(data_cfg, fit_texts: Sequence[str] | None = None) -> Embedder:
   kind = data_cfg.embedder
   if kind == 'tfidf':
     if fit_texts is None:
-      raise ValueError('data.embedder=tfidf is fit on a sample of the corpus: pass fit_texts '
+      raise ConfigError('data.embedder=tfidf is fit on a sample of the corpus: pass fit_texts '
                        '(or use data.embedder=minilm, which needs no fitting)')
     return TfidfEmbedder.fit(fit_texts, data_cfg.tfidf_dim)
   if kind == 'minilm':
     from hmem.data.minilm import MiniLMEmbedder
     return MiniLMEmbedder(data_cfg.embedder_path, batch_size=data_cfg.embed_batch,
                           max_tokens=data_cfg.embed_max_tokens)
-  raise ValueError(f"data.embedder={kind!r}; use 'tfidf' or 'minilm'")
+  raise ConfigError(f"data.embedder={kind!r}; use 'tfidf' or 'minilm'")
 
 
 def load_embedder(directory: str) -> Embedder:
   """Rebuilds the embedder that `save(directory)` wrote."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} not found: {directory!r} holds no saved embedder; '
+    raise DataError(f'{path} not found: {directory!r} holds no saved embedder; '
                             'point at the directory `hmem prepare` wrote')
   with open(path, encoding='utf-8') as f:
     config = json.load(f)
@@ -164,4 +166,4 @@ def load_embedder(directory: str) -> Embedder:
   if kind == 'minilm':
     from hmem.data.minilm import MiniLMEmbedder
     return MiniLMEmbedder.load(config)
-  raise ValueError(f"{path}: unknown embedder kind {kind!r}; expected 'tfidf' or 'minilm'")
+  raise DataError(f"{path}: unknown embedder kind {kind!r}; expected 'tfidf' or 'minilm'")

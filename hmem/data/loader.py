@@ -18,9 +18,9 @@ import grain
 import numpy as np
 
 from hmem.data import layout
-from hmem.errors import DataError
 from hmem.data.layout import MANIFEST, SPLITS
 from hmem.data.source import Position
+from hmem.errors import DataError
 
 _SHUFFLE_ROUNDS = 4
 

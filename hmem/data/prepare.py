@@ -51,11 +51,11 @@ from tqdm import tqdm
 
 from hmem.data import layout
 from hmem.data.embed import load_embedder, make_embedder
-from hmem.errors import DataError
 from hmem.data.inputs import ReadStats, list_files, read_documents
 from hmem.data.packing import pack
 from hmem.data.tokenizer import Tokenizer
 from hmem.data.tree import Tree, fit_tree, route, tree_stats
+from hmem.errors import DataError
 
 STAGES = ('all', 'fit', 'map', 'reduce')
 _MAX_SHARDS = 256  # shards per split; also the most processes the reduce can use
@@ -244,7 +244,7 @@ class _Run:
       texts = [doc.text for doc in chunk]
       index.extend(doc.index for doc in chunk)
       tokens.extend(tokenizer.encode(texts))
-      leaf.append(_route(tree, embedder.embed(texts)))
+      leaf.append(route(tree, embedder.embed(texts)))
       bar.update(len(chunk))
     index_N = np.asarray(index, np.int64)
     leaf_N = np.concatenate(leaf) if leaf else np.zeros(0, np.int64)
@@ -326,7 +326,7 @@ class _Run:
       }
     leaf_documents = np.concatenate([p['leaf_documents'] for p in packed])
     tree = Tree.load(os.path.join(self.out_dir, 'tree.npz'))
-    occupancy = tree_stats(tree, np.repeat(np.arange(self.leaves), leaf_documents))
+    occupancy = tree_stats(tree, leaf_documents)
     sequences = sum(s['sequences'] for s in splits.values())
     tokens = sum(s['tokens'] for s in splits.values())
     manifest = {
@@ -362,12 +362,6 @@ def _spread(items: list, n: int) -> list:
   if n >= len(items):
     return items
   return [items[i] for i in np.arange(n) * len(items) // n]
-
-
-def _route(tree: Tree, emb_NxD: np.ndarray) -> np.ndarray:
-  """`route`, padded to _CHUNK rows so that every chunk has one shape and one compile."""
-  n = emb_NxD.shape[0]
-  return route(tree, np.pad(emb_NxD, ((0, _CHUNK - n), (0, 0))))[:n]
 
 
 def _held_out(file_index: int, index_N: np.ndarray, fraction: float) -> np.ndarray:

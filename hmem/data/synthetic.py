@@ -9,11 +9,10 @@ Every row is a pure function of (seed, split, epoch, step, row).
 
 from __future__ import annotations
 
-from hmem.errors import ConfigError
-
 import numpy as np
 
 from hmem.data.source import Position
+from hmem.errors import ConfigError
 
 EOT = 0
 _SPLITS = {'train': 0, 'eval': 1}

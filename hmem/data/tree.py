@@ -297,15 +297,19 @@ def route(tree: Tree, emb_NxD, batch: int = 65536) -> np.ndarray:
   return leaf_N
 
 
-def tree_stats(tree: Tree, leaf_ids) -> dict[int, dict[str, int]]:
-  """Per level: nodes, non-empty nodes, and the largest/smallest non-empty node (documents)."""
-  leaf_N = np.asarray(leaf_ids, np.int64)
+def tree_stats(tree: Tree, leaf_counts) -> dict[int, dict[str, int]]:
+  """Per level: nodes, non-empty nodes, and the largest/smallest non-empty node.
+
+  `leaf_counts[i]` is the number of documents routed to leaf i (np.bincount of the leaf
+  ids), so corpus-sized id arrays are never needed.
+  """
+  counts_L = np.asarray(leaf_counts, np.int64)
   leaves = tree.k**tree.depth
-  if leaf_N.size and (leaf_N.min() < 0 or leaf_N.max() >= leaves):
-    raise ValueError(f'leaf ids must lie in [0, {leaves}) for this tree')
+  if counts_L.shape != (leaves,) or (counts_L < 0).any():
+    raise ValueError(f'leaf_counts must be {leaves} non-negative counts, one per leaf of this tree')
   stats = {}
   for level in range(1, tree.depth + 1):
-    size = np.bincount(leaf_N // tree.k**(tree.depth - level), minlength=tree.k**level)
+    size = counts_L.reshape(tree.k**level, -1).sum(axis=1)
     used = size[size > 0]
     stats[level] = {'nodes': int(size.size), 'non_empty': int(used.size),
                     'largest': int(used.max()) if used.size else 0,

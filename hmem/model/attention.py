@@ -7,12 +7,11 @@ honour packed documents.
 
 from __future__ import annotations
 
-from hmem.errors import ConfigError
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hmem.errors import ConfigError
 from hmem.model.layers import apply_rope, dense_init, make_norm
 
 

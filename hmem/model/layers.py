@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from hmem.errors import ConfigError
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from hmem.errors import ConfigError
 
 
 def dense_init(std: float, axes: tuple[str, ...]):

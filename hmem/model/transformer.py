@@ -9,13 +9,12 @@ scanned body never branches on the layer index.
 
 from __future__ import annotations
 
-from hmem.errors import ConfigError
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from hmem import sharding
+from hmem.errors import ConfigError
 from hmem.model.attention import Attention, attention_mask
 from hmem.model.layers import SwiGLU, make_norm, segment_positions
 

@@ -15,7 +15,6 @@ import threading
 import time
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from hmem import sharding, sizes
