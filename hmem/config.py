@@ -72,6 +72,15 @@ def default_config() -> ml_collections.ConfigDict:
       levels=(0, 0, 0, 0),
       type='ffn',          # 'ffn' | 'lora' | 'kv'
       layers=(),           # () = every layer, or (first, end) for a contiguous range
+      lora_targets='ffn',  # LoRA memory on 'ffn' (gate, up, down), 'qk' or 'vo' weights
+      lora_alpha=2.0,      # LoRA scale = alpha / (concatenated rank)
+      init_std=0.02,       # gate/up, LoRA A and KV keys; down, LoRA B and KV values start at 0
+      generic_prob=-1.0,   # P(a training sequence uses the generic block); -1 = 1/(k+1), 0 = off
+      optimizer='sparse',  # 'sparse' (row-sparse AdamW) | 'dense' (AdamW over the whole bank)
+      lr=1e-4,
+      min_lr=1e-5,
+      weight_decay=1e-3,
+      decay_catchup=True,  # sparse: apply the weight decay a row missed while not fetched
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -119,7 +128,9 @@ def default_config() -> ml_collections.ConfigDict:
       async_checkpoints=True,
       profile_start=-1,    # first step of a jax.profiler trace; -1 disables
       profile_steps=3,
-      peak_flops=0.0,      # per device, for MFU; 0 looks the device up (see flops.py)
+      peak_flops=0.0,      # per device, for MFU; 0 looks the device up (see hardware.py)
+      freeze_anchor=False, # train the memory only (post-hoc regime)
+      init_from='',        # a run's workdir: start from its anchor parameters (latest checkpoint)
   ))
   return c
 

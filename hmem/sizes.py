@@ -27,7 +27,9 @@ def memory_param_counts(cfg) -> dict[str, int]:
     return {'fetch_params': 0, 'bank_params': 0}
   from hmem.memory.bank import bank_shapes
   fetch = bank = 0
-  for arrays in bank_shapes(cfg).values():
+  for table, arrays in bank_shapes(cfg).items():
+    if table == 'generic':  # a training-time control, not part of the bank
+      continue
     for shape in arrays.values():
       bank += math.prod(shape)
       fetch += math.prod(shape[1:])  # one node of the level

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from hmem.memory.config import memory_layers
 from hmem.model.transformer import Transformer
 
 # Parameters are created unsharded (abstractly or under jit) and placed by the trainer
@@ -13,8 +14,7 @@ nnx.use_eager_sharding(False)
 
 def build_model(cfg, seed: int = 0) -> Transformer:
   """The anchor for `cfg` (a full config): memory widens `memory_layers(cfg)` if any."""
-  from hmem.memory.config import memory_layers
-  return Transformer(cfg.model, nnx.Rngs(seed), memory_layers=memory_layers(cfg))
+  return Transformer(cfg.model, nnx.Rngs(seed), memory_layers=memory_layers(cfg), lora_alpha=cfg.memory.lora_alpha)
 
 
 __all__ = ['Transformer', 'build_model']

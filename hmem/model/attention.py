@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hmem.errors import ConfigError
-from hmem.model.layers import apply_rope, dense_init, make_norm
+from hmem.model.layers import apply_rope, dense_init, lora_delta, make_norm
 
 
 def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -45,9 +45,22 @@ def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
 ATTENTION_KERNELS = {'xla': xla_attention, 'dot_product': dot_product_attention}
 
 
+def memory_attention(q_BxTxNxH, keys_BxRxKxH, values_BxRxKxH):
+  """KV memory: every query attends to the sequence's r fetched slots, with no mask and no
+  position encoding, in a softmax of its own. Its output is added to self-attention, so
+  zero values (the init) make the memory an exact no-op."""
+  B, T, N, H = q_BxTxNxH.shape
+  K = keys_BxRxKxH.shape[2]
+  q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+  logits = jnp.einsum('btkgh,brkh->btkgr', q_BxTxKxGxH, keys_BxRxKxH,
+                      preferred_element_type=jnp.float32) * (H ** -0.5)
+  probs = jax.nn.softmax(logits, axis=-1).astype(values_BxRxKxH.dtype)
+  return jnp.einsum('btkgr,brkh->btkgh', probs, values_BxRxKxH).reshape(B, T, N, H)
+
+
 class Attention(nnx.Module):
 
-  def __init__(self, cfg, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg, dtype, param_dtype, lora_alpha: float, rngs: nnx.Rngs):
     if cfg.attention not in ATTENTION_KERNELS:
       raise ConfigError(f'model.attention={cfg.attention!r}; choose one of {sorted(ATTENTION_KERNELS)}')
     if cfg.heads % cfg.kv_heads:
@@ -67,15 +80,26 @@ class Attention(nnx.Module):
     self.shape = (N, K, H)
     self.rope_base = cfg.rope_base
     self.kernel = ATTENTION_KERNELS[cfg.attention]
+    self.dtype = dtype
+    self.lora_alpha = lora_alpha
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, memory: dict | None = None):
+    """`memory` may carry LoRA factors for q/k/v/o or KV memory slots (see hmem.memory)."""
     N, K, H = self.shape
     B, T, _ = x_BxTxD.shape
-    q, k, v = self.q(x_BxTxD), self.k(x_BxTxD), self.v(x_BxTxD)
+    lora = lambda x, target: lora_delta(x, memory, target, self.lora_alpha, self.dtype)
+    q = self.q(x_BxTxD) + lora(x_BxTxD, 'q')
+    k = self.k(x_BxTxD) + lora(x_BxTxD, 'k')
+    v = self.v(x_BxTxD) + lora(x_BxTxD, 'v')
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q_BxTxNxH = apply_rope(q.reshape(B, T, N, H), positions_BxT, self.rope_base)
     k_BxTxKxH = apply_rope(k.reshape(B, T, K, H), positions_BxT, self.rope_base)
     v_BxTxKxH = v.reshape(B, T, K, H)
     out_BxTxNxH = self.kernel(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS)
-    return self.o(out_BxTxNxH.reshape(B, T, N * H))
+    if memory is not None and 'kv_keys' in memory:
+      R = memory['kv_keys'].shape[1]
+      slots = lambda name: memory[name].astype(self.dtype).reshape(B, R, K, H)
+      out_BxTxNxH = out_BxTxNxH + memory_attention(q.reshape(B, T, N, H), slots('kv_keys'), slots('kv_values'))
+    out_BxTxF = out_BxTxNxH.reshape(B, T, N * H)
+    return self.o(out_BxTxF) + lora(out_BxTxF, 'o')

@@ -47,22 +47,43 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float) -> j
   return out.astype(x_BxTxNxH.dtype)
 
 
-class SwiGLU(nnx.Module):
-  """`down(silu(gate x) * up x)`, optionally widened per sequence by a fetched FFN memory.
+def lora_delta(x_BxTxI: jax.Array, memory: dict | None, target: str, alpha: float, dtype):
+  """A per-sequence LoRA memory's output for weight `target`, or 0 when there is none.
 
-  The memory adds r hidden units whose weights differ per sequence: gate/up/down arrays
-  [B, r, d]. A zero `down` makes it an exact no-op (the memory init).
+  `lora_{target}_a` [B, r, in] and `lora_{target}_b` [B, r, out] (B starts at zero);
+  scale alpha / r with r the concatenated rank of the fetched path.
+  """
+  if memory is None or f'lora_{target}_a' not in memory:
+    return 0.0
+  a_BxRxI = memory[f'lora_{target}_a'].astype(dtype)
+  b_BxRxO = memory[f'lora_{target}_b'].astype(dtype)
+  h_BxTxR = jnp.einsum('bti,bri->btr', x_BxTxI.astype(dtype), a_BxRxI)
+  return jnp.einsum('btr,bro->bto', h_BxTxR, b_BxRxO) * (alpha / a_BxRxI.shape[1])
+
+
+class SwiGLU(nnx.Module):
+  """`down(silu(gate x) * up x)`, optionally widened per sequence by a fetched memory.
+
+  FFN memory adds r hidden units whose weights differ per sequence: `ffn_gate`/`ffn_up`/
+  `ffn_down` [B, r, d]; a zero `ffn_down` makes it an exact no-op (the memory init).
+  LoRA memory on the FFN adds low-rank deltas to gate, up and down.
   """
 
-  def __init__(self, d: int, hidden: int, std: float, out_std: float, dtype, param_dtype, rngs):
+  def __init__(self, d: int, hidden: int, std: float, out_std: float, dtype, param_dtype, lora_alpha: float,
+               rngs: nnx.Rngs):
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate = nnx.Linear(d, hidden, kernel_init=dense_init(std, ('embed', 'mlp')), **kw)
     self.up = nnx.Linear(d, hidden, kernel_init=dense_init(std, ('embed', 'mlp')), **kw)
     self.down = nnx.Linear(hidden, d, kernel_init=dense_init(out_std, ('mlp', 'embed')), **kw)
     self.dtype = dtype
+    self.lora_alpha = lora_alpha
 
   def __call__(self, x_BxTxD: jax.Array, memory: dict | None = None) -> jax.Array:
-    y_BxTxD = self.down(jax.nn.silu(self.gate(x_BxTxD)) * self.up(x_BxTxD))
+    lora = lambda x, target: lora_delta(x, memory, target, self.lora_alpha, self.dtype)
+    g_BxTxF = self.gate(x_BxTxD) + lora(x_BxTxD, 'gate')
+    u_BxTxF = self.up(x_BxTxD) + lora(x_BxTxD, 'up')
+    h_BxTxF = jax.nn.silu(g_BxTxF) * u_BxTxF
+    y_BxTxD = self.down(h_BxTxF) + lora(h_BxTxF, 'down')
     if memory is not None and 'ffn_gate' in memory:
       x = x_BxTxD.astype(self.dtype)
       g_BxTxR = jnp.einsum('btd,brd->btr', x, memory['ffn_gate'].astype(self.dtype))

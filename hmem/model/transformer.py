@@ -34,24 +34,25 @@ def dtype_of(name: str):
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
+  def __init__(self, cfg, lora_alpha: float, rngs: nnx.Rngs):
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype, param_dtype, 'embed', rngs)
-    self.attn = Attention(cfg, dtype, param_dtype, rngs)
+    self.attn = Attention(cfg, dtype, param_dtype, lora_alpha, rngs)
     self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype, param_dtype, 'embed', rngs)
     out_std = cfg.init_std / (2 * cfg.layers) ** 0.5
-    self.ffn = SwiGLU(cfg.d_model, cfg.ffn, cfg.init_std, out_std, dtype, param_dtype, rngs)
+    self.ffn = SwiGLU(cfg.d_model, cfg.ffn, cfg.init_std, out_std, dtype, param_dtype, lora_alpha, rngs)
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, memory=None):
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS)
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, memory)
     x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD), memory)
     return sharding.constrain(x_BxTxD, ('batch', None, None))
 
 
 class Transformer(nnx.Module):
 
-  def __init__(self, cfg, rngs: nnx.Rngs, memory_layers: tuple[int, int] | None = None):
-    """`memory_layers` = (first, end) of the layers a memory widens; None means all."""
+  def __init__(self, cfg, rngs: nnx.Rngs, memory_layers: tuple[int, int] | None = None, lora_alpha: float = 2.0):
+    """`memory_layers` = (first, end) of the layers a memory widens (None: all);
+    `lora_alpha` scales a LoRA memory by alpha / rank."""
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     self.embed = nnx.Embed(
         cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
@@ -61,7 +62,7 @@ class Transformer(nnx.Module):
     @nnx.split_rngs(splits=cfg.layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
     def make_blocks(rngs):
-      return Block(cfg, rngs)
+      return Block(cfg, lora_alpha, rngs)
 
     self.blocks = make_blocks(rngs)
     self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, dtype, param_dtype, 'embed', rngs)

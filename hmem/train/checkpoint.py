@@ -20,7 +20,9 @@ from hmem.errors import CheckpointError
 
 
 def state_items(state) -> tuple[str, ...]:
-  return tuple(f.name for f in dataclasses.fields(state) if f.name != 'step')
+  """The state fields saved as items: all but `step`, and none that is empty (no memory)."""
+  return tuple(f.name for f in dataclasses.fields(state)
+               if f.name != 'step' and jax.tree.leaves(getattr(state, f.name)))
 
 
 @jax.jit
@@ -31,12 +33,12 @@ def _all_finite(tree) -> jax.Array:
 
 class Checkpoints:
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True))
+                                             create=not read_only, read_only=read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -55,6 +57,13 @@ class Checkpoints:
     """Returns (state or None, Position, meta). `items` limits which state items are read;
     the state fields not read keep their abstract values (the caller fills them)."""
     names = state_items(abstract_state) if items is None else tuple(items)
+    step_dir = os.path.join(self.directory, str(step))
+    available = set(os.listdir(step_dir)) if os.path.isdir(step_dir) else set()
+    missing = [n for n in names if n not in available]
+    if missing:
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.directory} has no {", ".join(missing)} '
+          f'(it holds {", ".join(sorted(available)) or "nothing"}); was it written with the same memory config?')
     args = {name: ocp.args.StandardRestore(getattr(abstract_state, name)) for name in names}
     args['data'] = ocp.args.JsonRestore()
     args['meta'] = ocp.args.JsonRestore()

@@ -2,7 +2,8 @@
 
 Anchor parameters are a plain nested dict of arrays (nnx.to_pure_dict), so optax, orbax
 and jit see ordinary pytrees; the model's graphdef is kept beside the state and merged
-inside the step.
+inside the step. The memory bank and its optimizer state sit beside the anchor, outside
+the model (empty dicts when the memory is off).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from hmem import sharding
+from hmem.memory import bank as memory_bank
+from hmem.memory import optimizer as memory_optimizer
 from hmem.model import build_model
 
 
@@ -23,6 +26,8 @@ class TrainState:
   step: jax.Array      # int32 scalar: updates applied so far
   params: Any          # anchor parameters (nested dict)
   opt_state: Any       # anchor optimizer state
+  bank: Any = None     # memory tables (hmem.memory.bank), fp32
+  bank_opt: Any = None # their row-sparse AdamW state (hmem.memory.optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,17 +71,24 @@ def state_spec(cfg, tx, mesh) -> StateSpec:
   param_shardings = _param_shardings(abstract_vars, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = shard_like(abstract_opt, abstract_params, param_shardings, mesh)
-  shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
+  bank_shardings = memory_bank.bank_shardings(cfg, mesh)
+  abstract_bank = jax.eval_shape(lambda: memory_bank.init_bank(cfg, jax.random.key(0)))
+  shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings,
+                         bank=bank_shardings, bank_opt=memory_optimizer.opt_shardings(bank_shardings, mesh))
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt,
+                        bank=abstract_bank, bank_opt=jax.eval_shape(memory_optimizer.init, abstract_bank))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings)
 
 
-def init_state(cfg, tx, spec: StateSpec) -> TrainState:
-  """Initialises parameters and optimizer state directly into their shardings."""
-  def init():
-    model = build_model(cfg, cfg.train.seed)
-    params = nnx.to_pure_dict(nnx.state(model))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def init_state(cfg, tx, spec: StateSpec, params=None) -> TrainState:
+  """Initialises the state directly into its shardings; `params` (e.g. a pretrained
+  anchor) replaces the freshly initialised anchor parameters."""
+  def init(params):
+    if params is None:
+      params = nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed)))
+    bank = memory_bank.init_bank(cfg, jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      bank=bank, bank_opt=memory_optimizer.init(bank))
 
-  return jax.jit(init, out_shardings=spec.shardings)()
+  return jax.jit(init, out_shardings=spec.shardings)(params)

@@ -1,9 +1,14 @@
 """The jitted train and eval steps.
 
-One step: split the global batch into `grad_accum` micro-batches, sum the loss and the
-gradients over them (sums, so any split gives the same result), clip by the global norm,
-and apply the update only if the loss and the gradient norm are finite; otherwise the
-state passes through unchanged and `finite` reports it.
+One step: fetch each sequence's memory rows (if the memory is on), split the global batch
+into `grad_accum` micro-batches, sum the loss and the gradients over them (sums, so any
+split gives the same result), clip by the global norm of the anchor gradients and the
+per-row-summed memory gradients together, update the anchor with optax and the bank with
+its row-sparse AdamW, and apply the update only if the loss and the gradient norm are
+finite; otherwise the state passes through unchanged and `finite` reports it.
+
+Memory gradients are taken with respect to the fetched blocks, per sequence; micro-batches
+concatenate them, so no bank-sized buffer ever exists.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import optax
 from flax import nnx
 
 from hmem import sharding
+from hmem.memory import bank as memory_bank
+from hmem.memory import optimizer as memory_optimizer
+from hmem.model.transformer import dtype_of
 from hmem.train.loss import next_token_loss
 from hmem.train.state import StateSpec, TrainState
 
@@ -22,70 +30,143 @@ def _split_micro(tree, n: int):
   return jax.tree.map(lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:]), tree)
 
 
-def make_loss_and_grads(cfg, graphdef):
-  """(params, batch) -> (grads, nll_sum, count), gradients of the summed objective."""
-  z_loss, accum = cfg.train.z_loss, cfg.train.grad_accum
+def _merge_micro(tree):
+  return jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), tree)
 
-  def objective(params, micro):
-    model = nnx.merge(graphdef, params)
-    logits = model(micro['tokens'], micro['segment_ids'])
+
+def make_loss_and_grads(cfg, graphdef):
+  """(shared, frozen_params, blocks, batch) -> (shared_grads, block_grads, nll_sum, count).
+
+  `shared` holds what every sequence uses (anchor params unless frozen, the generic
+  block): its gradients are summed. `blocks` are per-sequence fetched rows: their
+  gradients stay per sequence.
+  """
+  z_loss, accum = cfg.train.z_loss, cfg.train.grad_accum
+  dtype = dtype_of(cfg.model.dtype)
+
+  def objective(shared, frozen_params, blocks, micro):
+    params = shared['params'] if 'params' in shared else frozen_params
+    memory = None
+    if blocks:
+      memory = memory_bank.assemble(blocks, shared.get('generic'), micro.get('use_generic'), dtype)
+    logits = nnx.merge(graphdef, params)(micro['tokens'], micro['segment_ids'], memory)
     obj, nll, count = next_token_loss(logits, micro['tokens'], micro['segment_ids'], z_loss)
     return obj, (nll, count)
 
-  grad_fn = jax.grad(objective, has_aux=True)
+  grad_fn = jax.grad(objective, argnums=(0, 2), has_aux=True)
 
-  def loss_and_grads(params, batch):
+  def loss_and_grads(shared, frozen_params, blocks, batch):
     if accum == 1:
-      grads, (nll, count) = grad_fn(params, batch)
-      return grads, nll, count
+      (shared_grads, block_grads), (nll, count) = grad_fn(shared, frozen_params, blocks, batch)
+      return shared_grads, block_grads, nll, count
 
-    def body(carry, micro):
+    def body(carry, xs):
       grads_acc, nll_acc, count_acc = carry
-      grads, (nll, count) = grad_fn(params, micro)
-      return (jax.tree.map(jnp.add, grads_acc, grads), nll_acc + nll, count_acc + count), None
+      micro, micro_blocks = xs
+      (grads, block_grads), (nll, count) = grad_fn(shared, frozen_params, micro_blocks, micro)
+      return (jax.tree.map(jnp.add, grads_acc, grads), nll_acc + nll, count_acc + count), block_grads
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, nll, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(batch, accum))
-    return grads, nll, count
+    zeros = jax.tree.map(jnp.zeros_like, shared)
+    (shared_grads, nll, count), block_grads = jax.lax.scan(
+        body, (zeros, 0.0, 0.0), (_split_micro(batch, accum), _split_micro(blocks, accum)))
+    return shared_grads, _merge_micro(block_grads), nll, count
 
   return loss_and_grads
 
 
+def _memory_row_gradients(cfg, bank, block_grads, generic_grads, leaf_B, use_generic_B):
+  """Per table: (row ids [U], summed row gradients). Sequences switched to the generic
+  block do not touch their path's rows."""
+  row_ids, row_grads = {}, {}
+  for t, (rows, _) in memory_bank.tables(cfg).items():
+    if t == 'generic':
+      # One row; touched iff some sequence used it. Its gradient is already the sum.
+      row_ids[t] = jnp.where(jnp.any(use_generic_B), 0, 1)[None]
+      row_grads[t] = generic_grads
+      continue
+    ids_B = memory_bank.level_ids(cfg, leaf_B, t)
+    if use_generic_B is not None:
+      ids_B = jnp.where(use_generic_B, rows, ids_B)
+    row_ids[t], row_grads[t] = memory_optimizer.row_gradients(block_grads[t], ids_B, rows)
+  return row_ids, row_grads
+
+
 def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, schedule, mesh):
   loss_and_grads = make_loss_and_grads(cfg, spec.graphdef)
-  clip = cfg.train.clip_norm
+  clip, frozen = cfg.train.clip_norm, cfg.train.freeze_anchor
+  base_key = jax.random.key(cfg.train.seed)
 
   def train_step(state: TrainState, batch):
-    grads, nll, count = loss_and_grads(state.params, batch)
+    key = jax.random.fold_in(base_key, state.step)
+    batch = dict(batch)
+    leaf_B = batch.pop('leaf_id')
+    blocks = memory_bank.gather_levels(cfg, state.bank, leaf_B) if state.bank else {}
+    use_generic_B = memory_bank.generic_mask(cfg, key, leaf_B.shape[0]) if 'generic' in state.bank else None
+    if use_generic_B is not None:
+      batch['use_generic'] = use_generic_B
+    shared = {} if frozen else {'params': state.params}
+    if use_generic_B is not None:
+      shared['generic'] = state.bank['generic']
+
+    shared_grads, block_grads, nll, count = loss_and_grads(shared, state.params, blocks, batch)
     count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
+    normalise = lambda tree: jax.tree.map(lambda g: g / count, tree)
+    anchor_grads = normalise(shared_grads.get('params', {}))
+    row_ids, row_grads = (_memory_row_gradients(cfg, state.bank, normalise(block_grads),
+                                                normalise(shared_grads.get('generic')), leaf_B, use_generic_B)
+                          if state.bank else ({}, {}))
     loss = nll / count
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm((anchor_grads, row_grads))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     scale = jnp.minimum(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
-    grads = jax.tree.map(lambda g: g * scale, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    updated = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    # Skip a non-finite update: keep every leaf of the old state (the step still counts).
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
-                             state.replace(step=state.step + 1))
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
-               'tokens': count, 'finite': finite}
-    return new_state, metrics
+    scaled = lambda tree: jax.tree.map(lambda g: g * scale, tree)
+
+    new = state.replace(step=state.step + 1)
+    if not frozen:
+      updates, opt_state = tx.update(scaled(anchor_grads), state.opt_state, state.params)
+      updated = (optax.apply_updates(state.params, updates), opt_state)
+      # Skip a non-finite update: keep the old anchor (the step still counts).
+      params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), updated,
+                                       (state.params, state.opt_state))
+      new = new.replace(params=params, opt_state=opt_state)
+    if state.bank:
+      # A non-finite step writes no row: every id becomes out of range and is dropped.
+      row_ids = {t: jnp.where(finite, ids, memory_bank.tables(cfg)[t][0]) for t, ids in row_ids.items()}
+      bank, bank_opt = memory_optimizer.update(cfg, state.bank, state.bank_opt, row_ids, scaled(row_grads),
+                                               state.step + 1)
+      new = new.replace(bank=bank, bank_opt=bank_opt)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': count,
+               'finite': finite}
+    if use_generic_B is not None:
+      metrics['generic_fraction'] = jnp.mean(use_generic_B.astype(jnp.float32))
+    return new, metrics
 
   return jax.jit(train_step, in_shardings=(spec.shardings, sharding.data_shardings(mesh)),
                  out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def make_eval_step(cfg, spec: StateSpec, mesh):
-  """(params, batch) -> (nll_sum, count) on held-out data."""
+  """(params, bank, batch) -> {mode: (nll_sum, count)} on held-out data, for each
+  memory mode: `fetched` rows, the `generic` block, and the `anchor` alone."""
   graphdef = spec.graphdef
+  dtype = dtype_of(cfg.model.dtype)
 
-  def eval_step(params, batch):
-    logits = nnx.merge(graphdef, params)(batch['tokens'], batch['segment_ids'])
-    _, nll, count = next_token_loss(logits, batch['tokens'], batch['segment_ids'])
-    return nll, count
+  def eval_step(params, bank, batch):
+    model = nnx.merge(graphdef, params)
 
-  return jax.jit(eval_step, in_shardings=(spec.shardings.params, sharding.data_shardings(mesh)),
+    def nll(memory):
+      logits = model(batch['tokens'], batch['segment_ids'], memory)
+      _, nll_sum, count = next_token_loss(logits, batch['tokens'], batch['segment_ids'])
+      return nll_sum, count
+
+    out = {'anchor': nll(None)}
+    if bank:
+      blocks = memory_bank.gather_levels(cfg, bank, batch['leaf_id'])
+      out['fetched'] = nll(memory_bank.assemble(blocks, None, None, dtype))
+      if 'generic' in bank:
+        everyone = jnp.ones(batch['leaf_id'].shape, bool)
+        out['generic'] = nll(memory_bank.assemble(blocks, bank['generic'], everyone, dtype))
+    return out
+
+  return jax.jit(eval_step, in_shardings=(spec.shardings.params, spec.shardings.bank, sharding.data_shardings(mesh)),
                  out_shardings=sharding.replicated(mesh))

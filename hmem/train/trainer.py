@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from hmem import sharding, sizes
 from hmem.data import Position, check_batch, make_source
-from hmem.errors import ConfigError, TrainingError
+from hmem.errors import CheckpointError, ConfigError, TrainingError
 from hmem.memory import config as memory_config
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.hardware import peak_flops_per_device
@@ -85,12 +85,36 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self.previous)
 
 
-def _evaluate(eval_step, params, batches: _Batches, steps: int) -> float:
-  nll = count = 0.0
+def _evaluate(eval_step, state, batches: _Batches, steps: int) -> dict[str, float]:
+  """Held-out loss over the first `steps` eval batches: `eval_loss` (fetched memory, or
+  the anchor when the memory is off), `eval_loss_generic`, `eval_loss_anchor`."""
+  sums: dict[str, list[float]] = {}
   for i in range(steps):
-    n, c = eval_step(params, batches.get(Position(0, i)))
-    nll, count = nll + float(n), count + float(c)
-  return nll / max(count, 1.0)
+    for mode, (nll, count) in eval_step(state.params, state.bank, batches.get(Position(0, i))).items():
+      acc = sums.setdefault(mode, [0.0, 0.0])
+      acc[0], acc[1] = acc[0] + float(nll), acc[1] + float(count)
+  loss = {mode: nll / max(count, 1.0) for mode, (nll, count) in sums.items()}
+  out = {'eval_loss': loss.get('fetched', loss['anchor'])}
+  if 'fetched' in loss:
+    out['eval_loss_anchor'] = loss['anchor']
+  if 'generic' in loss:
+    out['eval_loss_generic'] = loss['generic']
+  return out
+
+
+def _initial_state(cfg, tx, spec):
+  """A fresh state; with `train.init_from`, its anchor parameters come from the latest
+  checkpoint of that run (the paper's regime: pretrain the anchor, then add memory)."""
+  if not cfg.train.init_from:
+    return init_state(cfg, tx, spec)
+  source = Checkpoints(os.path.join(cfg.train.init_from, 'checkpoints'), async_save=False, read_only=True)
+  step = source.latest_step()
+  if step is None:
+    raise CheckpointError(f'train.init_from={cfg.train.init_from!r} holds no checkpoint; point it at the '
+                          'workdir of a run that saved one')
+  restored, _, _ = source.restore(step, spec.abstract, items=('params',))
+  source.close()
+  return init_state(cfg, tx, spec, params=restored.params)
 
 
 def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
@@ -114,7 +138,7 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
     if resume_step is not None:
       state, position, _ = ckpt.restore(resume_step, spec.abstract)
     else:
-      state, position = init_state(cfg, tx, spec), Position()
+      state, position = _initial_state(cfg, tx, spec), Position()
     if lead:
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         f.write(cfg.to_json_best_effort(indent=2))
@@ -166,8 +190,8 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
           eval_row = {}
           if eval_step and step % t.eval_every == 0:
             eval_start = time.perf_counter()
-            summary['eval_loss'] = _evaluate(eval_step, state.params, eval_batches, t.eval_steps)
-            eval_row = {'eval_loss': summary['eval_loss']}
+            eval_row = _evaluate(eval_step, state, eval_batches, t.eval_steps)
+            summary['eval_loss'] = eval_row['eval_loss']
             window_start += time.perf_counter() - eval_start  # keep step_time a training figure
 
           if step % t.log_every == 0 or step == t.steps:

@@ -1,0 +1,278 @@
+"""The hierarchical memory: sizes, no-op init, fetch, row-sparse AdamW, regimes, sharding."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hmem import sharding, sizes
+from hmem.config import load_config
+from hmem.memory import bank as mb
+from hmem.memory import optimizer as mopt
+from hmem.model import build_model
+from hmem.train.optimizer import anchor_optimizer
+from hmem.train.state import init_state, state_spec
+from hmem.train.step import make_loss_and_grads, make_train_step
+from hmem.train.trainer import train
+
+MEMORY = ('memory.levels=(8,4)', 'memory.lr=1e-2', 'memory.min_lr=1e-3')
+
+
+@pytest.mark.parametrize('config, levels, fetch, bank', [
+    ('160m', (256, 64, 16, 0), 18_063_360, 4_624_220_160),
+    ('160m', (256, 64, 16, 4), 18_278_400, 18_717_081_600),
+    ('410m', (512, 128, 32, 0), 49_545_216, 12_683_575_296),
+    ('1b', (768, 256, 16, 0), 153_354_240, 21_139_292_160),
+])
+def test_paper_memory_sizes_are_exact(repo, config, levels, fetch, bank):
+  cfg = load_config(str(repo / f'configs/{config}.py'), [f'memory.levels={levels}'])
+  counts = sizes.memory_param_counts(cfg)
+  assert counts == {'fetch_params': fetch, 'bank_params': bank}
+
+
+@pytest.mark.parametrize('overrides', [
+    ('memory.type=ffn',), ('memory.type=lora', 'memory.lora_targets=ffn'), ('memory.type=lora', 'memory.lora_targets=qk'),
+    ('memory.type=lora', 'memory.lora_targets=vo'), ('memory.type=kv',), ('memory.type=ffn', 'memory.layers=(1,2)'),
+])
+def test_fresh_memory_is_an_exact_no_op(make_config, overrides):
+  cfg = make_config(*MEMORY, *overrides)
+  model = build_model(cfg)
+  bank = mb.init_bank(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 32), 1, cfg.model.vocab_size)
+  segments = jnp.concatenate([jnp.ones((4, 20), jnp.int32), 2 * jnp.ones((4, 12), jnp.int32)], axis=1)
+  leaf = jnp.array([0, 5, 5, 15])
+  blocks = mb.gather_levels(cfg, bank, leaf)
+  memory = mb.assemble(blocks, bank['generic'], jnp.array([False, True, False, False]), jnp.float32)
+  dense = model(tokens, segments)
+  np.testing.assert_array_equal(model(tokens, segments, memory), dense)
+  # A memory that is not zero changes the output (so the no-op above is not vacuous).
+  nonzero = {n: a + 0.1 for n, a in memory.items()}
+  assert not np.allclose(model(tokens, segments, nonzero), dense)
+
+
+def test_fetch_concatenates_the_path_rows(make_config):
+  cfg = make_config(*MEMORY)
+  bank = mb.init_bank(cfg, jax.random.key(0))
+  bank = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape), bank)
+  leaf = jnp.array([13, 2])
+  memory = mb.assemble(mb.gather_levels(cfg, bank, leaf), None, None, jnp.float32)
+  for b, l in enumerate([13, 2]):
+    expected = jnp.concatenate([bank['level1']['ffn_up'][l // 4], bank['level2']['ffn_up'][l]], axis=1)
+    np.testing.assert_array_equal(memory['ffn_up'][b], expected)
+  assert memory['ffn_up'].shape == (2, cfg.model.layers, 12, cfg.model.d_model)
+
+
+def _harness(cfg, devices=None):
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  ctx = sharding.use_mesh(mesh, cfg.mesh.rules)
+  ctx.__enter__()
+  tx, schedule = anchor_optimizer(cfg.train)
+  spec = state_spec(cfg, tx, mesh)
+  state = init_state(cfg, tx, spec)
+  step = make_train_step(cfg, spec, tx, schedule, mesh)
+  return ctx, spec, state, step
+
+
+def _batch(cfg, leaves, seed=0):
+  B, T = len(leaves), cfg.data.seq_len
+  tokens = np.asarray(jax.random.randint(jax.random.key(seed), (B, T), 1, cfg.model.vocab_size), np.int32)
+  segments = np.ones((B, T), np.int32)
+  segments[:, T // 2:] = 2
+  return {'tokens': tokens, 'segment_ids': segments, 'leaf_id': np.asarray(leaves, np.int32)}
+
+
+def test_sparse_row_gradients_equal_grad_through_a_dense_gather(make_config):
+  """Per-row sums of per-sequence block gradients (with repeated nodes) equal jax.grad
+  of the loss with respect to the whole bank through a plain gather."""
+  cfg = make_config(*MEMORY, 'memory.generic_prob=0.0')
+  bank = mb.init_bank(cfg, jax.random.key(0))
+  bank = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(a.ndim), a.shape), bank)
+  graphdef, params = nnx.split(build_model(cfg))
+  params = nnx.to_pure_dict(params)
+  batch = _batch(cfg, [3, 3, 7, 12, 3, 7, 0, 15])
+  leaf = jnp.asarray(batch.pop('leaf_id'))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+  loss_and_grads = make_loss_and_grads(cfg, graphdef)
+  _, block_grads, _, _ = loss_and_grads({}, params, mb.gather_levels(cfg, bank, leaf), batch)
+
+  def dense_loss(bank):
+    blocks = {t: {n: a[mb.level_ids(cfg, leaf, t)] for n, a in arrays.items()} for t, arrays in bank.items()}
+    memory = mb.assemble(blocks, None, None, jnp.float32)
+    from hmem.train.loss import next_token_loss
+    logits = nnx.merge(graphdef, params)(batch['tokens'], batch['segment_ids'], memory)
+    return next_token_loss(logits, batch['tokens'], batch['segment_ids'])[0]
+
+  dense = jax.grad(dense_loss)(bank)
+  for t, (rows, _) in mb.tables(cfg).items():
+    ids, row_grads = mopt.row_gradients(block_grads[t], mb.level_ids(cfg, leaf, t), rows)
+    ids = np.asarray(ids)
+    valid = ids < rows
+    assert sorted(ids[valid]) == sorted(set(np.asarray(mb.level_ids(cfg, leaf, t)).tolist()))
+    for n in row_grads:
+      np.testing.assert_allclose(np.asarray(row_grads[n])[valid], np.asarray(dense[t][n])[ids[valid]],
+                                 rtol=2e-5, atol=1e-9)
+      untouched = np.setdiff1d(np.arange(rows), ids[valid])
+      assert not np.any(np.asarray(dense[t][n])[untouched])
+
+
+def test_untouched_rows_and_their_state_are_bitwise_unchanged(make_config):
+  cfg = make_config(*MEMORY, 'memory.generic_prob=0.0')
+  ctx, spec, state, step = _harness(cfg)
+  try:
+    before = jax.tree.map(np.asarray, (state.bank, state.bank_opt))
+    state, _ = step(state, _batch(cfg, [0, 1, 1, 0, 0, 1, 1, 0]))
+    bank, opt = jax.tree.map(np.asarray, (state.bank, state.bank_opt))
+  finally:
+    ctx.__exit__(None, None, None)
+  touched = {'level1': [0], 'level2': [0, 1]}
+  for t, rows in touched.items():
+    rest = np.setdiff1d(np.arange(before[0][t]['ffn_up'].shape[0]), rows)
+    for n in bank[t]:
+      np.testing.assert_array_equal(bank[t][n][rest], before[0][t][n][rest])
+      for moment in ('mu', 'nu'):
+        np.testing.assert_array_equal(opt[t][moment][n][rest], before[1][t][moment][n][rest])
+    np.testing.assert_array_equal(opt[t]['last_step'], np.isin(np.arange(len(opt[t]['last_step'])), rows))
+    # The touched rows did take a step (gate/up get zero gradients while down is still zero;
+    # the warmup's first lr is 0, so the moments show it, not the weights).
+    assert all(np.any(opt[t]['mu']['ffn_down'][r]) for r in rows)
+
+
+def test_sparse_equals_dense_adamw_when_every_row_is_touched(make_config):
+  """k=2, depth 2: 4 leaves; every batch holds every leaf, so every row updates every step."""
+  finals = {}
+  for optimizer in ('sparse', 'dense'):
+    cfg = make_config('memory.k=2', 'memory.depth=2', 'memory.levels=(4,4)', 'memory.lr=1e-2',
+                      'memory.generic_prob=0.0', f'memory.optimizer={optimizer}', 'data.synthetic_leaves=4')
+    ctx, spec, state, step = _harness(cfg)
+    try:
+      for i in range(4):
+        state, metrics = step(state, _batch(cfg, [0, 1, 2, 3, 3, 2, 1, 0][i % 2:] + [0, 1, 2, 3][:i % 2], seed=i))
+      finals[optimizer] = jax.tree.map(np.asarray, (state.bank, state.params, float(metrics['loss'])))
+    finally:
+      ctx.__exit__(None, None, None)
+  for a, b in zip(jax.tree.leaves(finals['sparse']), jax.tree.leaves(finals['dense'])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_weight_decay_catch_up_matches_dense_adamw_for_late_rows(make_config):
+  """A never-fetched row under dense AdamW only decays, (1 - lr wd) per step. With a constant
+  lr, the sparse update's catch-up makes a row first fetched at step 4 end where dense AdamW
+  puts it; without the catch-up it does not. Compared on gate/up, whose step-4 gradient is
+  zero (down is still zero), so the comparison sees the decay alone; ffn_down's first Adam
+  step is sign(g) * lr and amplifies rounding where g is ~0."""
+  def run(optimizer, catchup):
+    cfg = make_config(*MEMORY, 'memory.generic_prob=0.0', 'memory.weight_decay=0.5', 'train.warmup_steps=0',
+                      'memory.lr=1e-2', 'memory.min_lr=1e-2', f'memory.optimizer={optimizer}',
+                      f'memory.decay_catchup={catchup}')
+    ctx, spec, state, step = _harness(cfg)
+    try:
+      for i, leaves in enumerate([[0] * 8, [0] * 8, [0] * 8, [0] * 4 + [5] * 4]):
+        state, _ = step(state, _batch(cfg, leaves, seed=i))
+      return jax.tree.map(np.asarray, state.bank)
+    finally:
+      ctx.__exit__(None, None, None)
+
+  dense, sparse, no_catchup = run('dense', True), run('sparse', True), run('sparse', False)
+  for t, (always, late) in {'level1': (0, 1), 'level2': (0, 5)}.items():
+    for n in dense[t]:
+      np.testing.assert_array_equal(sparse[t][n][always], dense[t][n][always])
+    for n in ('ffn_gate', 'ffn_up'):
+      np.testing.assert_allclose(sparse[t][n][late], dense[t][n][late], rtol=1e-6)
+      np.testing.assert_allclose(no_catchup[t][n][late], dense[t][n][late] / (1 - 1e-2 * 0.5) ** 3, rtol=1e-6)
+
+
+def test_generic_switch_rate_and_seeding(make_config):
+  cfg = make_config(*MEMORY)
+  draws = jnp.stack([mb.generic_mask(cfg, jax.random.fold_in(jax.random.key(0), s), 64) for s in range(200)])
+  p = 1 / (cfg.memory.k + 1)
+  sd = np.sqrt(p * (1 - p) / draws.size)
+  assert abs(float(draws.mean()) - p) < 5 * sd
+  np.testing.assert_array_equal(mb.generic_mask(cfg, jax.random.key(3), 64), mb.generic_mask(cfg, jax.random.key(3), 64))
+  assert mb.generic_mask(make_config(*MEMORY, 'memory.generic_prob=0.0'), jax.random.key(0), 8) is None
+
+
+def test_rows_fetched_only_by_generic_sequences_stay_untouched(make_config):
+  cfg = make_config(*MEMORY, 'memory.generic_prob=0.5')
+  ctx, spec, state, step = _harness(cfg)
+  try:
+    batch = _batch(cfg, [0, 1, 2, 3, 4, 5, 6, 7])
+    use_generic = np.asarray(mb.generic_mask(cfg, jax.random.fold_in(jax.random.key(cfg.train.seed), 0), 8))
+    assert use_generic.any() and not use_generic.all()
+    state, _ = step(state, batch)
+    last = np.asarray(state.bank_opt['level2']['last_step'])
+  finally:
+    ctx.__exit__(None, None, None)
+  np.testing.assert_array_equal(last[:8] == 1, ~use_generic)
+  assert int(np.asarray(state.bank_opt['generic']['last_step'])[0]) == 1
+
+
+@pytest.mark.parametrize('kind', ['ffn', 'lora', 'kv'])
+def test_each_memory_type_learns_what_only_the_cluster_predicts(make_config, tmp_path, kind):
+  """Post-hoc regime: the anchor is frozen, so only the memory can lower the held-out loss
+  on synthetic data whose token transitions depend on the sequence's leaf."""
+  cfg = make_config('memory.levels=(16,16)', f'memory.type={kind}', 'memory.lr=3e-2', 'memory.min_lr=3e-3',
+                    'memory.generic_prob=0.0', 'train.freeze_anchor=true', 'train.steps=20', 'train.eval_every=20',
+                    'train.checkpoint_every=0')
+  summary = train(cfg, str(tmp_path), progress=False)
+  row = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')][-1]
+  assert summary['eval_loss'] < row['eval_loss_anchor'] - 0.03
+
+
+def test_freeze_anchor_and_init_from(make_config, tmp_path):
+  """Pretrain a dense anchor, then train memory only from it: the anchor never moves."""
+  train(make_config('train.steps=5', 'train.checkpoint_every=0', 'train.eval_every=0'), str(tmp_path / 'dense'),
+        progress=False)
+  cfg = make_config(*MEMORY, 'train.steps=3', 'train.checkpoint_every=0', 'train.eval_every=0',
+                    'train.freeze_anchor=true', f'train.init_from={tmp_path / "dense"}')
+  train(cfg, str(tmp_path / 'memory'), progress=False)
+  from test_train import _params
+  dense, memory = _params(tmp_path / 'dense'), _params(tmp_path / 'memory')
+  for a, b in zip(jax.tree.leaves(dense), jax.tree.leaves(memory)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _losses(workdir):
+  return [json.loads(line)['loss'] for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 1, 1, 4), (2, 2, 1, 2)]
+
+
+@pytest.fixture(scope='module')
+def memory_single_device_losses(make_config, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('memory_one')
+  cfg = make_config(*MEMORY, 'train.steps=3', 'train.log_every=1', 'train.eval_every=0', 'train.checkpoint_every=0',
+                    'mesh.data=1')
+  train(cfg, str(workdir), progress=False, devices=jax.devices()[:1])
+  return _losses(workdir)
+
+
+@pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))
+def test_feature_and_row_sharded_bank_give_the_same_losses(make_config, tmp_path, memory_single_device_losses, mesh):
+  d, f, t, m = mesh
+  cfg = make_config(*MEMORY, 'train.steps=3', 'train.log_every=1', 'train.eval_every=0', 'train.checkpoint_every=0',
+                    f'mesh.data={d}', f'mesh.fsdp={f}', f'mesh.tensor={t}', f'mesh.memory={m}')
+  train(cfg, str(tmp_path), progress=False)
+  np.testing.assert_allclose(_losses(tmp_path), memory_single_device_losses, rtol=1e-5)
+
+
+def test_bank_checkpoint_items_restore_alone_and_onto_another_mesh(make_config, tmp_path):
+  from hmem.train.checkpoint import Checkpoints
+  cfg = make_config(*MEMORY, 'train.steps=4', 'train.checkpoint_every=0', 'train.eval_every=0', 'mesh.data=8')
+  train(cfg, str(tmp_path), progress=False)
+  assert {'bank', 'bank_opt'} <= set(os.listdir(tmp_path / 'checkpoints' / '4'))
+  other = make_config(*MEMORY, 'mesh.data=2', 'mesh.fsdp=2', 'mesh.memory=2')
+  mesh = sharding.make_mesh(other.mesh)
+  with sharding.use_mesh(mesh, other.mesh.rules):
+    spec = state_spec(other, anchor_optimizer(other.train)[0], mesh)
+    ckpt = Checkpoints(str(tmp_path / 'checkpoints'), read_only=True)
+    state, _, _ = ckpt.restore(4, spec.abstract, items=('bank',))
+    ckpt.close()
+  assert state.bank['level2']['ffn_up'].sharding.spec == spec.shardings.bank['level2']['ffn_up'].spec
+  assert np.any(np.asarray(state.bank['level2']['ffn_down']))
+  assert isinstance(state.params['embed']['embedding'], jax.ShapeDtypeStruct)  # not read
