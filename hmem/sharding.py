@@ -96,6 +96,13 @@ def data_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
           'leaf_id': batch_sharding(mesh, 1)}
 
 
+def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """A batch's shapes and shardings, to lower and compile a step without data."""
+  ds = data_shardings(mesh)
+  shapes = {'tokens': (batch_size, seq_len), 'segment_ids': (batch_size, seq_len), 'leaf_id': (batch_size,)}
+  return {k: jax.ShapeDtypeStruct(shape, 'int32', sharding=ds[k]) for k, shape in shapes.items()}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

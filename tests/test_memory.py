@@ -278,3 +278,32 @@ def test_bank_checkpoint_items_restore_alone_and_onto_another_mesh(make_config, 
   assert state.bank['level2']['ffn_up'].sharding.spec == spec.shardings.bank['level2']['ffn_up'].spec
   assert np.any(np.asarray(state.bank['level2']['ffn_down']))
   assert isinstance(state.params['embed']['embedding'], jax.ShapeDtypeStruct)  # not read
+
+
+@pytest.mark.parametrize('mesh', [('mesh.data=8',), ('mesh.data=2', 'mesh.fsdp=2', 'mesh.memory=2')],
+                         ids=['feature', 'rows'])
+def test_memory_collectives_scale_with_the_local_fetch_not_the_bank(make_config, mesh):
+  """The compiled post-hoc step (anchor frozen: no anchor gradient all-reduce) moves at most
+  2 x B_local x fetch bytes in any one collective, at two global batch sizes."""
+  from hmem import hlo
+  for batch in (16, 64):
+    cfg = make_config(*MEMORY, *mesh, f'train.batch_size={batch}', 'train.freeze_anchor=true')
+    mesh_ = sharding.make_mesh(cfg.mesh)
+    with sharding.use_mesh(mesh_, cfg.mesh.rules):
+      tx, schedule = anchor_optimizer(cfg.train)
+      spec = state_spec(cfg, tx, mesh_)
+      step = make_train_step(cfg, spec, tx, schedule, mesh_)
+      abstract = sharding.abstract_batch(mesh_, batch, cfg.data.seq_len)
+      text = step.lower(spec.abstract, abstract).compile().as_text()
+    op, size = hlo.largest_collective(text)
+    local_batch = batch // (mesh_.shape['data'] * mesh_.shape['fsdp'])
+    local_fetch = local_batch * sizes.memory_param_counts(cfg)['fetch_params'] * 4
+    assert 0 < size <= 2 * local_fetch, (batch, op, size, local_fetch)
+
+
+def test_hlo_collective_parser_reads_tuple_results():
+  from hmem import hlo
+  text = ('  %all-to-all.1 = (f32[1,8,2]{2,1,0}, /*index=1*/bf16[4]{0}) all-to-all(%a, %b), channel_id=1\n'
+          '  %x = f32[2]{0} add(%p, %q)\n'
+          '  %all-reduce-start.2 = f32[16,4]{1,0} all-reduce-start(%c), to_apply=%sum\n')
+  assert hlo.collectives(text) == [('all-to-all', 64 + 8), ('all-reduce', 256)]
