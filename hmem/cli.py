@@ -42,6 +42,11 @@ def _cmd_prepare(args, cfg):
     print(json.dumps(manifest))
 
 
+def _cmd_quickstart(args, cfg):
+  from hmem.quickstart import quickstart
+  print(json.dumps(quickstart(cfg, args.workdir, progress=not args.no_progress)))
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='hmem', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
@@ -55,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
   p = add('train', _cmd_train, 'train (or resume) a run in --workdir')
   p.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  p = add('quickstart', _cmd_quickstart, 'prepare Wikipedia, pretrain an anchor, add memory, compare')
+  p.add_argument('--workdir', required=True, help='directory for the corpus, dataset and both runs')
+  p.add_argument('--no-progress', action='store_true', help='no progress bars')
   add('sizes', _cmd_sizes, 'print parameter counts and FLOPs per token')
   add('config', _cmd_config, 'print the resolved config')
   p = add('prepare', _cmd_prepare, 'build a clustered, packed dataset from raw documents')

@@ -37,8 +37,9 @@ class Checkpoints:
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=not read_only, read_only=read_only))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -191,7 +191,7 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
           if eval_step and step % t.eval_every == 0:
             eval_start = time.perf_counter()
             eval_row = _evaluate(eval_step, state, eval_batches, t.eval_steps)
-            summary['eval_loss'] = eval_row['eval_loss']
+            summary.update(eval_row)
             window_start += time.perf_counter() - eval_start  # keep step_time a training figure
 
           if step % t.log_every == 0 or step == t.steps:
