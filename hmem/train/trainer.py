@@ -120,8 +120,9 @@ def _initial_state(cfg, tx, spec):
 def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
   """Trains to `cfg.train.steps`, resuming from `workdir` if it holds checkpoints.
 
-  `devices` defaults to all devices. Returns a summary: the final step, last loss and last
-  held-out loss, and whether SIGTERM stopped the run.
+  `devices` defaults to all devices. Returns a summary: the final step, the last loss, the
+  last held-out losses (`eval_loss` and, with memory, `eval_loss_generic` and
+  `eval_loss_anchor`), and whether SIGTERM stopped the run.
   """
   memory_config.check(cfg)
   os.makedirs(workdir, exist_ok=True)
