@@ -12,10 +12,23 @@ import json
 import sys
 
 
+def _init_distributed(args) -> None:
+  """Joins JAX's multi-controller runtime: explicitly (--coordinator ...) or, with
+  --distributed, from the environment (SLURM, TPU VM, GKE/XPK JobSets set it)."""
+  import jax
+  if args.coordinator:
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+  elif args.distributed:
+    jax.distributed.initialize()
+
+
 def _cmd_train(args, cfg):
   from hmem.train.trainer import train
+  _init_distributed(args)
   summary = train(cfg, args.workdir, progress=not args.no_progress)
-  print(json.dumps(summary))
+  import jax
+  if jax.process_index() == 0:
+    print(json.dumps(summary))
 
 
 def _cmd_sizes(args, cfg):
@@ -60,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
   p = add('train', _cmd_train, 'train (or resume) a run in --workdir')
   p.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  g = p.add_argument_group('multi-host (see BUILD.md)')
+  g.add_argument('--distributed', action='store_true', help='jax.distributed.initialize() from the environment')
+  g.add_argument('--coordinator', default='', help='HOST:PORT of process 0')
+  g.add_argument('--num-processes', type=int, default=1)
+  g.add_argument('--process-id', type=int, default=0)
   p = add('quickstart', _cmd_quickstart, 'prepare Wikipedia, pretrain an anchor, add memory, compare')
   p.add_argument('--workdir', required=True, help='directory for the corpus, dataset and both runs')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
