@@ -15,17 +15,28 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+# XLA:CPU allocates every step's temporaries afresh (GBs at batch 8); with 4 KiB pages the
+# first touch of them costs ~0.5 M page faults per step at batch 2, 0.1-0.8 s of kernel time.
+# glibc's malloc asks for transparent huge pages with this tunable, read at start-up only, so
+# the script re-executes itself once with it (HMEM_HUGETLB=0 opts out, for A/B runs).
+_HUGETLB = 'glibc.malloc.hugetlb=1'
+if (__name__ == '__main__' and os.environ.get('HMEM_HUGETLB', '1') != '0'
+    and _HUGETLB not in os.environ.get('GLIBC_TUNABLES', '')):
+  _tunables = ':'.join(filter(None, [os.environ.get('GLIBC_TUNABLES'), _HUGETLB]))
+  os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, 'GLIBC_TUNABLES': _tunables})
 
-from hmem import sharding, sizes
-from hmem.config import load_config
-from hmem.data import Position, make_source
-from hmem.train.optimizer import anchor_optimizer
-from hmem.train.state import init_state, state_spec
-from hmem.train.step import make_train_step
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from hmem import sharding, sizes  # noqa: E402
+from hmem.config import load_config  # noqa: E402
+from hmem.data import Position, make_source  # noqa: E402
+from hmem.train.optimizer import anchor_optimizer  # noqa: E402
+from hmem.train.state import init_state, state_spec  # noqa: E402
+from hmem.train.step import make_train_step  # noqa: E402
 
 
 def _timed(fn, *args):
@@ -54,7 +65,7 @@ def main():
   parser.add_argument('overrides', nargs='*', help='config overrides, e.g. train.batch_size=4')
   args = parser.parse_args()
 
-  overrides = list(args.overrides) + (['train.batch_size=1'] if args.quick else [])
+  overrides = list(args.overrides) + (['train.batch_size=1', 'train.grad_accum=1'] if args.quick else [])
   cfg = load_config(args.config, overrides)
   pairs = args.pairs or (3 if args.quick else 5)
   peak_sizes = (1024, 2048) if args.quick else (1024, 2048, 3072, 4096)
@@ -93,7 +104,8 @@ def main():
   result = {
       'config': os.path.basename(args.config), 'quick': args.quick, 'device': jax.devices()[0].device_kind,
       'devices': jax.device_count(), 'batch': cfg.train.batch_size, 'seq_len': cfg.data.seq_len,
-      'dtype': str(dtype), 'pairs': pairs, 'compile_s': compile_s, 'step_s': step_s,
+      'dtype': str(dtype), 'pairs': pairs, 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+      'compile_s': compile_s, 'step_s': step_s,
       'tokens_per_s': tokens / step_s, 'flops_per_token': sizes.flops_per_token(cfg),
       'flops_per_s': med('flops_per_s'), 'peak_flops_per_s': med('peak'), 'mfu': med('mfu'),
       'mfu_min': min(r['mfu'] for r in rows), 'mfu_max': max(r['mfu'] for r in rows),

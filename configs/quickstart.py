@@ -12,7 +12,7 @@ from hmem.config import default_config
 def get_config():
   c = default_config()
   c.model.update(vocab_size=8192, d_model=256, layers=4, heads=4, kv_heads=4, head_dim=64, ffn=1024,
-                 tie_embeddings=True, dtype='float32', scan_layers=False)
+                 tie_embeddings=True, dtype='float32')
   c.data.update(source='prepared', seq_len=256, embedder='tfidf', tfidf_dim=128, tokenizer_sample=10_000,
                 tree_sample=10_000, kmeans_samples=2048, eval_fraction=0.03)
   # Fetch : anchor ~ 1 : 14 (96 hidden units per layer on top of 1024).

@@ -99,3 +99,17 @@ def test_bf16_compute_runs_and_logits_are_fp32(make_config):
   cfg, model = _model(make_config, 'model.dtype=bfloat16')
   out = model(_tokens(cfg), jnp.ones((2, 32), jnp.int32))
   assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize('shape', [(16, 8, 32), (16, 32, 8)], ids=['narrow_in', 'narrow_out'])
+def test_custom_dense_gradient_equals_autodiff(shape):
+  """Both branches of `dense`'s weight gradient (transpose x, or transpose g)."""
+  from hmem.model.layers import dense
+  M, I, O = shape
+  x = jax.random.normal(jax.random.key(0), (M, I))
+  w = jax.random.normal(jax.random.key(1), (I, O))
+  probe = jax.random.normal(jax.random.key(2), (M, O))
+  ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(dense(x, w)) * probe), argnums=(0, 1))(x, w)
+  plain = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w) * probe), argnums=(0, 1))(x, w)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

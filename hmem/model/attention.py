@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hmem.errors import ConfigError
-from hmem.model.layers import apply_rope, dense_init, lora_delta, make_norm
+from hmem.model.layers import apply_rope, dense_init, linear, lora_delta, make_norm
 
 
 def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -88,9 +88,9 @@ class Attention(nnx.Module):
     N, K, H = self.shape
     B, T, _ = x_BxTxD.shape
     lora = lambda x, target: lora_delta(x, memory, target, self.lora_alpha, self.dtype)
-    q = self.q(x_BxTxD) + lora(x_BxTxD, 'q')
-    k = self.k(x_BxTxD) + lora(x_BxTxD, 'k')
-    v = self.v(x_BxTxD) + lora(x_BxTxD, 'v')
+    q = linear(self.q, x_BxTxD) + lora(x_BxTxD, 'q')
+    k = linear(self.k, x_BxTxD) + lora(x_BxTxD, 'k')
+    v = linear(self.v, x_BxTxD) + lora(x_BxTxD, 'v')
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q_BxTxNxH = apply_rope(q.reshape(B, T, N, H), positions_BxT, self.rope_base)
@@ -102,4 +102,4 @@ class Attention(nnx.Module):
       slots = lambda name: memory[name].astype(self.dtype).reshape(B, R, K, H)
       out_BxTxNxH = out_BxTxNxH + memory_attention(q.reshape(B, T, N, H), slots('kv_keys'), slots('kv_values'))
     out_BxTxF = out_BxTxNxH.reshape(B, T, N * H)
-    return self.o(out_BxTxF) + lora(out_BxTxF, 'o')
+    return linear(self.o, out_BxTxF) + lora(out_BxTxF, 'o')

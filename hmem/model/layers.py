@@ -9,6 +9,49 @@ from flax import nnx
 from hmem.errors import ConfigError
 
 
+@jax.custom_vjp
+def dense(x_MxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+  """x @ w with a weight gradient laid out for XLA:CPU's fast matmul path.
+
+  XLA's own transpose computes dW = x^T g as a dot contracting both operands' leading
+  (token) axis: XLA:CPU does not hand that form to its YNNPACK matmul, so it falls back to a
+  slower dot and fuses a transpose of g into g's elementwise producer (the SwiGLU gradient,
+  the softmax-minus-one-hot of the loss), which inside a layer scan also reads the stacked
+  residuals through dynamic slices: strided, cache-hostile loops. Here the smaller of x and
+  g is transposed on its own (the barrier stops XLA folding the transpose back into the dot),
+  so every gradient dot is a plain [m, k] x [k, n] matmul and g keeps its natural layout.
+  """
+  return x_MxI @ w_IxO
+
+
+def _dense_fwd(x_MxI, w_IxO):
+  return x_MxI @ w_IxO, (x_MxI, w_IxO)
+
+
+def _dense_bwd(res, g_MxO):
+  x_MxI, w_IxO = res
+  dx_MxI = jax.lax.dot_general(g_MxO, w_IxO, (((1,), (1,)), ((), ())))
+  if w_IxO.shape[0] <= w_IxO.shape[1]:
+    dw_IxO = jax.lax.optimization_barrier(x_MxI.T) @ g_MxO
+  else:
+    dw_IxO = (jax.lax.optimization_barrier(g_MxO.T) @ x_MxI).T
+  return dx_MxI, dw_IxO
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def linear(layer: nnx.Linear, x_BxTxI: jax.Array) -> jax.Array:
+  """`layer(x)` for a bias-free nnx.Linear. On CPU through `dense` (same forward, faster
+  gradient); GPU and TPU compilers lay out transposed dots well, so they get plain autodiff."""
+  if jax.default_backend() != 'cpu':
+    return layer(x_BxTxI)
+  dtype = layer.dtype or jnp.result_type(x_BxTxI, layer.kernel[...])
+  w_IxO = layer.kernel[...].astype(dtype)
+  y_MxO = dense(x_BxTxI.reshape(-1, x_BxTxI.shape[-1]).astype(dtype), w_IxO)
+  return y_MxO.reshape(*x_BxTxI.shape[:-1], w_IxO.shape[1])
+
+
 def dense_init(std: float, axes: tuple[str, ...]):
   return nnx.with_partitioning(nnx.initializers.truncated_normal(std), axes)
 
@@ -80,10 +123,10 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array, memory: dict | None = None) -> jax.Array:
     lora = lambda x, target: lora_delta(x, memory, target, self.lora_alpha, self.dtype)
-    g_BxTxF = self.gate(x_BxTxD) + lora(x_BxTxD, 'gate')
-    u_BxTxF = self.up(x_BxTxD) + lora(x_BxTxD, 'up')
+    g_BxTxF = linear(self.gate, x_BxTxD) + lora(x_BxTxD, 'gate')
+    u_BxTxF = linear(self.up, x_BxTxD) + lora(x_BxTxD, 'up')
     h_BxTxF = jax.nn.silu(g_BxTxF) * u_BxTxF
-    y_BxTxD = self.down(h_BxTxF) + lora(h_BxTxF, 'down')
+    y_BxTxD = linear(self.down, h_BxTxF) + lora(h_BxTxF, 'down')
     if memory is not None and 'ffn_gate' in memory:
       x = x_BxTxD.astype(self.dtype)
       g_BxTxR = jnp.einsum('btd,brd->btr', x, memory['ffn_gate'].astype(self.dtype))

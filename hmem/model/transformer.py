@@ -16,7 +16,7 @@ from flax import nnx
 from hmem import sharding
 from hmem.errors import ConfigError
 from hmem.model.attention import Attention, attention_mask
-from hmem.model.layers import SwiGLU, make_norm, segment_positions
+from hmem.model.layers import SwiGLU, linear, make_norm, segment_positions
 
 REMAT_POLICIES = {
     'none': None,
@@ -98,7 +98,7 @@ class Transformer(nnx.Module):
     if self.lm_head is None:
       logits = self.embed.attend(x_BxTxD)
     else:
-      logits = self.lm_head(x_BxTxD)
+      logits = linear(self.lm_head, x_BxTxD)
     return sharding.constrain(logits.astype(jnp.float32), ('batch', None, 'vocab'))
 
   def _run_layers(self, graphdef, stack, x_BxTxD, positions_BxT, mask_BxTxS, memory_L):

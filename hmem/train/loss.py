@@ -17,9 +17,11 @@ def next_token_loss(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, segment_ids_
 
   `objective_sum` adds z_loss * logsumexp^2 (PaLM) to the NLL; divide by the total count.
   """
-  logits = logits_BxTxV[:, :-1].astype(jnp.float32)
-  targets_BxT = tokens_BxT[:, 1:]
-  mask_BxT = target_mask(segment_ids_BxT).astype(jnp.float32)
+  # All T positions are scored, the last one masked out: slicing [B, T-1, V] off the logits
+  # would copy them, and the slice's gradient would be a padded copy of the [B, T, V] gradient.
+  logits = logits_BxTxV.astype(jnp.float32)
+  targets_BxT = jnp.concatenate([tokens_BxT[:, 1:], tokens_BxT[:, :1]], axis=1)
+  mask_BxT = jnp.pad(target_mask(segment_ids_BxT), ((0, 0), (0, 1))).astype(jnp.float32)
   lse_BxT = jax.nn.logsumexp(logits, axis=-1)
   target_logit_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
   nll_sum = jnp.sum((lse_BxT - target_logit_BxT) * mask_BxT)
