@@ -18,4 +18,7 @@ fi
 if [ "${1:-}" = "--setup-only" ]; then
   exit 0
 fi
+# Transparent huge pages for malloc: XLA:CPU allocates each step's temporaries afresh, and
+# with 4 KiB pages first-touching them costs ~20% of a CPU step (docs/PERFORMANCE.md).
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 .venv/bin/hmem quickstart --config configs/quickstart.py --workdir runs/quickstart

@@ -8,6 +8,7 @@ n=$1; per=$2; shift 2
 port=$((20000 + RANDOM % 20000))
 export JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
 export XLA_FLAGS="--xla_force_host_platform_device_count=$per"
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1  # see quickstart.sh
 pids=()
 for ((i = 0; i < n; i++)); do
   "${PYTHON:-python3}" -m hmem.cli train "$@" --no-progress --coordinator "127.0.0.1:$port" --num-processes "$n" --process-id "$i" &
