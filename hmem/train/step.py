@@ -28,11 +28,14 @@ from hmem.train.state import StateSpec, TrainState, init_state, state_spec
 
 
 def _split_micro(tree, n: int):
-  return jax.tree.map(lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:]), tree)
+  """[B, ...] -> [n, B/n, ...] with micro-batch j = rows j, j+n, j+2n, ...: each device's
+  contiguous block of rows contributes equally to every micro-batch, so none moves."""
+  return jax.tree.map(lambda a: a.reshape(a.shape[0] // n, n, *a.shape[1:]).swapaxes(0, 1), tree)
 
 
 def _merge_micro(tree):
-  return jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), tree)
+  """Inverse of `_split_micro`."""
+  return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:]), tree)
 
 
 def make_loss_and_grads(cfg, graphdef):
