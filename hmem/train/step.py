@@ -141,6 +141,8 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
       new = new.replace(bank=bank, bank_opt=bank_opt)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': count,
                'finite': finite}
+    if state.bank:
+      metrics['memory_lr'] = memory_optimizer.memory_schedule(cfg)(state.step)
     if use_generic_B is not None:
       metrics['generic_fraction'] = jnp.mean(use_generic_B.astype(jnp.float32))
     return new, metrics

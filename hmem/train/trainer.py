@@ -85,6 +85,15 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self.previous)
 
 
+def _console(row: dict) -> str:
+  """The progress bar's summary of a logged step."""
+  parts = [f"loss {row['loss']:.4f}", f"gnorm {row['grad_norm']:.3f}", f"lr {row['lr']:.2e}",
+           f"{row['tokens_per_s']:,.0f} tok/s", f"{row['step_time']:.3f} s/step"]
+  if 'mfu' in row:
+    parts.append(f"MFU {row['mfu']:.2f}")
+  return ', '.join(parts)
+
+
 def _evaluate(eval_step, state, batches: _Batches, steps: int) -> dict[str, float]:
   """Held-out loss over the first `steps` eval batches: `eval_loss` (fetched memory, or
   the anchor when the memory is off), `eval_loss_generic`, `eval_loss_anchor`."""
@@ -206,7 +215,7 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
               row['mfu'] = flops_per_step / step_time / (peak * jax.device_count())
             writer.write(step, {**row, **eval_row})
             eval_row = {}
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix_str(_console(row))
             summary['loss'] = row['loss']
             window_start, window_steps = time.perf_counter(), 0
           if eval_row:
