@@ -115,3 +115,15 @@ def test_make_source_dispatches_to_the_prepared_dataset(dataset):
   cfg = small_config('data.source=prepared', f'data.path={path}', f'train.batch_size={B}')
   src = make_source(cfg, split='train')
   assert isinstance(src, PreparedSource) and src.batch_size == B
+
+
+@pytest.mark.parametrize('override, message', [
+    ('model.vocab_size=100', 'its tokenizer has'),
+    ('memory.k=8', 'was clustered with k=4'),
+])
+def test_make_source_rejects_a_model_or_tree_that_does_not_fit_the_data(dataset, override, message):
+  path, _ = dataset
+  cfg = small_config('data.source=prepared', f'data.path={path}', f'train.batch_size={B}',
+                     'memory.levels=(4,4)', override)
+  with pytest.raises(DataError, match=message):
+    make_source(cfg, split='train')

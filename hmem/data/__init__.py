@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hmem.data.source import Position, Source, check_batch
-from hmem.errors import ConfigError
+from hmem.errors import ConfigError, DataError
 
 
 def make_source(cfg, split: str = 'train') -> Source:
@@ -17,9 +17,22 @@ def make_source(cfg, split: str = 'train') -> Source:
         seed=cfg.train.seed, split=split)
   if d.source == 'prepared':
     from hmem.data.loader import PreparedSource
-    return PreparedSource(d.path, batch_size=cfg.train.batch_size, seq_len=d.seq_len,
-                          seed=cfg.train.seed, split=split)
+    source = PreparedSource(d.path, batch_size=cfg.train.batch_size, seq_len=d.seq_len,
+                            seed=cfg.train.seed, split=split)
+    _check_compatible(cfg, source.manifest)
+    return source
   raise ConfigError(f"data.source={d.source!r}; use 'synthetic' or 'prepared'")
+
+
+def _check_compatible(cfg, manifest: dict) -> None:
+  """The model must embed every token id, and the memory tree must be the dataset's."""
+  from hmem.memory.config import enabled
+  if manifest['vocab_size'] > cfg.model.vocab_size:
+    raise DataError(f"{cfg.data.path}: its tokenizer has {manifest['vocab_size']} tokens but model.vocab_size="
+                    f"{cfg.model.vocab_size}; set --config.model.vocab_size={manifest['vocab_size']} or more")
+  if enabled(cfg) and (manifest['k'], manifest['depth']) != (cfg.memory.k, cfg.memory.depth):
+    raise DataError(f"{cfg.data.path} was clustered with k={manifest['k']}, depth={manifest['depth']} but "
+                    f"memory.k={cfg.memory.k}, memory.depth={cfg.memory.depth}; match them or re-run hmem prepare")
 
 
 __all__ = ['Position', 'Source', 'check_batch', 'make_source']
