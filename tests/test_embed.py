@@ -5,12 +5,13 @@ import json
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from hmem.config import default_config
 from hmem.data import minilm
-from hmem.data.embed import TfidfEmbedder, load_embedder, make_embedder
+from hmem.data.embed import EmbeddingCache, TfidfEmbedder, load_embedder, make_embedder
 from hmem.errors import ConfigError, DataError
 
 # CI places the shared folder beside the repository.
@@ -59,6 +60,18 @@ def test_minilm_batching_and_order_do_not_change_vectors():
   np.testing.assert_allclose(_minilm().embed(texts), one_by_one_NxD, atol=1e-5)
 
 
+def test_minilm_on_every_local_device_matches_one_device():
+  embedder = _minilm()
+  assert embedder.devices == len(jax.local_devices()) == 8  # tests/conftest.py's fake devices
+  one = minilm.MiniLMEmbedder(devices=jax.local_devices()[:1])
+  assert one.devices == 1 and one.identity() == embedder.identity()
+  # The reference texts but the 256-token one (a costly compile): 9 in the 16-token bucket
+  # (16 rows, 2 a device) and 6 in the 32-token one (8 rows, the last 2 devices padding).
+  texts = [t for t in _reference()['texts'] if len(embedder.token_ids([t])[0]) <= 32]
+  assert len(texts) == 15
+  np.testing.assert_allclose(embedder.embed(texts), one.embed(texts), atol=1e-6, rtol=0)
+
+
 def test_minilm_truncates_to_max_tokens():
   embedder = _minilm()
   text = ' '.join(['The quick brown fox jumps over the lazy dog.'] * 60)  # ~600 word pieces
@@ -79,7 +92,9 @@ def test_minilm_save_load(tmp_path):
   saved = json.loads((tmp_path / 'embedder.json').read_text())
   assert saved['path'] == ''  # found again wherever the package is installed
   texts = ['The capital of France is Paris.', 'short']
-  np.testing.assert_array_equal(load_embedder(str(tmp_path)).embed(texts), embedder.embed(texts))
+  loaded = load_embedder(str(tmp_path))
+  np.testing.assert_array_equal(loaded.embed(texts), embedder.embed(texts))
+  assert loaded.identity() == embedder.identity()
 
 
 def test_minilm_missing_weights_errors(tmp_path, monkeypatch):
@@ -133,7 +148,40 @@ def test_tfidf_save_load_identical(tmp_path):
   embedder.save(str(tmp_path))
   assert not list(tmp_path.glob('*.pkl'))
   probe = texts[:5] + ['a new planet and a new recipe', 'ÜNÏCÖDÉ Football']
-  np.testing.assert_array_equal(load_embedder(str(tmp_path)).embed(probe), embedder.embed(probe))
+  loaded = load_embedder(str(tmp_path))
+  np.testing.assert_array_equal(loaded.embed(probe), embedder.embed(probe))
+  assert loaded.identity() == embedder.identity()
+  assert TfidfEmbedder.fit(texts[1:], dim=8).identity() != embedder.identity()
+
+
+def test_embedding_cache(tmp_path):
+  texts, _ = _corpus()
+  embedder = TfidfEmbedder.fit(texts, dim=8)
+  cache = EmbeddingCache(str(tmp_path), embedder)
+  key = cache.key(file='a.jsonl', size=10)
+  assert key != cache.key(file='a.jsonl', size=11) and key == cache.key(size=10, file='a.jsonl')
+  assert cache.load(key) == (None, 'miss')
+  x_NxD = embedder.embed(texts)
+  cache.store(key, x_NxD, {'file': 'a.jsonl'})
+  got, status = cache.load(key)
+  assert status == 'hit' and got.dtype == np.float32
+  np.testing.assert_array_equal(got, x_NxD)
+  assert not [p for p in tmp_path.rglob('*') if '.tmp' in p.name]
+  # Another embedder has its own directory; the same one, reloaded, finds the vectors.
+  assert EmbeddingCache(str(tmp_path), TfidfEmbedder.fit(texts[1:], dim=8)).load(key) == (None, 'miss')
+  embedder.save(str(tmp_path / 'saved'))
+  assert EmbeddingCache(str(tmp_path), load_embedder(str(tmp_path / 'saved'))).load(key)[1] == 'hit'
+  npy = next(tmp_path.rglob(f'{key}.npy'))
+  np.save(npy, x_NxD[:, :4])  # another dimension
+  assert cache.load(key) == (None, 'rejected')
+  cache.store(key, x_NxD, {})
+  x_NxD[0, 0] += 1  # a changed value fails the checksum
+  np.save(npy, x_NxD)
+  assert cache.load(key) == (None, 'rejected')
+  npy.write_bytes(b'not an npy file')
+  assert cache.load(key) == (None, 'rejected')
+  npy.with_suffix('.json').unlink()
+  assert cache.load(key) == (None, 'rejected')
 
 
 def test_config_errors(tmp_path):

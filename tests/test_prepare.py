@@ -1,8 +1,8 @@
 """`hmem prepare`: inputs and their skip counts, packing invariants, process-count invariance."""
 
 import gzip
+import hashlib
 import json
-import os
 import pathlib
 import shutil
 import threading
@@ -183,9 +183,52 @@ def test_output_does_not_depend_on_process_count(prepared, corpus, tmp_path):
   assert prepare(cfg, str(corpus), str(staged), 2, 1, stage='reduce', progress=False) is None
   assert prepare(cfg, str(corpus), str(staged), 2, 0, stage='reduce', progress=False) == manifest
   for other in (two, staged):
-    assert sorted(os.listdir(other)) == sorted(os.listdir(out))
-    for name in os.listdir(out):
-      assert (other / name).read_bytes() == (out / name).read_bytes(), name
+    assert files_of(other) == files_of(out)  # embed_cache/ included
+
+
+def files_of(root, skip=()):
+  """{relative path: bytes} of every file under root, but those under the names in skip."""
+  root = pathlib.Path(root)
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*'))
+          if p.is_file() and p.relative_to(root).parts[0] not in skip}
+
+
+def test_embed_cache_is_reused_by_another_tree_and_never_trusted_blindly(prepared, corpus, tmp_path):
+  cfg, out, manifest = prepared
+  lookups = manifest['files'] + 1  # every input file and the fit sample
+  assert manifest['embed_cache'] == {'hits': 0, 'misses': lookups, 'rejected': 0}
+  assert len(list((out / 'embed_cache').rglob('*.npy'))) == lookups
+  cache = tmp_path / 'cache'
+  shared = lambda *o: small_config(f'data.embed_cache={cache}', *o)
+  # Another tree fills the shared cache; then the prepared tree, into a new --out, reads it.
+  first = prepare(shared('memory.depth=1'), str(corpus), str(tmp_path / 'depth1'), progress=False)
+  assert first['embed_cache'] == {'hits': 0, 'misses': lookups, 'rejected': 0}
+  assert not (tmp_path / 'depth1' / 'embed_cache').exists()
+
+  def same_dataset(got, other):
+    # Equal to the run that embedded everything itself, but for the cache counts.
+    assert {**got, 'embed_cache': None} == {**manifest, 'embed_cache': None}
+    assert files_of(other, skip=('manifest.json',)) == files_of(out, skip=('manifest.json', 'embed_cache'))
+
+  second = prepare(shared(), str(corpus), str(tmp_path / 'second'), progress=False)
+  assert second['embed_cache'] == {'hits': lookups, 'misses': 0, 'rejected': 0}
+  same_dataset(second, tmp_path / 'second')
+
+  # A corrupt file and one with a row too few (valid checksum) are recomputed, not used.
+  entries = {json.loads(p.read_text())['source'].get('file', 'fit'): p.with_suffix('.npy')
+             for p in cache.rglob('*.json')}
+  fit_npy, main_npy = entries['fit'], entries[str(corpus / 'main.jsonl')]
+  fit_npy.write_bytes(fit_npy.read_bytes()[:-100])
+  short = np.load(main_npy)[:-1]
+  meta = json.loads(main_npy.with_suffix('.json').read_text())
+  np.save(main_npy, short)
+  meta.update(rows=short.shape[0], sha256=hashlib.sha256(short.tobytes()).hexdigest())
+  main_npy.with_suffix('.json').write_text(json.dumps(meta))
+  third = prepare(shared(), str(corpus), str(tmp_path / 'third'), progress=False)
+  assert third['embed_cache'] == {'hits': lookups - 2, 'misses': 2, 'rejected': 2}
+  same_dataset(third, tmp_path / 'third')
+  # The recomputed vectors replaced the bad files.
+  assert files_of(cache) == files_of(out / 'embed_cache')
 
 
 def test_rerun_returns_the_dataset_and_refuses_other_settings(prepared, corpus):

@@ -7,12 +7,18 @@ corpus, which is enough for tests, toy corpora and machines without the model pa
 An embedder is saved next to the tree it was used to build, so that documents and
 prompts routed later land in the same space: `load_embedder(dir)` rebuilds it from small
 files (never pickle) and gives the same vectors.
+
+`EmbeddingCache` keeps computed vectors on disk, keyed by the embedder's `identity()` and
+by what was embedded, so a second `hmem prepare` over the same corpus (another tree, say)
+does not embed it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -34,9 +40,14 @@ _MAX_VOCAB = 1 << 16  # bounds the SVD's components [dim, vocab] and the saved f
 class Embedder(Protocol):
   """Maps texts to [n, dim] float32 rows of unit L2 norm."""
 
+  kind: str
   dim: int
 
   def embed(self, texts: Sequence[str]) -> np.ndarray:
+    ...
+
+  def identity(self) -> str:
+    """A hex digest of everything the vectors depend on: equal digests, equal vectors."""
     ...
 
   def save(self, directory: str) -> None:
@@ -57,6 +68,8 @@ class TfidfEmbedder:
   than by a fitted sklearn object, so a fresh and a reloaded embedder run the same code
   on the same numbers and give bit-identical vectors.
   """
+
+  kind = 'tfidf'
 
   def __init__(self, vocabulary: Sequence[str], idf_V: np.ndarray, components_DxV: np.ndarray):
     if len(vocabulary) != idf_V.shape[0] or components_DxV.shape[1] != idf_V.shape[0]:
@@ -109,6 +122,14 @@ class TfidfEmbedder:
     tfidf_NxV = tfidf_NxV.multiply(1.0 / np.maximum(row_norms_N, 1e-12)[:, None]).tocsr()
     x_NxD = np.asarray(tfidf_NxV @ self.components_DxV.T, np.float32)
     return l2_normalize(x_NxD)
+
+  def identity(self) -> str:
+    digest = hashlib.sha256(json.dumps(['tfidf', _TOKEN_PATTERN, self.idf_V.shape,
+                                        self.components_DxV.shape]).encode())
+    digest.update('\n'.join(self.vocabulary).encode('utf-8'))
+    digest.update(self.idf_V.astype('<f4').tobytes())
+    digest.update(self.components_DxV.astype('<f4').tobytes())
+    return digest.hexdigest()
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
@@ -167,3 +188,75 @@ def load_embedder(directory: str) -> Embedder:
     from hmem.data.minilm import MiniLMEmbedder
     return MiniLMEmbedder.load(config)
   raise DataError(f"{path}: unknown embedder kind {kind!r}; expected 'tfidf' or 'minilm'")
+
+
+class EmbeddingCache:
+  """Embeddings on disk: one float32 [n, dim] `.npy` per key, under a directory per embedder.
+
+  `directory`/{kind}-{identity}/{key}.npy holds the vectors and {key}.json their row count,
+  dimension, sha256 and a description of their source. A key is a hash of a JSON-able
+  description of what was embedded (`key(...)`); the caller makes it name everything
+  that decides the texts and their order. A file that does not load, has another shape
+  or fails its checksum is reported 'rejected' and overwritten, never used. Writes are
+  atomic (a temporary file, then os.replace), so processes may share a directory.
+  """
+
+  VERSION = 1  # part of every key: bump it when what a key describes stops pinning the texts
+
+  def __init__(self, directory: str, embedder: Embedder):
+    self.dim = embedder.dim
+    self.directory = os.path.join(os.path.abspath(directory), f'{embedder.kind}-{embedder.identity()[:24]}')
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+    except OSError as e:
+      raise DataError(f'cannot create the embedding cache {self.directory} ({e}); set '
+                      'data.embed_cache to a writable directory') from None
+
+  @classmethod
+  def key(cls, **source) -> str:
+    return hashlib.sha256(json.dumps([cls.VERSION, source], sort_keys=True).encode()).hexdigest()[:32]
+
+  def _paths(self, key: str) -> tuple[str, str]:
+    base = os.path.join(self.directory, key)
+    return f'{base}.npy', f'{base}.json'
+
+  def load(self, key: str) -> tuple[np.ndarray | None, str]:
+    """(vectors, 'hit'), or (None, 'miss') when absent, (None, 'rejected') when unusable."""
+    npy, meta_path = self._paths(key)
+    if not (os.path.exists(npy) or os.path.exists(meta_path)):
+      return None, 'miss'
+    try:
+      with open(meta_path, encoding='utf-8') as f:
+        meta = json.load(f)
+      x_NxD = np.load(npy, allow_pickle=False)
+      ok = (x_NxD.dtype == np.float32 and x_NxD.shape == (meta['rows'], self.dim)
+            and meta['dim'] == self.dim and _digest(x_NxD) == meta['sha256'])
+    except (OSError, ValueError, EOFError, KeyError, TypeError):
+      ok = False
+    return (x_NxD, 'hit') if ok else (None, 'rejected')
+
+  def store(self, key: str, x_NxD: np.ndarray, source: dict) -> None:
+    x_NxD = np.ascontiguousarray(x_NxD, np.float32)
+    if x_NxD.ndim != 2 or x_NxD.shape[1] != self.dim:
+      raise DataError(f'embedding cache: vectors of shape {x_NxD.shape}, expected [n, {self.dim}]')
+    npy, meta_path = self._paths(key)
+    meta = {'rows': x_NxD.shape[0], 'dim': self.dim, 'sha256': _digest(x_NxD), 'source': source}
+    # The vectors first: a reader that finds the new metadata finds the new vectors.
+    _write_atomic(npy, lambda f: np.save(f, x_NxD, allow_pickle=False))
+    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode() + b'\n'))
+
+
+def _digest(x: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+def _write_atomic(path: str, write) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  try:
+    with open(tmp, 'wb') as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

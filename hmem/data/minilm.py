@@ -4,7 +4,8 @@ A BERT encoder in Flax NNX reads the Hugging Face checkpoint (`model.safetensors
 `tokenizer.json`, `config.json`) and is mean-pooled over real tokens, then L2-normalised,
 as sentence-transformers does for this model (PAPER.md's document embedder). Batches
 are sorted by length and padded to a few bucket lengths, so jit compiles only a handful
-of shapes however many documents go through.
+of shapes however many documents go through. Each batch's rows are split over the local
+devices (data parallel, weights replicated), so every accelerator of the host embeds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
@@ -196,7 +199,6 @@ def load_bert(directory: str) -> BertEncoder:
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _embed_batch(graphdef, state, ids_BxT, mask_BxT):
   """Unit-norm mean of the real tokens' last hidden states, [B, D]."""
   h_BxTxD = nnx.merge(graphdef, state)(ids_BxT, mask_BxT)
@@ -217,10 +219,14 @@ class MiniLMEmbedder:
   """all-MiniLM-L6-v2 document vectors [n, 384], matching sentence-transformers.
 
   Texts are cut to `max_tokens` word pieces ([CLS] + content + [SEP]), the model's
-  training length being 256. `batch_size` texts of similar length run per call.
+  training length being 256. `batch_size` texts of similar length run per call, their
+  rows split over `devices` (default: every local device) on a 1-D 'batch' mesh.
   """
 
-  def __init__(self, path: str = '', batch_size: int = 64, max_tokens: int = 256):
+  kind = 'minilm'
+
+  def __init__(self, path: str = '', batch_size: int = 64, max_tokens: int = 256,
+               devices: Sequence[jax.Device] | None = None):
     # '' stays '' so a saved embedder finds the package wherever it is installed.
     self.path = os.path.abspath(path) if path else ''
     self.batch_size = batch_size
@@ -240,7 +246,15 @@ class MiniLMEmbedder:
     self._sep_id = self.tokenizer.token_to_id('[SEP]')
     buckets = [b for b in (_MIN_BUCKET << i for i in range(10)) if b < max_tokens]
     self._buckets = np.array(buckets + [max_tokens])
-    self._graphdef, self._state = nnx.split(load_bert(self.directory))
+    devices = list(jax.local_devices() if devices is None else devices)
+    self._mesh = jax.make_mesh((len(devices),), ('batch',),
+                               axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    replicated, rows = NamedSharding(self._mesh, P()), NamedSharding(self._mesh, P('batch'))
+    graphdef, state = nnx.split(load_bert(self.directory))
+    self._state = jax.device_put(state, replicated)
+    self._embed_batch = jax.jit(functools.partial(_embed_batch, graphdef),
+                                in_shardings=(replicated, rows, rows), out_shardings=rows)
+    self._weights_sha256 = None
 
   def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
     """Word-piece ids with [CLS] ... [SEP], content cut so there are at most max_tokens."""
@@ -270,28 +284,51 @@ class MiniLMEmbedder:
               disable=len(batches) < 4) as bar:
       for rows, T in batches:
         # Rows are padded to a power of two (capped at batch_size): a few shapes per
-        # bucket instead of one per remainder size, and no full batch for a single text.
+        # bucket instead of one per remainder size, and no full batch for a single text;
+        # then up to a multiple of the device count, so every device gets as many rows.
         B = min(self.batch_size, 1 << (len(rows) - 1).bit_length())
+        B = -(-B // self.devices) * self.devices
         ids_BxT = np.zeros((B, T), np.int32)
         mask_BxT = np.zeros((B, T), bool)
         for j, row in enumerate(rows):
           ids_BxT[j, :lengths_N[row]] = ids[row]
           mask_BxT[j, :lengths_N[row]] = True
-        vectors_BxD = _embed_batch(self._graphdef, self._state, ids_BxT, mask_BxT)
+        vectors_BxD = self._embed_batch(self._state, ids_BxT, mask_BxT)
         out_NxD[rows] = np.asarray(vectors_BxD)[:len(rows)]
         bar.update(len(rows))
     return out_NxD
 
+  @property
+  def devices(self) -> int:
+    return self._mesh.devices.size
+
+  @property
+  def weights_sha256(self) -> str:
+    if self._weights_sha256 is None:  # hashing ~90 MB: once per embedder
+      self._weights_sha256 = _sha256(os.path.join(self.directory, 'model.safetensors'))
+    return self._weights_sha256
+
+  def identity(self) -> str:
+    """A hash of what the vectors depend on: the weights, tokenizer, config and cut-off.
+
+    The batch size is in it too: it decides which rows share a padded batch, which may
+    move a vector in its last bits. The device count is not (tests hold it to 1e-6).
+    """
+    key = {'kind': 'minilm', 'weights_sha256': self.weights_sha256,
+           'tokenizer_sha256': _sha256(os.path.join(self.directory, 'tokenizer.json')),
+           'config_sha256': _sha256(os.path.join(self.directory, 'config.json')),
+           'max_tokens': self.max_tokens, 'batch_size': self.batch_size}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
   def save(self, directory: str) -> None:
     write_config(directory, {
         'kind': 'minilm', 'path': self.path, 'batch_size': self.batch_size,
-        'max_tokens': self.max_tokens,
-        'weights_sha256': _sha256(os.path.join(self.directory, 'model.safetensors'))})
+        'max_tokens': self.max_tokens, 'weights_sha256': self.weights_sha256})
 
   @classmethod
   def load(cls, config: dict) -> 'MiniLMEmbedder':
     embedder = cls(config['path'], batch_size=config['batch_size'], max_tokens=config['max_tokens'])
-    digest = _sha256(os.path.join(embedder.directory, 'model.safetensors'))
+    digest = embedder.weights_sha256
     if digest != config['weights_sha256']:
       raise DataError(f'the MiniLM weights in {embedder.directory} are not the ones this '
                        'embedder was saved with (sha256 differs): vectors would not match the '

@@ -26,6 +26,15 @@ process that fails leaves a note that makes its peers stop too. A rerun with the
 inputs and settings resumes: finished files and shards are kept. Intermediate files live
 in out_dir/_work, removed at the end.
 
+Embeddings are cached on disk (data.embed_cache, by default out_dir/embed_cache, which
+outlives the run): the fit sample's under a hash of its texts, each input file's under its
+absolute path, size, mtime and data.text_field, both within a directory per embedder
+identity (embed.EmbeddingCache). A later preparation of the same corpus with the same
+embedder -- another tree, say, written to another --out -- reads them back instead of
+embedding again; the cache never changes the output. The manifest counts the lookups
+(one per input file plus one for the fit sample) as embed_cache {hits, misses, rejected},
+rejected being files that were there but unusable (corrupt, wrong shape), recomputed.
+
 Output (out_dir):
   {split}-{s:05d}-of-{S:05d}.array_record   split 'train' or 'eval'; shard s holds the
         sequences of leaves [s*L/S, (s+1)*L/S) in leaf order (layout.py has the record bytes)
@@ -50,7 +59,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from hmem.data import layout
-from hmem.data.embed import load_embedder, make_embedder
+from hmem.data.embed import EmbeddingCache, load_embedder, make_embedder
 from hmem.data.inputs import ReadStats, list_files, read_documents
 from hmem.data.packing import pack
 from hmem.data.tokenizer import Tokenizer
@@ -79,13 +88,16 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, processes: int = 1, proc
   if not 0 <= cfg.data.eval_fraction < 1:
     raise DataError(f'data.eval_fraction={cfg.data.eval_fraction} must lie in [0, 1)')
   out_dir = os.path.abspath(out_dir)
-  # An output directory inside the input one must not feed its own files back in on a rerun.
-  files, unsupported = ([p for p in found if not p.startswith(out_dir + os.sep)]
+  cache_dir = _cache_dir(cfg, out_dir)
+  # An output (or cache) directory inside the input one must not feed its own files back
+  # in on a rerun.
+  files, unsupported = ([p for p in found
+                         if not p.startswith((out_dir + os.sep, cache_dir + os.sep))]
                         for found in list_files(input_path_or_glob))
   if not files:
     raise DataError(f'input {input_path_or_glob!r} holds no readable file outside --out {out_dir}')
-  run = _Run(cfg, input_path_or_glob, out_dir, files, unsupported, processes, process_index,
-             timeout_s, progress)
+  run = _Run(cfg, input_path_or_glob, out_dir, cache_dir, files, unsupported, processes,
+             process_index, timeout_s, progress)
   if os.path.exists(os.path.join(run.out_dir, layout.MANIFEST)):
     return run.finished_manifest()
   run.begin()
@@ -114,9 +126,9 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, processes: int = 1, proc
 class _Run:
   """The state one process needs; the methods are the stages."""
 
-  def __init__(self, cfg, input_path, out_dir, files, unsupported, processes, index, timeout_s,
-               progress):
-    self.cfg, self.input_path, self.out_dir = cfg, input_path, out_dir
+  def __init__(self, cfg, input_path, out_dir, cache_dir, files, unsupported, processes, index,
+               timeout_s, progress):
+    self.cfg, self.input_path, self.out_dir, self.cache_dir = cfg, input_path, out_dir, cache_dir
     self.files, self.unsupported = files, unsupported
     self.processes, self.index, self.timeout_s, self.progress = processes, index, timeout_s, progress
     self.work = os.path.join(out_dir, '_work')
@@ -206,10 +218,18 @@ class _Run:
                       f'{tokenizer.vocab_size} or more')
     embedder = make_embedder(d, fit_texts=fit_texts)
     tree_texts = _spread(sample, d.tree_sample)
-    emb_NxD = np.concatenate([
-        embedder.embed(tree_texts[lo:lo + _CHUNK])
-        for lo in tqdm(range(0, len(tree_texts), _CHUNK), desc='fit: embed', unit='chunk',
-                       disable=not self.progress)])
+    cache = EmbeddingCache(self.cache_dir, embedder)
+    source = {'fit_sample': len(tree_texts), 'texts_sha256': _texts_digest(tree_texts), 'chunk': _CHUNK}
+    key = cache.key(**source)
+    emb_NxD, status = cache.load(key)
+    if emb_NxD is not None and emb_NxD.shape[0] != len(tree_texts):
+      emb_NxD, status = None, 'rejected'
+    if emb_NxD is None:
+      emb_NxD = np.concatenate([
+          embedder.embed(tree_texts[lo:lo + _CHUNK])
+          for lo in tqdm(range(0, len(tree_texts), _CHUNK), desc='fit: embed', unit='chunk',
+                         disable=not self.progress)])
+      cache.store(key, emb_NxD, source)
     m = self.cfg.memory
     tree = fit_tree(emb_NxD, m.k, m.depth, seed=self.cfg.train.seed, samples=d.kmeans_samples,
                     steps=d.kmeans_steps, balance=d.balance, progress=self.progress)
@@ -217,7 +237,8 @@ class _Run:
     embedder.save(self.out_dir)
     tree.save(os.path.join(self.out_dir, 'tree.npz'))
     _write_json(self.plan_path, {'fingerprint': self.fingerprint, 'sample_documents': len(sample),
-                                 'vocab_size': tokenizer.vocab_size, 'eot_id': tokenizer.eot_id})
+                                 'vocab_size': tokenizer.vocab_size, 'eot_id': tokenizer.eot_id,
+                                 'embed_cache': _cache_counts([status])})
 
   # Stage b: map.
 
@@ -225,27 +246,56 @@ class _Run:
     tokenizer = Tokenizer.load(os.path.join(self.out_dir, 'tokenizer.json'))
     embedder = load_embedder(self.out_dir)
     tree = Tree.load(os.path.join(self.out_dir, 'tree.npz'))
+    cache = EmbeddingCache(self.cache_dir, embedder)
     dtype = layout.token_dtype(tokenizer.vocab_size)
     mine = range(self.index, len(self.files), self.processes)
     with tqdm(desc=f'map {self.index}/{self.processes}', unit='doc', disable=not self.progress) as bar:
       for f in mine:
         if not os.path.exists(self._spill(f)):
-          self._map_file(f, tokenizer, embedder, tree, dtype, bar)
+          self._map_file(f, tokenizer, embedder, cache, tree, dtype, bar)
 
   def _spill(self, f: int) -> str:
     return os.path.join(self.spill_dir, f'{f:06d}')
 
-  def _map_file(self, f, tokenizer, embedder, tree, dtype, bar) -> None:
+  def _file_source(self, f: int) -> dict:
+    """What decides file f's documents, in order: the embedding cache's key for them."""
+    path = os.path.abspath(self.files[f])
+    st = os.stat(path)
+    return {'file': path, 'size': st.st_size, 'mtime_ns': st.st_mtime_ns,
+            'text_field': self.cfg.data.text_field, 'chunk': _CHUNK}
+
+  def _map_file(self, f, tokenizer, embedder, cache, tree, dtype, bar, use_cache=True) -> None:
     """Spills one file's documents sorted by (leaf, line): the reduce reads leaf ranges."""
+    source = self._file_source(f)
+    key = cache.key(**source)
+    cached_NxD, status = cache.load(key) if use_cache else (None, 'rejected')
     stats = ReadStats()
     docs = read_documents(self.files[f], f, self.cfg.data.text_field, stats)
-    index, leaf, tokens = [], [], []
+    index, leaf, tokens, computed = [], [], [], []
     while chunk := list(itertools.islice(docs, _CHUNK)):
       texts = [doc.text for doc in chunk]
+      lo, hi = len(index), len(index) + len(chunk)
+      if cached_NxD is None:
+        computed.append(embedder.embed(texts))
+        emb_NxD = computed[-1]
+      elif cached_NxD.shape[0] >= hi:
+        emb_NxD = cached_NxD[lo:hi]
+      else:
+        break  # fewer cached vectors than documents
       index.extend(doc.index for doc in chunk)
       tokens.extend(tokenizer.encode(texts))
-      leaf.append(route(tree, embedder.embed(texts)))
+      # Routed chunk by chunk, cached or not, so both give the same leaves.
+      leaf.append(route(tree, emb_NxD))
       bar.update(len(chunk))
+    if cached_NxD is not None and (chunk or cached_NxD.shape[0] != len(index)):
+      # The file's documents do not match its cached vectors (checksummed, so the file
+      # changed under the same size and mtime, or the reader did): map it again, uncached.
+      docs.close()
+      bar.update(-len(index))
+      return self._map_file(f, tokenizer, embedder, cache, tree, dtype, bar, use_cache=False)
+    if cached_NxD is None:
+      cache.store(key, np.concatenate(computed) if computed else np.zeros((0, embedder.dim), np.float32),
+                  source)
     index_N = np.asarray(index, np.int64)
     leaf_N = np.concatenate(leaf) if leaf else np.zeros(0, np.int64)
     order = np.lexsort((index_N, leaf_N))
@@ -262,6 +312,7 @@ class _Run:
     for name, a in arrays.items():
       np.save(os.path.join(tmp, f'{name}.npy'), a)
     _write_json(os.path.join(tmp, 'stats.json'), stats.to_json())
+    _write_json(os.path.join(tmp, 'embed_cache.json'), _cache_counts([status]))
     try:
       os.rename(tmp, self._spill(f))  # atomic: a spill exists whole or not at all
     except OSError:
@@ -313,6 +364,11 @@ class _Run:
         packed.append(json.load(fh))
     with open(self.plan_path) as fh:
       plan = json.load(fh)
+    cache_counts = dict(plan['embed_cache'])
+    for f in range(len(self.files)):
+      with open(os.path.join(self._spill(f), 'embed_cache.json')) as fh:
+        for name, count in json.load(fh).items():
+          cache_counts[name] += count
     c, seq_len = self.cfg, self.cfg.data.seq_len
     splits = {}
     for split in layout.SPLITS:
@@ -340,6 +396,7 @@ class _Run:
         'seq_len': seq_len, 'vocab_size': plan['vocab_size'], 'eot_id': plan['eot_id'],
         'pad_id': plan['eot_id'], 'token_dtype': layout.token_dtype(plan['vocab_size']).name,
         'k': c.memory.k, 'depth': c.memory.depth, 'leaves': self.leaves, 'embedder': c.data.embedder,
+        'embed_cache': cache_counts,
         'eval_fraction': c.data.eval_fraction, 'splits': splits,
         'occupancy': {str(level): v for level, v in occupancy.items()},
     }
@@ -350,11 +407,33 @@ class _Run:
 
 def _fingerprint(cfg, input_path, files, unsupported) -> str:
   """A hash of everything the output depends on: a rerun with the same one resumes."""
-  data = {k: v for k, v in cfg.data.items() if k not in ('source', 'path')}
+  # Where the embedding cache lives does not change the output.
+  data = {k: v for k, v in cfg.data.items() if k not in ('source', 'path', 'embed_cache')}
   stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]
   key = json.dumps([input_path, stamp, unsupported, data, cfg.memory.k, cfg.memory.depth,
                     cfg.model.vocab_size, cfg.train.seed], sort_keys=True, default=str)
   return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _cache_dir(cfg, out_dir: str) -> str:
+  """data.embed_cache as an absolute path; '' is out_dir/embed_cache."""
+  return os.path.abspath(cfg.data.embed_cache or os.path.join(out_dir, 'embed_cache'))
+
+
+def _cache_counts(statuses) -> dict[str, int]:
+  """{'hits', 'misses', 'rejected'} for EmbeddingCache.load statuses; rejected ones are misses too."""
+  statuses = list(statuses)
+  return {'hits': statuses.count('hit'), 'misses': len(statuses) - statuses.count('hit'),
+          'rejected': statuses.count('rejected')}
+
+
+def _texts_digest(texts: list[str]) -> str:
+  digest = hashlib.sha256()
+  for text in texts:
+    data = text.encode('utf-8')
+    digest.update(len(data).to_bytes(8, 'little'))
+    digest.update(data)
+  return digest.hexdigest()
 
 
 def _spread(items: list, n: int) -> list:
