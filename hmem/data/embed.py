@@ -43,7 +43,8 @@ class Embedder(Protocol):
   kind: str
   dim: int
 
-  def embed(self, texts: Sequence[str]) -> np.ndarray:
+  def embed(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
+    """`progress`: a progress bar where embedding is slow enough to want one."""
     ...
 
   def identity(self) -> str:
@@ -113,7 +114,8 @@ class TfidfEmbedder:
       terms[i] = term
     return cls(terms, vectorizer.idf_, svd.components_)
 
-  def embed(self, texts: Sequence[str]) -> np.ndarray:
+  def embed(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
+    del progress  # tens of thousands of documents a second: no bar
     counts_NxV = self._counter.transform(list(texts)).tocsr()
     counts_NxV.data = 1.0 + np.log(counts_NxV.data)  # sublinear tf
     tfidf_NxV = counts_NxV.multiply(self.idf_V[None, :]).tocsr()

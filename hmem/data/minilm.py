@@ -275,13 +275,13 @@ class MiniLMEmbedder:
       for start in range(0, len(rows), self.batch_size):
         yield rows[start:start + self.batch_size], int(bucket)
 
-  def embed(self, texts: Sequence[str]) -> np.ndarray:
+  def embed(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
     ids = self.token_ids(texts)
     lengths_N = np.array([len(i) for i in ids], np.int64)
     out_NxD = np.zeros((len(ids), self.dim), np.float32)
     batches = list(self._batches(lengths_N))
     with tqdm(total=len(ids), unit='doc', desc='embed', leave=False,
-              disable=len(batches) < 4) as bar:
+              disable=not progress or len(batches) < 4) as bar:
       for rows, T in batches:
         # Rows are padded to a power of two (capped at batch_size): a few shapes per
         # bucket instead of one per remainder size, and no full batch for a single text;

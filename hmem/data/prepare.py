@@ -226,7 +226,7 @@ class _Run:
       emb_NxD, status = None, 'rejected'
     if emb_NxD is None:
       emb_NxD = np.concatenate([
-          embedder.embed(tree_texts[lo:lo + _CHUNK])
+          embedder.embed(tree_texts[lo:lo + _CHUNK], progress=self.progress)
           for lo in tqdm(range(0, len(tree_texts), _CHUNK), desc='fit: embed', unit='chunk',
                          disable=not self.progress)])
       cache.store(key, emb_NxD, source)
@@ -276,7 +276,7 @@ class _Run:
       texts = [doc.text for doc in chunk]
       lo, hi = len(index), len(index) + len(chunk)
       if cached_NxD is None:
-        computed.append(embedder.embed(texts))
+        computed.append(embedder.embed(texts, progress=self.progress))
         emb_NxD = computed[-1]
       elif cached_NxD.shape[0] >= hi:
         emb_NxD = cached_NxD[lo:hi]
