@@ -110,9 +110,8 @@ def bank_scaling(load, quick: bool, pairs: int) -> dict:
 
 def collectives_child(quick: bool) -> dict:
   """Runs under 8 fake devices (set by the parent): compile only, read the HLO."""
-  from hmem import hlo, sharding, sizes
   from hmem.config import load_config
-  from hmem.train.step import fresh_train_step
+  from hmem.memory.collectives import largest_collective_over_local_fetch
 
   results = []
   meshes = (('feature', ['mesh.data=8']), ('rows', ['mesh.data=4', 'mesh.memory=2']))
@@ -120,16 +119,7 @@ def collectives_child(quick: bool) -> dict:
     for batch in (16, 64):
       cfg = load_config(CONFIG, (QUICK if quick else []) + mesh_over +
                         [f'train.batch_size={batch}', 'train.freeze_anchor=true'])
-      mesh = sharding.make_mesh(cfg.mesh)
-      with sharding.use_mesh(mesh, cfg.mesh.rules):
-        spec, _, step = fresh_train_step(cfg, mesh, init=False)
-        abstract_batch = sharding.abstract_batch(mesh, batch, cfg.data.seq_len)
-        text = step.lower(spec.abstract, abstract_batch).compile().as_text()
-      op, size = hlo.largest_collective(text)
-      local = batch // (mesh.shape['data'] * mesh.shape['fsdp'])
-      fetch_bytes = sizes.memory_param_counts(cfg)['fetch_params'] * 4
-      results.append({'mesh': mesh_name, 'batch': batch, 'largest_op': op, 'largest_bytes': size,
-                      'local_fetch_bytes': local * fetch_bytes, 'ratio': size / (local * fetch_bytes)})
+      results.append({'mesh': mesh_name, 'batch': batch, **largest_collective_over_local_fetch(cfg)})
   return {'collectives': results, 'max_collective_over_local_fetch': max(r['ratio'] for r in results)}
 
 
