@@ -94,9 +94,9 @@ def _hmem_train(repo, workdir, *overrides):
       text=True)
 
 
-def _wait_for_checkpoint(workdir, min_step, proc, timeout=120):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
+def _wait_for_checkpoint(workdir, min_step, proc, polls=2400):
+  """Polls every 50 ms (2 minutes at most) until a checkpoint >= min_step exists."""
+  for _ in range(polls):
     ckpts = workdir / 'checkpoints'
     done = [int(s) for s in os.listdir(ckpts) if s.isdigit()] if ckpts.exists() else []
     if any(s >= min_step for s in done):
