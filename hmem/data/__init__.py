@@ -17,8 +17,9 @@ def make_source(cfg, split: str = 'train') -> Source:
         seed=cfg.train.seed, split=split)
   if d.source == 'prepared':
     from hmem.data.loader import PreparedSource
+    # No prefetch thread of its own: the trainer reads the next batch while a step runs.
     source = PreparedSource(d.path, batch_size=cfg.train.batch_size, seq_len=d.seq_len,
-                            seed=cfg.train.seed, split=split)
+                            seed=cfg.train.seed, split=split, prefetch=False)
     _check_compatible(cfg, source.manifest)
     return source
   raise ConfigError(f"data.source={d.source!r}; use 'synthetic' or 'prepared'")
