@@ -75,7 +75,9 @@ class Transformer(nnx.Module):
           rngs=rngs)
     self.num_layers = cfg.layers
     self.memory_layers = tuple(memory_layers) if memory_layers else (0, cfg.layers)
-    self.remat_policy = REMAT_POLICIES[cfg.remat] if cfg.remat in REMAT_POLICIES else _bad_remat(cfg.remat)
+    if cfg.remat not in REMAT_POLICIES:
+      raise ConfigError(f'model.remat={cfg.remat!r}; choose one of {sorted(REMAT_POLICIES)}')
+    self.remat_policy = REMAT_POLICIES[cfg.remat]
     self.remat = cfg.remat != 'none'
     self.scan_layers = cfg.scan_layers
 
@@ -115,7 +117,3 @@ class Transformer(nnx.Module):
     for i in range(n):
       x_BxTxD, _ = body(x_BxTxD, jax.tree.map(lambda a: a[i], (stack, memory_L)))
     return x_BxTxD
-
-
-def _bad_remat(name):
-  raise ConfigError(f'model.remat={name!r}; choose one of {sorted(REMAT_POLICIES)}')

@@ -78,7 +78,7 @@ def make_loss_and_grads(cfg, graphdef):
   return loss_and_grads
 
 
-def _memory_row_gradients(cfg, bank, block_grads, generic_grads, leaf_B, use_generic_B):
+def _memory_row_gradients(cfg, block_grads, generic_grads, leaf_B, use_generic_B):
   """Per table: (row ids [U], summed row gradients). Sequences switched to the generic
   block do not touch their path's rows."""
   row_ids, row_grads = {}, {}
@@ -116,8 +116,8 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
     count = jnp.maximum(count, 1.0)
     normalise = lambda tree: jax.tree.map(lambda g: g / count, tree)
     anchor_grads = normalise(shared_grads.get('params', {}))
-    row_ids, row_grads = (_memory_row_gradients(cfg, state.bank, normalise(block_grads),
-                                                normalise(shared_grads.get('generic')), leaf_B, use_generic_B)
+    row_ids, row_grads = (_memory_row_gradients(cfg, normalise(block_grads), normalise(shared_grads.get('generic')),
+                                                leaf_B, use_generic_B)
                           if state.bank else ({}, {}))
     loss = nll / count
     grad_norm = optax.tree.norm((anchor_grads, row_grads))
