@@ -33,8 +33,8 @@ MODES = ('fetched', 'generic', 'none')
 class BankRows(Protocol):
   """Where a source reads bank rows from: the restored bank in memory, or a bundle's Reader."""
 
-  def read(self, table: str, ids_U: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows `ids_U` of `table`: {name: [U, layers_m, width, features]}."""
+  def read(self, requests: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """{table: row ids [U]} -> {table: {name: [U, layers_m, width, features]}}."""
     ...
 
 
@@ -44,8 +44,8 @@ class ArrayBank:
   def __init__(self, bank: dict):
     self.bank = bank
 
-  def read(self, table: str, ids_U: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: a[ids_U] for name, a in self.bank[table].items()}
+  def read(self, requests: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    return {t: {name: a[ids_U] for name, a in self.bank[t].items()} for t, ids_U in requests.items()}
 
 
 class MemorySource:
@@ -57,8 +57,10 @@ class MemorySource:
   step the parameters come from.
   """
 
-  def __init__(self, config, model, router: Router | None, rows: BankRows | None, step: int):
+  def __init__(self, config, model, router: Router | None, rows: BankRows | None, step: int,
+               manifest: dict | None = None):
     self.config, self.model, self.router, self.rows, self.step = config, model, router, rows, step
+    self.manifest = manifest  # a bundle's manifest.json; None for a run directory
     self.dtype = dtype_of(config.model.dtype)
     self.tables = memory_bank.tables(config)
 
@@ -72,19 +74,16 @@ class MemorySource:
     leaves = self.config.memory.k**self.config.memory.depth
     if leaf_B.size and not (0 <= leaf_B.min() and leaf_B.max() < leaves):
       raise BundleError(f'leaf ids must lie in [0, {leaves}); got {leaf_B.min()}..{leaf_B.max()}')
-    out = {}
-    for table in self.tables:
-      if table == 'generic':
-        continue
-      ids_U, inverse_B = np.unique(memory_bank.level_ids(self.config, leaf_B, table), return_inverse=True)
-      out[table] = {name: rows[inverse_B] for name, rows in self.rows.read(table, ids_U).items()}
-    return out
+    unique = {t: np.unique(memory_bank.level_ids(self.config, leaf_B, t), return_inverse=True)
+              for t in self.tables if t != 'generic'}
+    rows = self.rows.read({t: ids_U for t, (ids_U, _) in unique.items()})  # every level at once
+    return {t: {name: a[inverse_B] for name, a in rows[t].items()} for t, (_, inverse_B) in unique.items()}
 
   def generic(self) -> dict | None:
     """{name: [layers_m, width_total, features]}, or None when the run trained no generic block."""
     if 'generic' not in self.tables:
       return None
-    return {name: rows[0] for name, rows in self.rows.read('generic', np.zeros(1, np.int64)).items()}
+    return {name: rows[0] for name, rows in self.rows.read({'generic': np.zeros(1, np.int64)})['generic'].items()}
 
   def memory(self, leaf_B, mode: str) -> dict | None:
     """The model's `memory` argument for these leaves, in the compute dtype: the fetched path
