@@ -24,6 +24,7 @@ from hmem.data.prepare import prepare
 from hmem.data.tokenizer import Tokenizer
 from hmem.errors import BundleError
 from hmem.infer.bundle import export
+from hmem.infer.reader import Reader
 from hmem.infer.router import Router, parse_node
 from hmem.infer.source import open_source
 from hmem.memory import bank as memory_bank
@@ -341,3 +342,13 @@ def test_a_dataset_whose_tokenizer_was_replaced_is_refused(memory_run, tmp_path)
   Tokenizer.train(list(TEXTS), 300).save(str(copy / 'tokenizer.json'))
   with pytest.raises(BundleError, match='tokenizer.json does not match .*manifest.json'):
     Router.load(str(copy))
+
+
+def test_the_reader_reads_any_tensorstore_url(bundles):
+  source = open_source(bundle=str(bundles / 'f32'))
+  meta = source.manifest['bank']
+  arrays = {'level2': {'ffn_up': meta['level2/ffn_up']['path']}}
+  reader = Reader(f'file://{bundles / "f32"}', arrays, {'level2': np.ones(16, bool)})
+  rows = reader.read({'level2': np.array([3, 9, 3])})['level2']['ffn_up']
+  np.testing.assert_array_equal(rows, source.blocks(np.array([3, 9, 3]))['level2']['ffn_up'])
+  assert reader.reads == {('level2', 3): 1, ('level2', 9): 1}

@@ -26,18 +26,7 @@ import shutil
 import numpy as np
 
 from hmem.errors import BundleError
-from hmem.infer.bundle import (
-  MANIFEST,
-  array_path,
-  open_array,
-  present_rows,
-  read_manifest,
-  sha256,
-  true_runs,
-  verify,
-  write_json,
-  write_rows,
-)
+from hmem.infer import bundle
 from hmem.infer.router import check_node
 
 
@@ -48,8 +37,8 @@ def drop(root: str, nodes: list[tuple[int, int]]) -> dict:
 
 def replace(root: str, other: str, nodes: list[tuple[int, int]]) -> dict:
   """Copies the rows of the given nodes' subtrees from bundle `other`; returns the new manifest."""
-  theirs = read_manifest(other)
-  verify(other, theirs)
+  theirs = bundle.read_manifest(other)
+  bundle.verify(other, theirs)
 
   def rows(key, meta, lo, hi):
     their = theirs['bank'].get(key)
@@ -57,10 +46,10 @@ def replace(root: str, other: str, nodes: list[tuple[int, int]]) -> dict:
       raise BundleError(f'bundle {other}: bank array {key} is {their and (their["dtype"], their["shape"])}, '
                         f'not {(meta["dtype"], meta["shape"])} as in {root}; replace rows between bundles of one run')
     table = key.split('/')[0]
-    held = present_rows(theirs['k'], theirs['depth'], table, meta['shape'][0], theirs['subtrees'])[lo:hi]
+    held = bundle.present_rows(theirs['k'], theirs['depth'], table, meta['shape'][0], theirs['subtrees'])[lo:hi]
     if not held.all():
       raise BundleError(f'bundle {other} lacks rows {lo + int(np.argmin(held))}.. of {table} (a partial bundle)')
-    return open_array(other, their['path'])[lo:hi].read().result()
+    return bundle.open_array(other, their['path'])[lo:hi].read().result()
 
   return _edit(root, nodes, {'op': 'replace', 'from': os.path.abspath(other)}, rows)
 
@@ -72,7 +61,7 @@ def _subtree_runs(k: int, depth: int, subtrees, table: str, rows: int, level: in
     return []
   span = k**(table_level - level)
   lo, hi = node * span, (node + 1) * span
-  return [(lo + a, lo + b) for a, b in true_runs(present_rows(k, depth, table, rows, subtrees)[lo:hi])]
+  return [(lo + a, lo + b) for a, b in bundle.true_runs(bundle.present_rows(k, depth, table, rows, subtrees)[lo:hi])]
 
 
 def _link_copy(src: str, dst: str) -> None:
@@ -94,8 +83,8 @@ def _remove_unreferenced(root: str, manifest: dict) -> None:
 
 
 def _edit(root: str, nodes, record: dict, new_rows) -> dict:
-  manifest = read_manifest(root)
-  verify(root, manifest)
+  manifest = bundle.read_manifest(root)
+  bundle.verify(root, manifest)
   _remove_unreferenced(root, manifest)  # left by an edit that crashed
   k, depth = manifest['k'], manifest['depth']
   if not nodes:
@@ -117,9 +106,9 @@ def _edit(root: str, nodes, record: dict, new_rows) -> dict:
     table, name = key.split('/')
     meta = manifest['bank'][key]
     version = int(meta['path'].rsplit('.v', 1)[1]) + 1
-    path = array_path(table, name, version)
+    path = bundle.array_path(table, name, version)
     _link_copy(os.path.join(root, meta['path']), os.path.join(root, path))
-    array = open_array(root, path)
+    array = bundle.open_array(root, path)
     for lo, hi in runs:
       for row in range(lo, hi):  # never write through a link into the current version's chunk
         chunk = os.path.join(root, path, 'c', str(row), *['0'] * (len(meta['shape']) - 1))
@@ -128,12 +117,12 @@ def _edit(root: str, nodes, record: dict, new_rows) -> dict:
       rows = new_rows(key, meta, lo, hi)
       if rows is None:
         rows = np.zeros((hi - lo, *meta['shape'][1:]), array.dtype.numpy_dtype)
-      write_rows(array, lo, rows)
+      bundle.write_rows(array, lo, rows)
     new['bank'][key]['path'] = path
     del new['files'][f'{meta["path"]}/zarr.json']
-    new['files'][f'{path}/zarr.json'] = sha256(os.path.join(root, path, 'zarr.json'))
+    new['files'][f'{path}/zarr.json'] = bundle.sha256(os.path.join(root, path, 'zarr.json'))
   new['files'] = dict(sorted(new['files'].items()))
   new.setdefault('edits', []).append({**record, 'nodes': [f'{level}:{node}' for level, node in nodes]})
-  write_json(os.path.join(root, MANIFEST), new)  # the commit point
+  bundle.write_json(os.path.join(root, bundle.MANIFEST), new)  # the commit point
   _remove_unreferenced(root, new)
   return new
