@@ -127,3 +127,19 @@ def test_make_source_rejects_a_model_or_tree_that_does_not_fit_the_data(dataset,
                      'memory.levels=(4,4)', override)
   with pytest.raises(DataError, match=message):
     make_source(cfg, split='train')
+
+
+def test_too_many_eval_steps_fail_before_the_state_is_built(dataset, tmp_path, monkeypatch):
+  from conftest import tiny_config
+
+  from hmem.errors import ConfigError
+  from hmem.train import trainer
+  path, manifest = dataset
+  monkeypatch.setattr(trainer, 'state_spec', lambda *a, **k: pytest.fail('state built before the check'))
+  batches = manifest['splits']['eval']['sequences'] // 8
+  cfg = tiny_config('data.source=prepared', f'data.path={path}', 'data.seq_len=128', 'train.batch_size=8',
+                    f'model.vocab_size={manifest["vocab_size"]}', 'train.eval_every=10',
+                    f'train.eval_steps={batches + 1}', f'memory.k={manifest["k"]}', f'memory.depth={manifest["depth"]}',
+                    f'memory.levels={(0,) * manifest["depth"]}')
+  with pytest.raises(ConfigError, match=f'train.eval_steps={batches + 1} exceeds the {batches} batches'):
+    trainer.train(cfg, str(tmp_path), progress=False)
