@@ -7,7 +7,6 @@ any point and resumed ends bitwise equal to an uninterrupted one.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from hmem import sharding, sizes
 from hmem.data import Position, check_batch, make_source
+from hmem.data.prefetch import Prefetcher
 from hmem.errors import CheckpointError, ConfigError, TrainingError
 from hmem.files import atomic_write
 from hmem.memory import config as memory_config
@@ -51,8 +51,7 @@ class _Batches:
 
   def __init__(self, source, mesh, rows: slice):
     self.source, self.rows, self.shardings = source, rows, sharding.data_shardings(mesh)
-    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    self.pending: tuple[Position, concurrent.futures.Future] | None = None
+    self.prefetcher = Prefetcher(self._read)
 
   def _read(self, position: Position):
     batch = self.source.batch(position, self.rows)
@@ -60,16 +59,12 @@ class _Batches:
     return batch
 
   def get(self, position: Position, prefetch: Position | None = None):
-    if self.pending is not None and self.pending[0] == position:
-      batch = self.pending[1].result()
-    else:
-      batch = self._read(position)
-    self.pending = None if prefetch is None else (prefetch, self.pool.submit(self._read, prefetch))
+    batch = self.prefetcher.get(position, prefetch)
     B = self.source.batch_size
     return {name: sharding.np_global(a, self.shardings[name], (B, *a.shape[1:])) for name, a in batch.items()}
 
   def close(self):
-    self.pool.shutdown(wait=True, cancel_futures=True)
+    self.prefetcher.close()
 
 
 class _StopFlag:
