@@ -1,7 +1,7 @@
 """`hmem prepare`: raw documents -> a tokenized, clustered, packed dataset.
 
 Three stages, so the work spreads over processes and the output does not depend on how
-many there are (DESIGN.md, "Data flow"):
+many there are (docs/DESIGN.md, "Data flow"):
 
   fit     process 0 reads a sample (the first ceil(S/files) usable documents of every
           file, S = max(data.tokenizer_sample, data.tree_sample)), trains or loads the
