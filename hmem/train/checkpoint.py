@@ -11,12 +11,12 @@ for the newest one that restores, and renames the damaged one `<step>.unreadable
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 
 from hmem.data.source import Position
 from hmem.errors import CheckpointError, UserError

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 
+from absl import logging
 from tensorboardX import SummaryWriter
 
 from hmem.errors import CheckpointError

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import signal
 import tempfile
@@ -19,6 +18,7 @@ import time
 from typing import Any
 
 import jax
+from absl import logging
 from tqdm import tqdm
 
 from hmem import sharding, sizes
