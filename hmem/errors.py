@@ -19,3 +19,7 @@ class CheckpointError(UserError, RuntimeError):
 
 class TrainingError(UserError, RuntimeError):
   """The run cannot go on (e.g. a non-finite loss); the message says at which step."""
+
+
+class WeightsError(UserError, ValueError):
+  """Outside weights (`hmem import`) that cannot become an anchor."""
