@@ -62,7 +62,8 @@ def _cmd_quickstart(args, cfg):
 
 def _cmd_import(args, cfg):
   from hmem.imports import import_checkpoint
-  print(json.dumps(import_checkpoint(args.source, args.out, args.dtype, args.tokenizer, progress=not args.no_progress)))
+  print(json.dumps(import_checkpoint(args.source, args.out, args.dtype, args.tokenizer, args.layers,
+                                     progress=not args.no_progress)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--out', required=True, help='new run directory (checkpoint, config.py, tokenizer.json)')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='parameter and compute dtype')
   p.add_argument('--tokenizer', default=None, help="a tokenizer.json to use instead of the checkpoint's")
+  p.add_argument('--layers', type=int, default=None, help='import only the first N layers (tests, quick looks)')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
   return parser
 

@@ -139,12 +139,11 @@ class GGUFFile:
       x = _unpermute(x, heads)
     return x
 
-  def load(self, dtype, progress: bool = True) -> tuple[dict, dict]:
-    """(cfg.model keys, anchor parameters of `dtype`)."""
+  def load(self, dtype, progress: bool = True, layers: int | None = None) -> tuple[dict, dict]:
+    """(cfg.model keys, anchor parameters of `dtype`), of the first `layers` layers if given."""
     hf, permuted = self.hf_config()
-    model = llama.model_config(hf, self.path)
-    params = llama.to_params(model, set(self.hf_names), lambda n: self.read(n, model, permuted), dtype, self.path,
-                             progress)
+    model, names = llama.first_layers(llama.model_config(hf, self.path), set(self.hf_names), layers, self.path)
+    params = llama.to_params(model, names, lambda n: self.read(n, model, permuted), dtype, self.path, progress)
     return model, params
 
   def tokenizer(self) -> tokenizers.Tokenizer:

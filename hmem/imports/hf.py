@@ -58,11 +58,13 @@ def _open(file: str):
     raise WeightsError(f'{file} is not a readable safetensors file ({e})') from None
 
 
-def load(path: str, dtype, progress: bool = True) -> tuple[dict, dict, str | None]:
-  """(cfg.model keys, anchor parameters of `dtype`, the tokenizer.json beside them or None)."""
+def load(path: str, dtype, progress: bool = True, layers: int | None = None) -> tuple[dict, dict, str | None]:
+  """(cfg.model keys, anchor parameters of `dtype`, the tokenizer.json beside them or None),
+  of the first `layers` layers if given."""
   hf = _read_json(os.path.join(path, 'config.json'))
-  model = llama.model_config(hf, os.path.join(path, 'config.json'))
   files = _tensor_files(path)
+  model, names = llama.first_layers(llama.model_config(hf, os.path.join(path, 'config.json')), set(files), layers,
+                                    path)
   with contextlib.ExitStack() as stack:
     handles: dict[str, object] = {}
 
@@ -72,7 +74,7 @@ def load(path: str, dtype, progress: bool = True) -> tuple[dict, dict, str | Non
         handles[file] = stack.enter_context(_open(file))
       return handles[file].get_tensor(name)
 
-    params = llama.to_params(model, set(files), read, dtype, path, progress)
+    params = llama.to_params(model, names, read, dtype, path, progress)
   tokenizer = os.path.join(path, 'tokenizer.json')
   return model, params, tokenizer if os.path.isfile(tokenizer) else None
 
@@ -83,8 +85,8 @@ def export_hf(model: dict, params: dict, out_dir: str, tokenizer: str | None = N
   index when there is more than one, tokenizer.json if given); returns the files written.
   `model` is `cfg.model` as a dict; tensors keep their dtype."""
   os.makedirs(out_dir, exist_ok=True)
-  config = llama.hf_config(model)
   tensors = llama.from_params(model, params)
+  config = {**llama.hf_config(model), 'torch_dtype': str(tensors['model.embed_tokens.weight'].dtype)}
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name in sorted(tensors):

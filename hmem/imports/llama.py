@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
+from hmem.config import default_config
 from hmem.errors import WeightsError
 
 # HF architecture name -> whether q/k/v carry biases.
@@ -50,6 +51,9 @@ def model_config(hf: dict, where: str) -> dict:
   if sliding:
     raise WeightsError(f'{where}: sliding_window={hf["sliding_window"]} (sliding-window attention) is not '
                        'implemented; the anchor attends over the whole context')
+  layer_types = set(hf.get('layer_types') or ()) - {'full_attention'}
+  if layer_types:
+    raise WeightsError(f'{where}: layer_types holds {sorted(layer_types)}; only full_attention layers are implemented')
   heads = int(_field(hf, 'num_attention_heads', where))
   d_model = int(_field(hf, 'hidden_size', where))
   rope = hf.get('rope_parameters') or {}  # transformers >= 5 keeps rope_theta and the scaling here
@@ -72,11 +76,13 @@ def model_config(hf: dict, where: str) -> dict:
 
 
 def _rope_scaling(s: dict, where: str) -> dict:
+  """`model.rope_scaling` (every key: the defaults where the type needs none)."""
   kind = s.get('rope_type', s.get('type', 'default'))
+  out = dict(default_config().model.rope_scaling)
   if kind == 'default':
-    return dict(type='none')
+    return out
   if kind == 'linear':
-    return dict(type='linear', factor=float(s['factor']))
+    return {**out, 'type': 'linear', 'factor': float(s['factor'])}
   if kind == 'llama3':
     return dict(type='llama3', factor=float(s['factor']), low_freq_factor=float(s['low_freq_factor']),
                 high_freq_factor=float(s['high_freq_factor']),
@@ -104,7 +110,7 @@ def hf_config(model: dict) -> dict:
       'num_attention_heads': model['heads'], 'num_key_value_heads': model['kv_heads'], 'head_dim': model['head_dim'],
       'intermediate_size': model['ffn'], 'hidden_act': 'silu', 'rms_norm_eps': model['norm_eps'],
       'rope_theta': model['rope_base'], 'rope_scaling': rope, 'tie_word_embeddings': model['tie_embeddings'],
-      'attention_bias': False, 'torch_dtype': model['param_dtype'],
+      'attention_bias': False,
   }
 
 
@@ -148,6 +154,17 @@ def _get(tree: dict, path: tuple[str, ...]):
   for key in path:
     tree = tree[key]
   return tree
+
+
+def first_layers(model: dict, names: set[str], layers: int | None, where: str) -> tuple[dict, set[str]]:
+  """The model and tensor names cut to the first `layers` layers (None: all), for tests and
+  quick looks at a big checkpoint; the final norm and the head are kept."""
+  if layers is None:
+    return model, names
+  if not 0 < layers <= model['layers']:
+    raise WeightsError(f"{where}: cannot import the first {layers} layers of a {model['layers']}-layer model")
+  kept = {n for n in names if not (n.startswith('model.layers.') and int(n.split('.')[2]) >= layers)}
+  return {**model, 'layers': layers}, kept
 
 
 def to_params(model: dict, names: set[str], read: Callable[[str], np.ndarray], dtype, where: str,

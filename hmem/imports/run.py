@@ -52,9 +52,10 @@ def get_config():
 
 
 def import_checkpoint(source: str, out: str, dtype: str = 'float32', tokenizer: str | None = None,
-                      progress: bool = True) -> dict:
+                      layers: int | None = None, progress: bool = True) -> dict:
   """Converts `source` (a GGUF file or a Hugging Face directory) into the run directory `out`;
-  `tokenizer` (a tokenizer.json) replaces the checkpoint's own. Returns a summary."""
+  `tokenizer` (a tokenizer.json) replaces the checkpoint's own; `layers` keeps only the
+  first layers (for tests). Returns a summary."""
   if dtype not in DTYPES:
     raise WeightsError(f'--dtype {dtype!r}; choose one of {DTYPES}')
   if os.path.isdir(os.path.join(out, 'checkpoints')) and os.listdir(os.path.join(out, 'checkpoints')):
@@ -66,9 +67,9 @@ def import_checkpoint(source: str, out: str, dtype: str = 'float32', tokenizer: 
     f = gguf_file.GGUFFile(source)
     f.hf_config()  # every unsupported field stops here, before the tokenizer or any tensor
     embedded = None if tokenizer else f.tokenizer()
-    model, params = f.load(np_dtype, progress)
+    model, params = f.load(np_dtype, progress, layers)
   elif hf.is_hf_dir(source):
-    model, params, found = hf.load(source, np_dtype, progress)
+    model, params, found = hf.load(source, np_dtype, progress, layers)
     tokenizer, embedded = tokenizer or found, None
   else:
     raise WeightsError(f'--from {source!r} is neither a GGUF file nor a directory with config.json '

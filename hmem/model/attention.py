@@ -69,12 +69,11 @@ class Attention(nnx.Module):
     out_std = cfg.init_std / (2 * cfg.layers) ** 0.5
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     qkv = dict(kw, use_bias=cfg.qkv_bias)
-    bias = lambda axis: nnx.with_partitioning(nnx.initializers.zeros_init(), (axis,))
-    self.q = nnx.Linear(d, N * H, kernel_init=dense_init(cfg.init_std, ('embed', 'heads')), bias_init=bias('heads'), **qkv)
-    self.k = nnx.Linear(d, K * H, kernel_init=dense_init(cfg.init_std, ('embed', 'kv_heads')), bias_init=bias('kv_heads'),
-                        **qkv)
-    self.v = nnx.Linear(d, K * H, kernel_init=dense_init(cfg.init_std, ('embed', 'kv_heads')), bias_init=bias('kv_heads'),
-                        **qkv)
+    init = lambda axis: dict(kernel_init=dense_init(cfg.init_std, ('embed', axis)),
+                             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axis,)))
+    self.q = nnx.Linear(d, N * H, **init('heads'), **qkv)
+    self.k = nnx.Linear(d, K * H, **init('kv_heads'), **qkv)
+    self.v = nnx.Linear(d, K * H, **init('kv_heads'), **qkv)
     self.o = nnx.Linear(N * H, d, kernel_init=dense_init(out_std, ('heads', 'embed')), **kw)
     if cfg.qk_norm:
       self.q_norm = make_norm(cfg.norm, N * H, cfg.norm_eps, dtype, param_dtype, 'heads', rngs)
