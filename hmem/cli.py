@@ -49,6 +49,9 @@ def _cmd_config(args, cfg):
 
 def _cmd_prepare(args, cfg):
   from hmem.data.prepare import prepare
+  if args.tokenizer:
+    from hmem.data.tokenizer import tokenizer_file
+    cfg.data.tokenizer = tokenizer_file(args.tokenizer)
   manifest = prepare(cfg, args.input, args.out, processes=args.processes, process_index=args.process_index,
                      stage=args.stage, timeout_s=args.timeout, progress=not args.no_progress)
   if manifest is not None:
@@ -95,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--out', required=True, help='output dataset directory')
   p.add_argument('--processes', type=int, default=1, help='processes sharing the work')
   p.add_argument('--process-index', type=int, default=0, help='index of this process')
+  p.add_argument('--tokenizer', default='', help='tokenizer.json, or a run directory holding one (hmem import); '
+                 'sets data.tokenizer')
   p.add_argument('--stage', choices=('all', 'fit', 'map', 'reduce'), default='all',
                  help='run one stage as its own job (fit: process 0 only; see BUILD.md)')
   p.add_argument('--timeout', type=float, default=6 * 3600, help='seconds to wait for other processes')

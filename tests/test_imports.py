@@ -17,8 +17,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from hmem.config import default_config, load_config
+from hmem.data.source import Position
 from hmem.data.tokenizer import Tokenizer
-from hmem.errors import WeightsError
+from hmem.errors import DataError, WeightsError
 from hmem.imports import export_hf, gguf_file, hf, import_checkpoint
 from hmem.model import build_model
 from hmem.train.checkpoint import Checkpoints
@@ -57,19 +58,59 @@ def _check_reference(logits_TxV, ref):
   np.testing.assert_array_equal(logits_TxV.argmax(-1), ref['argmax'])
 
 
-def test_smollm2_first_layers_match_reference_logits(tmp_path):
+@pytest.fixture(scope='module')
+def smollm2_run(tmp_path_factory):
+  """The first layers of SmolLM2-135M imported with `hmem import`: (run directory, summary)."""
+  from hmem.cli import main
+  run = str(tmp_path_factory.mktemp('smollm2') / 'run')
+  assert main(['import', '--from', GGUF, '--out', run, '--layers', str(REFERENCE['slice_layers']),
+               '--no-progress']) == 0
+  return run
+
+
+def test_smollm2_first_layers_match_reference_logits(smollm2_run):
   """GGUF Q4_1/Q8_0 dequantization, llama.cpp's q/k permutation undone, GQA, tied head,
   and the embedded tokenizer, through the run directory `train.init_from` reads."""
   layers = REFERENCE['slice_layers']
-  summary = import_checkpoint(GGUF, str(tmp_path / 'run'), layers=layers, progress=False)
-  assert summary['layers'] == layers and summary['kv_heads'] == 3
-  cfg, model = _load_run(str(tmp_path / 'run'), jax.devices()[:2])
+  cfg, model = _load_run(smollm2_run, jax.devices()[:2])
+  assert cfg.model.layers == layers and cfg.model.kv_heads == 3
   assert cfg.model.tie_embeddings and not cfg.model.qk_norm and cfg.model.norm == 'rmsnorm'
   tokenizer = Tokenizer.load(cfg.data.tokenizer)
   for record in REFERENCE['prompts']:
     assert tokenizer.encode([record['prompt']])[0].tolist() == record['ids']
     assert tokenizer.decode(record['ids']) == record['prompt']
     _check_reference(_logits(model, record['ids']), record[f'layers_{layers}'])
+
+
+def test_prepare_with_the_imported_tokenizer_is_checked_at_train_time(smollm2_run, tmp_path):
+  """`hmem prepare --tokenizer RUN` packs with the run's tokenizer and records its identity;
+  training refuses a dataset from another tokenizer even of the same vocabulary size."""
+  from hmem.cli import main
+  from hmem.data import make_source
+  data = str(tmp_path / 'data')
+  small = ['--config.memory.k=4', '--config.memory.depth=2', '--config.data.seq_len=128',
+           '--config.data.tokenizer_sample=100', '--config.data.tree_sample=100', '--config.data.kmeans_samples=64',
+           '--config.data.kmeans_steps=2', '--config.data.tfidf_dim=16', '--config.data.eval_fraction=0.1']
+  assert main(['prepare', '--config', os.path.join(smollm2_run, 'config.py'), '--tokenizer', smollm2_run,
+               '--input', os.path.join(DATA, 'wiki_sample.jsonl'), '--out', data, '--no-progress', *small]) == 0
+  tokenizer = Tokenizer.load(os.path.join(smollm2_run, 'tokenizer.json'))
+  manifest = json.load(open(os.path.join(data, 'manifest.json')))
+  assert manifest['tokenizer_sha256'] == tokenizer.identity and manifest['eot_id'] == tokenizer.eot_id == 0
+
+  cfg = load_config(os.path.join(smollm2_run, 'config.py'), [a[len('--config.'):] for a in small])
+  cfg.data.update(source='prepared', path=data)
+  cfg.train.init_from = ''
+  first = make_source(cfg, 'train').batch(Position(), slice(0, 2))['tokens'][0]
+  assert tokenizer.decode(first[:40]) in open(os.path.join(DATA, 'wiki_sample.jsonl')).read()
+  # Same vocabulary size, two ids swapped: a different tokenizer.
+  other = json.load(open(os.path.join(smollm2_run, 'tokenizer.json')))
+  vocab = other['model']['vocab']
+  a, b = 'the', 'The'
+  vocab[a], vocab[b] = vocab[b], vocab[a]
+  json.dump(other, open(tmp_path / 'other.json', 'w'))
+  cfg.data.tokenizer = str(tmp_path / 'other.json')
+  with pytest.raises(DataError, match='was tokenized with another tokenizer than .*other.json'):
+    make_source(cfg, 'train')
 
 
 def test_smollm2_full_model_matches_reference_logits():
