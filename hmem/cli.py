@@ -1,4 +1,4 @@
-"""The `hmem` command: train, sizes, config, prepare (and more as the framework grows).
+"""The `hmem` command: train, sizes, config, prepare, import (and more as the framework grows).
 
 Every subcommand takes `--config FILE` plus any number of `--config.a.b=value` overrides.
 User errors (bad config, missing file, bad data, unusable checkpoint) print one line
@@ -49,6 +49,9 @@ def _cmd_config(args, cfg):
 
 def _cmd_prepare(args, cfg):
   from hmem.data.prepare import prepare
+  if args.tokenizer:
+    from hmem.data.tokenizer import tokenizer_file
+    cfg.data.tokenizer = tokenizer_file(args.tokenizer)
   manifest = prepare(cfg, args.input, args.out, processes=args.processes, process_index=args.process_index,
                      stage=args.stage, timeout_s=args.timeout, progress=not args.no_progress)
   if manifest is not None:
@@ -60,13 +63,20 @@ def _cmd_quickstart(args, cfg):
   print(json.dumps(quickstart(cfg, args.workdir, progress=not args.no_progress)))
 
 
+def _cmd_import(args, cfg):
+  from hmem.imports import import_checkpoint
+  print(json.dumps(import_checkpoint(args.source, args.out, args.dtype, args.tokenizer, args.layers,
+                                     progress=not args.no_progress)))
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='hmem', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
 
-  def add(name, fn, help_text):
+  def add(name, fn, help_text, config=True):
     p = sub.add_parser(name, help=help_text)
-    p.add_argument('--config', required=True, help='config file defining get_config()')
+    if config:
+      p.add_argument('--config', required=True, help='config file defining get_config()')
     p.set_defaults(fn=fn)
     return p
 
@@ -88,10 +98,19 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--out', required=True, help='output dataset directory')
   p.add_argument('--processes', type=int, default=1, help='processes sharing the work')
   p.add_argument('--process-index', type=int, default=0, help='index of this process')
+  p.add_argument('--tokenizer', default='', help='tokenizer.json, or a run directory holding one (hmem import); '
+                 'sets data.tokenizer')
   p.add_argument('--stage', choices=('all', 'fit', 'map', 'reduce'), default='all',
                  help='run one stage as its own job (fit: process 0 only; see BUILD.md)')
   p.add_argument('--timeout', type=float, default=6 * 3600, help='seconds to wait for other processes')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
+  p = add('import', _cmd_import, 'convert Llama-family weights (GGUF, Hugging Face) into an anchor run', config=False)
+  p.add_argument('--from', dest='source', required=True, help='a .gguf file or a Hugging Face checkpoint directory')
+  p.add_argument('--out', required=True, help='new run directory (checkpoint, config.py, tokenizer.json)')
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='parameter and compute dtype')
+  p.add_argument('--tokenizer', default=None, help="a tokenizer.json to use instead of the checkpoint's")
+  p.add_argument('--layers', type=int, default=None, help='import only the first N layers (tests, quick looks)')
+  p.add_argument('--no-progress', action='store_true', help='no progress bar')
   return parser
 
 
@@ -103,7 +122,7 @@ def main(argv=None) -> int:
   from hmem.config import load_config
   from hmem.errors import TrainingError, UserError
   try:
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides) if 'config' in args else None
     args.fn(args, cfg)
   except TrainingError as e:
     print(f'hmem: error: {e}', file=sys.stderr)

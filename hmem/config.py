@@ -31,10 +31,16 @@ def default_config() -> ml_collections.ConfigDict:
       kv_heads=8,          # grouped-query attention when < heads
       head_dim=64,         # independent of d_model
       ffn=2048,            # SwiGLU hidden units
-      norm='layernorm',    # 'layernorm' (gain only, no bias) | 'rmsnorm'
-      norm_eps=1e-5,
+      norm='layernorm',    # 'layernorm' (gain only, no bias) | 'rmsnorm' (learned scale, as in Llama)
+      norm_eps=1e-5,       # imported models keep their checkpoint's value
       qk_norm=True,        # one gain over the full heads*head_dim width of q and of k
+      qkv_bias=False,      # biases on the q, k and v projections (Qwen2)
       rope_base=100_000.0,
+      # RoPE frequency scaling for long context: 'none'; 'linear' (every frequency / factor);
+      # 'llama3' (Llama 3.1: low frequencies / factor, high ones kept, a smooth ramp between,
+      # set by low_freq_factor, high_freq_factor and original_max_positions).
+      rope_scaling=ml_collections.ConfigDict(dict(
+          type='none', factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_positions=8192)),
       tie_embeddings=True,
       dtype='bfloat16',    # compute dtype
       param_dtype='float32',

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hmem.data.source import Position, Source, check_batch
 from hmem.errors import ConfigError, DataError
 
@@ -29,14 +31,31 @@ def make_source(cfg, split: str = 'train') -> Source:
 
 
 def _check_compatible(cfg, manifest: dict) -> None:
-  """The model must embed every token id, and the memory tree must be the dataset's."""
+  """The model must embed every token id, the memory tree must be the dataset's, and the
+  tokens must come from the run's tokenizer (data.tokenizer, or the one beside the
+  train.init_from checkpoint) when it has one."""
   from hmem.memory.config import enabled
+  _check_tokenizer(cfg, manifest)
   if manifest['vocab_size'] > cfg.model.vocab_size:
     raise DataError(f"{cfg.data.path}: its tokenizer has {manifest['vocab_size']} tokens but model.vocab_size="
                     f"{cfg.model.vocab_size}; set --config.model.vocab_size={manifest['vocab_size']} or more")
   if enabled(cfg) and (manifest['k'], manifest['depth']) != (cfg.memory.k, cfg.memory.depth):
     raise DataError(f"{cfg.data.path} was clustered with k={manifest['k']}, depth={manifest['depth']} but "
                     f"memory.k={cfg.memory.k}, memory.depth={cfg.memory.depth}; match them or re-run hmem prepare")
+
+
+def _check_tokenizer(cfg, manifest: dict) -> None:
+  from hmem.data.tokenizer import Tokenizer
+  init_from = os.path.join(cfg.train.init_from, 'tokenizer.json') if cfg.train.init_from else ''
+  expected = [(key, path) for key, path in (('data.tokenizer', cfg.data.tokenizer), ('train.init_from', init_from))
+              if path and os.path.isfile(path)]
+  if not expected:
+    return
+  used = manifest.get('tokenizer_sha256') or Tokenizer.load(os.path.join(cfg.data.path, 'tokenizer.json')).identity
+  for key, path in expected:
+    if Tokenizer.load(path).identity != used:
+      raise DataError(f'{cfg.data.path} was tokenized with another tokenizer than {path} ({key}); '
+                      f'prepare it again with `hmem prepare --tokenizer {path}`')
 
 
 __all__ = ['Position', 'Source', 'check_batch', 'make_source']

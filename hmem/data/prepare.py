@@ -239,6 +239,7 @@ class _Run:
     tree.save(os.path.join(self.out_dir, 'tree.npz'))
     _write_json(self.plan_path, {'fingerprint': self.fingerprint, 'sample_documents': len(sample),
                                  'vocab_size': tokenizer.vocab_size, 'eot_id': tokenizer.eot_id,
+                                 'tokenizer_sha256': tokenizer.identity,
                                  'embed_cache': _cache_counts([status])})
 
   # Stage b: map.
@@ -393,6 +394,7 @@ class _Run:
         'sequences': sequences, 'tokens': tokens,
         'padding_fraction': _padding(sequences, tokens, seq_len),
         'seq_len': seq_len, 'vocab_size': plan['vocab_size'], 'eot_id': plan['eot_id'],
+        'tokenizer_sha256': plan['tokenizer_sha256'],
         'pad_id': plan['eot_id'], 'token_dtype': layout.token_dtype(plan['vocab_size']).name,
         'k': c.memory.k, 'depth': c.memory.depth, 'leaves': self.leaves, 'embedder': c.data.embedder,
         'embed_cache': cache_counts,
