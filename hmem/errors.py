@@ -23,3 +23,7 @@ class TrainingError(UserError, RuntimeError):
 
 class BundleError(UserError, ValueError):
   """An inference bundle, or a request against one (a node id, a blocked path), that cannot be used."""
+
+
+class WeightsError(UserError, ValueError):
+  """Outside weights (`hmem import`) that cannot become an anchor."""

@@ -7,6 +7,7 @@ token is encoded as plain text, so a document can never fake an EOT.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 
@@ -70,3 +71,19 @@ class Tokenizer:
 
   def save(self, path: str) -> None:
     self._tokenizer.save(path)
+
+  @property
+  def identity(self) -> str:
+    """A hash of the whole tokenizer (vocabulary, merges, pre-tokenizer, special tokens): two
+    tokenizers with the same vocabulary size but different ids differ here."""
+    return hashlib.sha256(self._tokenizer.to_str().encode()).hexdigest()[:20]
+
+
+def tokenizer_file(run_or_file: str) -> str:
+  """A tokenizer.json, or the one inside a directory (a run made by `hmem import`, a
+  prepared dataset)."""
+  path = os.path.join(run_or_file, 'tokenizer.json') if os.path.isdir(run_or_file) else run_or_file
+  if not os.path.isfile(path):
+    raise DataError(f'no tokenizer at {run_or_file!r}; pass a tokenizer.json or a directory holding one '
+                    '(e.g. a run written by hmem import)')
+  return path

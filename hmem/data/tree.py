@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import pickle
 import zipfile
 
@@ -30,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hmem.errors import ConfigError, DataError
+from hmem.files import atomic_write
 
 # Working-set budget of one jitted level-fit call; sets how many nodes are vmapped at once.
 _CHUNK_BYTES = 256 << 20
@@ -64,11 +64,9 @@ class Tree:
 
   def save(self, path: str) -> None:
     """Writes k, depth and level_1..level_depth to an .npz, atomically (no half-written file)."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
+    with atomic_write(path, 'wb') as f:
       np.savez(f, k=np.int64(self.k), depth=np.int64(self.depth),
                **{f'level_{l}': c for l, c in enumerate(self.centroids, 1)})
-    os.replace(tmp, path)
 
   @classmethod
   def load(cls, path: str) -> Tree:

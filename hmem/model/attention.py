@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hmem.errors import ConfigError
-from hmem.model.layers import apply_rope, dense_init, linear, lora_delta, make_norm
+from hmem.model.layers import apply_rope, dense_init, linear, lora_delta, make_norm, rope_scaling
 
 
 def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -68,9 +68,12 @@ class Attention(nnx.Module):
     d, N, K, H = cfg.d_model, cfg.heads, cfg.kv_heads, cfg.head_dim
     out_std = cfg.init_std / (2 * cfg.layers) ** 0.5
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q = nnx.Linear(d, N * H, kernel_init=dense_init(cfg.init_std, ('embed', 'heads')), **kw)
-    self.k = nnx.Linear(d, K * H, kernel_init=dense_init(cfg.init_std, ('embed', 'kv_heads')), **kw)
-    self.v = nnx.Linear(d, K * H, kernel_init=dense_init(cfg.init_std, ('embed', 'kv_heads')), **kw)
+    qkv = dict(kw, use_bias=cfg.qkv_bias)
+    init = lambda axis: dict(kernel_init=dense_init(cfg.init_std, ('embed', axis)),
+                             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axis,)))
+    self.q = nnx.Linear(d, N * H, **init('heads'), **qkv)
+    self.k = nnx.Linear(d, K * H, **init('kv_heads'), **qkv)
+    self.v = nnx.Linear(d, K * H, **init('kv_heads'), **qkv)
     self.o = nnx.Linear(N * H, d, kernel_init=dense_init(out_std, ('heads', 'embed')), **kw)
     if cfg.qk_norm:
       self.q_norm = make_norm(cfg.norm, N * H, cfg.norm_eps, dtype, param_dtype, 'heads', rngs)
@@ -79,6 +82,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
     self.shape = (N, K, H)
     self.rope_base = cfg.rope_base
+    self.rope_scaling = rope_scaling(cfg)
     self.kernel = ATTENTION_KERNELS[cfg.attention]
     self.dtype = dtype
     self.lora_alpha = lora_alpha
@@ -93,8 +97,8 @@ class Attention(nnx.Module):
     v = linear(self.v, x_BxTxD) + lora(x_BxTxD, 'v')
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    q_BxTxNxH = apply_rope(q.reshape(B, T, N, H), positions_BxT, self.rope_base)
-    k_BxTxKxH = apply_rope(k.reshape(B, T, K, H), positions_BxT, self.rope_base)
+    q_BxTxNxH = apply_rope(q.reshape(B, T, N, H), positions_BxT, self.rope_base, self.rope_scaling)
+    k_BxTxKxH = apply_rope(k.reshape(B, T, K, H), positions_BxT, self.rope_base, self.rope_scaling)
     v_BxTxKxH = v.reshape(B, T, K, H)
     out_BxTxNxH = self.kernel(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS)
     if memory is not None and 'kv_keys' in memory:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hmem.errors import ConfigError
@@ -42,13 +43,15 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def linear(layer: nnx.Linear, x_BxTxI: jax.Array) -> jax.Array:
-  """`layer(x)` for a bias-free nnx.Linear. On CPU through `dense` (same forward, faster
-  gradient); GPU and TPU compilers lay out transposed dots well, so they get plain autodiff."""
+  """`layer(x)` for an nnx.Linear. On CPU through `dense` (same forward, faster gradient);
+  GPU and TPU compilers lay out transposed dots well, so they get plain autodiff."""
   if jax.default_backend() != 'cpu':
     return layer(x_BxTxI)
   dtype = layer.dtype or jnp.result_type(x_BxTxI, layer.kernel[...])
   w_IxO = layer.kernel[...].astype(dtype)
   y_MxO = dense(x_BxTxI.reshape(-1, x_BxTxI.shape[-1]).astype(dtype), w_IxO)
+  if layer.bias is not None:
+    y_MxO = y_MxO + layer.bias[...].astype(dtype)
   return y_MxO.reshape(*x_BxTxI.shape[:-1], w_IxO.shape[1])
 
 
@@ -79,10 +82,43 @@ def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
   return idx_T - start_idx_BxT
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float) -> jax.Array:
-  """Rotary embedding on pairs (i, i + H/2) of each head, computed in fp32."""
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
+
+
+def rope_scaling(cfg) -> tuple:
+  """`cfg.rope_scaling` (a model config's) as the hashable tuple `apply_rope` takes."""
+  s = cfg.rope_scaling
+  if s.type not in ROPE_SCALINGS:
+    raise ConfigError(f'model.rope_scaling.type={s.type!r} is not implemented; use one of {ROPE_SCALINGS}')
+  if s.type == 'none':
+    return ()
+  if s.type == 'llama3' and not s.high_freq_factor > s.low_freq_factor:
+    raise ConfigError(f'model.rope_scaling.high_freq_factor={s.high_freq_factor} must exceed '
+                      f'low_freq_factor={s.low_freq_factor}')
+  return (s.type, float(s.factor), float(s.low_freq_factor), float(s.high_freq_factor),
+          float(s.original_max_positions))
+
+
+def rope_frequencies(head_dim: int, base: float, scaling: tuple = ()) -> np.ndarray:
+  """The H/2 rotation frequencies base^(-2i/H), rescaled as `scaling` says (fp32)."""
+  inv_freq = base ** (-np.arange(0, head_dim // 2, dtype=np.float64) / (head_dim // 2))
+  if not scaling:
+    return inv_freq.astype(np.float32)
+  kind, factor, low, high, original = scaling
+  if kind == 'linear':
+    return (inv_freq / factor).astype(np.float32)
+  # llama3: wavelengths longer than original/low are divided by `factor`, those shorter than
+  # original/high are kept, and the ones between interpolate linearly in original/wavelength.
+  wavelen = 2 * np.pi / inv_freq
+  smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
+  return ((1 - smooth) * inv_freq / factor + smooth * inv_freq).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float, scaling: tuple = ()) -> jax.Array:
+  """Rotary embedding on pairs (i, i + H/2) of each head (the Hugging Face Llama layout),
+  computed in fp32; `scaling` comes from `rope_scaling`."""
   H = x_BxTxNxH.shape[-1]
-  inv_freq = base ** (-jnp.arange(0, H // 2, dtype=jnp.float32) / (H // 2))
+  inv_freq = jnp.asarray(rope_frequencies(H, base, scaling))
   angle_BxTxF = positions_BxT[..., None].astype(jnp.float32) * inv_freq
   sin, cos = jnp.sin(angle_BxTxF)[:, :, None], jnp.cos(angle_BxTxF)[:, :, None]
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)

