@@ -139,6 +139,23 @@ def test_untouched_rows_and_their_state_are_bitwise_unchanged(make_config):
     assert all(np.any(opt[t]['mu']['ffn_down'][r]) for r in rows)
 
 
+@pytest.mark.parametrize('optimizer', ['sparse', 'dense'])
+def test_a_non_finite_step_leaves_bank_and_state_bitwise_unchanged(make_config, optimizer):
+  """A NaN in the anchor makes the loss non-finite: no bank row, moment or `last_step` moves,
+  whichever bank optimizer (the dense one used to update every row regardless)."""
+  cfg = make_config(*MEMORY, 'memory.generic_prob=0.5', 'train.warmup_steps=0', f'memory.optimizer={optimizer}')
+  with _stepper(cfg) as (state, step):
+    state, metrics = step(state, _batch(cfg, [0, 1, 2, 3, 4, 5, 6, 7]))
+    assert bool(metrics['finite'])
+    before = jax.tree.map(np.asarray, (state.bank, state.bank_opt))
+    poisoned = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), state.params)
+    state, metrics = step(state.replace(params=poisoned), _batch(cfg, [0, 1, 2, 3, 8, 9, 10, 11], seed=1))
+    assert not bool(metrics['finite'])
+    after = jax.tree.map(np.asarray, (state.bank, state.bank_opt))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_sparse_equals_dense_adamw_when_every_row_is_touched(make_config):
   """k=2, depth 2: 4 leaves; every batch holds every leaf, so every row updates every step."""
   finals = {}

@@ -78,9 +78,11 @@ def _adamw_rows(w, m, v, g, delta, step, lr, train_cfg, memory_cfg):
   return w, m, v
 
 
-def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax.Array):
+def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax.Array, finite: jax.Array):
   """Applies one update. `row_ids`/`row_grads` per table come from `row_gradients`;
-  `step` is the 1-based index of this update. Returns (bank, opt)."""
+  `step` is the 1-based index of this update. A step that is not `finite` writes nothing:
+  every id becomes out of range, and the scatters drop them (no `where` over the whole
+  bank). Returns (bank, opt)."""
   lr = memory_schedule(cfg)(step - 1)
   new_bank, new_opt = {}, {}
   for t, arrays in bank.items():
@@ -90,6 +92,7 @@ def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax
       rows = next(iter(arrays.values())).shape[0]
       grads = {n: jnp.zeros_like(a).at[ids_U].add(grads[n], mode='drop') for n, a in arrays.items()}
       ids_U = jnp.arange(rows)
+    ids_U = jnp.where(finite, ids_U, next(iter(arrays.values())).shape[0])
     gather = lambda x: sharding.constrain(x.at[ids_U].get(mode='fill', fill_value=0), ROW_AXES)
     scatter = lambda x, rows_U: x.at[ids_U].set(rows_U, mode='drop')
     delta_U = step - opt[t]['last_step'].at[ids_U].get(mode='fill', fill_value=0)

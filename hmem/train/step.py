@@ -134,10 +134,8 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
                                        (state.params, state.opt_state))
       new = new.replace(params=params, opt_state=opt_state)
     if state.bank:
-      # A non-finite step writes no row: every id becomes out of range and is dropped.
-      row_ids = {t: jnp.where(finite, ids, memory_bank.tables(cfg)[t][0]) for t, ids in row_ids.items()}
       bank, bank_opt = memory_optimizer.update(cfg, state.bank, state.bank_opt, row_ids, scaled(row_grads),
-                                               state.step + 1)
+                                               state.step + 1, finite)
       new = new.replace(bank=bank, bank_opt=bank_opt)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': count,
                'finite': finite}
