@@ -112,6 +112,7 @@ def collectives_child(quick: bool) -> dict:
   """Runs under 8 fake devices (set by the parent): compile only, read the HLO."""
   from hmem.config import load_config
   from hmem.memory.collectives import largest_collective_over_local_fetch
+  from hmem.train.step import compiled_train_step_text
 
   results = []
   meshes = (('feature', ['mesh.data=8']), ('rows', ['mesh.data=4', 'mesh.memory=2']))
@@ -119,7 +120,8 @@ def collectives_child(quick: bool) -> dict:
     for batch in (16, 64):
       cfg = load_config(CONFIG, (QUICK if quick else []) + mesh_over +
                         [f'train.batch_size={batch}', 'train.freeze_anchor=true'])
-      results.append({'mesh': mesh_name, 'batch': batch, **largest_collective_over_local_fetch(cfg)})
+      found = largest_collective_over_local_fetch(cfg, compiled_train_step_text(cfg))
+      results.append({'mesh': mesh_name, 'batch': batch, **found})
   return {'collectives': results, 'max_collective_over_local_fetch': max(r['ratio'] for r in results)}
 
 

@@ -108,9 +108,9 @@ def test_sparse_row_gradients_equal_grad_through_a_dense_gather(make_config):
     return next_token_loss(logits, batch['tokens'], batch['segment_ids'])[0]
 
   dense = jax.grad(dense_loss)(bank)
+  all_ids, all_row_grads = mopt.row_gradients(cfg, block_grads, None, leaf, None)
   for t, (rows, _) in mb.tables(cfg).items():
-    ids, row_grads = mopt.row_gradients(block_grads[t], mb.level_ids(cfg, leaf, t), rows)
-    ids = np.asarray(ids)
+    ids, row_grads = np.asarray(all_ids[t]), all_row_grads[t]
     valid = ids < rows
     assert sorted(ids[valid]) == sorted(set(np.asarray(mb.level_ids(cfg, leaf, t)).tolist()))
     for n in row_grads:
@@ -290,9 +290,10 @@ def test_memory_collectives_scale_with_the_local_fetch_not_the_bank(make_config,
   """The compiled post-hoc step (anchor frozen: no anchor gradient all-reduce) moves at most
   2 x B_local x fetch bytes in any one collective, at two global batch sizes."""
   from hmem.memory.collectives import largest_collective_over_local_fetch
+  from hmem.train.step import compiled_train_step_text
   for batch in (16, 64):
     cfg = make_config(*MEMORY, *mesh, f'train.batch_size={batch}', 'train.freeze_anchor=true')
-    found = largest_collective_over_local_fetch(cfg)
+    found = largest_collective_over_local_fetch(cfg, compiled_train_step_text(cfg))
     assert 0 < found['largest_bytes'] and found['ratio'] <= 2, (batch, found)
 
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from hmem import sharding
-from hmem.train.optimizer import schedule as lr_schedule
+from hmem.memory import bank as memory_bank
+from hmem.schedules import schedule as lr_schedule
 
 # Gathered rows and per-row gradients keep the bank's feature sharding.
 ROW_AXES = (None, None, None, 'bank_embed')
@@ -45,12 +46,31 @@ def opt_shardings(bank_shardings: dict, mesh) -> dict:
   return out
 
 
-def row_gradients(seq_grads: dict, ids_B: jax.Array, rows: int):
+def row_gradients(cfg, block_grads: dict, generic_grads: dict | None, leaf_B: jax.Array,
+                  use_generic_B: jax.Array | None) -> tuple[dict, dict]:
+  """Per table: (row ids [U], summed row gradients {name: [U, ...]}) from the per-sequence
+  gradients of the fetched blocks (and the generic block's, already summed). Sequences
+  switched to the generic block do not touch their path's rows."""
+  row_ids, row_grads = {}, {}
+  for t, (rows, _) in memory_bank.tables(cfg).items():
+    if t == 'generic':
+      # One row; touched iff some sequence used it.
+      row_ids[t] = jnp.where(jnp.any(use_generic_B), 0, 1)[None]
+      row_grads[t] = generic_grads
+      continue
+    ids_B = memory_bank.level_ids(cfg, leaf_B, t)
+    if use_generic_B is not None:
+      ids_B = jnp.where(use_generic_B, rows, ids_B)
+    row_ids[t], row_grads[t] = _table_row_gradients(block_grads[t], ids_B, rows)
+  return row_ids, row_grads
+
+
+def _table_row_gradients(seq_grads: dict, ids_B: jax.Array, rows: int):
   """Sums per-sequence gradients of one table per distinct row.
 
   `ids_B` holds each sequence's row, or `rows` (out of range) for a sequence that did not
-  use this table. Returns (row_ids [U], {name: [U, ...]}) with U = min(B, rows + 1) static;
-  unused slots and the out-of-range id carry id `rows`, which every later scatter drops.
+  use this table. U = min(B, rows + 1) is static; unused slots and the out-of-range id
+  carry id `rows`, which every later scatter drops.
   """
   B = ids_B.shape[0]
   U = min(B, rows + 1)
@@ -79,7 +99,7 @@ def _adamw_rows(w, m, v, g, delta, step, lr, train_cfg, memory_cfg):
 
 
 def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax.Array, finite: jax.Array):
-  """Applies one update. `row_ids`/`row_grads` per table come from `row_gradients`;
+  """Applies one update. `row_ids`/`row_grads` come from `row_gradients`;
   `step` is the 1-based index of this update. A step that is not `finite` writes nothing:
   every id becomes out of range, and the scatters drop them (no `where` over the whole
   bank). Returns (bank, opt)."""
