@@ -83,11 +83,13 @@ def default_config() -> ml_collections.ConfigDict:
       lora_alpha=2.0,      # LoRA scale = alpha / (concatenated rank)
       init_std=0.02,       # gate/up, LoRA A and KV keys; down, LoRA B and KV values start at 0
       generic_prob=-1.0,   # P(a training sequence uses the generic block); -1 = 1/(k+1), 0 = off
-      optimizer='sparse',  # 'sparse' (row-sparse AdamW) | 'dense' (AdamW over the whole bank)
+      # Bank AdamW: 'exact' (updates only fetched rows, and moves the others on their next
+      # fetch as dense AdamW would have), 'lazy' (fetched rows only; the others just decay)
+      # or 'dense' (every row every step; cost grows with the bank).
+      optimizer='exact',
       lr=1e-4,
       min_lr=1e-5,
       weight_decay=1e-3,
-      decay_catchup=True,  # sparse: apply the weight decay a row missed while not fetched
   ))
 
   c.data = ml_collections.ConfigDict(dict(
