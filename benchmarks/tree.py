@@ -1,12 +1,13 @@
 """Balanced hierarchical k-means at the paper's settings: fit time and per-level balance.
 
-  python benchmarks/tree.py [--quick] [--sizes 100000 1000000] [--devices N]
+  python benchmarks/tree.py [--quick] [--sizes 100000 1000000] [--depth 4] [--devices N]
 
 Synthetic 384-d embeddings (MiniLM's width): a mixture of 4,096 Gaussians on the unit
 sphere (64 groups of 64 components, log-normal weights, so some topics are far bigger than
 others). For each size the tree is fit with the paper's settings (k=16, depth 4, 6,400
 samples per EM step, 20 steps, balance 1.5/k) on all the points, which are then routed.
-Fit time includes compiling (one compile per level); route time is a second, compiled
+Fit time includes compiling (one compile per level), as wall-clock and as this process's
+CPU time (the figure to compare on a shared machine); route time is a second, compiled
 pass. Balance per level, from the routed points: largest/smallest non-empty node, the
 largest node's share of all points times the node count (1 = perfectly even), the largest
 child's share of its parent over all parents (the EM rule keeps a node's samples within
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -64,6 +66,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='20k points, depth 2, < 1 min')
   parser.add_argument('--sizes', type=int, nargs='+', default=[100_000, 1_000_000])
+  parser.add_argument('--depth', type=int, default=4)
   parser.add_argument('--devices', type=int, default=0, help='fake CPU devices (0: jax default)')
   args = parser.parse_args()
   if args.devices:
@@ -73,7 +76,7 @@ def main():
 
   from hmem.data.tree import fit_tree, route
 
-  k, depth, samples, steps = (16, 2, 1024, 5) if args.quick else (16, 4, 6400, 20)
+  k, depth, samples, steps = (16, 2, 1024, 5) if args.quick else (16, args.depth, 6400, 20)
   sizes = [20_000] if args.quick else args.sizes
   devices = jax.local_devices()
   results = {'machine': f'{os.cpu_count()}-core CPU, {platform.machine()}, jax {jax.__version__}',
@@ -81,24 +84,25 @@ def main():
              'samples': samples, 'steps': steps, 'balance': 1.5, 'quick': args.quick, 'runs': []}
   for n in sizes:
     x_NxD, _ = synthetic(n, 384)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tree = fit_tree(x_NxD, k, depth, seed=0, samples=samples, steps=steps, progress=not args.quick)
-    fit_s = time.perf_counter() - start
+    fit_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     route(tree, x_NxD)  # compile
     start = time.perf_counter()
     leaf_N = route(tree, x_NxD)
     route_s = time.perf_counter() - start
-    results['runs'].append({'points': n, 'fit_s': round(fit_s, 1), 'route_s': round(route_s, 2),
-                            'levels': balance(leaf_N, k, depth)})
+    results['runs'].append({'points': n, 'fit_s': round(fit_s, 1), 'fit_cpu_s': round(cpu_s, 1),
+                            'route_s': round(route_s, 2), 'levels': balance(leaf_N, k, depth)})
+    print(json.dumps(results['runs'][-1]), file=sys.stderr, flush=True)  # in case a later size dies
     del x_NxD
 
   print(f"{results['machine']}; {results['devices']}; k={k} depth={depth} samples={samples} steps={steps}")
-  print(f'{"points":>9} {"fit s":>7} {"route s":>7} {"level":>5} {"nodes":>6} {"empty":>6} '
+  print(f'{"points":>9} {"fit s":>7} {"cpu s":>7} {"route s":>7} {"level":>5} {"nodes":>6} {"empty":>6} '
         f'{"max/min":>8} {"max/mean":>8} {"max child":>9} {"mean max child":>14}')
   for run in results['runs']:
     for level, b in run['levels'].items():
-      head = (f"{run['points']:>9} {run['fit_s']:>7.1f} {run['route_s']:>7.2f}" if level == 1
-              else ' ' * 25)
+      head = (f"{run['points']:>9} {run['fit_s']:>7.1f} {run['fit_cpu_s']:>7.1f} {run['route_s']:>7.2f}"
+              if level == 1 else ' ' * 33)
       print(f"{head} {level:>5} {b['nodes']:>6} {b['empty']:>6} {b['max_over_min']:>8} "
             f"{b['largest_over_mean']:>8} {b['max_child_share']:>9} {b['mean_max_child_share']:>14}")
   print(f'(child shares: of its parent\'s points; the EM rule bounds samples at 1.5/k = {1.5 / k:.4f})')

@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--out', required=True, help='output dataset directory')
   p.add_argument('--processes', type=int, default=1, help='processes sharing the work')
   p.add_argument('--process-index', type=int, default=0, help='index of this process')
-  p.add_argument('--stage', choices=('all', 'fit', 'map', 'reduce'), default='all',
-                 help='run one stage as its own job (fit: process 0 only; see BUILD.md)')
+  p.add_argument('--stage', choices=('all', 'fit', 'embed', 'tree', 'map', 'reduce'), default='all',
+                 help='run one stage as its own job (fit, tree: process 0 only; see BUILD.md)')
   p.add_argument('--timeout', type=float, default=6 * 3600, help='seconds to wait for other processes')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
   return parser

