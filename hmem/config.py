@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import inspect
 import os
 from collections.abc import Iterable, Sequence
 
@@ -155,7 +156,14 @@ def paper_anchor_config(*, layers: int, d_model: int, heads: int, head_dim: int,
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a Python file and applies `--config.a.b=value` overrides."""
+  """Loads `get_config()` from a Python file and applies `--config.a.b=value` overrides.
+
+  `FILE:ARG` (as ml_collections' config flags) calls `get_config(ARG)` instead, e.g.
+  configs/paper/a2.py:160m.
+  """
+  arg = None
+  if not os.path.isfile(path) and ':' in path:
+    path, arg = path.rsplit(':', 1)
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path!r} not found; pass an existing file such as configs/tiny.py')
   spec = importlib.util.spec_from_file_location(f'hmem_config_{abs(hash(path))}', path)
@@ -163,7 +171,16 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} defines no get_config(); add one returning a ConfigDict')
-  cfg = module.get_config()
+  if arg is None:
+    cfg = module.get_config()
+  else:
+    try:
+      takes_arg = len(inspect.signature(module.get_config).parameters) > 0
+    except (TypeError, ValueError):
+      takes_arg = True
+    if not takes_arg:
+      raise ConfigError(f'config file {path!r} takes no argument; pass {path} without ":{arg}"')
+    cfg = module.get_config(arg)
   apply_overrides(cfg, overrides)
   return cfg
 
