@@ -65,8 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
       ),
   ))
 
-  # Hierarchical memory (PAPER.md): `levels` are the FFN hidden units per layer that each
-  # tree level contributes; all zeros is the plain anchor.
+  # Hierarchical memory (Pouransari et al. 2025): `levels` are the FFN hidden units per
+  # layer that each tree level contributes; all zeros is the plain anchor.
   c.memory = ml_collections.ConfigDict(dict(
       k=16,
       depth=4,
@@ -143,7 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def paper_anchor_config(*, layers: int, d_model: int, heads: int, head_dim: int, ffn: int,
                         tie_embeddings: bool) -> ml_collections.ConfigDict:
-  """An anchor of PAPER.md's family (gain-only LayerNorm, QK-norm, RoPE base 100k, SwiGLU,
+  """An anchor of the paper's family (gain-only LayerNorm, QK-norm, RoPE base 100k, SwiGLU,
   GPT-NeoX vocab 50,432) with the paper's baseline recipe: 2,048-token sequences in ~1M-token
   batches, AdamW cosine 5e-3 -> 5e-5 after 10k warmup steps, weight decay 0.05."""
   c = default_config()

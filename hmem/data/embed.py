@@ -1,6 +1,6 @@
 """Document embedders for `hmem prepare`: text -> unit vectors that the memory tree clusters.
 
-Two embedders sit behind one interface. `minilm` (all-MiniLM-L6-v2, PAPER.md's choice)
+Two embedders sit behind one interface. `minilm` (all-MiniLM-L6-v2, the paper's choice)
 gives semantic 384-d vectors; `tfidf` needs no weights and is fit on a sample of the
 corpus, which is enough for tests, toy corpora and machines without the model package.
 

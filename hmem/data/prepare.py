@@ -1,7 +1,7 @@
 """`hmem prepare`: raw documents -> a tokenized, clustered, packed dataset.
 
 Five stages, so the work spreads over processes and the output does not depend on how
-many there are (docs/DESIGN.md, "Data flow"):
+many there are:
 
   fit     process 0 reads the first ceil(data.tokenizer_sample/files) usable documents of
           every file, trains or loads the tokenizer and fits the embedder (TF-IDF) on them.
