@@ -121,8 +121,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--process-index', type=int, default=0, help='index of this process')
   p.add_argument('--tokenizer', default='', help='tokenizer.json, or a run directory holding one (hmem import); '
                  'sets data.tokenizer')
-  p.add_argument('--stage', choices=('all', 'fit', 'map', 'reduce'), default='all',
-                 help='run one stage as its own job (fit: process 0 only; see BUILD.md)')
+  p.add_argument('--stage', choices=('all', 'fit', 'embed', 'tree', 'map', 'reduce'), default='all',
+                 help='run one stage as its own job (fit, tree: process 0 only; see BUILD.md)')
   p.add_argument('--timeout', type=float, default=6 * 3600, help='seconds to wait for other processes')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
   p = add('import', _cmd_import, 'convert Llama-family weights (GGUF, Hugging Face) into an anchor run', config=False)
