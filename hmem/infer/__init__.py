@@ -1,0 +1,1 @@
+"""Inference: generation and evaluation with a trained memory."""
