@@ -167,6 +167,31 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return cfg
 
 
+def config_from_json(obj: dict) -> ml_collections.ConfigDict:
+  """A config saved as JSON (a run's config.json, a bundle's manifest) on top of
+  `default_config()`: lists become the tuples they were, keys added since are defaulted,
+  and a key the schema does not know is an error."""
+  cfg = default_config()
+
+  def merge(node, values, prefix):
+    for name, value in values.items():
+      key = f'{prefix}{name}'
+      if name not in node:
+        raise ConfigError(f'saved config key {key!r} is not in the config schema; was it written by '
+                          'another version of hmem?')
+      if isinstance(node[name], ml_collections.ConfigDict):
+        merge(node[name], value, key + '.')
+      else:
+        node[name] = _coerce(key, node[name], _tuples(value))
+
+  merge(cfg, obj, '')
+  return cfg
+
+
+def _tuples(value):
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
   keys = []
   for name, value in cfg.items():

@@ -188,6 +188,8 @@ def load_embedder(directory: str) -> Embedder:
     return TfidfEmbedder.load(directory, config)
   if kind == 'minilm':
     from hmem.data.minilm import MiniLMEmbedder
+    if config.get('path') and not os.path.isabs(config['path']):  # weights shipped beside it (a bundle)
+      config = {**config, 'path': os.path.join(directory, config['path'])}
     return MiniLMEmbedder.load(config)
   raise DataError(f"{path}: unknown embedder kind {kind!r}; expected 'tfidf' or 'minilm'")
 

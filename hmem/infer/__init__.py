@@ -1,1 +1,2 @@
-"""Inference: generation and evaluation with a trained memory."""
+"""Inference: route new text down the tree, read a trained bank, export and edit bundles,
+generate and evaluate."""
