@@ -1,6 +1,7 @@
-"""The `hmem` command: train, sizes, config, prepare (and more as the framework grows).
+"""The `hmem` command: train, sizes, config, prepare, export, bank (and more as the framework grows).
 
-Every subcommand takes `--config FILE` plus any number of `--config.a.b=value` overrides.
+Subcommands that build something take `--config FILE` plus any number of `--config.a.b=value`
+overrides; those that read a run or a bundle (export, bank) use its saved config.
 User errors (bad config, missing file, bad data, unusable checkpoint) print one line
 starting with `hmem: error:` and exit 2; a diverged run prints one line and exits 1.
 """
@@ -60,6 +61,26 @@ def _cmd_quickstart(args, cfg):
   print(json.dumps(quickstart(cfg, args.workdir, progress=not args.no_progress)))
 
 
+def _cmd_export(args, cfg):
+  from hmem.infer.bundle import export
+  m = export(args.workdir, args.out, step=args.step, dtype=args.dtype, subtrees=args.subtree,
+             progress=not args.no_progress)
+  print(json.dumps({'out': args.out, 'step': m['step'], 'dtype': m['dtype'], 'subtrees': m['subtrees'], **m['sizes']}))
+
+
+def _cmd_bank(args, cfg):
+  from hmem.errors import ConfigError
+  from hmem.infer import edit
+  from hmem.infer.bundle import read_manifest
+  from hmem.infer.router import parse_node
+  if args.action == 'replace' and not args.source:
+    raise ConfigError('hmem bank replace needs --from OTHER_BUNDLE (a bundle of the same run shapes)')
+  m = read_manifest(args.bundle)
+  nodes = [parse_node(n, m['k'], m['depth']) for n in args.node]
+  m = edit.drop(args.bundle, nodes) if args.action == 'drop' else edit.replace(args.bundle, args.source, nodes)
+  print(json.dumps(m['edits'][-1]))
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='hmem', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
@@ -92,6 +113,21 @@ def _parser() -> argparse.ArgumentParser:
                  help='run one stage as its own job (fit: process 0 only; see BUILD.md)')
   p.add_argument('--timeout', type=float, default=6 * 3600, help='seconds to wait for other processes')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
+  # Inference: these read the run's own config, so they take no --config.
+  p = sub.add_parser('export', help='write an inference bundle from a run directory')
+  p.set_defaults(fn=_cmd_export)
+  p.add_argument('--workdir', required=True, help='run directory (hmem train --workdir)')
+  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
+  p.add_argument('--out', required=True, help='bundle directory to create')
+  p.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16', help='anchor and bank dtype')
+  p.add_argument('--subtree', type=int, nargs='+', default=None, help='level-1 subtrees to ship (default: all)')
+  p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  p = sub.add_parser('bank', help="edit a bundle's bank: drop or replace the rows of subtrees (atomic)")
+  p.set_defaults(fn=_cmd_bank)
+  p.add_argument('action', choices=('drop', 'replace'), help='drop: zero the rows; replace: copy them from --from')
+  p.add_argument('--bundle', required=True, help='the bundle to edit')
+  p.add_argument('--node', required=True, nargs='+', help="LEVEL:ID nodes; each names its subtree's rows")
+  p.add_argument('--from', dest='source', help='replace: the bundle to copy the rows from')
   return parser
 
 
@@ -101,9 +137,11 @@ def main(argv=None) -> int:
   args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
 
   from hmem.config import load_config
-  from hmem.errors import TrainingError, UserError
+  from hmem.errors import ConfigError, TrainingError, UserError
   try:
-    cfg = load_config(args.config, overrides)
+    if overrides and not hasattr(args, 'config'):
+      raise ConfigError(f'`hmem {args.command}` takes no --config overrides: it uses the run\'s own config')
+    cfg = load_config(args.config, overrides) if hasattr(args, 'config') else None
     args.fn(args, cfg)
   except TrainingError as e:
     print(f'hmem: error: {e}', file=sys.stderr)

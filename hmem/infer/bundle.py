@@ -98,13 +98,13 @@ def write_rows(array, lo: int, rows_RxS: np.ndarray, bar=None) -> None:
       bar.update(slab.nbytes)
 
 
-def _runs(mask_R: np.ndarray) -> list[tuple[int, int]]:
+def true_runs(mask_R: np.ndarray) -> list[tuple[int, int]]:
   """[lo, hi) runs of True in a bool mask."""
   edges = np.flatnonzero(np.diff(np.concatenate([[0], mask_R.astype(np.int8), [0]])))
   return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
   with open(f'{path}.tmp', 'w') as f:
     json.dump(obj, f, indent=1)
     f.write('\n')
@@ -175,7 +175,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
         for name, a in named.items():
           path = array_path(table, name)
           array = create_array(tmp, path, a.shape, dtype)
-          for lo, hi in _runs(masks[table]):
+          for lo, hi in true_runs(masks[table]):
             write_rows(array, lo, a[lo:hi].astype(np_dtype), bar)
           arrays[f'{table}/{name}'] = {'path': path, 'shape': list(a.shape), 'dtype': dtype,
                                        'chunk_shape': [1, *a.shape[1:]], 'codecs': ['bytes', 'crc32c'],
@@ -190,7 +190,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
                       'sha256': sha256(os.path.join(cfg.data.path, TOKENIZER))},
         'files': file_checksums(tmp), 'bank': arrays,
     }
-    _write_json(os.path.join(tmp, MANIFEST), manifest)
+    write_json(os.path.join(tmp, MANIFEST), manifest)
     os.rename(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

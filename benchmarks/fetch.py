@@ -1,0 +1,170 @@
+"""Fetch latency of one root-to-leaf path from a bundle's bank (and, later, decode speed).
+
+    python benchmarks/fetch.py [--quick] [--dir DIR] [--samples N]
+
+The bank has the shapes of the paper's 160M anchor (35 layers, d=512) with FFN memory of
+level widths (256, 64, 16, 0) on a k=16, depth-4 tree, in bfloat16: 4.6B parameters,
+9.3 GB, 36 MB (18M parameters) per path. It is written once into --dir with the bundle
+code (zarr v3, one chunk per row, crc32c) and reused by later runs; --quick writes only
+level-1 subtree 0 below level 1 (1.0 GB: every row of level 1, 1/16 of levels 2-3), which
+changes nothing about one path's rows.
+
+- cold: a fresh process opens the arrays; before each sample its row cache is emptied and
+  the path's chunk files are evicted from the OS page cache (posix_fadvise DONTNEED: no
+  root needed, other processes' cached files untouched), so every row comes from disk.
+- warm: a Reader whose LRU cache already holds levels 1-2 (the top levels, 2.2 GB here);
+  only the level-3 row is read, itself evicted from the page cache first.
+Latencies are Reader.read of the path's three rows (9 chunks, read concurrently) until the
+arrays are in host memory. Prints a table, then one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+K, DEPTH, LEVELS = 16, 4, (256, 64, 16, 0)
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', '160m.py')
+
+
+def _bank_shapes(quick: bool):
+  from hmem.config import load_config
+  from hmem.memory.bank import bank_shapes
+  cfg = load_config(CONFIG, [f'memory.k={K}', f'memory.depth={DEPTH}', f'memory.levels={LEVELS}',
+                             'memory.generic_prob=0'])
+  return {t: named for t, named in bank_shapes(cfg).items()}, ([0] if quick else list(range(K)))
+
+
+def _write_bank(root: str, quick: bool) -> dict:
+  """The bank's arrays under root (once; reused when root/bank.json matches)."""
+  import ml_dtypes
+  from tqdm import tqdm
+
+  from hmem.infer.bundle import array_path, create_array, present_rows, true_runs, write_rows
+  shapes, subtrees = _bank_shapes(quick)
+  meta = {'shapes': {t: {n: list(s) for n, s in named.items()} for t, named in shapes.items()}, 'subtrees': subtrees}
+  index = os.path.join(root, 'bank.json')
+  if os.path.exists(index):
+    with open(index) as f:
+      if json.load(f) == meta:
+        return meta
+  rng = np.random.default_rng(0)
+  masks = {t: present_rows(K, DEPTH, t, next(iter(named.values()))[0], subtrees) for t, named in shapes.items()}
+  total = sum(int(np.prod(s[1:])) * 2 * int(masks[t].sum()) for t, named in shapes.items() for s in named.values())
+  with tqdm(total=total, unit='B', unit_scale=True, desc='write bank') as bar:
+    for table, named in shapes.items():
+      for name, shape in named.items():
+        array = create_array(root, array_path(table, name), shape, 'bfloat16')
+        # Rows differ only by a scale: content does not change read latency, and drawing
+        # 4.6B random numbers would dominate the run.
+        row = (0.02 * rng.standard_normal(shape[1:], np.float32)).astype(ml_dtypes.bfloat16)
+        for lo, hi in true_runs(masks[table]):
+          slab = np.broadcast_to(row, (min(hi - lo, 64), *shape[1:]))
+          for start in range(lo, hi, slab.shape[0]):
+            write_rows(array, start, np.ascontiguousarray(slab[:min(slab.shape[0], hi - start)]), bar)
+  with open(index, 'w') as f:
+    json.dump(meta, f)
+  return meta
+
+
+def _evict(root: str, files: list[str]) -> None:
+  for path in files:
+    fd = os.open(os.path.join(root, path), os.O_RDONLY)
+    try:
+      os.fsync(fd)
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
+def _measure(root: str, mode: str, samples: int, seed: int) -> list[float]:
+  """Latencies (ms) of `samples` random paths; runs in its own process."""
+  from hmem.infer.bundle import array_path
+  from hmem.infer.reader import Reader
+  with open(os.path.join(root, 'bank.json')) as f:
+    meta = json.load(f)
+  tables = [t for t in meta['shapes'] if t != 'generic']
+  arrays = {t: {n: array_path(t, n) for n in meta['shapes'][t]} for t in tables}
+  leaves = K**DEPTH // K * len(meta['subtrees'])  # leaves of the subtrees written (0 .. leaves-1)
+  present = {t: np.ones(next(iter(meta['shapes'][t].values()))[0], bool) for t in tables}
+  reader = Reader(root, arrays, present, cache_bytes=4 << 30)
+  rng = np.random.default_rng(seed)
+
+  def path_rows(leaf):
+    return {t: np.array([leaf // K**(DEPTH - int(t.removeprefix('level')))]) for t in tables}
+
+  def chunks(rows, which):
+    return [f'{arrays[t][n]}/c/{int(rows[t][0])}/0/0/0' for t in which for n in arrays[t]]
+
+  if mode == 'warm':  # fill the cache with every top-level row the samples can meet
+    top = tables[:-1]
+    reader.read({t: np.arange(present[t].size)[:leaves // K**(DEPTH - int(t[5:]))] for t in top})
+  reader.read(path_rows(int(rng.integers(leaves))))  # start tensorstore's threads
+  times = []
+  for _ in range(samples):
+    rows = path_rows(int(rng.integers(leaves)))
+    if mode == 'cold':
+      reader.clear_cache()
+      _evict(root, chunks(rows, tables))
+    else:
+      reader._cache.pop((tables[-1], int(rows[tables[-1]][0])), None)
+      _evict(root, chunks(rows, tables[-1:]))
+    start = time.perf_counter()
+    reader.read(rows)
+    times.append(1e3 * (time.perf_counter() - start))
+  return times
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help='a 1 GB partial bank, fewer samples (< 60 s)')
+  parser.add_argument('--dir', default=None, help='where the bank is written and kept (default: /tmp)')
+  parser.add_argument('--samples', type=int, default=None)
+  parser.add_argument('--measure', choices=('cold', 'warm'), help=argparse.SUPPRESS)  # the worker process
+  parser.add_argument('--seed', type=int, default=0, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  root = args.dir or os.path.join('/tmp', 'hmem-fetch-bench' + ('-quick' if args.quick else ''))
+  samples = args.samples or (30 if args.quick else 200)
+  if args.measure:
+    print(json.dumps(_measure(root, args.measure, samples, args.seed)))
+    return
+  os.makedirs(root, exist_ok=True)
+  meta = _write_bank(root, args.quick)
+  latency = {}
+  for mode in ('cold', 'warm'):
+    out = subprocess.run([sys.executable, __file__, '--dir', root, '--samples', str(samples), '--measure', mode,
+                          '--seed', '1'], check=True, capture_output=True, text=True).stdout
+    latency[mode] = json.loads(out.strip().splitlines()[-1])
+  shapes = meta['shapes']
+  path_bytes = sum(int(np.prod(s[1:])) * 2 for t, named in shapes.items() if t != 'generic' for s in named.values())
+  bank_bytes = sum(int(np.prod(s)) * 2 for named in shapes.values() for s in named.values())
+  written = sum(int(np.prod(s[1:])) * 2 * (s[0] if t == 'level1' else s[0] * len(meta['subtrees']) // K)
+                for t, named in shapes.items() for s in named.values())
+  print(f'bank: {bank_bytes / 1e9:.2f} GB in bf16 ({bank_bytes // 2 / 1e9:.2f}B parameters), '
+        f'{written / 1e9:.2f} GB written (level-1 subtrees {meta["subtrees"] if args.quick else "all"}); '
+        f'one path: {path_bytes / 1e6:.1f} MB in 3 rows x 3 arrays; {samples} samples each')
+  print(f'{"fetch":<6} {"p50 ms":>8} {"p99 ms":>8} {"max ms":>8} {"MB/s at p50":>12}')
+  result = {}
+  for mode, times in latency.items():
+    p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
+    moved = path_bytes if mode == 'cold' else int(np.prod(shapes['level3']['ffn_up'][1:])) * 2 * 3
+    print(f'{mode:<6} {p50:8.2f} {p99:8.2f} {max(times):8.2f} {moved / 1e3 / p50:12.0f}')
+    result[f'fetch_p50_{mode}_ms'] = round(float(p50), 3)
+    result[f'fetch_p99_{mode}_ms'] = round(float(p99), 3)
+  # decode_ratio (decode tokens/s with a fetched block / without) is measured by the
+  # decoder's part of this benchmark and joins this JSON object.
+  result.update(bank_gb=round(bank_bytes / 1e9, 2), written_gb=round(written / 1e9, 2),
+                path_mb=round(path_bytes / 1e6, 1), samples=samples, page_cache='evicted per file (fadvise)')
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()
