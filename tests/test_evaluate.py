@@ -10,6 +10,7 @@ import pytest
 from conftest import WIKI
 from flax import nnx
 
+from hmem.cli import main
 from hmem.errors import DataError
 from hmem.infer.evaluate import evaluate
 from hmem.infer.source import open_source
@@ -111,3 +112,47 @@ def test_eval_of_a_file_with_nothing_usable_names_it(source, tmp_path):
   path.write_text('\n{"text": ""}\nnot json\n')
   with pytest.raises(DataError, match=r'bad\.jsonl: no usable record \(1 empty line, 1 empty text, 1 malformed'):
     evaluate(source, str(path), progress=False)
+
+
+def _last_json(capsys):
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_export_drop_then_eval_scores_the_subtree_as_without_memory(memory_run, tmp_path, capsys):
+  bundle = tmp_path / 'bundle'
+  assert main(['export', '--workdir', str(memory_run[3]), '--out', str(bundle), '--dtype', 'float32',
+               '--no-progress']) == 0
+  texts = _texts(40)
+  level1 = open_source(bundle=str(bundle)).router.route(texts).path[:, 0]
+  node = int(level1[0])
+  files = {}
+  for name, inside in (('inside', True), ('outside', False)):
+    files[name] = tmp_path / f'{name}.jsonl'
+    files[name].write_text(''.join(json.dumps({'text': t}) + '\n'
+                                   for t, n in zip(texts, level1) if (n == node) == inside))
+  capsys.readouterr()
+  assert main(['bank', 'drop', '--bundle', str(bundle), '--node', f'1:{node}']) == 0
+  assert main(['eval', '--bundle', str(bundle), '--data', str(files['inside']), '--json', '--no-progress']) == 0
+  inside = _last_json(capsys)
+  assert inside['documents'] == int((level1 == node).sum()) and inside['ppl_fetched'] == inside['ppl_none']
+  plot = tmp_path / 'eval.png'
+  assert main(['eval', '--bundle', str(bundle), '--data', str(files['outside']), '--plot', str(plot),
+               '--no-progress']) == 0
+  out = capsys.readouterr().out.splitlines()
+  outside = json.loads(out[-1])
+  assert outside['ppl_fetched'] != outside['ppl_none']  # the other subtrees still act
+  assert out[0].split()[0] == 'mode' and [line.split()[0] for line in out[1:4]] == ['fetched', 'generic', 'none']
+  assert plot.stat().st_size > 0
+
+
+def test_generate_prints_the_routed_path_then_the_text(memory_run, capsys):
+  run, prompt = str(memory_run[3]), 'Classical music of the 20th century'
+  args = ['generate', '--workdir', run, '--prompt', prompt, '--max-new-tokens', '6', '--no-progress']
+  assert main(args) == 0
+  path_line, text = capsys.readouterr().out.splitlines()[:2]
+  expected = open_source(workdir=run).router.route([prompt]).path[0]
+  assert path_line == f'path: 1:{expected[0]} 2:{expected[1]}' and text.startswith(prompt)
+  assert main(args + ['--block', f'1:{expected[0]}']) == 0
+  assert capsys.readouterr().out.splitlines()[0].split()[1] != f'1:{expected[0]}'
+  assert main(args + ['--memory', 'none', '--block-best']) == 2
+  assert 'need --memory fetched' in capsys.readouterr().err

@@ -96,3 +96,28 @@ def generate(model, prompts: Sequence[Sequence[int]], memory: dict | None = None
       break
   tokens_BxN = np.asarray(jnp.stack(out, axis=1)) if out else np.zeros((B, 0), np.int32)
   return [row[:np.argmax(row == eot_id)] if (row == eot_id).any() else row for row in tokens_BxN]
+
+
+def complete(source, prompt: str, *, mode: str = 'fetched', block=(), block_best: bool = False,
+             **sampling) -> tuple[np.ndarray | None, str]:
+  """Routes `prompt` (around `block`ed nodes), fetches its memory in `mode` and continues
+  it; returns (the routed path [depth] or None when nothing was routed, the new text).
+  A prompt longer than the model's seq_len minus the new tokens keeps its last tokens."""
+  router = source.router
+  if router is None:
+    raise UserError('this run trained on synthetic data: it has no tokenizer or tree for a text prompt; '
+                    'generate from a run trained on a prepared dataset (data.source=prepared)')
+  if (block or block_best) and mode != 'fetched':
+    raise UserError(f'--block / --block-best route around nodes, so they need --memory fetched (got {mode})')
+  path, leaf = None, np.zeros(1, np.int64)
+  if mode == 'fetched' and source.has_memory:
+    routes = router.route([prompt], block, block_best)
+    path, leaf = routes.path[0], routes.leaf
+  ids = router.tokenizer.encode([prompt])[0]
+  new = sampling.get('max_new_tokens', 64)
+  keep = source.config.data.seq_len - new
+  if keep < 1:
+    raise UserError(f'max_new_tokens={new} leaves no room for the prompt in the model\'s '
+                    f'{source.config.data.seq_len}-token context; ask for fewer tokens')
+  out = generate(source.model, [ids[-keep:]], source.memory(leaf, mode), eot_id=router.tokenizer.eot_id, **sampling)
+  return path, router.tokenizer.decode(out[0])
