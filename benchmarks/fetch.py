@@ -103,30 +103,28 @@ def _measure(root: str, mode: str, samples: int, seed: int) -> list[float]:
     meta = json.load(f)
   tables = [t for t in meta['shapes'] if t != 'generic']
   arrays = {t: {n: array_path(t, n) for n in meta['shapes'][t]} for t in tables}
-  leaves = K**DEPTH // K * len(meta['subtrees'])  # leaves of the subtrees written (0 .. leaves-1)
   present = {t: np.ones(next(iter(meta['shapes'][t].values()))[0], bool) for t in tables}
   reader = Reader(root, arrays, present, cache_bytes=4 << 30)
-  rng = np.random.default_rng(seed)
+  # Paths through distinct deepest rows of the subtrees written, so no sample finds its
+  # deepest row cached.
+  deepest = K**(len(tables) - 1) * len(meta['subtrees'])
+  bottom_N = np.random.default_rng(seed).choice(deepest, samples + 1, replace=False)
 
-  def path_rows(leaf):
-    return {t: np.array([leaf // K**(DEPTH - int(t.removeprefix('level')))]) for t in tables}
+  def path_rows(bottom):
+    return {t: np.array([bottom // K**(len(tables) - int(t.removeprefix('level')))]) for t in tables}
 
   def chunks(rows, which):
     return [f'{arrays[t][n]}/c/{int(rows[t][0])}/0/0/0' for t in which for n in arrays[t]]
 
-  if mode == 'warm':  # fill the cache with every top-level row the samples can meet
-    top = tables[:-1]
-    reader.read({t: np.arange(present[t].size)[:leaves // K**(DEPTH - int(t[5:]))] for t in top})
-  reader.read(path_rows(int(rng.integers(leaves))))  # start tensorstore's threads
+  if mode == 'warm':  # the cache holds every top-level row the samples can meet
+    reader.read({t: np.arange(deepest // K**(len(tables) - int(t.removeprefix('level')))) for t in tables[:-1]})
+  reader.read(path_rows(bottom_N[-1]))  # starts tensorstore's threads
   times = []
-  for _ in range(samples):
-    rows = path_rows(int(rng.integers(leaves)))
+  for bottom in bottom_N[:-1]:
+    rows = path_rows(bottom)
     if mode == 'cold':
       reader.clear_cache()
-      _evict(root, chunks(rows, tables))
-    else:
-      reader._cache.pop((tables[-1], int(rows[tables[-1]][0])), None)
-      _evict(root, chunks(rows, tables[-1:]))
+    _evict(root, chunks(rows, tables if mode == 'cold' else tables[-1:]))
     start = time.perf_counter()
     reader.read(rows)
     times.append(1e3 * (time.perf_counter() - start))

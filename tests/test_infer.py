@@ -264,7 +264,7 @@ def test_damaged_chunks_are_errors_naming_the_row(bundles, tmp_path):
   chunk.write_bytes(chunk.read_bytes()[:-10])  # truncated
   source = open_source(bundle=str(damaged))
   source.blocks(np.array([6]))  # other rows still read
-  with pytest.raises(BundleError, match='row 5 of bank array level2/ffn_up cannot be read.*(Not enough data|Unexpected end)'):
+  with pytest.raises(BundleError, match='row 5 of bank array level2/ffn_up cannot be read.*(Not enough|end of input)'):
     source.blocks(np.array([5]))
   data = bytearray((damaged / path / 'c' / '6' / '0' / '0' / '0').read_bytes())
   data[0] ^= 1  # a flipped bit
@@ -311,3 +311,12 @@ def test_unknown_nodes_are_errors(bundles, capsys):
     parse_node('1-2', 4, 2)
   assert main(['bank', 'drop', '--bundle', str(bundles / 'f32'), '--node', '2:16']) == 2
   assert 'hmem: error: node 2:16 does not exist: level 2 has nodes 0..15' in capsys.readouterr().err
+
+
+def test_a_dataset_whose_tokenizer_was_replaced_is_refused(memory_run, tmp_path):
+  _, data, _, _ = memory_run
+  copy = tmp_path / 'data'
+  shutil.copytree(data, copy, ignore=shutil.ignore_patterns('*.array_record', 'embed_cache'))
+  Tokenizer.train(list(TEXTS), 300).save(str(copy / 'tokenizer.json'))
+  with pytest.raises(BundleError, match='tokenizer.json does not match .*manifest.json'):
+    Router.load(str(copy))
