@@ -85,11 +85,13 @@ class Attention(nnx.Module):
     self.lora_alpha = lora_alpha
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, memory: dict | None = None, cache=None):
-    """Returns (output, (keys, values) of the T new tokens).
+    """Returns (output, cache).
 
     `memory` may carry LoRA factors for q/k/v/o or KV memory slots (see hmem.memory).
-    `cache`: None (keys are the T tokens themselves: S = T) or (keys, values, index) of
-    this layer's cache, the new tokens going to slots [index, index + T) (see KVCache).
+    `cache`: None (keys are the T tokens themselves: S = T), or (KVCache, this layer's
+    index): the new keys and values are written to their slots first, then the layer's
+    slots are read back and attended to (written before read, so XLA updates the cache in
+    place), and the updated KVCache is returned.
     """
     N, K, H = self.shape
     B, T, _ = x_BxTxD.shape
@@ -105,13 +107,13 @@ class Attention(nnx.Module):
     if cache is None:
       k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
     else:
-      keys, values, index = cache
-      k_BxSxKxH = jax.lax.dynamic_update_slice(keys, k_BxTxKxH, (0, index, 0, 0))
-      v_BxSxKxH = jax.lax.dynamic_update_slice(values, v_BxTxKxH, (0, index, 0, 0))
+      kv, layer = cache
+      cache = kv.write(layer, k_BxTxKxH, v_BxTxKxH)
+      k_BxSxKxH, v_BxSxKxH = cache.keys[layer], cache.values[layer]
     out_BxTxNxH = self.kernel(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
     if memory is not None and 'kv_keys' in memory:
       R = memory['kv_keys'].shape[1]
       slots = lambda name: memory[name].astype(self.dtype).reshape(B, R, K, H)
       out_BxTxNxH = out_BxTxNxH + memory_attention(q.reshape(B, T, N, H), slots('kv_keys'), slots('kv_values'))
     out_BxTxF = out_BxTxNxH.reshape(B, T, N * H)
-    return linear(self.o, out_BxTxF) + lora(out_BxTxF, 'o'), (k_BxTxKxH, v_BxTxKxH)
+    return linear(self.o, out_BxTxF) + lora(out_BxTxF, 'o'), cache

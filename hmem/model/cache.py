@@ -49,10 +49,6 @@ class KVCache:
     causal_TxS = jnp.arange(self.max_len)[None, :] <= slot_T[:, None]
     return (segments_BxS[:, None, :] == segment_ids_BxT[:, :, None]) & causal_TxS
 
-  def layer(self, i) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """What layer `i`'s attention needs: (keys, values, write index)."""
-    return self.keys[i], self.values[i], self.index
-
   def write(self, i, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array) -> KVCache:
     """Stores layer `i`'s new keys and values (only the chunk's slots are written)."""
     at = (i, 0, self.index, 0, 0)

@@ -45,11 +45,11 @@ class Block(nnx.Module):
     self.ffn = SwiGLU(cfg.d_model, cfg.ffn, cfg.init_std, out_std, dtype, param_dtype, lora_alpha, rngs)
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, memory=None, cache=None):
-    """Returns (output, the new tokens' (keys, values)); `cache` as in Attention."""
-    attn_BxTxD, kv = self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, memory, cache)
+    """Returns (output, cache); `cache` as in Attention."""
+    attn_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, memory, cache)
     x_BxTxD = x_BxTxD + attn_BxTxD
     x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD), memory)
-    return sharding.constrain(x_BxTxD, ('batch', None, None)), kv
+    return sharding.constrain(x_BxTxD, ('batch', None, None)), cache
 
 
 class Transformer(nnx.Module):
@@ -117,15 +117,14 @@ class Transformer(nnx.Module):
     return KVCache.empty(self.num_layers, batch, max_len, K, H, self.blocks.attn.dtype)
 
   def _run_layers(self, graphdef, stack, first, x_BxTxD, positions_BxT, mask_BxTxS, memory_L, cache):
-    """Runs the layers first, first + 1, ... held in `stack`; with a cache, each reads its
-    cached keys and values and writes the new tokens' (the cache rides in the carry, so a
-    step writes only the new slots)."""
+    """Runs the layers first, first + 1, ... held in `stack`; with a cache, each writes the
+    new tokens' keys and values and attends to its cached slots (the cache rides in the
+    carry, so a step writes only the new slots)."""
     def body(carry, layer):
       x, cache = carry
       state, mem, i = layer
-      cached = None if cache is None else cache.layer(i)
-      x, (k, v) = nnx.merge(graphdef, state)(x, positions_BxT, mask_BxTxS, mem, cached)
-      return (x, None if cache is None else cache.write(i, k, v)), None
+      x, cache = nnx.merge(graphdef, state)(x, positions_BxT, mask_BxTxS, mem, None if cache is None else (cache, i))
+      return (x, cache), None
 
     if self.remat:
       body = jax.checkpoint(body, policy=self.remat_policy, prevent_cse=not self.scan_layers)
