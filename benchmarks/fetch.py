@@ -1,4 +1,5 @@
-"""Fetch latency of one root-to-leaf path from a bundle's bank (and, later, decode speed).
+"""Fetch latency of one root-to-leaf path from a bundle's bank, and decode speed with the
+fetched block.
 
     python benchmarks/fetch.py [--quick] [--dir DIR] [--samples N]
 
@@ -15,7 +16,16 @@ changes nothing about one path's rows.
 - warm: a Reader whose LRU cache already holds levels 1-2 (the top levels, 2.2 GB here);
   only the level-3 row is read, itself evicted from the page cache first.
 Latencies are Reader.read of the path's three rows (9 chunks, read concurrently) until the
-arrays are in host memory. Prints a table, then one JSON object as the last line.
+arrays are in host memory.
+
+- decode: tokens/s of greedy KV-cached decoding (hmem.infer.decoder.generate, batch 1, a
+  32-token prompt bucket then --decode-tokens steps) by the 160M anchor with the path's
+  block (336 FFN units per layer on top of 2048) and with no memory, in bfloat16 compute
+  as configs/160m.py; the two alternate, --repeats times each, in one process after both
+  have compiled; decode_ratio = the median of (time with the block / time without).
+  --quick keeps 8 of the 35 layers (the embedding's share of the work then grows, so the
+  ratio reads lower than the full model's).
+Prints a table, then one JSON object as the last line.
 """
 
 from __future__ import annotations
@@ -121,16 +131,55 @@ def _measure(root: str, mode: str, samples: int, seed: int) -> list[float]:
   return times
 
 
+def _decode(quick: bool, tokens: int, repeats: int) -> dict:
+  """Decode seconds per mode and repeat; runs in its own process."""
+  import jax
+
+  from hmem.config import load_config
+  from hmem.infer.decoder import generate
+  from hmem.memory.bank import block_shapes
+  from hmem.model import build_model
+  overrides = [f'memory.k={K}', f'memory.depth={DEPTH}', f'memory.levels={LEVELS}']
+  cfg = load_config(CONFIG, overrides + (['model.layers=8'] if quick else []))
+  model = build_model(cfg)
+  dtype = jax.numpy.dtype(cfg.model.dtype)
+  rng = np.random.default_rng(0)
+  block = {name: jax.numpy.asarray(0.02 * rng.standard_normal((1, *shape)), dtype)
+           for name, shape in block_shapes(cfg, sum(LEVELS)).items()}
+  prompt = [rng.integers(1, cfg.model.vocab_size, 24).tolist()]
+  memories = {'none': None, 'fetched': block}
+
+  def run(memory):  # eot_id=-1: no token stops generation early
+    start = time.perf_counter()
+    out = generate(model, prompt, memory, eot_id=-1, max_new_tokens=tokens)
+    assert len(out[0]) == tokens  # generate returns host arrays: the work is done
+    return time.perf_counter() - start
+
+  for memory in memories.values():  # compile
+    run(memory)
+  times = {mode: [] for mode in memories}
+  for _ in range(repeats):
+    for mode, memory in memories.items():
+      times[mode].append(run(memory))
+  return {'layers': cfg.model.layers, 'times': times}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='a 1 GB partial bank, fewer samples (< 60 s)')
   parser.add_argument('--dir', default=None, help='where the bank is written and kept (default: /tmp)')
   parser.add_argument('--samples', type=int, default=None)
-  parser.add_argument('--measure', choices=('cold', 'warm'), help=argparse.SUPPRESS)  # the worker process
+  parser.add_argument('--decode-tokens', type=int, default=None, help='tokens per decode run (default 64; quick 16)')
+  parser.add_argument('--repeats', type=int, default=None, help='decode runs per mode (default 7; quick 3)')
+  parser.add_argument('--measure', choices=('cold', 'warm', 'decode'), help=argparse.SUPPRESS)  # the worker process
   parser.add_argument('--seed', type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   root = args.dir or os.path.join('/tmp', 'hmem-fetch-bench' + ('-quick' if args.quick else ''))
   samples = args.samples or (30 if args.quick else 200)
+  tokens, repeats = args.decode_tokens or (16 if args.quick else 64), args.repeats or (3 if args.quick else 7)
+  if args.measure == 'decode':
+    print(json.dumps(_decode(args.quick, tokens, repeats)))
+    return
   if args.measure:
     print(json.dumps(_measure(root, args.measure, samples, args.seed)))
     return
@@ -157,9 +206,20 @@ def main() -> None:
     print(f'{mode:<6} {p50:8.2f} {p99:8.2f} {max(times):8.2f} {moved / 1e3 / p50:12.0f}')
     result[f'fetch_p50_{mode}_ms'] = round(float(p50), 3)
     result[f'fetch_p99_{mode}_ms'] = round(float(p99), 3)
-  # decode_ratio (decode tokens/s with a fetched block / without) is measured by the
-  # decoder's part of this benchmark and joins this JSON object.
-  result.update(bank_gb=round(bank_bytes / 1e9, 2), written_gb=round(written / 1e9, 2),
+  out = subprocess.run([sys.executable, __file__, '--measure', 'decode', '--decode-tokens', str(tokens),
+                        '--repeats', str(repeats)] + (['--quick'] if args.quick else []),
+                       check=True, capture_output=True, text=True).stdout
+  decode = json.loads(out.strip().splitlines()[-1])
+  times = {mode: np.array(t) for mode, t in decode['times'].items()}
+  print(f'\ndecode ({decode["layers"]} layers, batch 1, {tokens} tokens, {repeats} interleaved runs per mode)')
+  print(f'{"memory":<8} {"tok/s p50":>10} {"min":>8} {"max":>8}')
+  for mode, t in times.items():
+    tps = tokens / t
+    print(f'{mode:<8} {np.median(tps):10.1f} {tps.min():8.1f} {tps.max():8.1f}')
+    result[f'decode_tok_s_{mode}'] = round(float(np.median(tps)), 2)
+  result['decode_ratio'] = round(float(np.median(times['fetched'] / times['none'])), 4)
+  print(f'decode_ratio (time with the block / without, median of pairs): {result["decode_ratio"]:.3f}')
+  result.update(decode_layers=decode['layers'], bank_gb=round(bank_bytes / 1e9, 2), written_gb=round(written / 1e9, 2),
                 path_mb=round(path_bytes / 1e6, 1), samples=samples, page_cache='evicted per file (fadvise)')
   print(json.dumps(result))
 

@@ -1,7 +1,8 @@
-"""The `hmem` command: train, sizes, config, prepare, import, export, bank (and more as the framework grows).
+"""The `hmem` command: train, sizes, config, prepare, import, export, bank, generate, eval.
 
 Subcommands that build something take `--config FILE` plus any number of `--config.a.b=value`
-overrides; those that read a run, a bundle or outside weights (import, export, bank) take none.
+overrides; those that read a run, a bundle or outside weights (import, export, bank, generate,
+eval) use its saved config and take none.
 User errors (bad config, missing file, bad data, unusable checkpoint) print one line
 starting with `hmem: error:` and exit 2; a diverged run prints one line and exits 1.
 """
@@ -90,6 +91,38 @@ def _cmd_bank(args, cfg):
   print(json.dumps(m['edits'][-1]))
 
 
+def _open(args):
+  """The run or bundle of --workdir / --bundle, and the --block nodes parsed against its tree."""
+  from hmem.infer.router import parse_node
+  from hmem.infer.source import open_source
+  source = open_source(bundle=args.bundle, workdir=args.workdir, step=args.step)
+  m = source.config.memory
+  return source, [parse_node(n, m.k, m.depth) for n in args.block]
+
+
+def _cmd_generate(args, cfg):
+  from hmem.infer.decoder import complete
+  source, block = _open(args)
+  path, text = complete(source, args.prompt, mode=args.memory, block=block, block_best=args.block_best,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed, progress=not args.no_progress)
+  nodes = ' '.join(f'{level}:{node}' for level, node in enumerate(path, start=1)) if path is not None else None
+  print(f'path: {nodes or f"none (memory: {args.memory})"}')
+  print(args.prompt + text)
+
+
+def _cmd_eval(args, cfg):
+  from hmem.infer import evaluate
+  source, block = _open(args)
+  result = evaluate.evaluate(source, args.data, block=block, block_best=args.block_best,
+                             progress=not args.no_progress)
+  if not args.json:
+    print(evaluate.table(result))
+  if args.plot:
+    evaluate.plot(result, args.plot)
+  print(json.dumps(result))
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='hmem', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
@@ -144,6 +177,27 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--bundle', required=True, help='the bundle to edit')
   p.add_argument('--node', required=True, nargs='+', help="LEVEL:ID nodes; each names its subtree's rows")
   p.add_argument('--from', dest='source', help='replace: the bundle to copy the rows from')
+  for name, fn, help_text in (('generate', _cmd_generate, 'continue a prompt with its routed memory'),
+                              ('eval', _cmd_eval, 'perplexity and accuracy of a JSONL file per memory mode')):
+    p = sub.add_parser(name, help=help_text)
+    p.set_defaults(fn=fn)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument('--bundle', help='a bundle written by hmem export')
+    g.add_argument('--workdir', help='a run directory (hmem train --workdir)')
+    p.add_argument('--step', type=int, default=None, help='with --workdir: checkpoint step (default: the latest)')
+    p.add_argument('--block', nargs='+', default=[], metavar='LEVEL:ID', help='route around these nodes')
+    p.add_argument('--block-best', action='store_true', help="route each text around its own level-1 subtree")
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  p.add_argument('--data', required=True, help='JSONL of {"text"} and {"prompt", "candidates", "answer"} records')
+  p.add_argument('--json', action='store_true', help='print only the JSON summary (no table)')
+  p.add_argument('--plot', default='', metavar='FILE.png', help='also draw the results as a bar chart')
+  p = sub.choices['generate']
+  p.add_argument('--prompt', required=True, help='the text to continue')
+  p.add_argument('--memory', choices=('fetched', 'generic', 'none'), default='fetched', help='which memory to use')
+  p.add_argument('--max-new-tokens', type=int, default=64)
+  p.add_argument('--temperature', type=float, default=0.0, help='0: greedy')
+  p.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling mass')
+  p.add_argument('--seed', type=int, default=0)
   return parser
 
 

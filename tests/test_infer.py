@@ -4,7 +4,6 @@ blocking, partial bundles, bank edits, and every bad input of a bundle."""
 import hashlib
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,6 @@ from flax import nnx
 from hmem import sharding, sizes
 from hmem.cli import main
 from hmem.data import layout
-from hmem.data.prepare import prepare
 from hmem.data.tokenizer import Tokenizer
 from hmem.errors import BundleError
 from hmem.infer.bundle import export
@@ -31,25 +29,6 @@ from hmem.memory import bank as memory_bank
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.state import state_spec
-from hmem.train.trainer import train
-
-WIKI = pathlib.Path(__file__).parent / 'data' / 'wiki_sample.jsonl'
-# configs/tiny.py with FFN memory on a k=4, depth-2 tree of the wiki sample.
-RUN = ('model.vocab_size=512', 'memory.levels=(8, 4)', 'data.source=prepared', 'data.tokenizer_sample=400',
-       'data.tree_sample=400', 'data.kmeans_samples=256', 'data.kmeans_steps=5', 'data.tfidf_dim=32',
-       'data.eval_fraction=0.1', 'train.steps=6', 'train.checkpoint_every=6', 'train.eval_every=0',
-       'train.log_every=6', 'train.warmup_steps=2')
-
-
-@pytest.fixture(scope='module')
-def memory_run(make_config, tmp_path_factory):
-  """(config, prepared dataset, manifest, run directory): a few steps of tiny + memory."""
-  data = tmp_path_factory.mktemp('infer_data')
-  cfg = make_config(*RUN, f'data.path={data}')
-  manifest = prepare(cfg, str(WIKI), str(data), progress=False)
-  workdir = tmp_path_factory.mktemp('infer_run')
-  train(cfg, str(workdir), progress=False)
-  return cfg, data, manifest, workdir
 
 
 def _documents(data, manifest):
