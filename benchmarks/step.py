@@ -1,12 +1,17 @@
 """Train-step throughput and MFU against the device's measured matmul peak.
 
-    python benchmarks/step.py [--config configs/bench_cpu.py] [--quick] [--pairs N]
+    python benchmarks/step.py [--config configs/bench_cpu.py] [--quick] [--pairs N] [--devices N]
 
 Shared machines swing 2x within a minute, so the peak is re-measured next to every step
-timing (interleaved A/B pairs) and MFU is the median of the paired ratios. FLOPs per token
-are `hmem.sizes.flops_per_token` (docs/PERFORMANCE.md gives the formula). `--quick` times
-batch 1 and two matmul sizes so it finishes in under a minute on a 2-core CPU.
-Prints a table, then one JSON object as the last line.
+timing (interleaved A/B pairs) and MFU is the median of the paired ratios. MFU is per
+device: the step's FLOPs over the devices, against one device's measured peak. FLOPs per
+token are `hmem.sizes.flops_per_token` (docs/PERFORMANCE.md gives the formula).
+
+The config's batch is per device: the run uses `--devices` devices (default: all of an
+accelerator host; one CPU device, because fake host-platform devices share the same cores)
+and multiplies the batch by their number. `--quick` times batch 1 per device and two matmul
+sizes so it finishes in under a minute on a 2-core CPU. Prints a table, then one JSON object
+as the last line.
 """
 
 from __future__ import annotations
@@ -43,11 +48,11 @@ def _timed(fn, *args):
   return time.perf_counter() - start
 
 
-def matmul_peak(sizes_n, dtype, repeats: int = 2) -> float:
-  """Best FLOP/s over square matmuls of the given sizes (best of `repeats` each)."""
+def matmul_peak(sizes_n, dtype, device, repeats: int = 2) -> float:
+  """Best FLOP/s of `device` over square matmuls of the given sizes (best of `repeats` each)."""
   best = 0.0
   for n in sizes_n:
-    a = jnp.ones((n, n), dtype)
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
     mm = jax.jit(lambda x: x @ x)
     jax.block_until_ready(mm(a))  # compile
     seconds = min(_timed(mm, a) for _ in range(repeats))
@@ -60,16 +65,26 @@ def main():
   parser.add_argument('--config', default=os.path.join(os.path.dirname(__file__), '..', 'configs', 'bench_cpu.py'))
   parser.add_argument('--quick', action='store_true', help='batch 1, small peak probe: < 60 s on 2 CPU cores')
   parser.add_argument('--pairs', type=int, default=0, help='interleaved (peak, step) pairs; default 3 quick / 5')
-  parser.add_argument('overrides', nargs='*', help='config overrides, e.g. train.batch_size=4')
+  parser.add_argument('--devices', type=int, default=0,
+                      help='devices to use; default all, or 1 on CPU (fake CPU devices share the cores)')
+  parser.add_argument('overrides', nargs='*', help='config overrides, e.g. train.batch_size=4 (per device)')
   args = parser.parse_args()
 
+  cpu = jax.devices()[0].platform == 'cpu'
+  devices = jax.devices()[:args.devices or (1 if cpu else jax.device_count())]
+  n = len(devices)
   overrides = list(args.overrides) + (['train.batch_size=1', 'train.grad_accum=1'] if args.quick else [])
   cfg = load_config(args.config, overrides)
+  per_device_batch = cfg.train.batch_size
+  cfg.train.batch_size = per_device_batch * n
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1, memory=1)
   pairs = args.pairs or (3 if args.quick else 5)
   peak_sizes = (1024, 2048) if args.quick else (1024, 2048, 3072, 4096)
   dtype = jnp.dtype(cfg.model.dtype)
+  note = (f'{n} of {jax.device_count()} devices' + (' (fake CPU devices share the cores: one is timed)'
+                                                    if cpu and n < jax.device_count() else ''))
 
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   with sharding.use_mesh(mesh, cfg.mesh.rules):
     _, state, step = fresh_train_step(cfg, mesh)
     source = make_source(cfg)
@@ -86,25 +101,27 @@ def main():
     flops = sizes.flops_per_token(cfg) * tokens
     rows = []
     for _ in range(pairs):
-      peak = matmul_peak(peak_sizes, dtype) / jax.device_count()
+      peak = matmul_peak(peak_sizes, dtype, devices[0])  # one device's
       start = time.perf_counter()
       state, metrics = step(state, batch)
-      jax.block_until_ready(metrics)
+      jax.block_until_ready((state, metrics))
       seconds = time.perf_counter() - start
-      rows.append({'step_s': seconds, 'peak': peak, 'flops_per_s': flops / seconds / jax.device_count(),
-                   'mfu': flops / seconds / jax.device_count() / peak})
+      per_device = flops / seconds / n
+      rows.append({'step_s': seconds, 'peak': peak, 'flops_per_s': per_device, 'mfu': per_device / peak})
 
   med = lambda key: statistics.median(r[key] for r in rows)
   step_s = med('step_s')
   result = {
-      'config': os.path.basename(args.config), 'quick': args.quick, 'device': jax.devices()[0].device_kind,
-      'devices': jax.device_count(), 'batch': cfg.train.batch_size, 'seq_len': cfg.data.seq_len,
+      'config': os.path.basename(args.config), 'quick': args.quick, 'device': devices[0].device_kind,
+      'devices': n, 'host_devices': jax.device_count(), 'batch': cfg.train.batch_size,
+      'batch_per_device': per_device_batch, 'seq_len': cfg.data.seq_len,
       'dtype': str(dtype), 'pairs': pairs, 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'compile_s': compile_s, 'step_s': step_s,
       'tokens_per_s': tokens / step_s, 'flops_per_token': sizes.flops_per_token(cfg),
       'flops_per_s': med('flops_per_s'), 'peak_flops_per_s': med('peak'), 'mfu': med('mfu'),
       'mfu_min': min(r['mfu'] for r in rows), 'mfu_max': max(r['mfu'] for r in rows),
   }
+  print(f"{note}; batch {cfg.train.batch_size} ({per_device_batch} per device); FLOP/s and peak per device")
   print(f"{'pair':>4} {'step s':>9} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'MFU':>6}")
   for i, r in enumerate(rows):
     print(f"{i:>4} {r['step_s']:>9.3f} {r['flops_per_s'] / 1e9:>9.2f} {r['peak'] / 1e9:>13.2f} {r['mfu']:>6.3f}")

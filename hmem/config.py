@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import traceback
 from collections.abc import Iterable, Sequence
 
 import ml_collections
@@ -70,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
       ),
   ))
 
-  # Hierarchical memory (PAPER.md): `levels` are the FFN hidden units per layer that each
+  # Hierarchical memory (docs/DESIGN.md): `levels` are the FFN hidden units per layer that each
   # tree level contributes; all zeros is the plain anchor.
   c.memory = ml_collections.ConfigDict(dict(
       k=16,
@@ -147,13 +148,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 def paper_anchor_config(*, layers: int, d_model: int, heads: int, head_dim: int, ffn: int,
                         tie_embeddings: bool) -> ml_collections.ConfigDict:
-  """An anchor of PAPER.md's family (gain-only LayerNorm, QK-norm, RoPE base 100k, SwiGLU,
+  """An anchor of the paper's family (gain-only LayerNorm, QK-norm, RoPE base 100k, SwiGLU,
   GPT-NeoX vocab 50,432) with the paper's baseline recipe: 2,048-token sequences in ~1M-token
-  batches, AdamW cosine 5e-3 -> 5e-5 after 10k warmup steps, weight decay 0.05."""
+  batches, AdamW cosine 5e-3 -> 5e-5 after 10k warmup steps, weight decay 0.05, on a
+  prepared dataset (`data.path` must be given)."""
   c = default_config()
   c.model.update(vocab_size=50432, d_model=d_model, layers=layers, heads=heads, kv_heads=heads, head_dim=head_dim,
                  ffn=ffn, norm='layernorm', qk_norm=True, rope_base=100_000.0, tie_embeddings=tie_embeddings)
-  c.data.update(seq_len=2048)
+  # Real data only: a paper-sized run on synthetic tokens would waste its compute unnoticed.
+  c.data.update(source='prepared', path='', seq_len=2048)
   c.train.update(batch_size=512, lr=5e-3, min_lr=5e-5, warmup_steps=10_000, weight_decay=0.05,
                  steps=1_048_576, log_every=100, checkpoint_every=2000, eval_every=2000)
   return c
@@ -165,12 +168,44 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     raise ConfigError(f'config file {path!r} not found; pass an existing file such as configs/tiny.py')
   spec = importlib.util.spec_from_file_location(f'hmem_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'config file {path!r} line {e.lineno}: {e.msg}; fix the Python syntax there') from None
+  except Exception as e:  # the file runs user code: name the line that failed, not a traceback
+    line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                 if os.path.abspath(f.filename) == os.path.abspath(path)), '?')
+    raise ConfigError(f'config file {path!r} line {line} raised {type(e).__name__}: {e}') from None
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} defines no get_config(); add one returning a ConfigDict')
   cfg = module.get_config()
   apply_overrides(cfg, overrides)
   return cfg
+
+
+def config_from_json(obj: dict) -> ml_collections.ConfigDict:
+  """A config saved as JSON (a run's config.json, a bundle's manifest) on top of
+  `default_config()`: lists become the tuples they were, keys added since are defaulted,
+  and a key the schema does not know is an error."""
+  cfg = default_config()
+
+  def merge(node, values, prefix):
+    for name, value in values.items():
+      key = f'{prefix}{name}'
+      if name not in node:
+        raise ConfigError(f'saved config key {key!r} is not in the config schema; was it written by '
+                          'another version of hmem?')
+      if isinstance(node[name], ml_collections.ConfigDict):
+        merge(node[name], value, key + '.')
+      else:
+        node[name] = _coerce(key, node[name], _tuples(value))
+
+  merge(cfg, obj, '')
+  return cfg
+
+
+def _tuples(value):
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = '') -> list[str]:

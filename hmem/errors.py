@@ -21,5 +21,9 @@ class TrainingError(UserError, RuntimeError):
   """The run cannot go on (e.g. a non-finite loss); the message says at which step."""
 
 
+class BundleError(UserError, ValueError):
+  """An inference bundle, or a request against one (a node id, a blocked path), that cannot be used."""
+
+
 class WeightsError(UserError, ValueError):
   """Outside weights (`hmem import`) that cannot become an anchor."""

@@ -52,16 +52,21 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def logical_to_spec(logical: Sequence[str | None] | None, rules) -> P:
-  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once."""
+  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once. A name
+  without a rule is an error: replicating it silently could cost a device's memory."""
   if logical is None:
     return P()
   table = {}
   for name, axes in rules:
     table.setdefault(name, axes)
+  unknown = [name for name in logical if name is not None and name not in table]
+  if unknown:
+    raise ConfigError(f'logical axis {", ".join(map(repr, unknown))} has no rule in mesh.rules; add one, e.g. '
+                      f'({unknown[0]!r}, None) to replicate it')
   used: set[str] = set()
   out = []
   for name in logical:
-    axes = table.get(name) if name is not None else None
+    axes = table[name] if name is not None else None
     if axes is None:
       out.append(None)
       continue

@@ -39,14 +39,18 @@ def memory_param_counts(cfg) -> dict[str, int]:
 def flops_per_token(cfg, counts: dict[str, int] | None = None) -> float:
   """Training FLOPs per token: 6 (N_non-embedding + V d + fetch) + 6 L T H d_head.
 
-  The 6 L T H d_head term is causal attention (QK^T and AV, forward and backward, on
-  half the T x T scores); the fetched memory adds its width to every memory FFN.
+  Each weight costs 2 FLOPs a token forward and 4 backward (the gradients of the
+  activations and of the weight). A frozen anchor (`train.freeze_anchor`) computes no
+  gradients of its weights: 4 per anchor weight, 6 per fetched memory weight. The
+  6 L T H d_head term is causal attention (QK^T and AV, forward and backward, on half the
+  T x T scores); the fetched memory adds its width to every memory FFN.
   """
   counts = counts or sizes(cfg)
   m = cfg.model
-  dense = counts['non_embedding_params'] + m.vocab_size * m.d_model + counts['fetch_params']
+  anchor = counts['non_embedding_params'] + m.vocab_size * m.d_model
   attention = m.layers * cfg.data.seq_len * m.heads * m.head_dim
-  return 6.0 * dense + 6.0 * attention
+  per_anchor_weight = 4.0 if cfg.train.freeze_anchor else 6.0
+  return per_anchor_weight * anchor + 6.0 * counts['fetch_params'] + 6.0 * attention
 
 
 def sizes(cfg) -> dict[str, int]:

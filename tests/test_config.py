@@ -48,3 +48,25 @@ def test_paper_anchor_sizes_are_exact(repo, name, anchor):
   out = subprocess.run([sys.executable, '-m', 'hmem.cli', 'sizes', '--config', str(repo / f'configs/{name}.py')],
                        capture_output=True, text=True, check=True)
   assert json.loads(out.stdout.strip().splitlines()[-1])['anchor_params'] == anchor
+
+
+@pytest.mark.parametrize('body, message', [
+    ('def get_config(:\n  pass\n', r"line 1: invalid syntax"),
+    ('from hmem.config import default_config\n\ndef get_config():\n  return default_config()\n\nx = 1 / 0\n',
+     r'line 6 raised ZeroDivisionError'),
+])
+def test_a_broken_config_file_names_its_line(tmp_path, body, message):
+  path = tmp_path / 'broken.py'
+  path.write_text(body)
+  with pytest.raises(ConfigError, match=f'broken.py.*{message}'):
+    load_config(str(path))
+
+
+def test_cli_reports_a_config_syntax_error_in_one_line(tmp_path):
+  path = tmp_path / 'broken.py'
+  path.write_text('from hmem.config import default_config\n\ndef get_config()\n  return default_config()\n')
+  out = subprocess.run([sys.executable, '-m', 'hmem.cli', 'sizes', '--config', str(path)], capture_output=True,
+                       text=True)
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('hmem: error: config file') and 'line 3' in lines[0], lines

@@ -8,6 +8,7 @@ from test_prepare import corpus, prepared, read_split, small_config  # noqa: F40
 
 from hmem.data import make_source
 from hmem.data.loader import PreparedSource
+from hmem.data.prefetch import Prefetcher
 from hmem.data.source import Position, check_batch
 from hmem.errors import DataError
 
@@ -20,9 +21,8 @@ def dataset(prepared):  # noqa: F811
   return out, manifest
 
 
-def source(path, split='train', batch_size=B, seed=0, prefetch=True):
-  return PreparedSource(str(path), batch_size=batch_size, seq_len=128, seed=seed, split=split,
-                        prefetch=prefetch)
+def source(path, split='train', batch_size=B, seed=0):
+  return PreparedSource(str(path), batch_size=batch_size, seq_len=128, seed=seed, split=split)
 
 
 def same(a, b):
@@ -44,7 +44,7 @@ def test_batches_are_rows_of_the_shards(dataset):
 
 def test_same_position_same_batch_and_rows_slice_it(dataset):
   path, _ = dataset
-  a, b = source(path), source(path, prefetch=False)
+  a, b = source(path), source(path)
   whole = a.batch(Position(1, 3), slice(0, B))
   assert same(whole, b.batch(Position(1, 3), slice(0, B)))
   halves = [b.batch(Position(1, 3), slice(0, B // 2)), b.batch(Position(1, 3), slice(B // 2, B))]
@@ -76,10 +76,16 @@ def test_resume_sees_the_batches_of_an_uninterrupted_run(dataset):
   assert positions[-1].epoch == 1
   rows = slice(B // 4, B // 2)  # one host's share
   continuous = [src.batch(p, rows) for p in positions]
-  resumed = source(path)
-  assert all(same(c, resumed.batch(p, rows)) for c, p in zip(continuous[3:], positions[3:]))
-  # Out of order requests (no prefetch hit) give the same batches too.
-  assert same(continuous[1], resumed.batch(positions[1], rows))
+  # Through the trainer's read-ahead: prefetch hits, then a resume and an out of order request
+  # (misses) give the same batches.
+  ahead = Prefetcher(lambda p: src.batch(p, rows))
+  assert all(same(c, ahead.get(p, prefetch=q)) for c, p, q in zip(continuous, positions, positions[1:] + [None]))
+  resumed = Prefetcher(lambda p: source(path).batch(p, rows))
+  assert all(same(c, resumed.get(p, prefetch=q))
+             for c, p, q in zip(continuous[3:], positions[3:], positions[4:] + [None]))
+  assert same(continuous[1], resumed.get(positions[1]))
+  ahead.close()
+  resumed.close()
 
 
 def test_eval_split_is_separate(dataset):
@@ -127,3 +133,19 @@ def test_make_source_rejects_a_model_or_tree_that_does_not_fit_the_data(dataset,
                      'memory.levels=(4,4)', override)
   with pytest.raises(DataError, match=message):
     make_source(cfg, split='train')
+
+
+def test_too_many_eval_steps_fail_before_the_state_is_built(dataset, tmp_path, monkeypatch):
+  from conftest import tiny_config
+
+  from hmem.errors import ConfigError
+  from hmem.train import trainer
+  path, manifest = dataset
+  monkeypatch.setattr(trainer, 'state_spec', lambda *a, **k: pytest.fail('state built before the check'))
+  batches = manifest['splits']['eval']['sequences'] // 8
+  cfg = tiny_config('data.source=prepared', f'data.path={path}', 'data.seq_len=128', 'train.batch_size=8',
+                    f'model.vocab_size={manifest["vocab_size"]}', 'train.eval_every=10',
+                    f'train.eval_steps={batches + 1}', f'memory.k={manifest["k"]}', f'memory.depth={manifest["depth"]}',
+                    f'memory.levels={(0,) * manifest["depth"]}')
+  with pytest.raises(ConfigError, match=f'train.eval_steps={batches + 1} exceeds the {batches} batches'):
+    trainer.train(cfg, str(tmp_path), progress=False)

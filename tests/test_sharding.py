@@ -72,3 +72,11 @@ def test_bad_mesh_is_explained(sizes, devices, message):
   from hmem.errors import ConfigError
   with pytest.raises(ConfigError, match=message):
     sharding.mesh_shape(sizes, devices)
+
+
+def test_a_logical_axis_without_a_rule_is_an_error():
+  from hmem.errors import ConfigError
+  rules = (('embed', 'fsdp'), ('layers', None))
+  assert sharding.logical_to_spec(('layers', 'embed', None), rules) == jax.sharding.PartitionSpec(None, 'fsdp', None)
+  with pytest.raises(ConfigError, match="logical axis 'emb' has no rule in mesh.rules"):
+    sharding.logical_to_spec(('layers', 'emb'), rules)

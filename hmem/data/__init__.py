@@ -18,10 +18,13 @@ def make_source(cfg, split: str = 'train') -> Source:
         num_leaves=d.synthetic_leaves, mean_doc_len=d.synthetic_mean_doc_len,
         seed=cfg.train.seed, split=split)
   if d.source == 'prepared':
+    if not d.path:
+      raise DataError("data.source='prepared' but data.path is empty; run `hmem prepare --input DOCS --out DIR` "
+                      'and pass --config.data.path=DIR (configs/160m.py, 410m.py and 1b.py train on prepared data '
+                      'only; --config.data.source=synthetic gives random tokens, for smoke tests)')
     from hmem.data.loader import PreparedSource
-    # No prefetch thread of its own: the trainer reads the next batch while a step runs.
     source = PreparedSource(d.path, batch_size=cfg.train.batch_size, seq_len=d.seq_len,
-                            seed=cfg.train.seed, split=split, prefetch=False)
+                            seed=cfg.train.seed, split=split)
     _check_compatible(cfg, source.manifest)
     return source
   raise ConfigError(f"data.source={d.source!r}; use 'synthetic' or 'prepared'")

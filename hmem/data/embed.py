@@ -1,6 +1,6 @@
 """Document embedders for `hmem prepare`: text -> unit vectors that the memory tree clusters.
 
-Two embedders sit behind one interface. `minilm` (all-MiniLM-L6-v2, PAPER.md's choice)
+Two embedders sit behind one interface. `minilm` (all-MiniLM-L6-v2, the paper's choice)
 gives semantic 384-d vectors; `tfidf` needs no weights and is fit on a sample of the
 corpus, which is enough for tests, toy corpora and machines without the model package.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -27,6 +26,7 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
 from hmem.errors import ConfigError, DataError
+from hmem.files import atomic_write
 
 CONFIG_FILE = 'embedder.json'
 _TFIDF_ARRAYS = 'embedder_tfidf.npz'
@@ -188,6 +188,8 @@ def load_embedder(directory: str) -> Embedder:
     return TfidfEmbedder.load(directory, config)
   if kind == 'minilm':
     from hmem.data.minilm import MiniLMEmbedder
+    if config.get('path') and not os.path.isabs(config['path']):  # weights shipped beside it (a bundle)
+      config = {**config, 'path': os.path.join(directory, config['path'])}
     return MiniLMEmbedder.load(config)
   raise DataError(f"{path}: unknown embedder kind {kind!r}; expected 'tfidf' or 'minilm'")
 
@@ -244,21 +246,11 @@ class EmbeddingCache:
     npy, meta_path = self._paths(key)
     meta = {'rows': x_NxD.shape[0], 'dim': self.dim, 'sha256': _digest(x_NxD), 'source': source}
     # The vectors first: a reader that finds the new metadata finds the new vectors.
-    _write_atomic(npy, lambda f: np.save(f, x_NxD, allow_pickle=False))
-    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode() + b'\n'))
+    with atomic_write(npy, 'wb') as f:
+      np.save(f, x_NxD, allow_pickle=False)
+    with atomic_write(meta_path, encoding='utf-8') as f:
+      f.write(json.dumps(meta, indent=1) + '\n')
 
 
 def _digest(x: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
-
-
-def _write_atomic(path: str, write) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
-  try:
-    with open(tmp, 'wb') as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise

@@ -10,7 +10,6 @@ host reads only its rows, by random access into the ArrayRecord shards.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 
@@ -26,10 +25,9 @@ _SHUFFLE_ROUNDS = 4
 
 
 class PreparedSource:
-  """`Source` over one split of a prepared dataset; prefetches the next batch in a thread."""
+  """`Source` over one split of a prepared dataset (hmem.data.prefetch reads ahead)."""
 
-  def __init__(self, path: str, *, batch_size: int, seq_len: int, seed: int, split: str = 'train',
-               prefetch: bool = True):
+  def __init__(self, path: str, *, batch_size: int, seq_len: int, seed: int, split: str = 'train'):
     if split not in SPLITS:
       raise DataError(f'split {split!r} is not one of {", ".join(SPLITS)}')
     manifest = _read_manifest(path)
@@ -51,8 +49,6 @@ class PreparedSource:
     # `file[0:n]` tells grain the record count, so it need not open every shard up front.
     self._source = grain.sources.ArrayRecordDataSource(
         [f'{os.path.join(path, s["file"])}[0:{s["sequences"]}]' for s in info['shards']])
-    self._pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
-    self._pending: tuple | None = None  # ((position, start, stop), future) of a prefetched batch
 
   def indices(self, position: Position, rows: slice) -> np.ndarray:
     """Dataset indices of the given rows of a global batch."""
@@ -67,24 +63,10 @@ class PreparedSource:
                                                       _SHUFFLE_ROUNDS)
                      for r in range(start, stop)], np.int64)
 
-  def _read(self, position: Position, rows: slice) -> dict[str, np.ndarray]:
-    return layout.decode_batch(self._source.__getitems__(self.indices(position, rows).tolist()),
-                                self.seq_len)
-
   def batch(self, position: Position, rows: slice) -> dict[str, np.ndarray]:
     """tokens, segment_ids [rows, seq_len] and leaf_id [rows], int32."""
-    if self._pool is None:
-      return self._read(position, rows)
-    key = (position, rows.start, rows.stop)
-    pending, self._pending = self._pending, None
-    out = pending[1].result() if pending and pending[0] == key else self._read(position, rows)
-    following = position.next(self.steps_per_epoch)
-    self._pending = ((following, *key[1:]), self._pool.submit(self._read, following, rows))
-    return out
-
-  def close(self) -> None:
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
+    return layout.decode_batch(self._source.__getitems__(self.indices(position, rows).tolist()),
+                                self.seq_len)
 
 
 def _read_manifest(path: str) -> dict:

@@ -2,7 +2,7 @@
 
 A BERT encoder in Flax NNX reads the Hugging Face checkpoint (`model.safetensors`,
 `tokenizer.json`, `config.json`) and is mean-pooled over real tokens, then L2-normalised,
-as sentence-transformers does for this model (PAPER.md's document embedder). Batches
+as sentence-transformers does for this model (the paper's document embedder). Batches
 are sorted by length and padded to a few bucket lengths, so jit compiles only a handful
 of shapes however many documents go through. Each batch's rows are split over the local
 devices (data parallel, weights replicated), so every accelerator of the host embeds.

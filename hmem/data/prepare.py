@@ -1,7 +1,7 @@
 """`hmem prepare`: raw documents -> a tokenized, clustered, packed dataset.
 
 Three stages, so the work spreads over processes and the output does not depend on how
-many there are (DESIGN.md, "Data flow"):
+many there are (docs/DESIGN.md, "Data flow"):
 
   fit     process 0 reads a sample (the first ceil(S/files) usable documents of every
           file, S = max(data.tokenizer_sample, data.tree_sample)), trains or loads the
@@ -65,6 +65,7 @@ from hmem.data.packing import pack
 from hmem.data.tokenizer import Tokenizer
 from hmem.data.tree import Tree, fit_tree, route, tree_stats
 from hmem.errors import DataError
+from hmem.files import atomic_path, atomic_write
 
 STAGES = ('all', 'fit', 'map', 'reduce')
 _MAX_SHARDS = 256  # shards per split; also the most processes the reduce can use
@@ -301,25 +302,23 @@ class _Run:
     leaf_N = np.concatenate(leaf) if leaf else np.zeros(0, np.int64)
     order = np.lexsort((index_N, leaf_N))
     lengths_N = np.asarray([len(tokens[i]) for i in order], np.int64)
-    tmp = f'{self._spill(f)}.tmp{self.index}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     arrays = {
         'leaf': leaf_N[order], 'index': index_N[order],
         'held_out': _held_out(f, index_N[order], self.cfg.data.eval_fraction),
         'offsets': np.concatenate([[0], np.cumsum(lengths_N)]),
         'tokens': (np.concatenate([tokens[i] for i in order]) if tokens else np.zeros(0)).astype(dtype),
     }
-    for name, a in arrays.items():
-      np.save(os.path.join(tmp, f'{name}.npy'), a)
-    _write_json(os.path.join(tmp, 'stats.json'), stats.to_json())
-    _write_json(os.path.join(tmp, 'embed_cache.json'), _cache_counts([status]))
     try:
-      os.rename(tmp, self._spill(f))  # atomic: a spill exists whole or not at all
+      with atomic_path(self._spill(f)) as tmp:  # a spill exists whole or not at all
+        os.makedirs(tmp)
+        for name, a in arrays.items():
+          np.save(os.path.join(tmp, f'{name}.npy'), a)
+        _write_json(os.path.join(tmp, 'stats.json'), stats.to_json())
+        _write_json(os.path.join(tmp, 'embed_cache.json'), _cache_counts([status]))
     except OSError:
       if not os.path.isdir(self._spill(f)):
         raise
-      shutil.rmtree(tmp)  # another process spilled this file first (the same content)
+      # Another process spilled this file first (the same content); ours was removed.
 
   # Stage c: reduce.
 
@@ -481,20 +480,20 @@ def _write_shard(path, docs, chosen, seq_len, eot_id, dtype) -> tuple[int, int]:
   """Packs the chosen documents leaf by leaf into one shard; (sequences, non-padding tokens)."""
   leaf = docs['leaf'][chosen]
   runs = np.split(chosen, np.flatnonzero(np.diff(leaf)) + 1) if chosen.size else []
-  writer, sequences, tokens = None, 0, 0
-  for run in runs:
-    lengths_N = docs['lengths'][run]
-    tokens_MxT, segment_ids_MxT = pack(_concat_ranges(docs['tokens'], docs['starts'][run], lengths_N),
-                                       lengths_N, seq_len, eot_id, pad_id=eot_id)
-    if writer is None:
-      writer = ArrayRecordWriter(f'{path}.tmp', 'group_size:1')
-    for t_T, s_T in zip(tokens_MxT, segment_ids_MxT):
-      writer.write(layout.encode(t_T, s_T, int(docs['leaf'][run[0]]), dtype))
-    sequences += tokens_MxT.shape[0]
-    tokens += int((segment_ids_MxT > 0).sum())
-  if writer is not None:
+  sequences, tokens = 0, 0
+  if not runs:
+    return sequences, tokens
+  with atomic_path(path) as tmp:
+    writer = ArrayRecordWriter(tmp, 'group_size:1')
+    for run in runs:
+      lengths_N = docs['lengths'][run]
+      tokens_MxT, segment_ids_MxT = pack(_concat_ranges(docs['tokens'], docs['starts'][run], lengths_N),
+                                         lengths_N, seq_len, eot_id, pad_id=eot_id)
+      for t_T, s_T in zip(tokens_MxT, segment_ids_MxT):
+        writer.write(layout.encode(t_T, s_T, int(docs['leaf'][run[0]]), dtype))
+      sequences += tokens_MxT.shape[0]
+      tokens += int((segment_ids_MxT > 0).sum())
     writer.close()
-    os.replace(f'{path}.tmp', path)
   return sequences, tokens
 
 
@@ -510,7 +509,6 @@ def _padding(sequences: int, tokens: int, seq_len: int) -> float:
 
 def _write_json(path: str, obj) -> None:
   """Atomic: a reader sees the whole file or none (other processes poll for these files)."""
-  with open(f'{path}.tmp', 'w') as f:
+  with atomic_write(path) as f:
     json.dump(obj, f, indent=1)
     f.write('\n')
-  os.replace(f'{path}.tmp', path)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import pickle
 import zipfile
 
@@ -30,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hmem.errors import ConfigError, DataError
+from hmem.files import atomic_write
 
 # Working-set budget of one jitted level-fit call; sets how many nodes are vmapped at once.
 _CHUNK_BYTES = 256 << 20
@@ -64,11 +64,9 @@ class Tree:
 
   def save(self, path: str) -> None:
     """Writes k, depth and level_1..level_depth to an .npz, atomically (no half-written file)."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
+    with atomic_write(path, 'wb') as f:
       np.savez(f, k=np.int64(self.k), depth=np.int64(self.depth),
                **{f'level_{l}': c for l, c in enumerate(self.centroids, 1)})
-    os.replace(tmp, path)
 
   @classmethod
   def load(cls, path: str) -> Tree:
@@ -252,25 +250,38 @@ def _balanced_assign(d_SxK, max_size):
 
 
 @functools.partial(jax.jit, static_argnames='k')
-def _descend(c_levels, x_BxD, *, k):
-  """Leaf ids by greedy descent: at each level the nearest (L2) of the current node's k children."""
+def _descend(c_levels, x_BxD, allowed=None, avoid_B=None, *, k):
+  """Leaf ids by greedy descent: at each level the nearest (L2) of the current node's k children.
+
+  `allowed` (one [k**l] bool array per level) restricts every step to allowed children, and
+  `avoid_B` [B] (-1: none) forbids one more level-1 node per row: inference's blocking. The
+  caller makes sure every node it can reach has an allowed child.
+  """
   node_B = jnp.zeros(x_BxD.shape[0], jnp.int32)
-  for c_MxD in c_levels:
+  for level, c_MxD in enumerate(c_levels):
     c_PxKxD = c_MxD.reshape(-1, k, c_MxD.shape[1])
     child_BxKxD = c_PxKxD[node_B]
     # ||x||^2 is constant over the children; argmin takes the lowest index on ties.
     d_BxK = (child_BxKxD**2).sum(2) - 2 * jnp.einsum('bd,bkd->bk', x_BxD, child_BxKxD,
                                                      precision='highest')
+    if allowed is not None:
+      id_BxK = node_B[:, None] * k + jnp.arange(k, dtype=jnp.int32)
+      ok_BxK = allowed[level][id_BxK]
+      if level == 0 and avoid_B is not None:
+        ok_BxK &= id_BxK != avoid_B[:, None]
+      d_BxK = jnp.where(ok_BxK, d_BxK, jnp.inf)
     node_B = node_B * k + jnp.argmin(d_BxK, axis=1).astype(jnp.int32)
   return node_B
 
 
-def route(tree: Tree, emb_NxD, batch: int = 65536) -> np.ndarray:
+def route(tree: Tree, emb_NxD, batch: int = 65536, *, allowed=None, avoid_N=None) -> np.ndarray:
   """[N] int64 leaf ids of the rows of emb_NxD (numpy or on-device), by greedy descent.
 
   Runs on the device in batches of `batch` rows; the working set is about batch * k * D
   floats. Batches are padded to a power of two (at most `batch`), so calls with varying N
   reuse a few compiled shapes and a single query does not pay for a full batch.
+  `allowed` and `avoid_N` restrict the descent (see `_descend`); without them it is exactly
+  the routing `hmem prepare` applies to the corpus.
   """
   if emb_NxD.ndim != 2 or emb_NxD.shape[1] != tree.dim:
     raise DataError(f'route: embeddings of shape {emb_NxD.shape} do not match the tree '
@@ -281,6 +292,9 @@ def route(tree: Tree, emb_NxD, batch: int = 65536) -> np.ndarray:
     return leaf_N
   b = min(batch, 1 << (n - 1).bit_length())
   c_levels = tuple(jnp.asarray(c) for c in tree.centroids)
+  if allowed is not None:
+    allowed = tuple(jnp.asarray(a, bool) for a in allowed)
+    avoid_N = np.full(n, -1, np.int32) if avoid_N is None else np.asarray(avoid_N, np.int32)
 
   def collect(lo, rows, leaf_B):
     leaf_N[lo:lo + rows] = np.asarray(leaf_B)[:rows]
@@ -289,7 +303,12 @@ def route(tree: Tree, emb_NxD, batch: int = 65536) -> np.ndarray:
   for lo in range(0, n, b):
     x_BxD = jnp.asarray(emb_NxD[lo:lo + b], jnp.float32)
     rows = x_BxD.shape[0]
-    leaf_B = _descend(c_levels, jnp.pad(x_BxD, ((0, b - rows), (0, 0))), k=tree.k)
+    x_BxD = jnp.pad(x_BxD, ((0, b - rows), (0, 0)))
+    if allowed is None:
+      leaf_B = _descend(c_levels, x_BxD, k=tree.k)
+    else:
+      avoid_B = np.pad(avoid_N[lo:lo + b], (0, b - rows), constant_values=-1)
+      leaf_B = _descend(c_levels, x_BxD, allowed, avoid_B, k=tree.k)
     if in_flight is not None:
       collect(*in_flight)
     in_flight = (lo, rows, leaf_B)

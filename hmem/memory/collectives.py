@@ -1,4 +1,4 @@
-"""The check of DESIGN.md's bank sharding: the largest collective in the compiled step over
+"""The check of the bank sharding (docs/DESIGN.md): the largest collective in the compiled step over
 B_local x fetch bytes. Compiles only (no data, no run), on whatever devices are present."""
 
 from __future__ import annotations

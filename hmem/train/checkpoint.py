@@ -4,6 +4,8 @@ Items: every TrainState field except `step` (anchor params, anchor optimizer sta
 bank items the memory adds), `data` (the global data position) and `meta` (step, config).
 Restores go through abstract targets that carry shardings, so a checkpoint restores onto
 any mesh or device count; `restore(..., items=...)` reads only what it is asked for.
+`restore_latest` skips a damaged newest step (a kill or a full disk while it was written)
+for the newest one that restores, and renames the damaged one `<step>.unreadable`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import os
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 
 from hmem.data.source import Position
-from hmem.errors import CheckpointError
+from hmem.errors import CheckpointError, UserError
 
 
 def state_items(state) -> tuple[str, ...]:
@@ -54,9 +57,62 @@ class Checkpoints:
     args['meta'] = ocp.args.JsonSave({**meta, 'step': step})
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
+  def meta(self, step: int) -> dict:
+    """The `meta` item alone (step, config, sizes): cheap, read before a restore."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
   def restore(self, step: int, abstract_state, items=None):
     """Returns (state or None, Position, meta). `items` limits which state items are read;
     the state fields not read keep their abstract values (the caller fills them)."""
+    try:
+      return self._restore(step, abstract_state, items)
+    except UserError:
+      raise
+    except Exception as e:  # orbax and tensorstore raise plain Exceptions for damaged files
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: '
+          f'{str(e).splitlines()[0][:300]}); it is damaged or was written for another model') from e
+
+  def restore_latest(self, abstract_state, check_meta=None):
+    """(state, Position, meta) of the newest step that restores; None when there is none.
+
+    `check_meta(step, meta)` runs on a step's meta before its state is read and may raise
+    (a config that cannot resume it). A step that fails to restore while an earlier one
+    restores is damaged: it is renamed `<step>.unreadable` (left for inspection) with a
+    warning. When no step restores, the newest one's error is raised and nothing renamed.
+    """
+    failed: list[tuple[int, Exception]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        meta = self.meta(step)
+        if check_meta is not None:
+          check_meta(step, meta)
+        restored = self._restore(step, abstract_state)
+      except UserError:
+        raise
+      except Exception as e:  # orbax and tensorstore raise plain Exceptions for damaged files
+        failed.append((step, e))
+        continue
+      for bad, error in failed:
+        self._set_aside(bad, error, step)
+      return restored
+    if failed:
+      step, error = failed[0]
+      raise CheckpointError(
+          f'no checkpoint in {self.directory} can be restored; the newest, step {step}, fails with '
+          f'{type(error).__name__}: {str(error).splitlines()[0][:300]}') from error
+    return None
+
+  def _set_aside(self, step: int, error: Exception, fallback: int) -> None:
+    aside = os.path.join(self.directory, f'{step}.unreadable')
+    logging.warning('checkpoint step %d in %s is unreadable (%s: %s); resuming from step %d and keeping the '
+                    'damaged one as %s', step, self.directory, type(error).__name__,
+                    str(error).splitlines()[0][:300], fallback, aside)
+    if jax.process_index() == 0:
+      os.replace(os.path.join(self.directory, str(step)), aside)
+    self.manager.reload()
+
+  def _restore(self, step: int, abstract_state, items=None):
     names = state_items(abstract_state) if items is None else tuple(items)
     step_dir = os.path.join(self.directory, str(step))
     available = set(os.listdir(step_dir)) if os.path.isdir(step_dir) else set()
@@ -68,12 +124,7 @@ class Checkpoints:
     args = {name: ocp.args.StandardRestore(getattr(abstract_state, name)) for name in names}
     args['data'] = ocp.args.JsonRestore()
     args['meta'] = ocp.args.JsonRestore()
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-      raise CheckpointError(
-          f'checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: {e}); '
-          'delete that step directory to fall back to an earlier one, or start a fresh workdir') from e
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     state = abstract_state.replace(step=jnp.asarray(step, jnp.int32),
                                    **{name: restored[name] for name in names})
     return state, Position.from_json(restored['data']), restored['meta']

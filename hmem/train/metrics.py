@@ -6,7 +6,11 @@ import json
 import math
 import os
 
+from absl import logging
 from tensorboardX import SummaryWriter
+
+from hmem.errors import CheckpointError
+from hmem.files import atomic_write
 
 
 def _plain(value):
@@ -34,14 +38,28 @@ class MetricsWriter:
     self.file = open(self.path, 'a')
 
   def _truncate_after(self, step: int) -> None:
+    """Keeps the rows up to `step`. A killed run may have left its last line half
+    written: that line is dropped (with a warning); a damaged line before it is an error."""
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
+    with open(self.path, encoding='utf-8', errors='replace') as f:
+      lines = f.readlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        row_step = json.loads(line)['step']
+      except (json.JSONDecodeError, KeyError, TypeError):
+        if number == len(lines):
+          logging.warning('%s: dropped its last line, which a stopped run left incomplete: %r', self.path, line)
+          continue
+        raise CheckpointError(f'{self.path} line {number} is not a metrics row ({line.strip()[:80]!r}); '
+                              'repair or remove that line to resume') from None
+      if row_step <= step:
+        rows.append(line if line.endswith('\n') else line + '\n')
+    with atomic_write(self.path) as f:
       f.writelines(rows)
-    os.replace(tmp, self.path)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

@@ -1,0 +1,1 @@
+"""Inference: route new text down the tree, read a trained bank, export and edit bundles."""

@@ -1,0 +1,275 @@
+"""Inference bundles: everything a trained model needs at inference, in one directory.
+
+`export` writes, from a run's checkpoint (docs/BUNDLE.md has the layout):
+
+  manifest.json       format and version, the run's config, sizes, tree shape, dtype, the
+                      level-1 subtrees present, a sha256 per file, per bank array its metadata
+  anchor.safetensors  the anchor parameters, named by their paths ('blocks/attn/q/kernel')
+  tokenizer.json, embedder.json (+ the embedder's files), tree.npz   the router's files
+  bank/{table}/{name}.v{N}/   one zarr v3 array per table and named array, one chunk per
+                      row (tree node), each chunk checksummed (crc32c)
+
+Nothing in a bundle executes on load: JSON, safetensors, zarr chunks and
+np.load(allow_pickle=False). A partial bundle (`subtrees`) holds every level-1 row, the
+generic block and the anchor, and the deeper rows of the given level-1 subtrees only.
+Export writes to a temporary directory renamed into place at the end, so a bundle path
+holds a whole bundle or nothing. `open_bundle` checks the format version and every
+checksum before any other work, then serves rows through a Reader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import tensorstore as ts
+from flax import nnx, traverse_util
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
+
+from hmem import sizes
+from hmem.config import config_from_json
+from hmem.data.embed import CONFIG_FILE, write_config
+from hmem.errors import BundleError, ConfigError
+from hmem.infer.reader import Reader, kvstore
+from hmem.infer.router import TOKENIZER, TREE, Router, check_node
+from hmem.infer.source import MemorySource, abstract_params, check_router, restore_run
+from hmem.memory import bank as memory_bank
+
+FORMAT, VERSION = 'hmem-bundle', 1
+MANIFEST, ANCHOR = 'manifest.json', 'anchor.safetensors'
+DTYPES = ('bfloat16', 'float32')
+_SLAB_BYTES = 64 << 20  # rows written per tensorstore call (and progress-bar step)
+
+
+def sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def array_path(table: str, name: str, version: int = 0) -> str:
+  return f'bank/{table}/{name}.v{version}'
+
+
+def present_rows(k: int, depth: int, table: str, rows: int, subtrees: list[int]) -> np.ndarray:
+  """bool [rows]: the rows of `table` a bundle with these level-1 subtrees holds."""
+  if table == 'generic' or table == 'level1':
+    return np.ones(rows, bool)
+  level = int(table.removeprefix('level'))
+  return np.isin(np.arange(rows) // k**(level - 1), subtrees)
+
+
+def create_array(root: str, path: str, shape, dtype: str):
+  """An empty zarr v3 array chunked one row per chunk, chunks checksummed; zero rows are
+  stored too (a missing chunk is an error when read, never zeros)."""
+  spec = {
+      'driver': 'zarr3', 'kvstore': kvstore(root, path),
+      'metadata': {
+          'shape': list(shape), 'data_type': dtype, 'fill_value': 0,
+          'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [1, *shape[1:]]}},
+          'chunk_key_encoding': {'name': 'default'},
+          'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}, {'name': 'crc32c'}],
+      },
+      'store_data_equal_to_fill_value': True,
+  }
+  return ts.open(spec, create=True).result()
+
+
+def open_array(root: str, path: str):
+  return ts.open({'driver': 'zarr3', 'kvstore': kvstore(root, path), 'fill_missing_data_reads': False,
+                  'store_data_equal_to_fill_value': True}, read=True, write=True).result()
+
+
+def write_rows(array, lo: int, rows_RxS: np.ndarray, bar=None) -> None:
+  """Writes rows [lo, lo + R) in slabs of about _SLAB_BYTES."""
+  per_slab = max(1, _SLAB_BYTES // max(1, rows_RxS[0].nbytes))
+  for start in range(0, rows_RxS.shape[0], per_slab):
+    slab = rows_RxS[start:start + per_slab]
+    array[lo + start:lo + start + slab.shape[0]].write(slab).result()
+    if bar is not None:
+      bar.update(slab.nbytes)
+
+
+def _runs(mask_R: np.ndarray) -> list[tuple[int, int]]:
+  """[lo, hi) runs of True in a bool mask."""
+  edges = np.flatnonzero(np.diff(np.concatenate([[0], mask_R.astype(np.int8), [0]])))
+  return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _write_json(path: str, obj) -> None:
+  with open(f'{path}.tmp', 'w') as f:
+    json.dump(obj, f, indent=1)
+    f.write('\n')
+  os.replace(f'{path}.tmp', path)
+
+
+def file_checksums(root: str) -> dict[str, str]:
+  """sha256 of every file but the manifest and the bank chunks (those carry crc32c)."""
+  out = {}
+  for directory, dirs, files in os.walk(root):
+    rel = os.path.relpath(directory, root)
+    if rel.startswith('bank') and os.path.basename(directory) == 'c':
+      dirs.clear()
+      continue
+    for name in files:
+      path = os.path.normpath(os.path.join(rel, name))
+      if path != MANIFEST:
+        out[path] = sha256(os.path.join(root, path))
+  return dict(sorted(out.items()))
+
+
+def _save_router(router: Router, out: str, data_path: str) -> None:
+  shutil.copyfile(os.path.join(data_path, TOKENIZER), os.path.join(out, TOKENIZER))
+  shutil.copyfile(os.path.join(data_path, TREE), os.path.join(out, TREE))
+  embedder = router.embedder
+  embedder.save(out)
+  if embedder.kind == 'minilm':  # ship the weights, found relative to the bundle
+    os.makedirs(os.path.join(out, 'minilm'))
+    for name in ('model.safetensors', 'tokenizer.json', 'config.json'):
+      shutil.copyfile(os.path.join(embedder.directory, name), os.path.join(out, 'minilm', name))
+    with open(os.path.join(out, CONFIG_FILE)) as f:
+      write_config(out, {**json.load(f), 'path': 'minilm'})
+
+
+def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfloat16',
+           subtrees: list[int] | None = None, progress: bool = True) -> dict:
+  """Writes the bundle of a run's checkpoint (latest, or `step`) to `out`; returns its manifest."""
+  if dtype not in DTYPES:
+    raise BundleError(f'--dtype {dtype!r}; choose one of {", ".join(DTYPES)}')
+  out = os.path.abspath(out)
+  if os.path.exists(out):
+    raise BundleError(f'{out} already exists; remove it or choose another --out')
+  cfg, _, params, bank, step = restore_run(workdir, step)
+  if cfg.data.source != 'prepared':
+    raise BundleError(f'{workdir} was trained on synthetic data: a bundle needs the tokenizer and tree of a '
+                      'prepared dataset (hmem prepare, data.source=prepared)')
+  router = Router.load(cfg.data.path)
+  check_router(router, cfg, cfg.data.path)
+  k, depth = cfg.memory.k, cfg.memory.depth
+  subtrees = sorted({int(s) for s in subtrees}) if subtrees else list(range(k))
+  for s in subtrees:
+    check_node(1, s, k, depth)
+  np_dtype = np.dtype(jax.numpy.dtype(dtype))
+
+  tmp = f'{out}.tmp-{os.getpid()}'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    flat = traverse_util.flatten_dict(jax.tree.map(lambda a: np.asarray(a).astype(np_dtype), params), sep='/')
+    save_file(flat, os.path.join(tmp, ANCHOR), metadata={'format': FORMAT})
+    _save_router(router, tmp, cfg.data.path)
+    masks = {t: present_rows(k, depth, t, rows, subtrees) for t, (rows, _) in memory_bank.tables(cfg).items()}
+    total = sum(a[0].size * np_dtype.itemsize * int(masks[t].sum()) for t, named in bank.items()
+                for a in named.values())
+    arrays = {}
+    with tqdm(total=total, unit='B', unit_scale=True, desc='export bank', disable=not progress) as bar:
+      for table, named in bank.items():
+        for name, a in named.items():
+          path = array_path(table, name)
+          array = create_array(tmp, path, a.shape, dtype)
+          for lo, hi in _runs(masks[table]):
+            write_rows(array, lo, a[lo:hi].astype(np_dtype), bar)
+          arrays[f'{table}/{name}'] = {'path': path, 'shape': list(a.shape), 'dtype': dtype,
+                                       'chunk_shape': [1, *a.shape[1:]], 'codecs': ['bytes', 'crc32c'],
+                                       'rows_present': int(masks[table].sum())}
+    with open(os.path.join(cfg.data.path, 'manifest.json')) as f:
+      data_manifest = json.load(f)
+    manifest = {
+        'format': FORMAT, 'version': VERSION, 'step': int(step), 'dtype': dtype,
+        'config': json.loads(cfg.to_json_best_effort()), 'sizes': sizes.sizes(cfg),
+        'k': k, 'depth': depth, 'subtrees': subtrees,
+        'tokenizer': {'vocab_size': data_manifest['vocab_size'], 'eot_id': data_manifest['eot_id'],
+                      'sha256': sha256(os.path.join(cfg.data.path, TOKENIZER))},
+        'files': file_checksums(tmp), 'bank': arrays,
+    }
+    _write_json(os.path.join(tmp, MANIFEST), manifest)
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return manifest
+
+
+def read_manifest(root: str) -> dict:
+  """The manifest, after checking it is a bundle of the version this code reads."""
+  path = os.path.join(root, MANIFEST)
+  if not os.path.isfile(path):
+    raise BundleError(f'{path} not found: {root!r} is not a bundle written by `hmem export`')
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise BundleError(f'{path} is not valid JSON ({e}); the bundle is damaged: export it again') from None
+  if manifest.get('format') != FORMAT:
+    raise BundleError(f'{path}: format {manifest.get("format")!r} is not {FORMAT!r}; not an hmem bundle')
+  if manifest.get('version') != VERSION:
+    raise BundleError(f'{path}: bundle format version {manifest.get("version")!r}, but this hmem reads version '
+                      f'{VERSION}; export the run again with this version')
+  return manifest
+
+
+def verify(root: str, manifest: dict) -> None:
+  """Every file the manifest lists exists and has its sha256."""
+  for name, digest in manifest['files'].items():
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+      raise BundleError(f'bundle {root}: {name} is missing; the bundle is incomplete: export it again')
+    if sha256(path) != digest:
+      raise BundleError(f'bundle {root}: {name} fails its sha256 checksum (changed or damaged since export); '
+                        'export the bundle again')
+
+
+def _load_params(root: str, cfg, dtype: str):
+  path = os.path.join(root, ANCHOR)
+  try:
+    flat = load_file(path)
+  except (SafetensorError, OSError) as e:
+    raise BundleError(f'{path} cannot be read ({e}); export the bundle again') from None
+  graphdef, abstract = abstract_params(cfg)
+  expected = traverse_util.flatten_dict(abstract, sep='/')
+  if set(flat) != set(expected):
+    diff = sorted(set(flat) ^ set(expected))
+    raise BundleError(f'{path}: parameters {diff[:3]} differ from the model of the run config; export again')
+  for name, a in flat.items():
+    if a.shape != expected[name].shape or a.dtype != np.dtype(jax.numpy.dtype(dtype)):
+      raise BundleError(f'{path}: {name} is {a.dtype}{list(a.shape)}, expected {dtype}{list(expected[name].shape)}')
+  device = jax.devices()[0]
+  return graphdef, traverse_util.unflatten_dict({tuple(n.split('/')): jax.device_put(a, device)
+                                                 for n, a in flat.items()})
+
+
+def open_bundle(root: str, *, check: bool = True, cache_bytes: int = 256 << 20) -> MemorySource:
+  """A MemorySource over a bundle; `check` verifies every file's checksum first."""
+  manifest = read_manifest(root)
+  if check:
+    verify(root, manifest)
+  try:
+    cfg = config_from_json(manifest['config'])
+  except ConfigError as e:
+    raise BundleError(f'{os.path.join(root, MANIFEST)}: {e}') from None
+  if manifest['tokenizer']['sha256'] != manifest['files'].get(TOKENIZER):
+    raise BundleError(f'bundle {root}: {TOKENIZER} is not the tokenizer the run was trained with (its sha256 '
+                      'differs from the one recorded at export); export the run again')
+  k, subtrees = manifest['k'], manifest['subtrees']
+  router = Router.load(root, present=subtrees if len(subtrees) < k else None)
+  check_router(router, cfg, root)
+  graphdef, params = _load_params(root, cfg, manifest['dtype'])
+  arrays, present = {}, {}
+  for key, meta in manifest['bank'].items():
+    table, name = key.split('/')
+    arrays.setdefault(table, {})[name] = meta['path']
+    present[table] = present_rows(k, manifest['depth'], table, meta['shape'][0], subtrees)
+  expected = {f'{t}/{name}': list(shape) for t, named in memory_bank.bank_shapes(cfg).items()
+              for name, shape in named.items()}
+  if {key: meta['shape'] for key, meta in manifest['bank'].items()} != expected:
+    raise BundleError(f'bundle {root}: its bank arrays {sorted(manifest["bank"])} do not match the run config')
+  reader = Reader(root, arrays, present, cache_bytes) if arrays else None
+  return MemorySource(cfg, nnx.merge(graphdef, params), router, reader, manifest['step'], manifest=manifest)

@@ -1,0 +1,38 @@
+"""What the trainer and benchmarks report: FLOPs per token and the training-time window."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from hmem import sizes
+from hmem.train.trainer import _Log
+
+
+def test_a_frozen_anchor_counts_4n_and_its_memory_6n(make_config):
+  trained = make_config('memory.levels=(8,4)')
+  frozen = make_config('memory.levels=(8,4)', 'train.freeze_anchor=true')
+  counts = sizes.sizes(trained)
+  anchor = counts['non_embedding_params'] + trained.model.vocab_size * trained.model.d_model
+  assert counts['fetch_params'] > 0
+  assert sizes.flops_per_token(trained) - sizes.flops_per_token(frozen) == pytest.approx(2 * anchor)
+
+
+def test_untimed_work_waits_for_the_running_steps_first(make_config, tmp_path):
+  """An evaluation after a dispatched step first waits for it; that wait is training time."""
+  work = jax.jit(lambda x: jax.lax.fori_loop(0, 60, lambda i, a: jnp.tanh(a @ a), x))
+  x = jnp.full((256, 256), 0.01)
+  jax.block_until_ready(work(x))  # compile
+  start = time.perf_counter()
+  jax.block_until_ready(work(x))
+  step_s = time.perf_counter() - start
+
+  log = _Log(make_config(), str(tmp_path), None, 0, lead=True, progress=False)
+  state = work(x)  # dispatched: the host does not wait for it
+  log.window_start = time.perf_counter()
+  with log.untimed(state):
+    jax.block_until_ready(state)  # as the evaluation would, reading the state
+  training_s = time.perf_counter() - log.window_start
+  log.close()
+  assert training_s > 0.5 * step_s, (training_s, step_s)

@@ -1,0 +1,110 @@
+"""Resuming a run: damaged metrics, changed configs, damaged checkpoints."""
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+
+from hmem.errors import CheckpointError, ConfigError
+from hmem.train.metrics import MetricsWriter
+from hmem.train.trainer import train
+
+
+def _write_rows(workdir, steps):
+  with open(workdir / 'metrics.jsonl', 'w') as f:
+    for step in steps:
+      f.write(json.dumps({'step': step, 'loss': 1.0 / step}) + '\n')
+
+
+def _steps(workdir):
+  return [json.loads(line)['step'] for line in open(workdir / 'metrics.jsonl')]
+
+
+@pytest.mark.parametrize('cut, kept', [(1, [1, 2]), (7, [1, 2]), (-1, [1, 2, 3])])
+def test_a_truncated_last_metrics_line_is_dropped_on_resume(tmp_path, cut, kept):
+  """A kill during a write leaves part of a line: `cut` bytes of it (dropped), or all but
+  its newline (a whole row: kept, and the next row starts on a line of its own)."""
+  _write_rows(tmp_path, [1, 2, 3])
+  size = os.path.getsize(tmp_path / 'metrics.jsonl')
+  last = len(json.dumps({'step': 3, 'loss': 1.0 / 3})) + 1
+  os.truncate(tmp_path / 'metrics.jsonl', size - last + cut if cut > 0 else size + cut)
+  writer = MetricsWriter(str(tmp_path), resume_step=3)
+  writer.write(4, {'loss': 0.5})
+  writer.close()
+  assert _steps(tmp_path) == kept + [4]
+
+
+def test_a_damaged_metrics_line_before_the_last_is_an_error(tmp_path):
+  _write_rows(tmp_path, [1, 2, 3])
+  text = (tmp_path / 'metrics.jsonl').read_text().replace('"step": 2', '"st')
+  (tmp_path / 'metrics.jsonl').write_text(text)
+  with pytest.raises(CheckpointError, match='metrics.jsonl line 2'):
+    MetricsWriter(str(tmp_path), resume_step=3)
+
+
+# --- a run resumed under a changed config
+
+def _copy_run(tiny_run, tmp_path):
+  _, workdir, _ = tiny_run
+  shutil.copytree(workdir, tmp_path / 'run')
+  return tmp_path / 'run'
+
+
+def test_resume_refuses_shape_and_data_changes_in_one_message(make_config, tiny_run, tmp_path):
+  workdir = _copy_run(tiny_run, tmp_path)
+  config_json = (workdir / 'config.json').read_text()
+  cfg = make_config('model.d_model=32', 'train.seed=1', 'train.steps=30')
+  with pytest.raises(ConfigError) as info:
+    train(cfg, str(workdir), progress=False)
+  message = str(info.value)
+  assert 'model.d_model 64 -> 32' in message and 'train.seed 0 -> 1' in message
+  assert 'train.steps' not in message and 'delete' not in message
+  assert (workdir / 'config.json').read_text() == config_json
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']
+
+
+def test_resume_allows_and_records_cadence_changes(make_config, tiny_run, tmp_path, caplog):
+  workdir = _copy_run(tiny_run, tmp_path)
+  cfg = make_config('train.steps=22', 'train.log_every=1', 'train.checkpoint_every=1', 'train.eval_every=0')
+  with caplog.at_level(logging.WARNING):
+    summary = train(cfg, str(workdir), progress=False)
+  expected = {'train.steps': [20, 22], 'train.log_every': [5, 1], 'train.checkpoint_every': [10, 1],
+              'train.eval_every': [10, 0]}
+  assert summary['step'] == 22 and summary['config_changes'] == expected
+  assert 'train.steps 20 -> 22' in caplog.text and 'schedules now end at step 22 instead of 20' in caplog.text
+  history = [json.loads(line) for line in open(workdir / 'config_changes.jsonl')]
+  assert history == [{'step': 20, 'changes': expected}]
+  assert json.loads((workdir / 'config.json').read_text())['train']['steps'] == 22
+  assert [r['step'] for r in map(json.loads, open(workdir / 'metrics.jsonl')) if 'loss' in r][-3:] == [20, 21, 22]
+
+
+# --- a damaged newest checkpoint
+
+def _truncate_largest_file(step_dir):
+  largest = max((p for p in step_dir.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(make_config, tiny_run, tmp_path, caplog):
+  from test_train import _assert_trees_equal, _params
+  _, full_dir, _ = tiny_run
+  workdir = _copy_run(tiny_run, tmp_path)
+  _truncate_largest_file(workdir / 'checkpoints' / '20')
+  with caplog.at_level(logging.WARNING):
+    summary = train(make_config(), str(workdir), progress=False)
+  assert 'checkpoint step 20' in caplog.text and 'resuming from step 10' in caplog.text
+  assert summary['step'] == 20
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20', '20.unreadable']
+  # Steps 11-20 trained again from step 10 give the uninterrupted run's parameters.
+  _assert_trees_equal(_params(workdir, 20), _params(full_dir, 20))
+
+
+def test_no_readable_checkpoint_is_an_error_and_nothing_is_renamed(make_config, tiny_run, tmp_path):
+  workdir = _copy_run(tiny_run, tmp_path)
+  for step in ('10', '20'):
+    _truncate_largest_file(workdir / 'checkpoints' / step)
+  with pytest.raises(CheckpointError, match='no checkpoint in .* can be restored; the newest, step 20'):
+    train(make_config(), str(workdir), progress=False)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']
