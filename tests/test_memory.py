@@ -15,6 +15,7 @@ from hmem import sharding, sizes
 from hmem.config import load_config
 from hmem.memory import bank as mb
 from hmem.memory import optimizer as mopt
+from hmem.memory.config import memory_layers
 from hmem.model import build_model
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.state import state_spec
@@ -43,7 +44,7 @@ def test_paper_memory_sizes_are_exact(repo, config, levels, fetch, bank):
 ])
 def test_fresh_memory_is_an_exact_no_op(make_config, overrides):
   cfg = make_config(*MEMORY, *overrides)
-  model = build_model(cfg)
+  model = build_model(cfg, memory_layers=memory_layers(cfg))
   bank = mb.init_bank(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (4, 32), 1, cfg.model.vocab_size)
   segments = jnp.concatenate([jnp.ones((4, 20), jnp.int32), 2 * jnp.ones((4, 12), jnp.int32)], axis=1)
