@@ -29,16 +29,16 @@ def _cli(*argv) -> tuple[int, list[str]]:
 def test_expand_names_runs_and_scales_steps(repo, tmp_path):
   sweep_file = str(repo / 'configs/sweeps/tiny.py')
   runs = spec.expand(sweep_file, str(tmp_path))
-  assert len(runs) == 12 and len({r.name for r in runs}) == 12
-  run = runs[0]
+  assert len(runs) == 16 and len({r.name for r in runs}) == 16
+  run = runs[4]
   assert run.name == 'd_model_32.head_dim_8.ffn_128.levels_0-0.steps_32'
   assert run.workdir == str(tmp_path / run.name)
   cfg = spec.run_config(sweep_file, run)
   assert (cfg.model.d_model, tuple(cfg.memory.levels), cfg.train.steps) == (32, (0, 0), 32)
 
   scaled = spec.expand(sweep_file, str(tmp_path), steps_scale=0.25, common=('--config.train.seed=3',))
-  cfg = spec.run_config(sweep_file, scaled[1])
-  assert scaled[1].name == runs[1].name + '.steps-x0.25'
+  cfg = spec.run_config(sweep_file, scaled[5])
+  assert scaled[5].name == runs[5].name + '.steps-x0.25'
   # 64 steps -> 16; evaluation and checkpoint every 32 -> 8, so both still land on the last step.
   assert (cfg.train.steps, cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.seed) == (16, 8, 8, 3)
 
@@ -63,7 +63,7 @@ def test_paper_table7_dry_run_lists_the_grid(repo, tmp_path):
   assert code == 0
   summary = json.loads(lines[-1])
   assert summary == {'runs': 10, 'finished': 0, 'to_run': 10, 'root': str(tmp_path), 'launcher': 'local'}
-  runs = spec.expand(str(repo / 'configs/sweeps/paper_table7.py'))
+  runs = spec.expand(str(repo / 'configs/sweeps/paper_table7.py'), str(tmp_path))
   banks = {}
   for run in runs:
     cfg = spec.run_config(str(repo / 'configs/sweeps/paper_table7.py'), run)
@@ -71,7 +71,8 @@ def test_paper_table7_dry_run_lists_the_grid(repo, tmp_path):
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
     banks.setdefault(round(sizes.memory_param_counts(cfg)['bank_params'] / 1e9, 1), set()).add(tokens)
   assert banks == {4.6: {2 ** 40}, 18.7: {2 ** 41}}
-  assert sum(str(r.workdir) in line for r in runs for line in lines) == 10
+  assert [line.split()[0] for line in lines[:-1]] == [r.workdir for r in runs]
+  assert '--config.memory.levels=(4096,320,17,2)' in lines[-2]
 
 
 def test_power_law_fit_recovers_its_parameters():
@@ -79,7 +80,7 @@ def test_power_law_fit_recovers_its_parameters():
   y = 1.7 + 3.0 * (x / 1e16) ** -0.3
   fit = collect.fit_power_law(x, y)
   x0 = fit['x0']
-  np.testing.assert_allclose([fit['E'], fit['alpha'], fit['A'] * (1e16 / x0) ** fit['alpha']], [1.7, 0.3, 3.0],
+  np.testing.assert_allclose([fit['E'], fit['alpha'], fit['A'] * (x0 / 1e16) ** fit['alpha']], [1.7, 0.3, 3.0],
                              rtol=1e-3)
   assert len(fit['residuals']) == 6 and fit['rmse'] < 1e-6
   assert 'error' in collect.fit_power_law(x[:3], y[:3])
@@ -93,7 +94,7 @@ def test_slurm_launcher_submits_one_job_per_unfinished_run(repo, tmp_path, monke
   sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
   monkeypatch.setenv('PATH', f'{bin_dir}:{os.environ["PATH"]}')
   sweep_file = str(repo / 'configs/sweeps/paper_table7.py')
-  runs = spec.expand(sweep_file, str(tmp_path / 'root'))
+  runs = spec.expand(sweep_file, str(tmp_path / 'root'), common=('--config.data.path=/data/dclm',))
   os.makedirs(os.path.join(runs[0].workdir, 'checkpoints', str(spec.run_config(sweep_file, runs[0]).train.steps)))
   code, lines = _cli('sweep', 'run', sweep_file, '--launcher', 'slurm', '--root', str(tmp_path / 'root'),
                      '--sbatch-arg=--nodes=2', '--config.data.path=/data/dclm')
@@ -117,12 +118,12 @@ def test_tiny_sweep_runs_collects_fits_and_plots(repo, tmp_path):
   assert json.loads(out.stdout.splitlines()[-1])['failed'] == []
 
   runs = spec.expand(sweep_file, root, 0.125)
-  stale = runs[-1]  # an interrupted run: its last checkpoint is gone
-  os.rename(os.path.join(stale.workdir, 'checkpoints', '8'), os.path.join(tmp_path, 'moved'))
+  stale = runs[-2]  # as if interrupted: its final checkpoint is gone
+  os.rename(os.path.join(stale.workdir, 'checkpoints', '4'), os.path.join(tmp_path, 'moved'))
   code, lines = _cli('sweep', 'collect', sweep_file, *args)
   assert code == 0
   summary = json.loads(lines[-1])
-  assert summary['incomplete'] == {stale.name: 'unfinished'} and summary['finished'] == 11
+  assert summary['incomplete'] == {stale.name: 'unfinished'} and summary['finished'] == 15
 
   with open(os.path.join(root, 'sweep.csv')) as f:
     rows = list(csv.DictReader(f))
@@ -135,16 +136,19 @@ def test_tiny_sweep_runs_collects_fits_and_plots(repo, tmp_path):
     assert (row['eval_loss_generic'] != '') == (row['levels'] != 'none')
     final = [json.loads(line) for line in open(os.path.join(run.workdir, 'metrics.jsonl'))][-1]
     assert float(row['eval_loss']) == final['eval_loss'] and float(row['loss']) == final['loss']
-  assert rows[-1]['state'] == 'unfinished'
+  assert rows[-2]['state'] == 'unfinished'
 
+  by_name = {r['name']: r for r in rows}
   for levels, group in summary['fits'].items():
-    assert len(group['runs']) == (5 if levels == '(16, 8)' else 6)
-    for name in ('loss_vs_flops', 'loss_vs_params'):
+    assert len(group['runs']) == (7 if levels == '(16, 8)' else 8)
+    assert len(group['params_runs']) == 4 and group['params_tokens'] == 8 * 8 * 64
+    assert stale.name not in group['runs'] + group['params_runs']
+    for name, xkey, names in (('loss_vs_flops', 'flops', group['runs']),
+                              ('loss_vs_params', 'active_params', group['params_runs'])):
       fit = group[name]
-      assert 'error' not in fit and fit['n'] == len(fit['residuals']) == len(group['runs'])
-      by_name = {r['name']: r for r in rows}
-      x = [float(by_name[n]['flops' if name == 'loss_vs_flops' else 'active_params']) for n in group['runs']]
-      y = [float(by_name[n]['eval_loss']) for n in group['runs']]
+      assert 'error' not in fit and fit['n'] == len(fit['residuals']) == len(names)
+      x = [float(by_name[n][xkey]) for n in names]
+      y = [float(by_name[n]['eval_loss']) for n in names]
       predicted = fit['E'] + fit['A'] * (np.array(x) / fit['x0']) ** -fit['alpha']
       np.testing.assert_allclose(np.array(y) - predicted, fit['residuals'], atol=1e-9)
   for path in summary['plots']:

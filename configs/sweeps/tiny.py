@@ -1,4 +1,4 @@
-"""A sweep small enough for a 2-core CPU (a few minutes): 3 tiny anchors x 2 token budgets,
+"""A sweep small enough for a 2-core CPU (a few minutes): 4 tiny anchors x 2 token budgets,
 each without and with a k=4, depth-2 memory, on synthetic data.
 
     hmem sweep run configs/sweeps/tiny.py --max-parallel 2
@@ -11,7 +11,7 @@ from hmem.config import default_config
 
 BATCH, SEQ = 8, 64
 BUDGETS = (2 ** 14, 2 ** 15)  # training tokens
-WIDTHS = (32, 48, 64)         # anchor d_model; 4 heads of d/4, SwiGLU 4d
+WIDTHS = (24, 32, 48, 64)       # anchor d_model; 4 heads of d/4, SwiGLU 4d
 
 
 def get_config():

@@ -9,9 +9,10 @@ anchor alone), parameter counts (`hmem.sizes`) and training compute
 plus causal attention). Runs that failed or did not finish stay in the table with their
 state and whatever they logged; only finished runs enter the fits and plots.
 
-Fits, per bank size: L = E + A * (X / X0)^-alpha for X = training FLOPs and X = active
-parameters (anchor + fetched), with X0 the geometric mean of X (so A is the loss above E at
-a typical X), by scipy's bounded least squares.
+Fits, per memory size: L = E + A * (X / X0)^-alpha for X = training FLOPs (all runs) and
+X = active parameters (anchor + fetched; the runs of the largest token budget), with X0
+the geometric mean of X (so A is the loss above E at a typical X), by scipy's bounded
+least squares (E <= the smallest loss, A >= 0, 0 <= alpha <= 5).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def fit_power_law(x, y) -> dict:
   from scipy.optimize import curve_fit
   x, y = np.asarray(x, float), np.asarray(y, float)
   if len(x) < MIN_FIT_POINTS or len(np.unique(x)) < 3:
-    return {'n': len(x), 'error': f'needs at least {MIN_FIT_POINTS} finished runs with 3 distinct x, has {len(x)}'}
+    return {'n': len(x), 'error': f'needs at least {MIN_FIT_POINTS} finished runs with 3 distinct x, has '
+                                  f'{len(x)} with {len(np.unique(x))}'}
   x0 = float(np.exp(np.mean(np.log(x))))
   law = lambda x, E, A, alpha: E + A * (x / x0) ** -alpha
   p0 = (0.5 * y.min(), max(y.mean() - 0.5 * y.min(), 1e-3), 0.3)
@@ -85,15 +87,19 @@ def _target(row) -> float | None:
 
 
 def fits(rows: list[dict]) -> dict:
-  """{levels: {'loss_vs_flops': fit, 'loss_vs_params': fit}} over each memory size's
-  finished runs; the fitted loss is the final held-out loss (train loss if not evaluated)."""
+  """{levels: fits} per memory size over its finished runs: `loss_vs_flops` over all of
+  them, `loss_vs_params` over those of the largest token budget (`params_tokens`). The
+  fitted loss is the final held-out loss (the train loss where there was no evaluation)."""
   out = {}
   for levels in dict.fromkeys(r['levels'] for r in rows):
     done = [r for r in rows if r['levels'] == levels and r['state'] == 'finished' and _target(r) is not None]
-    y = [_target(r) for r in done]
+    tokens = max((r['tokens'] for r in done), default=0)
+    longest = [r for r in done if r['tokens'] == tokens]
     out[levels] = {'runs': [r['name'] for r in done],
-                   'loss_vs_flops': fit_power_law([r['flops'] for r in done], y),
-                   'loss_vs_params': fit_power_law([r['active_params'] for r in done], y)}
+                   'loss_vs_flops': fit_power_law([r['flops'] for r in done], [_target(r) for r in done]),
+                   'params_runs': [r['name'] for r in longest], 'params_tokens': tokens,
+                   'loss_vs_params': fit_power_law([r['active_params'] for r in longest],
+                                                   [_target(r) for r in longest])}
   return out
 
 
@@ -105,11 +111,12 @@ def plot(rows: list[dict], fitted: dict, root: str) -> list[str]:
   import matplotlib.pyplot as plt
 
   paths = []
-  for xkey, fitkey, xlabel in (('flops', 'loss_vs_flops', 'training FLOPs'),
-                               ('active_params', 'loss_vs_params', 'active parameters (anchor + fetch)')):
+  for xkey, fitkey, runskey, xlabel in (
+      ('flops', 'loss_vs_flops', 'runs', 'training FLOPs'),
+      ('active_params', 'loss_vs_params', 'params_runs', 'active parameters (anchor + fetch), largest budget')):
     fig, ax = plt.subplots(figsize=(6, 4))
     for levels, group in fitted.items():
-      done = [r for r in rows if r['name'] in group['runs']]
+      done = [r for r in rows if r['name'] in group[runskey]]
       if not done:
         continue
       xs = np.array([r[xkey] for r in done], float)
