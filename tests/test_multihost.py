@@ -1,7 +1,11 @@
 """Multi-host: 2 processes x 4 CPU devices (JAX multi-controller over gloo, launch/local.sh)
 train, checkpoint and evaluate the tiny config with memory exactly like one process with
 the same 8-device mesh, and a run resumes from 2 processes onto 1 and from 1 onto 2
-without losing or repeating a batch."""
+without losing or repeating a batch.
+
+Under heavy machine load a launch can fail with "Gloo context initialization failed:
+GetKeyValue() timed out": XLA's gloo store waits 30 s (not configurable) for the other
+process, which may still be compiling."""
 
 import json
 import os
@@ -52,18 +56,15 @@ def _assert_same_run(rows, reference):
     np.testing.assert_allclose([rows[s][key] for s in (10, 20)], [reference[s][key] for s in (10, 20)], rtol=1e-5)
 
 
-def test_two_processes_train_checkpoint_and_evaluate_like_one(repo, memory_run, tmp_path):
-  out = _launch(repo, tmp_path, *MEMORY)
-  _assert_same_run(_rows(tmp_path), memory_run)
-  assert {'10', '20'} <= set(os.listdir(tmp_path / 'checkpoints'))
+def test_two_processes_train_like_one_and_resume_across_process_counts(repo, make_config, memory_run, tmp_path):
+  """Steps 1-10 on two processes then 11-20 on one, and the other way round. Both runs log
+  every step's loss and evaluate (fetched, generic, anchor-only) at steps 10 and 20 exactly
+  like the uninterrupted one-process run: two processes train, checkpoint and evaluate
+  like one, and the resumed run neither skips nor repeats a batch."""
+  out = _launch(repo, tmp_path / 'two_then_one', *MEMORY, *FIRST_HALF)
   summary = json.loads(out.stdout.strip().splitlines()[-1])  # printed by process 0 only
-  assert summary['step'] == 20 and summary['eval_loss'] == pytest.approx(memory_run[20]['eval_loss'], rel=1e-5)
-
-
-def test_resume_from_two_processes_onto_one_and_back(repo, make_config, memory_run, tmp_path):
-  """Steps 1-10 on two hosts then 11-20 on one, and the other way round: every step's loss
-  is the uninterrupted run's, so no batch was skipped or seen twice."""
-  _launch(repo, tmp_path / 'two_then_one', *MEMORY, *FIRST_HALF)
+  assert summary['step'] == 10 and summary['eval_loss'] == pytest.approx(memory_run[10]['eval_loss'], rel=1e-5)
+  assert os.listdir(tmp_path / 'two_then_one' / 'checkpoints') == ['10']
   train(make_config(*MEMORY), str(tmp_path / 'two_then_one'), progress=False)
   _assert_same_run(_rows(tmp_path / 'two_then_one'), memory_run)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 
 import grain
 import numpy as np
+from etils import epath
 
 from hmem.data import layout
 from hmem.data.layout import MANIFEST, SPLITS
@@ -50,7 +50,7 @@ class PreparedSource:
     self.manifest = manifest
     # `file[0:n]` tells grain the record count, so it need not open every shard up front.
     self._source = grain.sources.ArrayRecordDataSource(
-        [f'{os.path.join(path, s["file"])}[0:{s["sequences"]}]' for s in info['shards']])
+        [f'{epath.Path(path) / s["file"]}[0:{s["sequences"]}]' for s in info['shards']])
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
     self._pending: tuple | None = None  # ((position, start, stop), future) of a prefetched batch
 
@@ -88,16 +88,16 @@ class PreparedSource:
 
 
 def _read_manifest(path: str) -> dict:
-  if not path or not os.path.isdir(path):
+  """The manifest of a dataset on any filesystem etils.epath reads (local, gs://, ...)."""
+  if not path or not epath.Path(path).is_dir():
     raise DataError(f'prepared dataset {path!r} does not exist; run `hmem prepare --out DIR` and '
                     'set --config.data.path=DIR')
-  manifest_path = os.path.join(path, MANIFEST)
-  if not os.path.isfile(manifest_path):
+  manifest_path = epath.Path(path) / MANIFEST
+  if not manifest_path.is_file():
     raise DataError(f'{path} has no {MANIFEST}: its preparation did not finish; rerun '
                     f'`hmem prepare --out {path}` (it resumes)')
   try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(manifest_path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f'{manifest_path} is unreadable ({e}); prepare the data again') from None
   if manifest.get('format') != layout.FORMAT or manifest.get('version') != layout.VERSION:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 
 import numpy as np
+from etils import epath
 
 from hmem import sizes
 from hmem.memory import config as memory_config
@@ -34,11 +34,11 @@ MIN_FIT_POINTS = 4  # three parameters plus at least one residual degree of free
 
 def _last_logged(workdir: str) -> dict:
   """Final train loss (and its step) and the last evaluation (and its step)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = epath.Path(workdir) / 'metrics.jsonl'
   out = {}
-  if not os.path.exists(path):
+  if not path.exists():
     return out
-  with open(path) as f:
+  with path.open() as f:
     for row in map(json.loads, filter(str.strip, f)):
       if 'loss' in row:
         out.update(loss=row['loss'], step=row['step'])
@@ -103,6 +103,12 @@ def fits(rows: list[dict]) -> dict:
   return out
 
 
+def _save(fig, path: epath.Path) -> str:
+  with path.open('wb') as f:
+    fig.savefig(f, format='png', dpi=100)
+  return str(path)
+
+
 def plot(rows: list[dict], fitted: dict, root: str) -> list[str]:
   """loss_vs_flops.png, loss_vs_params.png (per memory size, with the fits) and
   memory_modes.png (fetched vs generic vs anchor-only held-out loss); returns the paths."""
@@ -129,8 +135,7 @@ def plot(rows: list[dict], fitted: dict, root: str) -> list[str]:
     ax.set(xscale='log', xlabel=xlabel, ylabel='final loss (held-out)')
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(os.path.join(root, f'{fitkey}.png'))
-    fig.savefig(paths[-1], dpi=100)
+    paths.append(_save(fig, epath.Path(root) / f'{fitkey}.png'))
     plt.close(fig)
 
   with_memory = [r for r in rows if r['state'] == 'finished' and r['eval_loss_anchor'] is not None]
@@ -144,8 +149,7 @@ def plot(rows: list[dict], fitted: dict, root: str) -> list[str]:
   if with_memory:
     ax.legend(fontsize=7)
   fig.tight_layout()
-  paths.append(os.path.join(root, 'memory_modes.png'))
-  fig.savefig(paths[-1], dpi=100)
+  paths.append(_save(fig, epath.Path(root) / 'memory_modes.png'))
   plt.close(fig)
   return paths
 
@@ -153,8 +157,8 @@ def plot(rows: list[dict], fitted: dict, root: str) -> list[str]:
 def collect(sweep_file: str, runs: list[Run], root: str) -> dict:
   """Writes ROOT/sweep.csv, ROOT/sweep.json and the plots; returns the JSON summary."""
   rows = [run_row(sweep_file, run) for run in runs]
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, 'sweep.csv'), 'w', newline='') as f:
+  epath.Path(root).mkdir(parents=True, exist_ok=True)
+  with (epath.Path(root) / 'sweep.csv').open('w') as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
@@ -163,6 +167,6 @@ def collect(sweep_file: str, runs: list[Run], root: str) -> dict:
              'finished': sum(r['state'] == 'finished' for r in rows),
              'incomplete': {r['name']: r['state'] for r in rows if r['state'] != 'finished'},
              'fits': fitted, 'plots': plot(rows, fitted, root), 'rows': rows}
-  with open(os.path.join(root, 'sweep.json'), 'w') as f:
+  with (epath.Path(root) / 'sweep.json').open('w') as f:
     json.dump(summary, f, indent=2)
   return summary

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 
+from etils import epath
 from tqdm import tqdm
 
 from hmem.errors import ConfigError
@@ -31,33 +32,36 @@ def train_command(sweep_file: str, run: Run, python: str = sys.executable) -> li
 
 
 def _read_status(run: Run) -> dict:
-  path = os.path.join(run.workdir, STATUS_FILE)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  path = epath.Path(run.workdir) / STATUS_FILE
+  return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _write_status(run: Run, status: dict) -> None:
-  with open(os.path.join(run.workdir, STATUS_FILE), 'w') as f:
-    json.dump(status, f)
+  (epath.Path(run.workdir) / STATUS_FILE).write_text(json.dumps(status))
 
 
 def run_state(run: Run, steps: int) -> str:
   """'finished' (the checkpoint of the last step exists; orbax renames a step directory into
   place only once it is complete), 'failed' (the last local attempt exited non-zero),
   'unfinished' (started, stopped early: resumable) or 'not started'."""
-  if os.path.isdir(os.path.join(run.workdir, 'checkpoints', str(steps))):
+  workdir = epath.Path(run.workdir)
+  if (workdir / 'checkpoints' / str(steps)).is_dir():
     return 'finished'
-  if not os.path.isdir(run.workdir):
+  if not workdir.is_dir():
     return 'not started'
   return 'failed' if _read_status(run).get('returncode', 0) != 0 else 'unfinished'
 
 
 def _run_one(sweep_file: str, run: Run) -> int:
-  os.makedirs(run.workdir, exist_ok=True)
-  with open(os.path.join(run.workdir, 'train.log'), 'a') as log:
-    returncode = subprocess.run(train_command(sweep_file, run), stdout=log, stderr=subprocess.STDOUT).returncode
+  workdir = epath.Path(run.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  # Streamed line by line, so the log may live on any filesystem epath writes (gs://, ...).
+  with (workdir / 'train.log').open('a') as log, subprocess.Popen(
+      train_command(sweep_file, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    for line in proc.stdout:
+      log.write(line)
+      log.flush()
+  returncode = proc.returncode
   _write_status(run, {'launcher': 'local', 'returncode': returncode})
   return returncode
 
@@ -95,7 +99,7 @@ def run_slurm(sweep_file: str, runs: list[Run], sbatch_script: str = SBATCH_SCRI
     if previous and _job_alive(previous):
       jobs[run.name] = 'queued'
       continue
-    os.makedirs(run.workdir, exist_ok=True)
+    epath.Path(run.workdir).mkdir(parents=True, exist_ok=True)
     logs = os.path.abspath(run.workdir)
     cmd = ['sbatch', '--parsable', f'--job-name=hmem-{run.name}'[:120], f'--output={logs}/slurm-%j.log',
            f'--export=ALL,HMEM_LOGS={logs}/logs', *sbatch_args, sbatch_script,

@@ -14,6 +14,8 @@ import importlib.util
 import os
 import re
 
+from etils import epath
+
 from hmem.config import apply_overrides, load_config
 from hmem.errors import ConfigError
 
@@ -96,7 +98,7 @@ def expand(sweep_file: str, root: str | None = None, steps_scale: float = 1.0,
     name = run_name(overrides)
     if steps_scale != 1.0:  # a shortened run is another run: its own workdir
       overrides, name = _scale_steps(cfg, overrides, steps_scale), f'{name}.steps-x{steps_scale:g}'
-    run = Run(name, overrides, os.path.join(root, name), tuple(common))
+    run = Run(name, overrides, str(epath.Path(root) / name), tuple(common))
     apply_overrides(cfg, run.args())
     if run.name in seen:
       raise ConfigError(f'{sweep_file}: runs {seen[run.name]} and {i} have the same overrides ({run.name}); '
