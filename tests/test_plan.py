@@ -9,6 +9,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hmem import compile_cache, hlo, sizes
@@ -21,9 +22,10 @@ def test_collectives_in_a_loop_count_once_per_trip():
   @jax.jit
   @partial(jax.shard_map, mesh=mesh, in_specs=P('x'), out_specs=P('x'))
   def f(a):
-    return jax.lax.scan(lambda c, _: (jax.lax.psum(c, 'x') * 0.5, None), a, None, length=7)[0]
+    return jax.lax.scan(lambda c, _: (c + jax.lax.psum(c, 'x'), None), a, None, length=7)[0]
 
-  text = f.lower(jnp.ones((8, 128))).compile().as_text()
+  x = jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=NamedSharding(mesh, P('x')))
+  text = f.lower(x).compile().as_text()
   listed = hlo.collectives(text)
   assert listed and len(listed) < 7  # the loop was not unrolled: one all-reduce in its body
   assert hlo.collective_bytes_per_step(text) == {'all-reduce': 7 * 128 * 4}
