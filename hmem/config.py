@@ -146,6 +146,8 @@ def default_config() -> ml_collections.ConfigDict:
       peak_flops=0.0,      # per device, for MFU; 0 looks the device up (see hardware.py)
       freeze_anchor=False, # train the memory only (post-hoc regime)
       init_from='',        # a run's workdir: start from its anchor parameters (latest checkpoint)
+      compile_cache='',    # persistent compilation cache directory; '' = $HMEM_CACHE, else
+                           # $JAX_COMPILATION_CACHE_DIR, else WORKDIR/../jax_cache; 'off' disables
   ))
   return c
 
