@@ -10,8 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import signal
-import threading
 import time
 
 import jax
@@ -25,6 +23,7 @@ from hmem.train.checkpoint import Checkpoints
 from hmem.train.hardware import peak_flops_per_device
 from hmem.train.metrics import MetricsWriter
 from hmem.train.optimizer import anchor_optimizer
+from hmem.train.preemption import Preemption
 from hmem.train.state import init_state, state_spec
 from hmem.train.step import make_eval_step, make_train_step
 
@@ -63,26 +62,6 @@ class _Batches:
 
   def close(self):
     self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _StopFlag:
-  """Set by SIGTERM; the loop saves a checkpoint and returns at the next step boundary."""
-
-  def __init__(self):
-    self.set = False
-    self.previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.set = True
-
-  def __exit__(self, *exc):
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
 
 
 def _console(row: dict) -> str:
@@ -181,7 +160,7 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
 
     window_start, window_steps = time.perf_counter(), 0
     try:
-      with _StopFlag() as stop:
+      with Preemption() as preemption:
         while step < t.steps:
           profiling = t.profile_start >= 0
           if profiling and step == t.profile_start:
@@ -221,12 +200,13 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
           if eval_row:
             writer.write(step, eval_row)
 
-          if stop.set or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
+          stop = preemption.requested()
+          if stop or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
             check_finite()
             save_start = time.perf_counter()
             ckpt.save(state, position, meta)
             window_start += time.perf_counter() - save_start
-          if stop.set:
+          if stop:
             summary['stopped_by_signal'] = True
             break
     finally:
