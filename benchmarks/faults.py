@@ -71,8 +71,9 @@ def _child(argv: list[str]) -> int:
 
 def start(workdir: str, hold_s: float = 0.0, overrides=OVERRIDES) -> subprocess.Popen:
   os.makedirs(workdir, exist_ok=True)
-  env = {'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO, '.jax_cache'), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-         **os.environ, 'PYTHONPATH': REPO + os.pathsep + os.environ.get('PYTHONPATH', '')}
+  env = {'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO, '.jax_cache'),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', **os.environ,
+         'PYTHONPATH': REPO + os.pathsep + os.environ.get('PYTHONPATH', '')}
   return subprocess.Popen([sys.executable, os.path.abspath(__file__), '--child', workdir, str(hold_s), *overrides],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
