@@ -263,6 +263,13 @@ def main(argv=None) -> int:
   except UserError as e:
     print(f'hmem: error: {e}', file=sys.stderr)
     return 2
+  except OSError as e:
+    from hmem.train.storage import storage_errno
+    if storage_errno(e) is None:
+      raise
+    print(f'hmem: error: cannot write {e.filename or "to the workdir"}: {e.strerror}; free space or make it '
+          'writable, then run again (complete checkpoints are kept)', file=sys.stderr)
+    return 2
   except KeyboardInterrupt:
     print('hmem: interrupted', file=sys.stderr)
     return 130

@@ -9,8 +9,10 @@ process, which may still be compiling."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -30,14 +32,24 @@ def _rows(workdir) -> dict[int, dict]:
   return rows
 
 
-def _launch(repo, workdir, *overrides):
+def _start(repo, workdir, *overrides):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['PYTHON'] = sys.executable
-  out = subprocess.run(['bash', str(repo / 'launch/local.sh'), '2', '4', '--config', str(repo / 'configs/tiny.py'),
-                        '--workdir', str(workdir), *(f'--config.{o}' for o in overrides)],
-                       env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  return subprocess.Popen(['bash', str(repo / 'launch/local.sh'), '2', '4', '--config', str(repo / 'configs/tiny.py'),
+                           '--workdir', str(workdir), *(f'--config.{o}' for o in overrides)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _launch(repo, workdir, *overrides):
+  proc = _start(repo, workdir, *overrides)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
   return out
+
+
+def _checkpoints(workdir):
+  ckpts = workdir / 'checkpoints'
+  return sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) if ckpts.exists() else []
 
 
 @pytest.fixture(scope='module')
@@ -62,7 +74,7 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(repo, mak
   like the uninterrupted one-process run: two processes train, checkpoint and evaluate
   like one, and the resumed run neither skips nor repeats a batch."""
   out = _launch(repo, tmp_path / 'two_then_one', *MEMORY, *FIRST_HALF)
-  summary = json.loads(out.stdout.strip().splitlines()[-1])  # printed by process 0 only
+  summary = json.loads(out.strip().splitlines()[-1])  # printed by process 0 only
   assert summary['step'] == 10 and summary['eval_loss'] == pytest.approx(memory_run[10]['eval_loss'], rel=1e-5)
   assert os.listdir(tmp_path / 'two_then_one' / 'checkpoints') == ['10']
   train(make_config(*MEMORY), str(tmp_path / 'two_then_one'), progress=False)
@@ -71,3 +83,37 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(repo, mak
   train(make_config(*MEMORY, *FIRST_HALF), str(tmp_path / 'one_then_two'), progress=False)
   _launch(repo, tmp_path / 'one_then_two', *MEMORY)
   _assert_same_run(_rows(tmp_path / 'one_then_two'), memory_run)
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step(repo, make_config, tmp_path):
+  """Only process 1 gets SIGTERM: both processes agree on a stop step, save it together (a
+  collective save that one host skipped would hang the other) and exit 0; the run resumes."""
+  fixed = ('train.schedule_steps=1000', 'train.checkpoint_every=5', 'train.log_every=1', 'train.eval_every=0')
+  proc = _start(repo, tmp_path, 'train.steps=100000', *fixed)
+  for _ in range(2400):  # 2 minutes at most
+    if _checkpoints(tmp_path):
+      break
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.05)
+  with open(f'/proc/{proc.pid}/task/{proc.pid}/children') as f:
+    workers = [int(p) for p in f.read().split()]
+  assert len(workers) == 2
+  os.kill(workers[1], signal.SIGTERM)
+  try:
+    out, err = proc.communicate(timeout=120)
+  finally:  # a hang (the bug this guards against) must not leave the workers running
+    for pid in workers:
+      if proc.poll() is None:
+        os.kill(pid, signal.SIGKILL)
+  assert proc.returncode == 0, err[-3000:]
+  summary = json.loads(out.strip().splitlines()[-1])  # printed by process 0, which got no signal
+  assert summary['stopped_by_signal']
+  stop = summary['step']
+  assert _checkpoints(tmp_path)[-1] == stop
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert rows[-1]['step'] == stop
+
+  # Resumes (on one host, which is quicker here) from the step both saved.
+  summary = train(make_config(f'train.steps={stop + 3}', *fixed), str(tmp_path), progress=False)
+  assert summary['step'] == stop + 3 and not summary['stopped_by_signal']
+  assert [r['step'] for r in map(json.loads, open(tmp_path / 'metrics.jsonl'))] == list(range(1, stop + 4))
