@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -113,3 +114,13 @@ def export_hf(model: dict, params: dict, out_dir: str, tokenizer: str | None = N
     shutil.copyfile(tokenizer, os.path.join(out_dir, 'tokenizer.json'))
     written.append('tokenizer.json')
   return written
+
+
+def export_run(workdir: str, out_dir: str, step: int | None = None) -> list[str]:
+  """`export_hf` of a run's anchor (latest checkpoint, or `step`), with the tokenizer it
+  trained with (data.tokenizer, else the prepared dataset's) when there is one."""
+  from hmem.infer.source import restore_run
+  cfg, _, params, _, _ = restore_run(workdir, step)
+  candidates = [cfg.data.tokenizer, os.path.join(cfg.data.path, 'tokenizer.json') if cfg.data.path else '']
+  tokenizer = next((path for path in candidates if path and os.path.isfile(path)), None)
+  return export_hf(cfg.model.to_dict(), jax.tree.map(np.asarray, params), out_dir, tokenizer)
