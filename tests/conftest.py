@@ -7,6 +7,7 @@ import pathlib
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 REPO = pathlib.Path(__file__).resolve().parents[1]
+WIKI = REPO / 'tests' / 'data' / 'wiki_sample.jsonl'
 # Through the environment, so `hmem` subprocesses started by tests share the cache.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(REPO / '.jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
@@ -38,3 +39,24 @@ def tiny_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('tiny_run')
   summary = train(cfg, str(workdir), progress=False)
   return cfg, workdir, summary
+
+
+# configs/tiny.py with FFN memory (and a generic block) on a k=4, depth-2 tree of the wiki sample.
+MEMORY_RUN = ('model.vocab_size=512', 'memory.levels=(8, 4)', 'data.source=prepared', 'data.tokenizer_sample=400',
+              'data.tree_sample=400', 'data.kmeans_samples=256', 'data.kmeans_steps=5', 'data.tfidf_dim=32',
+              'data.eval_fraction=0.1', 'train.steps=6', 'train.checkpoint_every=6', 'train.eval_every=0',
+              'train.log_every=6', 'train.warmup_steps=2')
+
+
+@pytest.fixture(scope='session')
+def memory_run(tmp_path_factory):
+  """(config, prepared dataset, manifest, run directory): a few steps of tiny + memory on the
+  wiki sample, shared by the inference tests."""
+  from hmem.data.prepare import prepare
+  from hmem.train.trainer import train
+  data = tmp_path_factory.mktemp('infer_data')
+  cfg = tiny_config(*MEMORY_RUN, f'data.path={data}')
+  manifest = prepare(cfg, str(WIKI), str(data), progress=False)
+  workdir = tmp_path_factory.mktemp('infer_run')
+  train(cfg, str(workdir), progress=False)
+  return cfg, data, manifest, workdir

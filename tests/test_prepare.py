@@ -16,6 +16,7 @@ import zstandard
 
 from hmem.config import apply_overrides, default_config
 from hmem.data import layout
+from hmem.data import prepare as prepare_lib
 from hmem.data.embed import load_embedder
 from hmem.data.inputs import ReadStats, list_files, read_documents
 from hmem.data.packing import pack
@@ -175,15 +176,46 @@ def test_output_does_not_depend_on_process_count(prepared, corpus, tmp_path):
   for t in threads:
     t.join()
   assert results[0] == manifest and results[1] is None
-  # The stages as separate jobs: fit, map on 3 processes, reduce on 2.
+  # The stages as separate jobs: fit, embed on 3 processes, tree, map on 2, reduce on 2.
   staged = tmp_path / 'staged'
   prepare(cfg, str(corpus), str(staged), stage='fit', progress=False)
   for i in range(3):
-    prepare(cfg, str(corpus), str(staged), 3, i, stage='map', progress=False)
+    prepare(cfg, str(corpus), str(staged), 3, i, stage='embed', progress=False)
+  assert prepare(cfg, str(corpus), str(staged), 3, 1, stage='tree', progress=False) is None
+  assert not (staged / 'tree.npz').exists()  # the tree is process 0's
+  prepare(cfg, str(corpus), str(staged), stage='tree', progress=False)
+  for i in range(2):
+    prepare(cfg, str(corpus), str(staged), 2, i, stage='map', progress=False)
   assert prepare(cfg, str(corpus), str(staged), 2, 1, stage='reduce', progress=False) is None
   assert prepare(cfg, str(corpus), str(staged), 2, 0, stage='reduce', progress=False) == manifest
   for other in (two, staged):
     assert files_of(other) == files_of(out)  # embed_cache/ included
+
+
+def test_tree_is_fit_on_a_uniform_sample_of_training_documents(prepared, corpus, tmp_path, monkeypatch):
+  cfg, out, _ = prepared
+  fitted = []
+  real_fit = prepare_lib.fit_tree
+  monkeypatch.setattr(prepare_lib, 'fit_tree', lambda x, *a, **kw: fitted.append(x) or real_fit(x, *a, **kw))
+  # The prepared run's cache holds every vector, so only the tree is fit again.
+  shared = small_config('data.tree_sample=120', f'data.embed_cache={out / "embed_cache"}')
+  assert prepare(shared, str(corpus), str(tmp_path / 'sampled'), progress=False)['tree_documents'] == 120
+  # Which documents were drawn: match the rows against every document's vector.
+  files, _ = list_files(str(corpus))
+  docs = [d for i, p in enumerate(files) for d in read_documents(p, i, 'text', ReadStats())]
+  emb_NxD = load_embedder(str(out)).embed([d.text for d in docs])
+  held_N = np.array([prepare_lib._held_out(d.file, np.array([d.index]), 0.1)[0] for d in docs])
+  drawn = [int(np.flatnonzero((emb_NxD == row).all(1))[0]) for row in fitted[0]]
+  assert len(set(drawn)) == 120 and not held_N[drawn].any()
+  # Spread over the corpus, not the head of each file: main.jsonl (file 0, 251 documents)
+  # gives about its share, from both of its halves.
+  main = [i for i in drawn if docs[i].file == 0]
+  assert 50 <= len(main) <= 100
+  assert min(main) < 100 and max(main) > 150
+  # Another seed, another draw (process counts never change it: see the test above).
+  prepare(small_config('data.tree_sample=120', f'data.embed_cache={out / "embed_cache"}', 'train.seed=1'),
+          str(corpus), str(tmp_path / 'seed1'), progress=False)
+  assert fitted[1].shape == fitted[0].shape and not np.array_equal(fitted[0], fitted[1])
 
 
 def files_of(root, skip=()):
@@ -195,7 +227,7 @@ def files_of(root, skip=()):
 
 def test_embed_cache_is_reused_by_another_tree_and_never_trusted_blindly(prepared, corpus, tmp_path):
   cfg, out, manifest = prepared
-  lookups = manifest['files'] + 1  # every input file and the fit sample
+  lookups = manifest['files']  # one per input file
   assert manifest['embed_cache'] == {'hits': 0, 'misses': lookups, 'rejected': 0}
   assert len(list((out / 'embed_cache').rglob('*.npy'))) == lookups
   cache = tmp_path / 'cache'
@@ -215,10 +247,9 @@ def test_embed_cache_is_reused_by_another_tree_and_never_trusted_blindly(prepare
   same_dataset(second, tmp_path / 'second')
 
   # A corrupt file and one with a row too few (valid checksum) are recomputed, not used.
-  entries = {json.loads(p.read_text())['source'].get('file', 'fit'): p.with_suffix('.npy')
-             for p in cache.rglob('*.json')}
-  fit_npy, main_npy = entries['fit'], entries[str(corpus / 'main.jsonl')]
-  fit_npy.write_bytes(fit_npy.read_bytes()[:-100])
+  entries = {json.loads(p.read_text())['source']['file']: p.with_suffix('.npy') for p in cache.rglob('*.json')}
+  gz_npy, main_npy = entries[str(corpus / 'part.jsonl.gz')], entries[str(corpus / 'main.jsonl')]
+  gz_npy.write_bytes(gz_npy.read_bytes()[:-100])
   short = np.load(main_npy)[:-1]
   meta = json.loads(main_npy.with_suffix('.json').read_text())
   np.save(main_npy, short)

@@ -123,6 +123,32 @@ def test_chunking_does_not_change_the_tree(monkeypatch):
     np.testing.assert_allclose(c1, c2, atol=1e-5)
 
 
+@pytest.mark.parametrize('devices', [2, 8])
+def test_device_count_does_not_change_the_tree(devices):
+  x, _ = skewed_data(np.random.default_rng(3), n=1000)
+  one = fit_tree(x, 4, 2, seed=0, devices=jax.devices()[:1], **FIT)
+  many = fit_tree(x, 4, 2, seed=0, devices=jax.devices()[:devices], **FIT)
+  for c1, c2 in zip(one.centroids, many.centroids):
+    np.testing.assert_allclose(c1, c2, atol=1e-5)
+  np.testing.assert_array_equal(route(one, x), route(many, x))
+
+
+@pytest.mark.parametrize('count', [50, 700, 5000])
+def test_em_batches_are_fresh_while_the_node_has_points(count):
+  # Batches 0..steps of a node starting at row 3 of a shuffled order: without repeats
+  # while there are enough points, else every point used equally often (within one).
+  samples, batches = 64, 11
+  perm_N = np.random.default_rng(0).permutation(count + 10).astype(np.int32)
+  rows = np.concatenate([np.asarray(tree_lib._batch_rows(perm_N, 3, count, t, samples))
+                         for t in range(batches)])
+  assert set(rows) <= set(perm_N[3:3 + count])
+  uses = np.bincount(rows, minlength=count + 10)[perm_N[3:3 + count]]
+  if count >= samples * batches:
+    assert uses.max() == 1 and uses.sum() == samples * batches
+  else:
+    assert uses.min() >= 1 and uses.max() - uses.min() <= 1
+
+
 def hierarchical_blobs(rng, n_per=150, d=32):
   """4 well-separated super-clusters, each made of 4 separated sub-clusters."""
   super_4xD = 3 * normalise(rng.normal(size=(4, d)))

@@ -239,6 +239,23 @@ class EmbeddingCache:
       ok = False
     return (x_NxD, 'hit') if ok else (None, 'rejected')
 
+  def rows(self, key: str, rows: int) -> np.ndarray:
+    """The vectors under `key`, memory-mapped (a reader touches only the rows it indexes).
+
+    Not checksummed, so use it for entries this run has just loaded or stored; the shape
+    is checked against `rows`.
+    """
+    npy, _ = self._paths(key)
+    try:
+      x_NxD = np.load(npy, mmap_mode='r', allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+      raise DataError(f'embedding cache entry {npy} is unreadable ({e}); it changed during the run: '
+                      'rerun the preparation') from None
+    if x_NxD.dtype != np.float32 or x_NxD.shape != (rows, self.dim):
+      raise DataError(f'embedding cache entry {npy} has {x_NxD.dtype} {x_NxD.shape}, expected float32 '
+                      f'({rows}, {self.dim}); it changed during the run: rerun the preparation')
+    return x_NxD
+
   def store(self, key: str, x_NxD: np.ndarray, source: dict) -> None:
     x_NxD = np.ascontiguousarray(x_NxD, np.float32)
     if x_NxD.ndim != 2 or x_NxD.shape[1] != self.dim:

@@ -1,39 +1,47 @@
 """`hmem prepare`: raw documents -> a tokenized, clustered, packed dataset.
 
-Three stages, so the work spreads over processes and the output does not depend on how
+Five stages, so the work spreads over processes and the output does not depend on how
 many there are (docs/DESIGN.md, "Data flow"):
 
-  fit     process 0 reads a sample (the first ceil(S/files) usable documents of every
-          file, S = max(data.tokenizer_sample, data.tree_sample)), trains or loads the
-          tokenizer, fits the embedder on data.tokenizer_sample of them and the
-          hierarchical k-means tree on the embeddings of data.tree_sample of them.
-  map     process i of n takes files[i::n]: reads, tokenizes, embeds and routes every
-          document and spills (leaf, key, held-out flag, tokens) sorted by leaf.
+  fit     process 0 reads the first ceil(data.tokenizer_sample/files) usable documents of
+          every file, trains or loads the tokenizer and fits the embedder (TF-IDF) on them.
+  embed   process i of n takes files[i::n] and embeds every document into the embedding
+          cache (a no-op for files already there).
+  tree    process 0 draws data.tree_sample training documents uniformly at random from
+          the whole corpus (seeded by train.seed; eval documents are never drawn), reads
+          their vectors from the cache (memory-mapped: only the drawn rows are read) and
+          fits the hierarchical k-means tree on them (tree.fit_tree).
+  map     process i of n takes files[i::n]: reads and tokenizes every document, routes
+          its cached vector and spills (leaf, key, held-out flag, tokens) sorted by leaf.
   reduce  process i takes a contiguous range of shards (a shard is a fixed leaf range)
           and packs each leaf's documents in (file, line) order, the train and eval
           splits into separate shards; process 0 then writes manifest.json.
 
 With stage='all' each process runs the stages in turn. The stages can also run as
-separate jobs: 'fit' (process 0 only; others return at once), then 'map' on n processes,
-then 'reduce' on m processes (m need not equal n: spills are per input file and shards
+separate jobs: 'fit' and 'tree' run on process 0 only (others return at once); 'embed',
+'map' and 'reduce' on any number of processes each (spills are per input file and shards
 are fixed leaf ranges); the reduce's process 0 writes the manifest. There are
 min(k**depth, 256) shards per split, which is also the most processes a reduce can use.
+The tree sample depends only on the corpus, data.tree_sample and the seed: the documents
+are numbered in (file, line) order and a seeded draw without replacement picks among the
+training ones, whatever the number of processes that embedded them.
 
-Processes coordinate only through files in out_dir: process 0 writes the plan when the
-fit is done, a file's spill appears (by an atomic rename) when it is mapped, a shard's
-marker when it is packed. Waiting for a file times out with a clear message, and a
-process that fails leaves a note that makes its peers stop too. A rerun with the same
-inputs and settings resumes: finished files and shards are kept. Intermediate files live
-in out_dir/_work, removed at the end.
+Processes coordinate only through files in out_dir: process 0 writes fit.json and then
+the plan when the tree is fit, a file's embedding marker and spill appear (by atomic
+renames) when it is embedded and mapped, a shard's marker when it is packed. Waiting for
+a file times out with a clear message, and a process that fails leaves a note that makes
+its peers stop too. A rerun with the same inputs and settings resumes: finished files and
+shards are kept. Intermediate files live in out_dir/_work, removed at the end.
 
 Embeddings are cached on disk (data.embed_cache, by default out_dir/embed_cache, which
-outlives the run): the fit sample's under a hash of its texts, each input file's under its
-absolute path, size, mtime and data.text_field, both within a directory per embedder
-identity (embed.EmbeddingCache). A later preparation of the same corpus with the same
-embedder -- another tree, say, written to another --out -- reads them back instead of
-embedding again; the cache never changes the output. The manifest counts the lookups
-(one per input file plus one for the fit sample) as embed_cache {hits, misses, rejected},
-rejected being files that were there but unusable (corrupt, wrong shape), recomputed.
+outlives the run): each input file's under its absolute path, size, mtime and
+data.text_field, within a directory per embedder identity (embed.EmbeddingCache). A later
+preparation of the same corpus with the same embedder -- another tree, say, written to
+another --out -- reads them back instead of embedding again; the cache never changes the
+output. The manifest counts the embed stage's lookups (one per input file) as embed_cache
+{hits, misses, rejected}, rejected being files that were there but unusable (corrupt,
+wrong shape), recomputed; a file the map stage then finds unusable too (changed under the
+run) is recomputed and counted again.
 
 Output (out_dir):
   {split}-{s:05d}-of-{S:05d}.array_record   split 'train' or 'eval'; shard s holds the
@@ -67,9 +75,10 @@ from hmem.data.tree import Tree, fit_tree, route, tree_stats
 from hmem.errors import DataError
 from hmem.files import atomic_path, atomic_write
 
-STAGES = ('all', 'fit', 'map', 'reduce')
+STAGES = ('all', 'fit', 'embed', 'tree', 'map', 'reduce')
 _MAX_SHARDS = 256  # shards per split; also the most processes the reduce can use
 _CHUNK = 1024      # documents tokenized, embedded and routed together
+_TREE_STREAM = 0x74726565  # with train.seed, seeds the draw of the tree sample
 _POLL_S = 0.5
 
 
@@ -103,12 +112,23 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, processes: int = 1, proc
     return run.finished_manifest()
   run.begin()
   try:
-    if stage in ('all', 'fit') and process_index == 0 and not os.path.exists(run.plan_path):
+    if stage in ('all', 'fit') and process_index == 0 and not os.path.exists(run.fit_path):
       run.fit()
     if stage == 'fit':
       return None
-    run.wait(lambda: os.path.exists(run.plan_path), 'the fit stage (process 0)')
-    run.check_plan()
+    run.wait(lambda: os.path.exists(run.fit_path), 'the fit stage (process 0)')
+    run.check_fingerprint(run.fit_path)
+    if stage in ('all', 'embed'):
+      run.embed()
+    if stage == 'embed':
+      return None
+    if stage in ('all', 'tree') and process_index == 0 and not os.path.exists(run.plan_path):
+      run.wait(lambda: run.files_embedded() == len(files), 'every input file to be embedded')
+      run.tree()
+    if stage == 'tree':
+      return None
+    run.wait(lambda: os.path.exists(run.plan_path), 'the tree stage (process 0)')
+    run.check_fingerprint(run.plan_path)
     if stage in ('all', 'map'):
       run.map()
     if stage == 'map':
@@ -133,7 +153,9 @@ class _Run:
     self.files, self.unsupported = files, unsupported
     self.processes, self.index, self.timeout_s, self.progress = processes, index, timeout_s, progress
     self.work = os.path.join(out_dir, '_work')
+    self.fit_path = os.path.join(self.work, 'fit.json')
     self.plan_path = os.path.join(self.work, 'plan.json')
+    self.embedded_dir = os.path.join(self.work, 'embedded')
     self.spill_dir = os.path.join(self.work, 'spill')
     self.packed_dir = os.path.join(self.work, 'packed')
     self.failure_path = os.path.join(self.work, f'failed-{index}.txt')
@@ -145,7 +167,7 @@ class _Run:
   # Coordination.
 
   def begin(self) -> None:
-    for d in (self.spill_dir, self.packed_dir):
+    for d in (self.embedded_dir, self.spill_dir, self.packed_dir):
       os.makedirs(d, exist_ok=True)
     if os.path.exists(self.failure_path):
       os.remove(self.failure_path)
@@ -158,10 +180,10 @@ class _Run:
                       'settings; pass a new --out or delete that directory')
     return manifest if self.index == 0 else None
 
-  def check_plan(self) -> None:
-    with open(self.plan_path) as f:
-      plan = json.load(f)
-    if plan['fingerprint'] != self.fingerprint:
+  def check_fingerprint(self, path: str) -> None:
+    with open(path) as f:
+      written = json.load(f)
+    if written['fingerprint'] != self.fingerprint:
       raise DataError(f'{self.work} belongs to a preparation of other inputs or settings; give '
                       'every process the same --config, --input and overrides, or delete '
                       f'{self.work}')
@@ -188,18 +210,20 @@ class _Run:
       with open(self.failure_path, 'w') as f:
         f.write(f'{type(e).__name__}: {e}\n')
 
+  def files_embedded(self) -> int:
+    return sum(1 for name in os.listdir(self.embedded_dir) if name.endswith('.json'))
+
   def files_mapped(self) -> int:
     return sum(1 for name in os.listdir(self.spill_dir) if name.isdigit())
 
   def shards_packed(self) -> int:
     return sum(1 for name in os.listdir(self.packed_dir) if name.endswith('.json'))
 
-  # Stage a: fit.
+  # Stage a: fit (tokenizer and embedder).
 
   def fit(self) -> None:
     d = self.cfg.data
-    wanted = max(d.tokenizer_sample, d.tree_sample)
-    quota = math.ceil(wanted / len(self.files))
+    quota = math.ceil(d.tokenizer_sample / len(self.files))
     sample, stats = [], ReadStats()
     files = tqdm(self.files, desc='fit: sample', unit='file', disable=not self.progress)
     for i, path in enumerate(files):
@@ -218,31 +242,89 @@ class _Run:
                       f'{self.cfg.model.vocab_size}; set --config.model.vocab_size='
                       f'{tokenizer.vocab_size} or more')
     embedder = make_embedder(d, fit_texts=fit_texts)
-    tree_texts = _spread(sample, d.tree_sample)
-    cache = EmbeddingCache(self.cache_dir, embedder)
-    source = {'fit_sample': len(tree_texts), 'texts_sha256': _texts_digest(tree_texts), 'chunk': _CHUNK}
-    key = cache.key(**source)
-    emb_NxD, status = cache.load(key)
-    if emb_NxD is not None and emb_NxD.shape[0] != len(tree_texts):
-      emb_NxD, status = None, 'rejected'
-    if emb_NxD is None:
-      emb_NxD = np.concatenate([
-          embedder.embed(tree_texts[lo:lo + _CHUNK], progress=self.progress)
-          for lo in tqdm(range(0, len(tree_texts), _CHUNK), desc='fit: embed', unit='chunk',
-                         disable=not self.progress)])
-      cache.store(key, emb_NxD, source)
-    m = self.cfg.memory
-    tree = fit_tree(emb_NxD, m.k, m.depth, seed=self.cfg.train.seed, samples=d.kmeans_samples,
-                    steps=d.kmeans_steps, balance=d.balance, progress=self.progress)
     tokenizer.save(os.path.join(self.out_dir, 'tokenizer.json'))
     embedder.save(self.out_dir)
-    tree.save(os.path.join(self.out_dir, 'tree.npz'))
-    _write_json(self.plan_path, {'fingerprint': self.fingerprint, 'sample_documents': len(sample),
-                                 'vocab_size': tokenizer.vocab_size, 'eot_id': tokenizer.eot_id,
-                                 'tokenizer_sha256': tokenizer.identity,
-                                 'embed_cache': _cache_counts([status])})
+    _write_json(self.fit_path, {'fingerprint': self.fingerprint, 'sample_documents': len(sample),
+                                'vocab_size': tokenizer.vocab_size, 'eot_id': tokenizer.eot_id,
+                                'tokenizer_sha256': tokenizer.identity})
 
-  # Stage b: map.
+  # Stage b: embed.
+
+  def embed(self) -> None:
+    embedder = load_embedder(self.out_dir)
+    cache = EmbeddingCache(self.cache_dir, embedder)
+    mine = range(self.index, len(self.files), self.processes)
+    with tqdm(desc=f'embed {self.index}/{self.processes}', unit='doc', disable=not self.progress) as bar:
+      for f in mine:
+        if not os.path.exists(self._embedded(f) + '.json'):
+          self._embed_file(f, embedder, cache, bar)
+
+  def _embedded(self, f: int) -> str:
+    return os.path.join(self.embedded_dir, f'{f:06d}')
+
+  def _embed_file(self, f, embedder, cache, bar, use_cache=True) -> None:
+    """Makes sure file f's vectors are cached; notes its document count and held-out flags."""
+    key = cache.key(**self._file_source(f))
+    cached_NxD, status = cache.load(key) if use_cache else (None, 'rejected')
+    stats = ReadStats()
+    docs = read_documents(self.files[f], f, self.cfg.data.text_field, stats)
+    index, computed = [], []
+    while chunk := list(itertools.islice(docs, _CHUNK)):
+      index.extend(doc.index for doc in chunk)
+      if cached_NxD is None:
+        computed.append(embedder.embed([doc.text for doc in chunk], progress=self.progress))
+      bar.update(len(chunk))
+    if cached_NxD is not None and cached_NxD.shape[0] != len(index):
+      # Checksummed vectors of another version of the file (same size and mtime): redo it.
+      bar.update(-len(index))
+      return self._embed_file(f, embedder, cache, bar, use_cache=False)
+    if cached_NxD is None:
+      cache.store(key, np.concatenate(computed) if computed else np.zeros((0, embedder.dim), np.float32),
+                  self._file_source(f))
+    index_N = np.asarray(index, np.int64)
+    np.save(self._embedded(f) + '.npy', _held_out(f, index_N, self.cfg.data.eval_fraction))
+    _write_json(self._embedded(f) + '.json', {'key': key, 'documents': len(index),
+                                              'embed_cache': _cache_counts([status])})
+
+  # Stage c: tree.
+
+  def tree(self) -> None:
+    """Fits the tree on a uniform sample of the corpus's training documents."""
+    d, m = self.cfg.data, self.cfg.memory
+    cache = EmbeddingCache(self.cache_dir, load_embedder(self.out_dir))
+    markers, train_rows = [], []
+    for f in range(len(self.files)):
+      with open(self._embedded(f) + '.json') as fh:
+        markers.append(json.load(fh))
+      train_rows.append(np.flatnonzero(~np.load(self._embedded(f) + '.npy')))
+    counts_F = np.array([rows.size for rows in train_rows], np.int64)
+    total = int(counts_F.sum())
+    if total == 0:
+      raise DataError(f'no training document to fit the tree on: all {sum(mk["documents"] for mk in markers)} '
+                      f'documents are held out; lower data.eval_fraction={d.eval_fraction}')
+    # Training documents numbered in (file, line) order; a seeded draw without replacement.
+    rng = np.random.default_rng([self.cfg.train.seed, _TREE_STREAM])
+    chosen = np.sort(rng.choice(total, size=min(d.tree_sample, total), replace=False))
+    bounds = np.searchsorted(chosen, np.concatenate([[0], np.cumsum(counts_F)]))
+    start_F = np.cumsum(counts_F) - counts_F
+    parts = []
+    for f in tqdm(range(len(self.files)), desc='tree: read sample', unit='file', disable=not self.progress):
+      ordinals = chosen[bounds[f]:bounds[f + 1]] - start_F[f]
+      if ordinals.size:
+        parts.append(np.asarray(cache.rows(markers[f]['key'], markers[f]['documents'])[train_rows[f][ordinals]]))
+    emb_NxD = np.concatenate(parts)
+    tree = fit_tree(emb_NxD, m.k, m.depth, seed=self.cfg.train.seed, samples=d.kmeans_samples,
+                    steps=d.kmeans_steps, balance=d.balance, progress=self.progress)
+    tree.save(os.path.join(self.out_dir, 'tree.npz'))
+    with open(self.fit_path) as fh:
+      plan = json.load(fh)
+    cache_counts = _cache_counts([])
+    for mk in markers:
+      for name, count in mk['embed_cache'].items():
+        cache_counts[name] += count
+    _write_json(self.plan_path, {**plan, 'tree_documents': int(chosen.size), 'embed_cache': cache_counts})
+
+  # Stage d: map.
 
   def map(self) -> None:
     tokenizer = Tokenizer.load(os.path.join(self.out_dir, 'tokenizer.json'))
@@ -314,13 +396,15 @@ class _Run:
         for name, a in arrays.items():
           np.save(os.path.join(tmp, f'{name}.npy'), a)
         _write_json(os.path.join(tmp, 'stats.json'), stats.to_json())
-        _write_json(os.path.join(tmp, 'embed_cache.json'), _cache_counts([status]))
+        # The embed stage counted this file's lookup; a recomputation here is one more.
+        _write_json(os.path.join(tmp, 'embed_cache.json'),
+                    _cache_counts([]) if status == 'hit' else _cache_counts([status]))
     except OSError:
       if not os.path.isdir(self._spill(f)):
         raise
       # Another process spilled this file first (the same content); ours was removed.
 
-  # Stage c: reduce.
+  # Stage e: reduce.
 
   def reduce(self) -> None:
     with open(self.plan_path) as f:
@@ -390,7 +474,7 @@ class _Run:
         'input': self.input_path, 'files': len(self.files), 'files_unsupported': len(self.unsupported),
         'documents_read': stats.read, 'documents_kept': stats.kept,
         'skipped': stats.to_json()['skipped'],
-        'sample_documents': plan['sample_documents'],
+        'sample_documents': plan['sample_documents'], 'tree_documents': plan['tree_documents'],
         'sequences': sequences, 'tokens': tokens,
         'padding_fraction': _padding(sequences, tokens, seq_len),
         'seq_len': seq_len, 'vocab_size': plan['vocab_size'], 'eot_id': plan['eot_id'],
@@ -426,15 +510,6 @@ def _cache_counts(statuses) -> dict[str, int]:
   statuses = list(statuses)
   return {'hits': statuses.count('hit'), 'misses': len(statuses) - statuses.count('hit'),
           'rejected': statuses.count('rejected')}
-
-
-def _texts_digest(texts: list[str]) -> str:
-  digest = hashlib.sha256()
-  for text in texts:
-    data = text.encode('utf-8')
-    digest.update(len(data).to_bytes(8, 'little'))
-    digest.update(data)
-  return digest.hexdigest()
 
 
 def _spread(items: list, n: int) -> list:

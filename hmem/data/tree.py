@@ -6,13 +6,17 @@ contiguous and a leaf id (a level-`depth` node) encodes its whole path: the leve
 ancestor of leaf i is i // k**(depth - l). Nodes may be empty; the tree keeps its shape so
 memory-bank rows can be indexed by node id.
 
-Fitting follows the paper, root to leaf. Every node of a level is fit by the same jitted EM
-function, vmapped over a fixed-size chunk of nodes: `samples` points are drawn with
-replacement from the documents routed to the node (static shapes whatever the node size),
-k-means++ seeds k centroids, then each of `steps` EM steps draws fresh samples, assigns
-them to the nearest centroid, applies the balancing rule and re-estimates the centroids.
-Children are fit on the documents that `route` (the greedy descent used for the whole
-corpus) sends to their parent, so the fit and the final routing agree.
+Fitting follows the paper, root to leaf. At each node: k-means++ seeds k centroids on one
+batch of `samples` of the node's documents, then each of `steps` EM steps takes the next
+`samples` documents, assigns them to the nearest centroid, applies the balancing rule and
+re-estimates the centroids. The batches walk a seeded random permutation of the node's
+documents, so they are fresh (drawn without replacement) as long as the node holds
+(steps + 1) * samples documents; a smaller node cycles through its documents, each used
+equally often (within one). Every node of a level is fit by the same jitted function,
+vmapped over a chunk of nodes whose node axis is split over the local devices
+(`shard_map`: each device fits its own nodes, with no communication). Children are fit on
+the documents that `route` (the greedy descent used for the whole corpus) sends to their
+parent, so the fit and the final routing agree.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import zipfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from hmem.errors import ConfigError, DataError
@@ -83,15 +88,16 @@ class Tree:
                        'rebuild it with `hmem prepare`') from None
 
 
-def fit_tree(emb_NxD: np.ndarray, k: int, depth: int, *, seed: int, samples: int = 6400,
-             steps: int = 20, balance: float = 1.5, progress: bool = True) -> Tree:
+def fit_tree(emb_NxD, k: int, depth: int, *, seed: int, samples: int = 6400, steps: int = 20,
+             balance: float = 1.5, devices=None, progress: bool = True) -> Tree:
   """Fits a balanced hierarchical k-means tree to embeddings (L2-normalised rows), root to leaf.
 
-  The embeddings live on the device for the whole fit, so pass a sample of the corpus (the
-  tree is fit once on a sample, then `route` places every document). `balance`: in every
-  EM step no cluster may hold more than balance/k of a node's samples. The result depends
-  only on the inputs and `seed`: every node draws from a key folded from (seed, level, node
-  id), so chunking changes nothing beyond, at most, the device kernels' float rounding.
+  `emb_NxD` is the fit sample (numpy, possibly memory-mapped): a copy lives on every one of
+  `devices` (default: the local devices) for the whole fit, then `route` places every
+  document. `balance`: in every EM step no cluster may hold more than balance/k of a
+  node's samples. The result depends only on the inputs and `seed`: a node's document
+  order and k-means++ draws come from (seed, level, node id), so neither the chunking nor
+  the number of devices changes it beyond, at most, the device kernels' float rounding.
   """
   x_NxD = np.asarray(emb_NxD, np.float32)
   if x_NxD.ndim != 2 or x_NxD.shape[0] == 0:
@@ -105,9 +111,13 @@ def fit_tree(emb_NxD: np.ndarray, k: int, depth: int, *, seed: int, samples: int
     raise ConfigError(f'balance={balance} with samples={samples}, k={k} cannot be met: '
                      'use balance > 1 and more samples')
   n, d = x_NxD.shape
-  x_dev = jnp.asarray(x_NxD)
-  fit = functools.partial(_fit_nodes, k=k, samples=samples, steps=steps, balance=balance)
-  max_chunk = max(1, _CHUNK_BYTES // (4 * samples * (d + 4 * k)))
+  devices = tuple(jax.local_devices() if devices is None else devices)
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('nodes',))
+  replicated, by_node = (jax.sharding.NamedSharding(mesh, P(*spec)) for spec in ((), ('nodes',)))
+  x_dev = jax.device_put(x_NxD, replicated)
+  fit = _level_fitter(mesh, k=k, samples=samples, steps=steps, balance=balance)
+  # Nodes per call: a multiple of the device count within the working-set budget.
+  per_device = max(1, _CHUNK_BYTES // (4 * samples * (d + 4 * k)))
   key = jax.random.key(seed)
   centroids = []
   node_N = np.zeros(n, np.int64)      # each point's node at the level being split
@@ -116,8 +126,10 @@ def fit_tree(emb_NxD: np.ndarray, k: int, depth: int, *, seed: int, samples: int
     parents = k**(level - 1)
     count_P = np.bincount(node_N, minlength=parents)
     start_P = np.cumsum(count_P) - count_P
-    perm_dev = jnp.asarray(np.argsort(node_N, kind='stable').astype(np.int32))
-    chunk = min(max_chunk, parents)  # at most one compile per level
+    # Sorted by node, each node's points in a random order: its EM batches walk that order.
+    shuffle_N = np.random.default_rng([seed, level]).permutation(n)
+    perm_dev = jax.device_put(np.lexsort((shuffle_N, node_N)).astype(np.int32), replicated)
+    chunk = len(devices) * min(per_device, -(-parents // len(devices)))  # one compile per level
     level_key = jax.random.fold_in(key, level)
     c_PxKxD = np.empty((parents, k, d), np.float32)
     with tqdm(total=parents, desc=f'tree level {level}/{depth}', unit='node',
@@ -126,9 +138,9 @@ def fit_tree(emb_NxD: np.ndarray, k: int, depth: int, *, seed: int, samples: int
         node_C = np.arange(lo, lo + chunk)
         real = node_C < parents  # the last chunk is padded with empty nodes, then dropped
         p_C = np.minimum(node_C, parents - 1)
-        c_CxKxD, _ = fit(x_dev, perm_dev, start_P[p_C].astype(np.int32),
-                         np.where(real, count_P[p_C], 0).astype(np.int32), parent_PxD[p_C],
-                         level_key, node_C.astype(np.int32))
+        args = (start_P[p_C].astype(np.int32), np.where(real, count_P[p_C], 0).astype(np.int32),
+                parent_PxD[p_C], node_C.astype(np.int32))
+        c_CxKxD, _ = fit(x_dev, perm_dev, level_key, *jax.device_put(args, by_node))
         c_PxKxD[lo:lo + chunk] = np.asarray(c_CxKxD)[real]
         bar.update(int(real.sum()))
     centroids.append(c_PxKxD.reshape(parents * k, d))
@@ -138,8 +150,17 @@ def fit_tree(emb_NxD: np.ndarray, k: int, depth: int, *, seed: int, samples: int
   return Tree(k, depth, tuple(centroids))
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'samples', 'steps', 'balance'))
-def _fit_nodes(x_NxD, perm_N, start_C, count_C, parent_CxD, level_key, node_C, *, k, samples,
+@functools.cache
+def _level_fitter(mesh, *, k, samples, steps, balance):
+  """The jitted fit of a chunk of nodes, its node axis split over the mesh's devices."""
+  fit = functools.partial(_fit_nodes, k=k, samples=samples, steps=steps, balance=balance)
+  # No collective inside: each device runs the vmapped fit on its own nodes, so the
+  # replication checks (vma) would only ask for casts on the loops' carries.
+  return jax.jit(jax.shard_map(fit, mesh=mesh, in_specs=(P(), P(), P()) + (P('nodes'),) * 4,
+                               out_specs=P('nodes'), check_vma=False))
+
+
+def _fit_nodes(x_NxD, perm_N, level_key, start_C, count_C, parent_CxD, node_C, *, k, samples,
                steps, balance):
   """`_fit_node` vmapped over a chunk of C nodes; each node's key depends on its id only."""
   key_C = jax.vmap(jax.random.fold_in, (None, 0))(level_key, node_C)
@@ -150,18 +171,17 @@ def _fit_nodes(x_NxD, perm_N, start_C, count_C, parent_CxD, level_key, node_C, *
 def _fit_node(x_NxD, perm_N, start, count, parent_D, key, *, k, samples, steps, balance):
   """Balanced k-means for one node whose points are x_NxD[perm_N[start:start + count]].
 
+  Batch t (0 seeds k-means++, 1..steps are the EM steps) is the node's points at
+  positions t*samples ... (t+1)*samples - 1, modulo `count`, of that (shuffled) order.
   Returns [k, D] centroids and the [k] cluster sizes of the last step's balanced sample
   assignment. A node without points gets k copies of its parent centroid (and zero sizes),
   so the tree stays complete and its empty subtree routes like its parent.
   """
-  draw_key, pp_key = jax.random.split(key)
   # An empty node's samples are all one arbitrary point: skip its (discarded) balancing.
   max_size = jnp.where(count > 0, balance * samples / k, jnp.inf)
-  # Sample indices of the seeding draw (row 0) and of each EM step, drawn in one go.
-  r_TxS = jax.random.randint(draw_key, (steps + 1, samples), 0, jnp.maximum(count, 1))
 
   def draw(t):
-    return x_NxD[perm_N[jnp.minimum(start + r_TxS[t], perm_N.shape[0] - 1)]]
+    return x_NxD[_batch_rows(perm_N, start, count, t, samples)]
 
   def em_step(t, carry):
     c_KxD, _ = carry
@@ -175,12 +195,18 @@ def _fit_node(x_NxD, perm_N, start, count, parent_D, key, *, k, samples, steps, 
     c_KxD = jnp.where(size_K[:, None] > 0, sum_KxD / jnp.maximum(size_K, 1)[:, None], c_KxD)
     return c_KxD, size_K
 
-  c_KxD = _kmeans_pp(jax.random.uniform(pp_key, (k,)), draw(0))
+  c_KxD = _kmeans_pp(jax.random.uniform(key, (k,)), draw(0))
   c_KxD, size_K = jax.lax.fori_loop(0, steps, em_step, (c_KxD, jnp.zeros(k, jnp.int32)))
   c_KxD = _merge_duplicates(c_KxD)
   empty = count == 0
   return (jnp.where(empty, jnp.broadcast_to(parent_D, c_KxD.shape), c_KxD),
           jnp.where(empty, 0, size_K))
+
+
+def _batch_rows(perm_N, start, count, t, samples):
+  """Rows of batch t of the node perm_N[start:start + count]: its next `samples` points."""
+  i_S = start + (t * samples + jnp.arange(samples)) % jnp.maximum(count, 1)
+  return perm_N[jnp.minimum(i_S, perm_N.shape[0] - 1)]
 
 
 def _merge_duplicates(c_KxD, tol=1e-5):

@@ -36,6 +36,7 @@ from hmem import sizes
 from hmem.config import config_from_json
 from hmem.data.embed import CONFIG_FILE, write_config
 from hmem.errors import BundleError, ConfigError
+from hmem.files import atomic_path, atomic_write
 from hmem.infer.reader import Reader, kvstore
 from hmem.infer.router import TOKENIZER, TREE, Router, check_node
 from hmem.infer.source import MemorySource, abstract_params, check_router, restore_run
@@ -98,17 +99,16 @@ def write_rows(array, lo: int, rows_RxS: np.ndarray, bar=None) -> None:
       bar.update(slab.nbytes)
 
 
-def _runs(mask_R: np.ndarray) -> list[tuple[int, int]]:
+def true_runs(mask_R: np.ndarray) -> list[tuple[int, int]]:
   """[lo, hi) runs of True in a bool mask."""
   edges = np.flatnonzero(np.diff(np.concatenate([[0], mask_R.astype(np.int8), [0]])))
   return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
-def _write_json(path: str, obj) -> None:
-  with open(f'{path}.tmp', 'w') as f:
+def write_json(path: str, obj) -> None:
+  with atomic_write(path) as f:
     json.dump(obj, f, indent=1)
     f.write('\n')
-  os.replace(f'{path}.tmp', path)
 
 
 def file_checksums(root: str) -> dict[str, str]:
@@ -159,10 +159,8 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
     check_node(1, s, k, depth)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
 
-  tmp = f'{out}.tmp-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  with atomic_path(out) as tmp:  # the bundle appears whole, or not at all
+    os.makedirs(tmp)
     flat = traverse_util.flatten_dict(jax.tree.map(lambda a: np.asarray(a).astype(np_dtype), params), sep='/')
     save_file(flat, os.path.join(tmp, ANCHOR), metadata={'format': FORMAT})
     _save_router(router, tmp, cfg.data.path)
@@ -175,7 +173,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
         for name, a in named.items():
           path = array_path(table, name)
           array = create_array(tmp, path, a.shape, dtype)
-          for lo, hi in _runs(masks[table]):
+          for lo, hi in true_runs(masks[table]):
             write_rows(array, lo, a[lo:hi].astype(np_dtype), bar)
           arrays[f'{table}/{name}'] = {'path': path, 'shape': list(a.shape), 'dtype': dtype,
                                        'chunk_shape': [1, *a.shape[1:]], 'codecs': ['bytes', 'crc32c'],
@@ -187,14 +185,10 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
         'config': json.loads(cfg.to_json_best_effort()), 'sizes': sizes.sizes(cfg),
         'k': k, 'depth': depth, 'subtrees': subtrees,
         'tokenizer': {'vocab_size': data_manifest['vocab_size'], 'eot_id': data_manifest['eot_id'],
-                      'sha256': sha256(os.path.join(cfg.data.path, TOKENIZER))},
+                      'identity': data_manifest.get('tokenizer_sha256') or router.tokenizer.identity},
         'files': file_checksums(tmp), 'bank': arrays,
     }
-    _write_json(os.path.join(tmp, MANIFEST), manifest)
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    write_json(os.path.join(tmp, MANIFEST), manifest)
   return manifest
 
 
@@ -255,9 +249,6 @@ def open_bundle(root: str, *, check: bool = True, cache_bytes: int = 256 << 20) 
     cfg = config_from_json(manifest['config'])
   except ConfigError as e:
     raise BundleError(f'{os.path.join(root, MANIFEST)}: {e}') from None
-  if manifest['tokenizer']['sha256'] != manifest['files'].get(TOKENIZER):
-    raise BundleError(f'bundle {root}: {TOKENIZER} is not the tokenizer the run was trained with (its sha256 '
-                      'differs from the one recorded at export); export the run again')
   k, subtrees = manifest['k'], manifest['subtrees']
   router = Router.load(root, present=subtrees if len(subtrees) < k else None)
   check_router(router, cfg, root)

@@ -72,7 +72,9 @@ class Reader:
     fetched: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     for (table, row, name), future in pending.items():
       try:
-        fetched.setdefault((table, row), {})[name] = future.result()
+        rows = future.result()
+        rows.flags.writeable = False  # shared with the cache and handed out as views
+        fetched.setdefault((table, row), {})[name] = rows
       except (ValueError, RuntimeError, OSError) as e:
         raise BundleError(f'bundle {self.root}: row {row} of bank array {table}/{name} cannot be read ({e}); '
                           'the bundle is damaged: export it again') from None
@@ -81,8 +83,9 @@ class Reader:
         self.reads[key] += 1
         self._insert(key, rows)
     found = {**hits, **fetched}
-    return {table: {name: np.stack([found[table, int(i)][name] for i in ids_U])
-                    for name in self._arrays[table]}
+    # One row (a single path) is handed out as a view of the cached row: no copy.
+    stack = lambda rows: rows[0][None] if len(rows) == 1 else np.stack(rows)
+    return {table: {name: stack([found[table, int(i)][name] for i in ids_U]) for name in self._arrays[table]}
             for table, ids_U in requests.items()}
 
   def _insert(self, key, rows) -> None:

@@ -87,11 +87,12 @@ class Router:
     if os.path.isfile(manifest_path):
       with open(manifest_path) as f:
         manifest = json.load(f)
-      expected = manifest.get('tokenizer', manifest)  # a bundle nests it; a dataset does not
-      found = {'vocab_size': router.tokenizer.vocab_size, 'eot_id': router.tokenizer.eot_id}
-      if {key: expected.get(key) for key in found} != found:
-        raise BundleError(f'{os.path.join(directory, TOKENIZER)} does not match {manifest_path} '
-                          f'(tokenizer {found}, manifest {({key: expected.get(key) for key in found})}); '
+      # The identity of the tokenizer the data was tokenized with: a bundle nests it, a
+      # prepared dataset records it at the top.
+      expected = manifest.get('tokenizer', {}).get('identity') or manifest.get('tokenizer_sha256')
+      if expected and router.tokenizer.identity != expected:
+        raise BundleError(f'{os.path.join(directory, TOKENIZER)} is not the tokenizer the run was trained with '
+                          f'(identity {router.tokenizer.identity}, {manifest_path} records {expected}); '
                           'restore the tokenizer the data was prepared with')
     return router
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 from hmem.errors import ConfigError
 
 TYPES = ('ffn', 'lora', 'kv')
+OPTIMIZERS = ('exact', 'lazy', 'dense')
+# `exact` sums a missed step's drift up to this many steps after a row's last update, and
+# drops what lies beyond once it is below DRIFT_TOLERANCE of one step at the peak lr.
+MAX_DRIFT_WINDOW = 4096
+DRIFT_TOLERANCE = 1e-6
 LORA_TARGETS = {'ffn': ('gate', 'up', 'down'), 'qk': ('q', 'k'), 'vo': ('v', 'o')}
 
 
@@ -38,6 +45,19 @@ def active_levels(cfg) -> list[tuple[int, int]]:
   return [(level, int(r)) for level, r in enumerate(cfg.memory.levels, start=1) if int(r) > 0]
 
 
+def drift_window(cfg) -> int:
+  """Steps after a row's last update whose drift the `exact` optimizer sums. The k-th one
+  moves the row by at most lr_peak / (1 - b1) (b1/√b2)^k along m/√v, so the steps after
+  the window together move it by at most DRIFT_TOLERANCE lr_peak m/√v (docs/DECISIONS.md)."""
+  b1, b2 = cfg.train.b1, cfg.train.b2
+  rho = b1 / math.sqrt(b2)
+  if rho <= 0:
+    return 1
+  if rho >= 1:
+    return MAX_DRIFT_WINDOW + 1  # m/√v grows with every missed step: no window suffices
+  return max(1, math.ceil(math.log(DRIFT_TOLERANCE * (1 - rho) * (1 - b1)) / math.log(rho)) - 1)
+
+
 def check(cfg) -> None:
   """Raises one ConfigError naming the first inconsistent memory setting."""
   m = cfg.memory
@@ -52,8 +72,16 @@ def check(cfg) -> None:
     raise ConfigError(f'memory.type={m.type!r}; choose one of {", ".join(TYPES)}')
   if m.type == 'lora' and m.lora_targets not in LORA_TARGETS:
     raise ConfigError(f'memory.lora_targets={m.lora_targets!r}; choose one of {", ".join(LORA_TARGETS)}')
-  if m.optimizer not in ('sparse', 'dense'):
-    raise ConfigError(f"memory.optimizer={m.optimizer!r}; choose 'sparse' or 'dense'")
+  if m.optimizer == 'sparse':
+    raise ConfigError("memory.optimizer='sparse' is now two options: 'exact' (row-sparse AdamW that also moves "
+                      "rows between their fetches as dense AdamW does; the default) or 'lazy' (the former "
+                      "'sparse': rows not fetched only decay)")
+  if m.optimizer not in OPTIMIZERS:
+    raise ConfigError(f'memory.optimizer={m.optimizer!r}; choose one of {", ".join(OPTIMIZERS)}')
+  if m.optimizer == 'exact' and drift_window(cfg) > MAX_DRIFT_WINDOW:
+    raise ConfigError(f"memory.optimizer='exact' needs train.b1 / sqrt(train.b2) well below 1 (it is "
+                      f'{cfg.train.b1 / math.sqrt(cfg.train.b2):.4f}, so the drift of a row between fetches does '
+                      f"not fade within {MAX_DRIFT_WINDOW} steps); lower train.b1 or use memory.optimizer='lazy'")
   if not generic_prob(cfg) < 1:
     raise ConfigError(f'memory.generic_prob={m.generic_prob} must be < 1 (-1 = 1/(k+1), 0 = off)')
   if enabled(cfg) and cfg.data.source == 'synthetic' and cfg.data.synthetic_leaves > m.k ** m.depth:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flax import nnx
 
 from hmem.memory.config import memory_layers
+from hmem.model.cache import KVCache
 from hmem.model.transformer import Transformer
 
 # Parameters are created unsharded (abstractly or under jit) and placed by the trainer
@@ -17,4 +18,4 @@ def build_model(cfg, seed: int = 0) -> Transformer:
   return Transformer(cfg.model, nnx.Rngs(seed), memory_layers=memory_layers(cfg), lora_alpha=cfg.memory.lora_alpha)
 
 
-__all__ = ['Transformer', 'build_model']
+__all__ = ['KVCache', 'Transformer', 'build_model']

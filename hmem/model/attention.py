@@ -1,8 +1,9 @@
 """Grouped-query self-attention with per-document masking from segment ids.
 
 `attention_mask` is the one definition of who may attend to whom (same segment, not in the
-future); every kernel behind the `model.attention` switch consumes it, so all of them
-honour packed documents.
+future) in a full pass, and `KVCache.mask` the same rule for a chunk decoded after cached
+slots; every kernel behind the `model.attention` switch consumes such a mask, so all of
+them honour packed documents, with or without a cache.
 """
 
 from __future__ import annotations
@@ -87,8 +88,15 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.lora_alpha = lora_alpha
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, memory: dict | None = None):
-    """`memory` may carry LoRA factors for q/k/v/o or KV memory slots (see hmem.memory)."""
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, memory: dict | None = None, cache=None):
+    """Returns (output, cache).
+
+    `memory` may carry LoRA factors for q/k/v/o or KV memory slots (see hmem.memory).
+    `cache`: None (keys are the T tokens themselves: S = T), or (KVCache, this layer's
+    index): the new keys and values are written to their slots first, then the layer's
+    slots are read back and attended to (written before read, so XLA updates the cache in
+    place), and the updated KVCache is returned.
+    """
     N, K, H = self.shape
     B, T, _ = x_BxTxD.shape
     lora = lambda x, target: lora_delta(x, memory, target, self.lora_alpha, self.dtype)
@@ -100,10 +108,16 @@ class Attention(nnx.Module):
     q_BxTxNxH = apply_rope(q.reshape(B, T, N, H), positions_BxT, self.rope_base, self.rope_scaling)
     k_BxTxKxH = apply_rope(k.reshape(B, T, K, H), positions_BxT, self.rope_base, self.rope_scaling)
     v_BxTxKxH = v.reshape(B, T, K, H)
-    out_BxTxNxH = self.kernel(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS)
+    if cache is None:
+      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    else:
+      kv, layer = cache
+      cache = kv.write(layer, k_BxTxKxH, v_BxTxKxH)
+      k_BxSxKxH, v_BxSxKxH = cache.keys[layer], cache.values[layer]
+    out_BxTxNxH = self.kernel(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
     if memory is not None and 'kv_keys' in memory:
       R = memory['kv_keys'].shape[1]
       slots = lambda name: memory[name].astype(self.dtype).reshape(B, R, K, H)
       out_BxTxNxH = out_BxTxNxH + memory_attention(q.reshape(B, T, N, H), slots('kv_keys'), slots('kv_values'))
     out_BxTxF = out_BxTxNxH.reshape(B, T, N * H)
-    return linear(self.o, out_BxTxF) + lora(out_BxTxF, 'o')
+    return linear(self.o, out_BxTxF) + lora(out_BxTxF, 'o'), cache

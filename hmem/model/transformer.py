@@ -4,7 +4,8 @@
 per-sequence arrays with a layer axis (e.g. FFN memory: `ffn_gate`/`ffn_up`/`ffn_down`
 [B, layers_m, r, d]) covering the contiguous layer range `memory_layers`. The layer stack
 is one set of stacked parameters; a memory range splits the scan into segments, so the
-scanned body never branches on the layer index.
+scanned body never branches on the layer index. Given a KVCache (hmem.model.cache), the
+same call decodes incrementally: prefill a prompt, then one token at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flax import nnx
 from hmem import sharding
 from hmem.errors import ConfigError
 from hmem.model.attention import Attention, attention_mask
+from hmem.model.cache import KVCache
 from hmem.model.layers import SwiGLU, linear, make_norm, segment_positions
 
 REMAT_POLICIES = {
@@ -42,10 +44,12 @@ class Block(nnx.Module):
     out_std = cfg.init_std / (2 * cfg.layers) ** 0.5
     self.ffn = SwiGLU(cfg.d_model, cfg.ffn, cfg.init_std, out_std, dtype, param_dtype, lora_alpha, rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, memory=None):
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, memory)
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, memory=None, cache=None):
+    """Returns (output, cache); `cache` as in Attention."""
+    attn_BxTxD, cache = self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, memory, cache)
+    x_BxTxD = x_BxTxD + attn_BxTxD
     x_BxTxD = x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD), memory)
-    return sharding.constrain(x_BxTxD, ('batch', None, None))
+    return sharding.constrain(x_BxTxD, ('batch', None, None)), cache
 
 
 class Transformer(nnx.Module):
@@ -81,10 +85,13 @@ class Transformer(nnx.Module):
     self.remat = cfg.remat != 'none'
     self.scan_layers = cfg.scan_layers
 
-  def __call__(self, tokens_BxT, segment_ids_BxT, memory: dict | None = None) -> jax.Array:
-    """Returns fp32 logits [B, T, vocab]."""
-    positions_BxT = segment_positions(segment_ids_BxT)
-    mask_BxTxS = attention_mask(segment_ids_BxT)
+  def __call__(self, tokens_BxT, segment_ids_BxT, memory: dict | None = None, cache: KVCache | None = None):
+    """Returns fp32 logits [B, T, vocab]; with a `cache`, (logits, the cache holding these
+    T tokens too): the same layers then attend to the cached slots as well."""
+    if cache is None:
+      positions_BxT, mask_BxTxS = segment_positions(segment_ids_BxT), attention_mask(segment_ids_BxT)
+    else:
+      positions_BxT, mask_BxTxS = cache.positions(segment_ids_BxT), cache.mask(segment_ids_BxT)
     x_BxTxD = sharding.constrain(self.embed(tokens_BxT), ('batch', None, None))
 
     graphdef, stack = nnx.split(self.blocks)
@@ -94,26 +101,38 @@ class Transformer(nnx.Module):
     for lo, hi, mem in ((0, first, None), (first, end, memory_L), (end, self.num_layers, None)):
       if hi > lo:
         segment = jax.tree.map(lambda a: a[lo:hi], stack) if (lo, hi) != (0, self.num_layers) else stack
-        x_BxTxD = self._run_layers(graphdef, segment, x_BxTxD, positions_BxT, mask_BxTxS, mem)
+        x_BxTxD, cache = self._run_layers(graphdef, segment, lo, x_BxTxD, positions_BxT, mask_BxTxS, mem, cache)
 
     x_BxTxD = self.final_norm(x_BxTxD)
     if self.lm_head is None:
       logits = self.embed.attend(x_BxTxD)
     else:
       logits = linear(self.lm_head, x_BxTxD)
-    return sharding.constrain(logits.astype(jnp.float32), ('batch', None, 'vocab'))
+    logits = sharding.constrain(logits.astype(jnp.float32), ('batch', None, 'vocab'))
+    return logits if cache is None else (logits, cache.advance(segment_ids_BxT))
 
-  def _run_layers(self, graphdef, stack, x_BxTxD, positions_BxT, mask_BxTxS, memory_L):
-    def body(x, layer):
-      state, mem = layer
-      return nnx.merge(graphdef, state)(x, positions_BxT, mask_BxTxS, mem), None
+  def init_cache(self, batch: int, max_len: int) -> KVCache:
+    """An empty KV cache of `max_len` slots per row, in the compute dtype."""
+    _, K, H = self.blocks.attn.shape
+    return KVCache.empty(self.num_layers, batch, max_len, K, H, self.blocks.attn.dtype)
+
+  def _run_layers(self, graphdef, stack, first, x_BxTxD, positions_BxT, mask_BxTxS, memory_L, cache):
+    """Runs the layers first, first + 1, ... held in `stack`; with a cache, each writes the
+    new tokens' keys and values and attends to its cached slots (the cache rides in the
+    carry, so a step writes only the new slots)."""
+    def body(carry, layer):
+      x, cache = carry
+      state, mem, i = layer
+      x, cache = nnx.merge(graphdef, state)(x, positions_BxT, mask_BxTxS, mem, None if cache is None else (cache, i))
+      return (x, cache), None
 
     if self.remat:
       body = jax.checkpoint(body, policy=self.remat_policy, prevent_cse=not self.scan_layers)
-    if self.scan_layers:
-      x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stack, memory_L))
-      return x_BxTxD
     n = jax.tree.leaves(stack)[0].shape[0]
+    layers = (stack, memory_L, jnp.arange(first, first + n))
+    if self.scan_layers:
+      (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), layers)
+      return x_BxTxD, cache
     for i in range(n):
-      x_BxTxD, _ = body(x_BxTxD, jax.tree.map(lambda a: a[i], (stack, memory_L)))
-    return x_BxTxD
+      (x_BxTxD, cache), _ = body((x_BxTxD, cache), jax.tree.map(lambda a: a[i], layers))
+    return x_BxTxD, cache

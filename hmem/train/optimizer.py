@@ -9,13 +9,7 @@ from __future__ import annotations
 import jax
 import optax
 
-
-def schedule(lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at `total_steps`."""
-  warmup_steps = max(0, min(warmup_steps, total_steps - 1))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr)
+from hmem.schedules import schedule
 
 
 def decay_mask(params):

@@ -4,8 +4,9 @@ One step: fetch each sequence's memory rows (if the memory is on), split the glo
 into `grad_accum` micro-batches, sum the loss and the gradients over them (sums, so any
 split gives the same result), clip by the global norm of the anchor gradients and the
 per-row-summed memory gradients together, update the anchor with optax and the bank with
-its row-sparse AdamW, and apply the update only if the loss and the gradient norm are
-finite; otherwise the state passes through unchanged and `finite` reports it.
+its own AdamW (hmem.memory.optimizer), and apply the update only if the loss and the
+gradient norm are finite; otherwise the state passes through unchanged and `finite`
+reports it.
 
 Memory gradients are taken with respect to the fetched blocks, per sequence; micro-batches
 concatenate them, so no bank-sized buffer ever exists.
@@ -78,23 +79,6 @@ def make_loss_and_grads(cfg, graphdef):
   return loss_and_grads
 
 
-def _memory_row_gradients(cfg, block_grads, generic_grads, leaf_B, use_generic_B):
-  """Per table: (row ids [U], summed row gradients). Sequences switched to the generic
-  block do not touch their path's rows."""
-  row_ids, row_grads = {}, {}
-  for t, (rows, _) in memory_bank.tables(cfg).items():
-    if t == 'generic':
-      # One row; touched iff some sequence used it. Its gradient is already the sum.
-      row_ids[t] = jnp.where(jnp.any(use_generic_B), 0, 1)[None]
-      row_grads[t] = generic_grads
-      continue
-    ids_B = memory_bank.level_ids(cfg, leaf_B, t)
-    if use_generic_B is not None:
-      ids_B = jnp.where(use_generic_B, rows, ids_B)
-    row_ids[t], row_grads[t] = memory_optimizer.row_gradients(block_grads[t], ids_B, rows)
-  return row_ids, row_grads
-
-
 def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, schedule, mesh):
   loss_and_grads = make_loss_and_grads(cfg, spec.graphdef)
   clip, frozen = cfg.train.clip_norm, cfg.train.freeze_anchor
@@ -116,8 +100,8 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
     count = jnp.maximum(count, 1.0)
     normalise = lambda tree: jax.tree.map(lambda g: g / count, tree)
     anchor_grads = normalise(shared_grads.get('params', {}))
-    row_ids, row_grads = (_memory_row_gradients(cfg, normalise(block_grads), normalise(shared_grads.get('generic')),
-                                                leaf_B, use_generic_B)
+    row_ids, row_grads = (memory_optimizer.row_gradients(cfg, normalise(block_grads),
+                                                         normalise(shared_grads.get('generic')), leaf_B, use_generic_B)
                           if state.bank else ({}, {}))
     loss = nll / count
     grad_norm = optax.tree.norm((anchor_grads, row_grads))
@@ -134,10 +118,8 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
                                        (state.params, state.opt_state))
       new = new.replace(params=params, opt_state=opt_state)
     if state.bank:
-      # A non-finite step writes no row: every id becomes out of range and is dropped.
-      row_ids = {t: jnp.where(finite, ids, memory_bank.tables(cfg)[t][0]) for t, ids in row_ids.items()}
       bank, bank_opt = memory_optimizer.update(cfg, state.bank, state.bank_opt, row_ids, scaled(row_grads),
-                                               state.step + 1)
+                                               state.step + 1, finite)
       new = new.replace(bank=bank, bank_opt=bank_opt)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': count,
                'finite': finite}
@@ -158,6 +140,16 @@ def fresh_train_step(cfg, mesh, init: bool = True):
   spec = state_spec(cfg, tx, mesh)
   state = init_state(cfg, tx, spec) if init else None
   return spec, state, make_train_step(cfg, spec, tx, schedule, mesh)
+
+
+def compiled_train_step_text(cfg) -> str:
+  """The HLO text of `cfg`'s train step compiled for all local devices: compiles only (no
+  state, no data), e.g. to read its collectives."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  with sharding.use_mesh(mesh, cfg.mesh.rules):
+    spec, _, step = fresh_train_step(cfg, mesh, init=False)
+    batch = sharding.abstract_batch(mesh, cfg.train.batch_size, cfg.data.seq_len)
+    return step.lower(spec.abstract, batch).compile().as_text()
 
 
 def make_eval_step(cfg, spec: StateSpec, mesh):

@@ -1,0 +1,128 @@
+"""Editing a bundle's bank: drop (zero) or replace the rows of subtrees, each edit atomic.
+
+A node LEVEL:ID names its subtree: its own row and the rows of every node below it, in
+every level table (in a partial bundle, those of them it holds). `drop` zeroes them: an
+FFN or LoRA row of zeros adds exactly nothing, as at init, and so does a KV row once the
+whole path of a text is dropped (zero values; zero keys still take a share of the memory
+softmax while other slots of the path are non-zero). `replace` copies them from another
+bundle with the same bank shapes.
+
+Atomicity: an edited array is written as a new version directory (`{name}.v{N+1}`) whose
+unchanged chunks are hard links to the current version's (copies where links are not
+possible), so the edit costs the rows it changes. The manifest, rewritten with os.replace,
+is the commit point: until it is replaced, readers see the old version whole; after it,
+the new one. Old and abandoned versions are removed after the commit and at the start of
+the next edit.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import glob
+import os
+import shutil
+
+import numpy as np
+
+from hmem.errors import BundleError
+from hmem.infer import bundle
+from hmem.infer.router import check_node
+
+
+def drop(root: str, nodes: list[tuple[int, int]]) -> dict:
+  """Zeroes the rows of the given nodes' subtrees; returns the new manifest."""
+  return _edit(root, nodes, {'op': 'drop'}, lambda key, meta, lo, hi: None)
+
+
+def replace(root: str, other: str, nodes: list[tuple[int, int]]) -> dict:
+  """Copies the rows of the given nodes' subtrees from bundle `other`; returns the new manifest."""
+  theirs = bundle.read_manifest(other)
+  bundle.verify(other, theirs)
+
+  def rows(key, meta, lo, hi):
+    their = theirs['bank'].get(key)
+    if their is None or their['shape'] != meta['shape'] or their['dtype'] != meta['dtype']:
+      raise BundleError(f'bundle {other}: bank array {key} is {their and (their["dtype"], their["shape"])}, '
+                        f'not {(meta["dtype"], meta["shape"])} as in {root}; replace rows between bundles of one run')
+    table = key.split('/')[0]
+    held = bundle.present_rows(theirs['k'], theirs['depth'], table, meta['shape'][0], theirs['subtrees'])[lo:hi]
+    if not held.all():
+      raise BundleError(f'bundle {other} lacks rows {lo + int(np.argmin(held))}.. of {table} (a partial bundle)')
+    return bundle.open_array(other, their['path'])[lo:hi].read().result()
+
+  return _edit(root, nodes, {'op': 'replace', 'from': os.path.abspath(other)}, rows)
+
+
+def _subtree_runs(k: int, depth: int, subtrees, table: str, rows: int, level: int, node: int) -> list:
+  """[lo, hi) runs of `table`'s rows below node (level, node) that the bundle holds."""
+  table_level = int(table.removeprefix('level'))
+  if table_level < level:
+    return []
+  span = k**(table_level - level)
+  lo, hi = node * span, (node + 1) * span
+  return [(lo + a, lo + b) for a, b in bundle.true_runs(bundle.present_rows(k, depth, table, rows, subtrees)[lo:hi])]
+
+
+def _link_copy(src: str, dst: str) -> None:
+  def link(s, d):
+    try:
+      os.link(s, d)
+    except OSError as e:
+      if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+        raise
+      shutil.copy2(s, d)
+  shutil.copytree(src, dst, copy_function=link)
+
+
+def _remove_unreferenced(root: str, manifest: dict) -> None:
+  live = {os.path.normpath(os.path.join(root, meta['path'])) for meta in manifest['bank'].values()}
+  for path in glob.glob(os.path.join(root, 'bank', '*', '*.v*')):
+    if os.path.normpath(path) not in live:
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _edit(root: str, nodes, record: dict, new_rows) -> dict:
+  manifest = bundle.read_manifest(root)
+  bundle.verify(root, manifest)
+  _remove_unreferenced(root, manifest)  # left by an edit that crashed
+  k, depth = manifest['k'], manifest['depth']
+  if not nodes:
+    raise BundleError('give at least one --node LEVEL:ID')
+  for level, node in nodes:
+    check_node(level, node, k, depth)
+  changes = {}
+  for key, meta in manifest['bank'].items():
+    table = key.split('/')[0]
+    if table == 'generic':
+      continue
+    runs = [run for level, node in nodes
+            for run in _subtree_runs(k, depth, manifest['subtrees'], table, meta['shape'][0], level, node)]
+    if runs:
+      changes[key] = runs
+
+  new = copy.deepcopy(manifest)
+  for key, runs in changes.items():
+    table, name = key.split('/')
+    meta = manifest['bank'][key]
+    version = int(meta['path'].rsplit('.v', 1)[1]) + 1
+    path = bundle.array_path(table, name, version)
+    _link_copy(os.path.join(root, meta['path']), os.path.join(root, path))
+    array = bundle.open_array(root, path)
+    for lo, hi in runs:
+      for row in range(lo, hi):  # never write through a link into the current version's chunk
+        chunk = os.path.join(root, path, 'c', str(row), *['0'] * (len(meta['shape']) - 1))
+        if os.path.exists(chunk):
+          os.remove(chunk)
+      rows = new_rows(key, meta, lo, hi)
+      if rows is None:
+        rows = np.zeros((hi - lo, *meta['shape'][1:]), array.dtype.numpy_dtype)
+      bundle.write_rows(array, lo, rows)
+    new['bank'][key]['path'] = path
+    del new['files'][f'{meta["path"]}/zarr.json']
+    new['files'][f'{path}/zarr.json'] = bundle.sha256(os.path.join(root, path, 'zarr.json'))
+  new['files'] = dict(sorted(new['files'].items()))
+  new.setdefault('edits', []).append({**record, 'nodes': [f'{level}:{node}' for level, node in nodes]})
+  bundle.write_json(os.path.join(root, bundle.MANIFEST), new)  # the commit point
+  _remove_unreferenced(root, new)
+  return new

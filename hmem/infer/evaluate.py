@@ -1,0 +1,278 @@
+"""Scoring a JSONL file of new texts and multiple-choice questions under each memory mode.
+
+Records (one JSON object a line; other fields are an error, counted as a skip):
+  {"text": ..., "context": ...?}  perplexity: the text's tokens followed by EOT, as in
+      training; every token after the first is predicted. Token-weighted over the file.
+  {"prompt": ..., "candidates": [...], "answer": ..., "context": ...?}  multiple choice:
+      the candidate with the highest summed log-likelihood of " " + candidate after the
+      prompt wins; `answer` is the right candidate's index or text.
+A record is routed by its `context` when it has one, else by its text or prompt.
+
+Modes: `fetched` (the routed leaf's path), `generic` (the generic block, when the run
+trained one), `none` (the dense anchor) and, when nodes are blocked, `blocked`: routed
+around the given nodes (`block`) and/or around each record's own level-1 subtree
+(`block_best`: the record is served by the best remaining subtree).
+
+A text longer than the model's `data.seq_len` is scored in windows of seq_len tokens that
+overlap by one token, so each window starts from fresh context and every token is still
+predicted exactly once; a multiple-choice sequence longer than seq_len keeps the prompt's
+last tokens. Sequences are scored in batches of fixed shape (a few bucket lengths), so a
+file compiles a handful of programs whatever its size.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from hmem.errors import DataError, UserError
+
+TEXT_FIELDS = {'text', 'context'}
+CHOICE_FIELDS = {'prompt', 'candidates', 'answer', 'context'}
+_MIN_BUCKET = 32
+
+
+@dataclasses.dataclass
+class Records:
+  """A file's usable records and the skipped lines counted by reason."""
+  texts: list[str] = dataclasses.field(default_factory=list)
+  text_routes: list[str] = dataclasses.field(default_factory=list)
+  prompts: list[str] = dataclasses.field(default_factory=list)
+  candidates: list[list[str]] = dataclasses.field(default_factory=list)
+  answers: list[int] = dataclasses.field(default_factory=list)
+  choice_routes: list[str] = dataclasses.field(default_factory=list)
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+def _parse(line: str) -> tuple[str, dict | None]:
+  """(skip reason or '', the record as (kind, fields))."""
+  if not line.strip():
+    return 'empty line', None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return 'malformed JSON', None
+  if not isinstance(record, dict):
+    return 'not a JSON object', None
+  kind = 'text' if 'text' in record else 'choice' if 'prompt' in record else None
+  if kind is None:
+    return 'no text or prompt field', None
+  if set(record) - (TEXT_FIELDS if kind == 'text' else CHOICE_FIELDS):
+    return 'unknown fields', None
+  if not all(isinstance(record.get(f, ''), str) for f in ('text', 'prompt', 'context')):
+    return 'text, prompt or context not a string', None
+  if not (record.get('text') or record.get('prompt', '')).strip():
+    return f'empty {"text" if kind == "text" else "prompt"}', None
+  if kind == 'choice':
+    candidates = record.get('candidates')
+    if not isinstance(candidates, list) or not candidates or not all(isinstance(c, str) for c in candidates):
+      return 'empty or non-string candidates', None
+    answer = record.get('answer')
+    if isinstance(answer, str) and answer in candidates:
+      record['answer'] = candidates.index(answer)
+    elif not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(candidates)):
+      return 'answer not a candidate or its index', None
+  return '', (kind, record)
+
+
+def read_records(path: str) -> Records:
+  """Parses the file; raises DataError when it holds no usable record."""
+  if not os.path.isfile(path):
+    raise DataError(f'eval data {path!r} not found; pass a JSONL file of {{"text": ...}} and '
+                    '{"prompt": ..., "candidates": [...], "answer": ...} records')
+  out = Records()
+  with open(path, encoding='utf-8', errors='replace') as f:
+    for line in f:
+      reason, parsed = _parse(line)
+      if reason:
+        out.skipped[reason] += 1
+        continue
+      kind, r = parsed
+      if kind == 'text':
+        out.texts.append(r['text'])
+        out.text_routes.append(r.get('context') or r['text'])
+      else:
+        out.prompts.append(r['prompt'])
+        out.candidates.append(r['candidates'])
+        out.answers.append(r['answer'])
+        out.choice_routes.append(r.get('context') or r['prompt'])
+  if not out.texts and not out.prompts:
+    reasons = ', '.join(f'{n} {reason}' for reason, n in out.skipped.most_common()) or 'the file is empty'
+    raise DataError(f'{path}: no usable record ({reasons}); write one JSON object a line with a "text" field, '
+                    'or "prompt", "candidates" and "answer"')
+  return out
+
+
+def text_windows(ids: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Windows of at most seq_len tokens overlapping by one; every token but the first is
+  scored exactly once."""
+  out, start = [], 0
+  while True:
+    window = ids[start:start + seq_len]
+    weights = np.ones(len(window), np.float32)
+    weights[0] = 0
+    out.append((window, weights))
+    if start + seq_len >= len(ids):
+      return out
+    start += seq_len - 1
+
+
+def choice_sequence(prompt: np.ndarray, answer: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """prompt + answer tokens, the prompt cut from the left to fit; only the answer scored."""
+  keep = max(seq_len - len(answer), 1)
+  tokens = np.concatenate([prompt[-keep:], answer])[:seq_len]
+  weights = np.zeros(len(tokens), np.float32)
+  weights[min(keep, len(prompt)):] = 1
+  return tokens, weights
+
+
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _nll(graphdef, params, tokens_BxT, weights_BxT, memory):
+  """Per row, the summed negative log-likelihood of the weighted tokens. Rows are
+  right-padded with token -1, which becomes segment 0: no real token attends to it."""
+  segment_ids_BxT = (tokens_BxT >= 0).astype(jnp.int32)
+  tokens_BxT = jnp.maximum(tokens_BxT, 0)
+  logits_BxTxV = nnx.merge(graphdef, params)(tokens_BxT, segment_ids_BxT, memory)[:, :-1]
+  lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  target_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum((lse_BxT - target_BxT) * weights_BxT[:, 1:], axis=1)
+
+
+def _bucket(n: int, seq_len: int) -> int:
+  """The padded length of a sequence of n tokens: a power of two, at most seq_len."""
+  return min(seq_len, max(_MIN_BUCKET, 1 << (n - 1).bit_length()))
+
+
+def modes_of(source, blocking: bool) -> list[str]:
+  if not source.has_memory:
+    if blocking:
+      raise UserError('--block / --block-best need a model with a memory; this run has none')
+    return ['none']
+  modes = ['fetched'] + (['generic'] if 'generic' in source.tables else []) + ['none']
+  return modes + (['blocked'] if blocking else [])
+
+
+def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_size: int = 16,
+             progress: bool = True) -> dict:
+  """Scores the file's records under every mode (see the module docstring). Returns
+  {documents, tokens, ppl_<mode>} for text records, {examples, acc_<mode>} for
+  multiple-choice records (keys of an absent kind omitted), and `skipped` by reason."""
+  records = read_records(path)
+  blocking = bool(block) or block_best
+  modes = modes_of(source, blocking)
+  if source.router is None:
+    raise UserError('this run trained on synthetic data: it has no tokenizer or tree to read and route new '
+                    'text; evaluate a run trained on a prepared dataset (data.source=prepared)')
+  router, seq_len = source.router, source.config.data.seq_len
+  n_text, n_choice = len(records.texts), len(records.prompts)
+
+  leaves, fallbacks = {}, 0
+  if source.has_memory:
+    emb_NxD = router.embed(records.text_routes + records.choice_routes)
+    routes = router.route_embeddings(emb_NxD)
+    leaves['fetched'], fallbacks = routes.leaf, routes.fallbacks
+    if blocking:
+      leaves['blocked'] = router.route_embeddings(emb_NxD, block, block_best).leaf
+
+  tokenizer = router.tokenizer
+  seqs = []  # (tokens, weights, routed record)
+  for i, ids in enumerate(tokenizer.encode(records.texts)):
+    seqs += [(t, w, i) for t, w in text_windows(np.append(ids, tokenizer.eot_id).astype(np.int32), seq_len)]
+  answers = iter(tokenizer.encode([' ' + c for cands in records.candidates for c in cands]))
+  for j, (prompt, cands) in enumerate(zip(tokenizer.encode(records.prompts), records.candidates)):
+    seqs += [(*choice_sequence(prompt, next(answers), seq_len), n_text + j) for _ in cands]
+
+  # Batches of one bucket length; rows sorted by leaf, so a batch shares its path rows.
+  fetched_S = leaves['fetched'][[r for _, _, r in seqs]] if leaves else np.zeros(len(seqs), np.int64)
+  order = sorted(range(len(seqs)), key=lambda s: (_bucket(len(seqs[s][0]), seq_len), fetched_S[s]))
+  batches = []
+  for _, group in itertools.groupby(order, key=lambda s: _bucket(len(seqs[s][0]), seq_len)):
+    group = list(group)
+    batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+
+  graphdef, params = nnx.split(source.model)
+  nll = {mode: np.zeros(len(seqs)) for mode in modes}
+  weight_S = np.array([w.sum() for _, w, _ in seqs])
+  pending = []
+  with tqdm(total=len(seqs), desc='eval', unit='seq', disable=not progress) as bar:
+    for batch in batches:
+      T = _bucket(len(seqs[batch[0]][0]), seq_len)
+      tokens_BxT = np.full((batch_size, T), -1, np.int32)
+      weights_BxT = np.zeros((batch_size, T), np.float32)
+      for b, s in enumerate(batch):
+        tokens, weights, _ = seqs[s]
+        tokens_BxT[b, :len(tokens)], weights_BxT[b, :len(tokens)] = tokens, weights
+      route_B = np.array([seqs[s][2] for s in batch])
+      for mode in modes:
+        memory = None
+        if mode != 'none':
+          leaf_B = np.resize(leaves['blocked' if mode == 'blocked' else 'fetched'][route_B], batch_size)
+          memory = source.memory(leaf_B, 'fetched' if mode == 'blocked' else mode)
+        pending.append((mode, batch, _nll(graphdef, params, tokens_BxT, weights_BxT, memory)))
+      bar.update(len(batch))
+  for mode, batch, nll_B in pending:
+    nll[mode][batch] = np.asarray(nll_B)[:len(batch)]
+
+  result = {}
+  is_text_S = np.array([r < n_text for _, _, r in seqs], bool)
+  if n_text:
+    tokens = weight_S[is_text_S].sum()
+    result.update(documents=n_text, tokens=int(tokens))
+    result.update({f'ppl_{m}': math.exp(nll[m][is_text_S].sum() / tokens) for m in modes})
+  if n_choice:
+    bounds = np.cumsum([0] + [len(c) for c in records.candidates])
+    result['examples'] = n_choice
+    for m in modes:
+      scores = nll[m][~is_text_S]  # candidates in file order
+      picks = [int(np.argmin(scores[lo:hi])) for lo, hi in zip(bounds[:-1], bounds[1:])]
+      result[f'acc_{m}'] = float(np.mean(np.array(picks) == np.array(records.answers)))
+  if fallbacks:
+    result['fallbacks'] = fallbacks
+  result['skipped'] = dict(records.skipped.most_common())
+  return result
+
+
+def table(result: dict) -> str:
+  """The result as a table: one row per mode, perplexity and/or accuracy."""
+  modes = [m for m in ('fetched', 'generic', 'none', 'blocked')
+           if f'ppl_{m}' in result or f'acc_{m}' in result]
+  columns = [(f'ppl ({result["documents"]} texts)', 'ppl', '.3f')] if 'documents' in result else []
+  if 'examples' in result:
+    columns.append((f'accuracy ({result["examples"]} questions)', 'acc', '.3f'))
+  lines = ['mode     ' + ''.join(f'{title:>28}' for title, _, _ in columns)]
+  for m in modes:
+    lines.append(f'{m:<9}' + ''.join(f'{result[f"{key}_{m}"]:>28{fmt}}' for _, key, fmt in columns))
+  skipped = result['skipped']
+  lines.append('skipped: ' + (', '.join(f'{n} {reason}' for reason, n in skipped.items()) if skipped else 'none'))
+  return '\n'.join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+  """A bar chart per record kind, one bar per mode, saved as a PNG."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  panels = [(key, label) for key, label in (('ppl', 'perplexity (lower is better)'), ('acc', 'accuracy'))
+            if any(k.startswith(key + '_') for k in result)]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+  for ax, (key, label) in zip(axes[0], panels):
+    modes = [k.split('_', 1)[1] for k in result if k.startswith(key + '_')]
+    values = [result[f'{key}_{m}'] for m in modes]
+    ax.bar(modes, values, color=['C0', 'C1', 'C2', 'C3'][:len(modes)])
+    ax.set_title(label)
+    for x, v in enumerate(values):
+      ax.annotate(f'{v:.3g}', (x, v), ha='center', va='bottom')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

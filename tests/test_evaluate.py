@@ -1,0 +1,158 @@
+"""`hmem eval`: per-mode perplexity and accuracy equal a direct computation with the model;
+blocking; bad records counted; a file with nothing usable is one clear error."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from conftest import WIKI
+from flax import nnx
+
+from hmem.cli import main
+from hmem.errors import DataError
+from hmem.infer.evaluate import evaluate
+from hmem.infer.source import open_source
+
+
+def _texts(n, skip=0):
+  with open(WIKI) as f:
+    return [json.loads(line)['text'] for line in f][skip:skip + n]
+
+
+@pytest.fixture(scope='module')
+def source(memory_run):
+  """The run, its bank rows randomised: a few training steps leave the memory almost a
+  no-op, and the modes must differ for the comparison to mean something."""
+  source = open_source(workdir=str(memory_run[3]))
+  rng = np.random.default_rng(0)
+  for arrays in source.rows.bank.values():
+    for name, a in arrays.items():
+      arrays[name] = rng.normal(0, 0.3, a.shape).astype(a.dtype)
+  return source
+
+
+@pytest.fixture(scope='module')
+def eval_file(tmp_path_factory):
+  """Texts (some longer than seq_len), questions, and one bad line of each kind."""
+  texts = _texts(5)
+  questions = [{'prompt': 'The capital of France is', 'candidates': ['Paris', 'a river', 'blue'], 'answer': 0},
+               {'prompt': 'Music of the 20th century', 'candidates': ['diverged', 'ended'], 'answer': 'ended',
+                'context': texts[0]},
+               {'prompt': 'One, two,', 'candidates': ['three', 'seven'], 'answer': 1}]
+  lines = [json.dumps({'text': t}) for t in texts[:4]] + [json.dumps({'text': texts[4], 'context': texts[1]})]
+  lines += [json.dumps(q) for q in questions]
+  lines += ['', '{"text": "unterminated', json.dumps({'text': 'x', 'title': 'y'}),
+            json.dumps({'prompt': 'p', 'candidates': [], 'answer': 0}), '[1, 2]']
+  path = tmp_path_factory.mktemp('eval') / 'eval.jsonl'
+  path.write_text('\n'.join(lines) + '\n')
+  return path, texts, questions
+
+
+@nnx.jit
+def _logp(model, tokens_1xT, segment_ids_1xT, memory):
+  return jax.nn.log_softmax(model(tokens_1xT, segment_ids_1xT, memory), axis=-1)
+
+
+def _nll(model, tokens, memory, T):
+  """Summed NLL of tokens[1:] given the prefix: one sequence through the full forward pass
+  (right-padded to seq_len with segment 0, so it compiles once)."""
+  n = len(tokens)
+  x = np.zeros((1, T), np.int32)
+  x[0, :n] = tokens
+  logp = np.asarray(_logp(model, x, (np.arange(T) < n)[None].astype(np.int32), memory))[0, :n - 1]
+  return -float(np.sum(np.take_along_axis(logp, x[0, 1:n, None], axis=-1)))
+
+
+def _direct(source, texts, questions, leaves, mode):
+  """Perplexity and accuracy computed one sequence at a time, independently of evaluate."""
+  tok, L = source.router.tokenizer, source.config.data.seq_len
+  memory = lambda leaf: source.memory(np.array([leaf]), mode)
+  nll = count = 0
+  for text, leaf in zip(texts, leaves):
+    ids = np.append(tok.encode([text])[0], tok.eot_id)
+    for start in range(0, len(ids) - 1, L - 1):  # windows overlapping by one token
+      window = ids[start:start + L]
+      nll += _nll(source.model, window, memory(leaf), L)
+      count += len(window) - 1
+  correct = []
+  for q, leaf in zip(questions, leaves[len(texts):]):
+    prompt = tok.encode([q['prompt']])[0]
+    scores = [-_nll(source.model, np.concatenate([prompt, tok.encode([' ' + c])[0]]), memory(leaf), L)
+              + _nll(source.model, prompt, memory(leaf), L) for c in q['candidates']]
+    answer = q['answer'] if isinstance(q['answer'], int) else q['candidates'].index(q['answer'])
+    correct.append(int(np.argmax(scores)) == answer)
+  return math.exp(nll / count), float(np.mean(correct))
+
+
+def test_eval_equals_a_direct_computation_per_mode(source, eval_file, tmp_path):
+  path, texts, questions = eval_file
+  assert len(source.router.tokenizer.encode([texts[0]])[0]) > 2 * source.config.data.seq_len  # windows
+  result = evaluate(source, str(path), block_best=True, batch_size=4, progress=False)
+  assert result['documents'] == 5 and result['examples'] == 3
+  assert result['skipped'] == {'empty line': 1, 'malformed JSON': 1, 'unknown fields': 1,
+                               'empty or non-string candidates': 1, 'not a JSON object': 1}
+
+  routed = texts[:4] + [texts[1]] + [q.get('context', q['prompt']) for q in questions]
+  plain, blocked = source.router.route(routed), source.router.route(routed, block_best=True)
+  # --block-best moves every record to another level-1 subtree.
+  assert (plain.path[:, 0] != blocked.path[:, 0]).all()
+  for mode, leaves in (('fetched', plain.leaf), ('generic', plain.leaf), ('none', plain.leaf),
+                       ('blocked', blocked.leaf)):
+    ppl, acc = _direct(source, texts, questions, leaves, 'fetched' if mode == 'blocked' else mode)
+    np.testing.assert_allclose(result[f'ppl_{mode}'], ppl, rtol=1e-5, err_msg=mode)
+    assert result[f'acc_{mode}'] == pytest.approx(acc), mode
+  # The memory matters: the modes do not all score alike.
+  assert len({round(result[f'ppl_{m}'], 4) for m in ('fetched', 'generic', 'none', 'blocked')}) == 4
+
+
+def test_eval_of_a_file_with_nothing_usable_names_it(source, tmp_path):
+  path = tmp_path / 'bad.jsonl'
+  path.write_text('\n{"text": ""}\nnot json\n')
+  with pytest.raises(DataError, match=r'bad\.jsonl: no usable record \(1 empty line, 1 empty text, 1 malformed'):
+    evaluate(source, str(path), progress=False)
+
+
+def _last_json(capsys):
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_export_drop_then_eval_scores_the_subtree_as_without_memory(memory_run, tmp_path, capsys):
+  bundle = tmp_path / 'bundle'
+  assert main(['export', '--workdir', str(memory_run[3]), '--out', str(bundle), '--dtype', 'float32',
+               '--no-progress']) == 0
+  texts = _texts(40)
+  level1 = open_source(bundle=str(bundle)).router.route(texts).path[:, 0]
+  node = int(level1[0])
+  files = {}
+  for name, inside in (('inside', True), ('outside', False)):
+    files[name] = tmp_path / f'{name}.jsonl'
+    files[name].write_text(''.join(json.dumps({'text': t}) + '\n'
+                                   for t, n in zip(texts, level1) if (n == node) == inside))
+  capsys.readouterr()
+  assert main(['bank', 'drop', '--bundle', str(bundle), '--node', f'1:{node}']) == 0
+  assert main(['eval', '--bundle', str(bundle), '--data', str(files['inside']), '--json', '--no-progress']) == 0
+  inside = _last_json(capsys)
+  assert inside['documents'] == int((level1 == node).sum()) and inside['ppl_fetched'] == inside['ppl_none']
+  plot = tmp_path / 'eval.png'
+  assert main(['eval', '--bundle', str(bundle), '--data', str(files['outside']), '--plot', str(plot),
+               '--no-progress']) == 0
+  out = capsys.readouterr().out.splitlines()
+  outside = json.loads(out[-1])
+  assert outside['ppl_fetched'] != outside['ppl_none']  # the other subtrees still act
+  assert out[0].split()[0] == 'mode' and [line.split()[0] for line in out[1:4]] == ['fetched', 'generic', 'none']
+  assert plot.stat().st_size > 0
+
+
+def test_generate_prints_the_routed_path_then_the_text(memory_run, capsys):
+  run, prompt = str(memory_run[3]), 'Classical music of the 20th century'
+  args = ['generate', '--workdir', run, '--prompt', prompt, '--max-new-tokens', '6', '--no-progress']
+  assert main(args) == 0
+  path_line, text = capsys.readouterr().out.splitlines()[:2]
+  expected = open_source(workdir=run).router.route([prompt]).path[0]
+  assert path_line == f'path: 1:{expected[0]} 2:{expected[1]}' and text.startswith(prompt)
+  assert main(args + ['--block', f'1:{expected[0]}']) == 0
+  assert capsys.readouterr().out.splitlines()[0].split()[1] != f'1:{expected[0]}'
+  assert main(args + ['--memory', 'none', '--block-best']) == 2
+  assert 'need --memory fetched' in capsys.readouterr().err
