@@ -19,7 +19,7 @@ from hmem.config import default_config, load_config
 from hmem.data.source import Position
 from hmem.data.tokenizer import Tokenizer
 from hmem.errors import DataError, WeightsError
-from hmem.imports import export_hf, export_run, gguf_file, hf, import_checkpoint
+from hmem.imports import export_hf, gguf_file, hf, import_checkpoint
 from hmem.model import build_model
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.state import state_spec
@@ -179,8 +179,8 @@ def test_dequantization_matches_hand_decoded_blocks():
 
 
 def test_frozen_memory_run_exports_the_imported_weights_unchanged(tmp_path):
-  """import -> a frozen-anchor memory run from it (train.init_from) -> export_run: the
-  Hugging Face tensors come out bit for bit as they went in."""
+  """import -> a frozen-anchor memory run from it (train.init_from) -> `hmem export --format
+  hf`: the Hugging Face tensors come out bit for bit as they went in."""
   source = os.path.join(DATA, 'tiny_hf', 'llama3')
   import_checkpoint(source, str(tmp_path / 'run'), progress=False)
   cfg = load_config(os.path.join(tmp_path, 'run', 'config.py'), [
@@ -189,8 +189,10 @@ def test_frozen_memory_run_exports_the_imported_weights_unchanged(tmp_path):
       'train.async_checkpoints=False'])
   summary = train(cfg, str(tmp_path / 'memory'), progress=False)
   assert summary['step'] == 2 and np.isfinite(summary['loss'])
-  written = export_run(str(tmp_path / 'memory'), str(tmp_path / 'hf'))
-  assert set(written) == {'model.safetensors', 'config.json'}
+  from hmem.cli import main
+  assert main(['export', '--workdir', str(tmp_path / 'memory'), '--out', str(tmp_path / 'hf'), '--format', 'hf',
+               '--dtype', 'float32']) == 0
+  assert {p.name for p in (tmp_path / 'hf').iterdir()} == {'model.safetensors', 'config.json'}
   original, exported = load_file(os.path.join(source, 'model.safetensors')), load_file(str(tmp_path / 'hf' /
                                                                                           'model.safetensors'))
   assert exported.keys() == original.keys()
