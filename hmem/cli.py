@@ -76,6 +76,11 @@ def _cmd_import(args, cfg):
 
 
 def _cmd_export(args, cfg):
+  if args.format == 'hf':
+    from hmem.imports import export_run
+    written = export_run(args.workdir, args.out, step=args.step, dtype=args.dtype)
+    print(json.dumps({'out': args.out, 'format': 'hf', 'files': written}))
+    return
   from hmem.infer.bundle import export
   m = export(args.workdir, args.out, step=args.step, dtype=args.dtype, subtrees=args.subtree,
              progress=not args.no_progress)
@@ -197,6 +202,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--workdir', required=True, help='run directory (hmem train --workdir)')
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
   p.add_argument('--out', required=True, help='bundle directory to create')
+  p.add_argument('--format', choices=('bundle', 'hf'), default='bundle',
+                 help='bundle: anchor + bank for hmem generate/eval; hf: the anchor alone as a Hugging Face '
+                 'checkpoint (config.json, safetensors, tokenizer.json)')
   p.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16', help='anchor and bank dtype')
   p.add_argument('--subtree', type=int, nargs='+', default=None, help='level-1 subtrees to ship (default: all)')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
