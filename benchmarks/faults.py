@@ -3,7 +3,8 @@
     python benchmarks/faults.py [--trials N] [--sigterm M] [--quick] [--seed S]
 
 Runs configs/tiny.py with memory on (row-sparse bank, async checkpoints every 4 steps, a
-metrics row every step) on 8 host devices (unless XLA_FLAGS says otherwise). First one uninterrupted run, the reference. Then each trial:
+metrics row every step) on 8 host devices (unless XLA_FLAGS says otherwise). First one
+uninterrupted run, the reference. Then each trial:
 
 - `kill-save` (every other trial): SIGKILL while an async checkpoint write is in flight.
   The trial's process holds its saves open (a wrapper around orbax's background commit
