@@ -3,7 +3,8 @@
     python benchmarks/faults.py [--trials N] [--sigterm M] [--quick] [--seed S]
 
 Runs configs/tiny.py with memory on (row-sparse bank, async checkpoints every 4 steps, a
-metrics row every step). First one uninterrupted run, the reference. Then each trial:
+metrics row every step) on 8 host devices (unless XLA_FLAGS says otherwise). First one
+uninterrupted run, the reference. Then each trial:
 
 - `kill-save` (every other trial): SIGKILL while an async checkpoint write is in flight.
   The trial's process holds its saves open (a wrapper around orbax's background commit
@@ -71,8 +72,10 @@ def _child(argv: list[str]) -> int:
 
 def start(workdir: str, hold_s: float = 0.0, overrides=OVERRIDES) -> subprocess.Popen:
   os.makedirs(workdir, exist_ok=True)
+  # 8 host devices (as in the tests) unless the caller chose: the bank and state are sharded.
   env = {'JAX_COMPILATION_CACHE_DIR': os.path.join(REPO, '.jax_cache'),
-         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', **os.environ,
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+         **os.environ,
          'PYTHONPATH': REPO + os.pathsep + os.environ.get('PYTHONPATH', '')}
   return subprocess.Popen([sys.executable, os.path.abspath(__file__), '--child', workdir, str(hold_s), *overrides],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

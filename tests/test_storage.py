@@ -65,6 +65,6 @@ def test_read_only_workdir_is_one_line_and_keeps_the_last_checkpoint(repo, make_
   finally:
     subprocess.run(['mount', '-o', 'remount,rw', str(small_disk)], check=True)
   assert rc == 2
-  assert line.startswith('hmem: error:') and 'read-only' in line.lower()
+  assert line.startswith('hmem: error:') and str(workdir) in line
   assert _files(workdir) == good
   assert train(make_config('train.steps=20', *MEMORY), str(workdir), progress=False)['step'] == 20
