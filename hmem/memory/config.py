@@ -7,12 +7,12 @@ import math
 from hmem.errors import ConfigError
 
 TYPES = ('ffn', 'lora', 'kv')
+LORA_TARGETS = {'ffn': ('gate', 'up', 'down'), 'qk': ('q', 'k'), 'vo': ('v', 'o')}
 OPTIMIZERS = ('exact', 'lazy', 'dense')
 # `exact` sums a missed step's drift up to this many steps after a row's last update, and
 # drops what lies beyond once it is below DRIFT_TOLERANCE of one step at the peak lr.
 MAX_DRIFT_WINDOW = 4096
 DRIFT_TOLERANCE = 1e-6
-LORA_TARGETS = {'ffn': ('gate', 'up', 'down'), 'qk': ('q', 'k'), 'vo': ('v', 'o')}
 
 
 def enabled(cfg) -> bool:
