@@ -36,6 +36,7 @@ def test_compile_cache_directory_precedence(make_config, monkeypatch, tmp_path):
   monkeypatch.delenv('HMEM_CACHE', raising=False)
   monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
   assert compile_cache.cache_dir(cfg, str(tmp_path / 'runs' / 'a')) == str(tmp_path / 'runs' / 'jax_cache')
+  assert compile_cache.cache_dir(cfg, 'gs://bucket/runs/a/') == 'gs://bucket/runs/jax_cache'
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/jax')
   assert compile_cache.cache_dir(cfg, 'runs/a') == '/jax'
   monkeypatch.setenv('HMEM_CACHE', '/hmem')
