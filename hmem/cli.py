@@ -153,7 +153,7 @@ def _cmd_plan(args, cfg):
 
 def _cmd_sweep(args, cfg):
   from hmem.sweep import commands
-  commands.run(args) if args.action == 'run' else commands.collect_(args)
+  commands.run_command(args) if args.action == 'run' else commands.collect_command(args)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import jax
+from etils import epath
 
 
 def cache_dir(cfg, workdir: str | None) -> str | None:
@@ -21,8 +22,9 @@ def cache_dir(cfg, workdir: str | None) -> str | None:
   for var in ('HMEM_CACHE', 'JAX_COMPILATION_CACHE_DIR'):
     if os.environ.get(var):
       return os.environ[var]
-  if workdir:
-    return os.path.join(os.path.dirname(os.path.abspath(workdir.rstrip('/'))), 'jax_cache')
+  if workdir:  # local or an object store (gs://...); jax reads and writes it through epath
+    base = workdir if '://' in workdir else os.path.abspath(workdir)
+    return str(epath.Path(base.rstrip('/')).parent / 'jax_cache')
   return os.path.join(os.path.expanduser('~'), '.cache', 'hmem', 'jax')
 
 

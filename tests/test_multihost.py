@@ -1,11 +1,7 @@
 """Multi-host: 2 processes x 4 CPU devices (JAX multi-controller over gloo, launch/local.sh)
 train, checkpoint and evaluate the tiny config with memory exactly like one process with
 the same 8-device mesh, and a run resumes from 2 processes onto 1 and from 1 onto 2
-without losing or repeating a batch.
-
-Under heavy machine load a launch can fail with "Gloo context initialization failed:
-GetKeyValue() timed out": XLA's gloo store waits 30 s (not configurable) for the other
-process, which may still be compiling."""
+without losing or repeating a batch."""
 
 import json
 import os
@@ -35,8 +31,11 @@ def _rows(workdir) -> dict[int, dict]:
 def _start(repo, workdir, *overrides):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['PYTHON'] = sys.executable
+  # No persistent cache: when one process finds a step in it and the other compiles it,
+  # the first waits longer than gloo's fixed 30 s for the second at their first collective.
   return subprocess.Popen(['bash', str(repo / 'launch/local.sh'), '2', '4', '--config', str(repo / 'configs/tiny.py'),
-                           '--workdir', str(workdir), *(f'--config.{o}' for o in overrides)],
+                           '--workdir', str(workdir), *(f'--config.{o}' for o in overrides),
+                           '--config.train.compile_cache=off'],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

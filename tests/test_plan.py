@@ -36,6 +36,7 @@ def test_compile_cache_directory_precedence(make_config, monkeypatch, tmp_path):
   monkeypatch.delenv('HMEM_CACHE', raising=False)
   monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
   assert compile_cache.cache_dir(cfg, str(tmp_path / 'runs' / 'a')) == str(tmp_path / 'runs' / 'jax_cache')
+  assert compile_cache.cache_dir(cfg, 'gs://bucket/runs/a/') == 'gs://bucket/runs/jax_cache'
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/jax')
   assert compile_cache.cache_dir(cfg, 'runs/a') == '/jax'
   monkeypatch.setenv('HMEM_CACHE', '/hmem')
@@ -58,9 +59,10 @@ def test_plan_on_fake_devices_fills_the_compile_cache(repo, tmp_path):
   counts = sizes.sizes(cfg)
   assert plan['devices'] == 4 and plan['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 1, 'memory': 1}
   per_device = plan['bytes_per_device']
-  # The bank's feature axis is split over data x fsdp = 4 devices; Adam keeps two moments
-  # per value plus one int32 step per row.
-  assert per_device['bank'] == counts['bank_params'] * 4 // 4
+  # The bank (its levels plus the generic block, one row as wide as a fetch) is split on
+  # its feature axis over data x fsdp = 4 devices; Adam keeps two moments per value plus
+  # one int32 step per row.
+  assert per_device['bank'] == (counts['bank_params'] + counts['fetch_params']) * 4 // 4
   rows = sum(cfg.memory.k ** level for level in (1, 2)) + 1  # + the generic block
   assert per_device['bank_opt'] == 2 * per_device['bank'] + 4 * rows
   # fsdp=2 splits the anchor's embed axis: between half and all of the fp32 parameters.

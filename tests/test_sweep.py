@@ -113,7 +113,7 @@ def test_tiny_sweep_runs_collects_fits_and_plots(repo, tmp_path):
   sweep_file, root = str(repo / 'configs/sweeps/tiny.py'), str(tmp_path / 'tiny')
   args = ['--root', root, '--steps-scale', '0.125']
   out = subprocess.run([sys.executable, '-m', 'hmem.cli', 'sweep', 'run', sweep_file, '--max-parallel', '2',
-                        '--no-progress', *args], capture_output=True, text=True, timeout=600)
+                        '--no-progress', *args], capture_output=True, text=True, timeout=1800)
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads(out.stdout.splitlines()[-1])['failed'] == []
 

@@ -7,7 +7,7 @@ import json
 from hmem.sweep import collect, launch, spec
 
 
-def run(args) -> None:
+def run_command(args) -> None:
   runs = spec.expand(args.file, args.root, args.steps_scale, args.overrides)
   states = {r.name: launch.run_state(r, spec.run_config(args.file, r).train.steps) for r in runs}
   pending = [r for r in runs if states[r.name] != 'finished']
@@ -29,7 +29,7 @@ def run(args) -> None:
   print(json.dumps(summary))
 
 
-def collect_(args) -> None:
+def collect_command(args) -> None:
   root = args.root or spec.default_root(args.file)
   runs = spec.expand(args.file, root, args.steps_scale, args.overrides)
   summary = collect.collect(args.file, runs, root)
