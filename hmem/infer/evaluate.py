@@ -154,7 +154,7 @@ def _bucket(n: int, seq_len: int) -> int:
   return min(seq_len, max(_MIN_BUCKET, 1 << (n - 1).bit_length()))
 
 
-def modes_of(source, blocking: bool) -> list[str]:
+def _modes(source, blocking: bool) -> list[str]:
   if not source.has_memory:
     if blocking:
       raise UserError('--block / --block-best need a model with a memory; this run has none')
@@ -170,7 +170,7 @@ def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_siz
   multiple-choice records (keys of an absent kind omitted), and `skipped` by reason."""
   records = read_records(path)
   blocking = bool(block) or block_best
-  modes = modes_of(source, blocking)
+  modes = _modes(source, blocking)
   if source.router is None:
     raise UserError('this run trained on synthetic data: it has no tokenizer or tree to read and route new '
                     'text; evaluate a run trained on a prepared dataset (data.source=prepared)')
@@ -204,8 +204,14 @@ def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_siz
   graphdef, params = nnx.split(source.model)
   nll = {mode: np.zeros(len(seqs)) for mode in modes}
   weight_S = np.array([w.sum() for _, w, _ in seqs])
-  pending = []
+  generic = source.memory(np.zeros(batch_size, np.int64), 'generic') if 'generic' in modes else None
   with tqdm(total=len(seqs), desc='eval', unit='seq', disable=not progress) as bar:
+    def collect(batch, outs):
+      for mode, nll_B in outs:
+        nll[mode][batch] = np.asarray(nll_B)[:len(batch)]
+      bar.update(len(batch))
+
+    previous = None
     for batch in batches:
       T = _bucket(len(seqs[batch[0]][0]), seq_len)
       tokens_BxT = np.full((batch_size, T), -1, np.int32)
@@ -214,15 +220,16 @@ def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_siz
         tokens, weights, _ = seqs[s]
         tokens_BxT[b, :len(tokens)], weights_BxT[b, :len(tokens)] = tokens, weights
       route_B = np.array([seqs[s][2] for s in batch])
-      for mode in modes:
-        memory = None
-        if mode != 'none':
-          leaf_B = np.resize(leaves['blocked' if mode == 'blocked' else 'fetched'][route_B], batch_size)
-          memory = source.memory(leaf_B, 'fetched' if mode == 'blocked' else mode)
-        pending.append((mode, batch, _nll(graphdef, params, tokens_BxT, weights_BxT, memory)))
-      bar.update(len(batch))
-  for mode, batch, nll_B in pending:
-    nll[mode][batch] = np.asarray(nll_B)[:len(batch)]
+      memories = {'none': None, 'generic': generic}
+      for mode in ('fetched', 'blocked'):
+        if mode in modes:  # padding rows repeat real rows' leaves: no extra reads
+          memories[mode] = source.memory(np.resize(leaves[mode][route_B], batch_size), 'fetched')
+      outs = [(m, _nll(graphdef, params, tokens_BxT, weights_BxT, memories[m])) for m in modes]
+      if previous:  # collected one batch late: the next batch is prepared while this one runs
+        collect(*previous)
+      previous = batch, outs
+    if previous:
+      collect(*previous)
 
   result = {}
   is_text_S = np.array([r < n_text for _, _, r in seqs], bool)
