@@ -9,8 +9,8 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from conftest import assert_trees_close, saved_items
 from flax import nnx
 
 from hmem.errors import TrainingError
@@ -23,13 +23,7 @@ def _rows(workdir):
 
 def _params(workdir, step=None):
   """Final (or given) checkpointed anchor params as numpy arrays, whatever mesh wrote them."""
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  step = manager.latest_step() if step is None else step
-  meta = manager.item_metadata(step)['params']
-  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
-                        is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
-  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))['params']
-  return jax.tree.map(np.asarray, restored)
+  return saved_items(workdir, step)['params']
 
 
 def _assert_trees_equal(a, b):
@@ -67,7 +61,6 @@ def test_grad_accumulation_gives_the_same_update(make_config, tmp_path):
   assert rows[1]['lr'] == pytest.approx(cfg.train.lr)  # fp32
   for key in ('loss', 'grad_norm'):
     np.testing.assert_allclose(rows[4][key], rows[1][key], rtol=1e-5, err_msg=key)
-  from conftest import assert_trees_close
   assert_trees_close(params[4], params[1], rtol=1e-5, atol=1e-7)
   # Not vacuous: the update moved the parameters away from their initialisation.
   from hmem.model import build_model
