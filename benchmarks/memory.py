@@ -32,14 +32,19 @@ QUICK = ['model.layers=2', 'model.d_model=128', 'model.ffn=512', 'model.vocab_si
 
 
 def _step_fn(cfg):
-  """A ready-to-time (state, step, batch) for `cfg` on all local devices."""
+  """A ready-to-time step for `cfg`, whose batch is per device, on every accelerator of
+  the host, or on one CPU device (fake CPU devices share the same cores)."""
   import jax
 
   from hmem import sharding
   from hmem.data import Position, make_source
   from hmem.train.step import fresh_train_step
 
-  mesh = sharding.make_mesh(cfg.mesh)
+  devices = jax.devices()[:1] if jax.devices()[0].platform == 'cpu' else jax.devices()
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.batch_size *= len(devices)
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1, memory=1)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   with sharding.use_mesh(mesh, cfg.mesh.rules):
     _, state, step = fresh_train_step(cfg, mesh)
     host = make_source(cfg).batch(Position(), slice(0, cfg.train.batch_size))

@@ -25,8 +25,10 @@ def _init_distributed(args) -> None:
 
 
 def _cmd_train(args, cfg):
+  from hmem import compile_cache
   from hmem.train.trainer import train
   _init_distributed(args)
+  compile_cache.enable(cfg, args.workdir)
   summary = train(cfg, args.workdir, progress=not args.no_progress)
   import jax
   if jax.process_index() == 0:
@@ -61,7 +63,9 @@ def _cmd_prepare(args, cfg):
 
 
 def _cmd_quickstart(args, cfg):
+  from hmem import compile_cache
   from hmem.quickstart import quickstart
+  compile_cache.enable(cfg, args.workdir)
   print(json.dumps(quickstart(cfg, args.workdir, progress=not args.no_progress)))
 
 
@@ -72,6 +76,11 @@ def _cmd_import(args, cfg):
 
 
 def _cmd_export(args, cfg):
+  if args.format == 'hf':
+    from hmem.imports import export_run
+    written = export_run(args.workdir, args.out, step=args.step, dtype=args.dtype)
+    print(json.dumps({'out': args.out, 'format': 'hf', 'files': written}))
+    return
   from hmem.infer.bundle import export
   m = export(args.workdir, args.out, step=args.step, dtype=args.dtype, subtrees=args.subtree,
              progress=not args.no_progress)
@@ -123,6 +132,30 @@ def _cmd_eval(args, cfg):
   print(json.dumps(result))
 
 
+def _cmd_plan(args, cfg):
+  from hmem import compile_cache, plan
+  plan.use_fake_devices(args.devices, args.platform)
+  compile_cache.enable(cfg)
+  import jax
+  devices = jax.devices()
+  if len(devices) < args.devices:
+    from hmem.errors import ConfigError
+    raise ConfigError(f'--devices={args.devices} but {len(devices)} {args.platform} devices are present; '
+                      'use --platform cpu to plan on fake devices')
+  out = plan.plan(cfg, devices[:args.devices])
+  for part, nbytes in out['bytes_per_device'].items():
+    print(f'{part + " per device":<28} {nbytes / 2**30:12.4f} GiB')
+  for kind, nbytes in sorted(out['collective_bytes'].items()):
+    print(f'{kind + " per step":<28} {nbytes / 2**30:12.4f} GiB')
+  print(f'{"FLOPs per step":<28} {out["flops_per_step"]:.4e}')
+  print(json.dumps(out))
+
+
+def _cmd_sweep(args, cfg):
+  from hmem.sweep import commands
+  commands.run(args) if args.action == 'run' else commands.collect_(args)
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='hmem', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', required=True)
@@ -169,6 +202,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--workdir', required=True, help='run directory (hmem train --workdir)')
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
   p.add_argument('--out', required=True, help='bundle directory to create')
+  p.add_argument('--format', choices=('bundle', 'hf'), default='bundle',
+                 help='bundle: anchor + bank for hmem generate/eval; hf: the anchor alone as a Hugging Face '
+                 'checkpoint (config.json, safetensors, tokenizer.json)')
   p.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16', help='anchor and bank dtype')
   p.add_argument('--subtree', type=int, nargs='+', default=None, help='level-1 subtrees to ship (default: all)')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -198,6 +234,21 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--temperature', type=float, default=0.0, help='0: greedy')
   p.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling mass')
   p.add_argument('--seed', type=int, default=0)
+  p = add('plan', _cmd_plan, 'per-device memory, collectives and FLOPs of a train step on N devices')
+  p.add_argument('--devices', type=int, required=True, help='devices to plan for (fake CPU devices by default)')
+  p.add_argument('--platform', default='cpu', help='cpu (fake devices) or the platform of the devices present')
+  p = sub.add_parser('sweep', help='run a sweep file (one workdir per run), or collect, fit and plot it')
+  p.set_defaults(fn=_cmd_sweep, config=None)
+  p.add_argument('action', choices=('run', 'collect'))
+  p.add_argument('file', help='sweep file defining get_config() and sweep() (see configs/sweeps/); '
+                 '--config.KEY=VALUE overrides apply to every run')
+  p.add_argument('--root', default='', help='directory of the run workdirs (default runs/sweeps/<file name>)')
+  p.add_argument('--steps-scale', type=float, default=1.0, help='multiply every run\'s steps (own workdirs)')
+  p.add_argument('--launcher', choices=('local', 'slurm'), default='local')
+  p.add_argument('--max-parallel', type=int, default=1, help='local: runs at once')
+  p.add_argument('--sbatch-arg', action='append', default=[], help='slurm: extra sbatch option (repeatable)')
+  p.add_argument('--dry-run', action='store_true', help='list the runs and their state, run nothing')
+  p.add_argument('--no-progress', action='store_true')
   return parser
 
 
@@ -205,19 +256,27 @@ def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith('--config.')]
   args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
+  args.overrides = tuple(overrides)
 
   from hmem.config import load_config
   from hmem.errors import ConfigError, TrainingError, UserError
   try:
     if overrides and 'config' not in args:
       raise ConfigError(f'`hmem {args.command}` takes no --config overrides: it reads the saved config')
-    cfg = load_config(args.config, overrides) if 'config' in args else None
+    cfg = load_config(args.config, overrides) if getattr(args, 'config', None) else None
     args.fn(args, cfg)
   except TrainingError as e:
     print(f'hmem: error: {e}', file=sys.stderr)
     return 1
   except UserError as e:
     print(f'hmem: error: {e}', file=sys.stderr)
+    return 2
+  except OSError as e:
+    from hmem.train.storage import storage_errno
+    if storage_errno(e) is None:
+      raise
+    print(f'hmem: error: cannot write {e.filename or "to the workdir"}: {e.strerror}; free space or make it '
+          'writable, then run again (complete checkpoints are kept)', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print('hmem: interrupted', file=sys.stderr)

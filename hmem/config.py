@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib.util
 import inspect
+import math
 import os
 import traceback
 from collections.abc import Iterable, Sequence
@@ -146,6 +147,8 @@ def default_config() -> ml_collections.ConfigDict:
       peak_flops=0.0,      # per device, for MFU; 0 looks the device up (see hardware.py)
       freeze_anchor=False, # train the memory only (post-hoc regime)
       init_from='',        # a run's workdir: start from its anchor parameters (latest checkpoint)
+      compile_cache='',    # persistent compilation cache directory; '' = $HMEM_CACHE, else
+                           # $JAX_COMPILATION_CACHE_DIR, else WORKDIR/../jax_cache; 'off' disables
   ))
   return c
 
@@ -200,6 +203,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
       raise ConfigError(f'config file {path!r} takes no argument; pass {path} without ":{arg}"')
     cfg = module.get_config(arg)
   apply_overrides(cfg, overrides)
+  check_values(cfg)
   return cfg
 
 
@@ -288,3 +292,40 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
     for p in parents:
       node = node[p]
     node[leaf] = _coerce(key, node[leaf], _parse_value(raw))
+
+
+# Numeric keys that may be negative (-1 = "fill" or "off"); every other number is >= 0.
+_MAY_BE_NEGATIVE = frozenset({'train.seed', 'train.profile_start', 'memory.generic_prob', 'mesh.data', 'mesh.fsdp',
+                              'mesh.tensor', 'mesh.memory'})
+# Sizes and counts for which 0 means nothing sensible.
+_POSITIVE = frozenset({'model.vocab_size', 'model.d_model', 'model.layers', 'model.heads', 'model.kv_heads',
+                       'model.head_dim', 'model.ffn', 'model.norm_eps', 'model.rope_base', 'memory.k', 'memory.depth',
+                       'data.seq_len', 'data.synthetic_mean_doc_len', 'data.synthetic_leaves', 'data.embed_batch',
+                       'data.embed_max_tokens', 'data.tfidf_dim', 'data.balance', 'train.batch_size',
+                       'train.grad_accum', 'train.log_every', 'train.eval_steps', 'train.keep_checkpoints',
+                       'train.eps'})
+_INT_TUPLES = ('memory.levels', 'memory.layers')
+
+
+def _get(cfg, key: str):
+  for part in key.split('.'):
+    cfg = cfg[part]
+  return cfg
+
+
+def check_values(cfg: ml_collections.ConfigDict) -> None:
+  """Raises one ConfigError for the first number out of its range: before any work, and
+  instead of the shape or division errors such values cause deep inside a run."""
+  for key in flat_keys(cfg):
+    value = _get(cfg, key)
+    if key in _INT_TUPLES and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+      raise ConfigError(f'{key}={tuple(value)!r} must hold integers, e.g. --config.{key}="(0, 0)"')
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      continue
+    if not math.isfinite(value):
+      raise ConfigError(f'{key}={value} must be a finite number')
+    if value < 0 and key not in _MAY_BE_NEGATIVE or value <= 0 and key in _POSITIVE:
+      bound = 'positive' if key in _POSITIVE else 'non-negative'
+      raise ConfigError(f'{key}={value} must be {bound}')
+  if cfg.model.heads % cfg.model.kv_heads:
+    raise ConfigError(f'model.kv_heads={cfg.model.kv_heads} must divide model.heads={cfg.model.heads}')

@@ -60,3 +60,31 @@ def memory_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('infer_run')
   train(cfg, str(workdir), progress=False)
   return cfg, data, manifest, workdir
+
+
+def saved_items(workdir, step=None, items=('params',)):
+  """{item: numpy tree} of a run's checkpoint (the latest if `step` is None), read without
+  a target mesh, so runs on different meshes compare leaf by leaf."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  step = manager.latest_step() if step is None else step
+  metadata = manager.item_metadata(step)
+  like = lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype')
+  args = {name: ocp.args.StandardRestore(jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata[name],
+                                                      is_leaf=like))
+          for name in items}
+  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  manager.close()
+  return {name: jax.tree.map(np.asarray, restored[name]) for name in items}
+
+
+def assert_trees_close(a, b, rtol, atol):
+  """Same structure, every leaf close (the failure names the leaf)."""
+  import jax
+  import numpy as np
+  la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))

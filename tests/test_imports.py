@@ -11,7 +11,6 @@ import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
@@ -22,7 +21,6 @@ from hmem.data.tokenizer import Tokenizer
 from hmem.errors import DataError, WeightsError
 from hmem.imports import export_hf, gguf_file, hf, import_checkpoint
 from hmem.model import build_model
-from hmem.train.checkpoint import Checkpoints
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.state import state_spec
 from hmem.train.trainer import _initial_state, train
@@ -180,21 +178,28 @@ def test_dequantization_matches_hand_decoded_blocks():
   np.testing.assert_array_equal(got[0], 0.25 * nibbles - 1.0)
 
 
-def test_imported_run_trains_memory_with_the_anchor_frozen(tmp_path):
-  """The imported run is a valid `train.init_from`: a frozen-anchor memory run starts from it
-  and ends with the imported anchor unchanged."""
-  import_checkpoint(os.path.join(DATA, 'tiny_hf', 'llama3'), str(tmp_path / 'run'), progress=False)
+def test_frozen_memory_run_exports_the_imported_weights_unchanged(tmp_path):
+  """import -> a frozen-anchor memory run from it (train.init_from) -> `hmem export --format
+  hf`: the Hugging Face tensors come out bit for bit as they went in."""
+  source = os.path.join(DATA, 'tiny_hf', 'llama3')
+  import_checkpoint(source, str(tmp_path / 'run'), progress=False)
   cfg = load_config(os.path.join(tmp_path, 'run', 'config.py'), [
       'data.seq_len=16', 'data.synthetic_mean_doc_len=8', 'data.synthetic_leaves=16', 'train.steps=2',
       'train.freeze_anchor=True', 'memory.k=4', 'memory.depth=2', 'memory.levels=(4, 2)',
       'train.async_checkpoints=False'])
   summary = train(cfg, str(tmp_path / 'memory'), progress=False)
   assert summary['step'] == 2 and np.isfinite(summary['loss'])
-  ckpt = Checkpoints(str(tmp_path / 'memory' / 'checkpoints'), read_only=True)
-  trained = ckpt.manager.restore(2, args=ocp.args.Composite(params=ocp.args.StandardRestore()))['params']
-  ckpt.close()
-  _, imported = _load_run(str(tmp_path / 'run'))
-  jax.tree.map(np.testing.assert_array_equal, trained, nnx.to_pure_dict(nnx.state(imported)))
+  from hmem.cli import main
+  assert main(['export', '--workdir', str(tmp_path / 'memory'), '--out', str(tmp_path / 'hf'), '--format', 'hf',
+               '--dtype', 'float32']) == 0
+  assert {p.name for p in (tmp_path / 'hf').iterdir()} == {'model.safetensors', 'config.json'}
+  original, exported = load_file(os.path.join(source, 'model.safetensors')), load_file(str(tmp_path / 'hf' /
+                                                                                          'model.safetensors'))
+  assert exported.keys() == original.keys()
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  model, _, _ = hf.load(str(tmp_path / 'hf'), np.float32, progress=False)
+  assert model == hf.load(source, np.float32, progress=False)[0]
 
 
 # --- bad input ---------------------------------------------------------------------------

@@ -36,3 +36,14 @@ def test_untimed_work_waits_for_the_running_steps_first(make_config, tmp_path):
   training_s = time.perf_counter() - log.window_start
   log.close()
   assert training_s > 0.5 * step_s, (training_s, step_s)
+
+
+def test_a_profile_running_at_the_end_of_the_run_is_stopped(make_config, tmp_path):
+  """A trace window past the last step (or an error inside it) still ends the trace."""
+  from hmem.train.trainer import train
+  cfg = make_config('train.steps=2', 'train.profile_start=1', 'train.profile_steps=100', 'train.eval_every=0',
+                    'train.log_every=1')
+  train(cfg, str(tmp_path / 'run'), progress=False)
+  assert (tmp_path / 'run' / 'profile').is_dir()
+  jax.profiler.start_trace(str(tmp_path / 'again'))  # fails while a trace is still running
+  jax.profiler.stop_trace()

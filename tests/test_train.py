@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from hmem.errors import TrainingError
 from hmem.train.trainer import train
@@ -51,13 +52,27 @@ def test_tiny_run_learns_and_logs(tiny_run):
 
 
 def test_grad_accumulation_gives_the_same_update(make_config, tmp_path):
-  losses = {}
+  """One update (no warmup, so the lr is not 0) from 4 micro-batches equals the update from
+  the whole batch: loss, gradient norm and parameters, up to the fp32 summation order."""
+  rows, params = {}, {}
   for accum in (1, 4):
-    cfg = make_config('train.steps=2', 'train.log_every=1', 'train.eval_every=0', f'train.grad_accum={accum}',
-                      'mesh.data=2', 'mesh.fsdp=1')
+    # eps=1 makes the first AdamW update ~ lr * g, linear in the gradient, so the parameters
+    # compare the accumulated gradients themselves (with eps=1e-8 it is ~ lr * sign(g): blind
+    # to their scale, and noisy wherever g ~ 0).
+    cfg = make_config('train.steps=1', 'train.warmup_steps=0', 'train.eps=1.0', 'train.log_every=1',
+                      'train.eval_every=0', f'train.grad_accum={accum}', 'mesh.data=2', 'mesh.fsdp=1')
     train(cfg, str(tmp_path / str(accum)), progress=False, devices=jax.devices()[:2])
-    losses[accum] = [r['loss'] for r in _rows(tmp_path / str(accum))]
-  np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+    [rows[accum]] = _rows(tmp_path / str(accum))
+    params[accum] = _params(tmp_path / str(accum), 1)
+  assert rows[1]['lr'] == pytest.approx(cfg.train.lr)  # fp32
+  for key in ('loss', 'grad_norm'):
+    np.testing.assert_allclose(rows[4][key], rows[1][key], rtol=1e-5, err_msg=key)
+  from conftest import assert_trees_close
+  assert_trees_close(params[4], params[1], rtol=1e-5, atol=1e-7)
+  # Not vacuous: the update moved the parameters away from their initialisation.
+  from hmem.model import build_model
+  initial = nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed)))
+  assert not np.allclose(params[1]['blocks']['ffn']['gate']['kernel'], initial['blocks']['ffn']['gate']['kernel'])
 
 
 def test_resume_continues_exactly(make_config, tiny_run, tmp_path):

@@ -115,10 +115,11 @@ def test_fit_is_deterministic_for_a_seed():
 
 def test_chunking_does_not_change_the_tree(monkeypatch):
   x, _ = skewed_data(np.random.default_rng(3), n=1000)
-  whole = fit_tree(x, 4, 2, seed=0, **FIT)
-  # Chunks of 3 nodes: level 2's 4 parents take two chunks, the second one padded.
-  monkeypatch.setattr(tree_lib, '_CHUNK_BYTES', 3 * 4 * FIT['samples'] * (16 + 4 * 4))
-  chunked = fit_tree(x, 4, 2, seed=0, **FIT)
+  whole = fit_tree(x, 4, 2, seed=0, devices=jax.devices()[:1], **FIT)
+  # One node per device on 3 devices: level 2's 4 parents take two chunks of 3, the
+  # second one padded.
+  monkeypatch.setattr(tree_lib, '_CHUNK_BYTES', 4 * FIT['samples'] * (16 + 4 * 4))
+  chunked = fit_tree(x, 4, 2, seed=0, devices=jax.devices()[:3], **FIT)
   for c1, c2 in zip(whole.centroids, chunked.centroids):
     np.testing.assert_allclose(c1, c2, atol=1e-5)
 

@@ -11,10 +11,10 @@ host reads only its rows, by random access into the ArrayRecord shards.
 from __future__ import annotations
 
 import json
-import os
 
 import grain
 import numpy as np
+from etils import epath
 
 from hmem.data import layout
 from hmem.data.layout import MANIFEST, SPLITS
@@ -48,7 +48,7 @@ class PreparedSource:
     self.manifest = manifest
     # `file[0:n]` tells grain the record count, so it need not open every shard up front.
     self._source = grain.sources.ArrayRecordDataSource(
-        [f'{os.path.join(path, s["file"])}[0:{s["sequences"]}]' for s in info['shards']])
+        [f'{epath.Path(path) / s["file"]}[0:{s["sequences"]}]' for s in info['shards']])
 
   def indices(self, position: Position, rows: slice) -> np.ndarray:
     """Dataset indices of the given rows of a global batch."""
@@ -70,16 +70,16 @@ class PreparedSource:
 
 
 def _read_manifest(path: str) -> dict:
-  if not path or not os.path.isdir(path):
+  """The manifest of a dataset on any filesystem etils.epath reads (local, gs://, ...)."""
+  if not path or not epath.Path(path).is_dir():
     raise DataError(f'prepared dataset {path!r} does not exist; run `hmem prepare --out DIR` and '
                     'set --config.data.path=DIR')
-  manifest_path = os.path.join(path, MANIFEST)
-  if not os.path.isfile(manifest_path):
+  manifest_path = epath.Path(path) / MANIFEST
+  if not manifest_path.is_file():
     raise DataError(f'{path} has no {MANIFEST}: its preparation did not finish; rerun '
                     f'`hmem prepare --out {path}` (it resumes)')
   try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(manifest_path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f'{manifest_path} is unreadable ({e}); prepare the data again') from None
   if manifest.get('format') != layout.FORMAT or manifest.get('version') != layout.VERSION:

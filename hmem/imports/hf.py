@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -113,3 +115,14 @@ def export_hf(model: dict, params: dict, out_dir: str, tokenizer: str | None = N
     shutil.copyfile(tokenizer, os.path.join(out_dir, 'tokenizer.json'))
     written.append('tokenizer.json')
   return written
+
+
+def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> list[str]:
+  """`export_hf` of a run's anchor (latest checkpoint, or `step`) cast to `dtype` (None: as
+  stored), with the tokenizer it trained with (data.tokenizer, else the prepared dataset's)."""
+  from hmem.infer.source import restore_run
+  cfg, _, params, _, _ = restore_run(workdir, step)
+  candidates = [cfg.data.tokenizer, os.path.join(cfg.data.path, 'tokenizer.json') if cfg.data.path else '']
+  tokenizer = next((path for path in candidates if path and os.path.isfile(path)), None)
+  cast = (lambda x: np.asarray(x)) if dtype is None else (lambda x: np.asarray(x).astype(jnp.dtype(dtype)))
+  return export_hf(cfg.model.to_dict(), jax.tree.map(cast, params), out_dir, tokenizer)

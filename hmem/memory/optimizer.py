@@ -113,16 +113,16 @@ def _log_decay(cfg):
   t, m = cfg.train, cfg.memory
   total = t.schedule_steps or t.steps
   table, tail = _log_decay_table(m.lr, m.min_lr, t.warmup_steps, total, m.weight_decay)
-  return lambda s: jnp.where(s <= total, jnp.asarray(table)[jnp.minimum(s, total)],
+  table_S = jnp.asarray(table)  # under jit, an argument of the program, not a constant in it
+  return lambda s: jnp.where(s <= total, table_S[jnp.minimum(s, total)],
                              table[total] + (s - total).astype(jnp.float32) * tail)
 
 
-def _missed_steps(cfg, last_U: jax.Array, step: jax.Array):
+def _missed_steps(cfg, log_decay, last_U: jax.Array, step: jax.Array):
   """What dense AdamW with zero gradients did on steps last+1 .. step-1 to each row last
   updated at `last_U`: (decay P [U], and for 'exact' drift S [U] and ε' [U], else None),
   the row ending at P w - S m/(√v + ε') with its moments of step `last`."""
   b1, b2, eps = cfg.train.b1, cfg.train.b2, cfg.train.eps
-  log_decay = _log_decay(cfg)
   now = log_decay(step - 1)
   decay_U = jnp.exp(now - log_decay(last_U))
   if cfg.memory.optimizer != 'exact':
@@ -166,6 +166,7 @@ def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax
   every id becomes out of range, and the scatters drop them (no `where` over the whole
   bank). Returns (bank, opt)."""
   lr = memory_schedule(cfg)(step - 1)
+  log_decay = _log_decay(cfg)
   new_bank, new_opt = {}, {}
   for t, arrays in bank.items():
     ids_U, grads = row_ids[t], row_grads[t]
@@ -178,7 +179,7 @@ def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax
     gather = lambda x: sharding.constrain(x.at[ids_U].get(mode='fill', fill_value=0), ROW_AXES)
     scatter = lambda x, rows_U: x.at[ids_U].set(rows_U, mode='drop')
     last_U = opt[t]['last_step'].at[ids_U].get(mode='fill', fill_value=0)
-    missed = _missed_steps(cfg, last_U, step)
+    missed = _missed_steps(cfg, log_decay, last_U, step)
     new_bank[t], mu, nu = {}, {}, {}
     for n, a in arrays.items():
       w, m, v = _adamw_rows(gather(a), gather(opt[t]['mu'][n]), gather(opt[t]['nu'][n]), grads[n],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flax import nnx
 
-from hmem.memory.config import memory_layers
 from hmem.model.cache import KVCache
 from hmem.model.transformer import Transformer
 
@@ -13,9 +12,11 @@ from hmem.model.transformer import Transformer
 nnx.use_eager_sharding(False)
 
 
-def build_model(cfg, seed: int = 0) -> Transformer:
-  """The anchor for `cfg` (a full config): memory widens `memory_layers(cfg)` if any."""
-  return Transformer(cfg.model, nnx.Rngs(seed), memory_layers=memory_layers(cfg), lora_alpha=cfg.memory.lora_alpha)
+def build_model(cfg, seed: int = 0, memory_layers: tuple[int, int] | None = None) -> Transformer:
+  """The anchor for `cfg` (a full config). A memory, when given one, widens the layers
+  [first, end) of `memory_layers` (None: all); the caller takes that range from the memory
+  config (`hmem.memory.config.memory_layers`), so the model knows nothing of the memory."""
+  return Transformer(cfg.model, nnx.Rngs(seed), memory_layers=memory_layers, lora_alpha=cfg.memory.lora_alpha)
 
 
 __all__ = ['KVCache', 'Transformer', 'build_model']

@@ -20,6 +20,7 @@ from absl import logging
 
 from hmem.data.source import Position
 from hmem.errors import CheckpointError, UserError
+from hmem.train.storage import checkpoint_writes
 
 
 def state_items(state) -> tuple[str, ...]:
@@ -55,7 +56,8 @@ class Checkpoints:
     args = {name: ocp.args.StandardSave(getattr(state, name)) for name in state_items(state)}
     args['data'] = ocp.args.JsonSave(position.to_json())
     args['meta'] = ocp.args.JsonSave({**meta, 'step': step})
-    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    with checkpoint_writes(self.directory):  # this save, or the previous one still being written
+      self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def meta(self, step: int) -> dict:
     """The `meta` item alone (step, config, sizes): cheap, read before a restore."""
@@ -130,9 +132,12 @@ class Checkpoints:
     return state, Position.from_json(restored['data']), restored['meta']
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with checkpoint_writes(self.directory):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 

@@ -17,6 +17,7 @@ from flax import nnx, struct
 
 from hmem import sharding
 from hmem.memory import bank as memory_bank
+from hmem.memory import config as memory_config
 from hmem.memory import optimizer as memory_optimizer
 from hmem.model import build_model
 
@@ -65,7 +66,7 @@ def shard_like(tree_abstract, like_abstract, like_shardings, mesh):
 
 def state_spec(cfg, tx, mesh) -> StateSpec:
   rules = cfg.mesh.rules
-  abstract_model = nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed))
+  abstract_model = nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed, memory_config.memory_layers(cfg)))
   graphdef, abstract_vars = nnx.split(abstract_model)
   abstract_params = nnx.to_pure_dict(abstract_vars)
   param_shardings = _param_shardings(abstract_vars, mesh, rules)
@@ -86,7 +87,7 @@ def init_state(cfg, tx, spec: StateSpec, params=None) -> TrainState:
   anchor) replaces the freshly initialised anchor parameters."""
   def init(params):
     if params is None:
-      params = nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed)))
+      params = nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed, memory_config.memory_layers(cfg))))
     bank = memory_bank.init_bank(cfg, jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       bank=bank, bank_opt=memory_optimizer.init(bank))

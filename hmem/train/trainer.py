@@ -11,9 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -32,6 +30,7 @@ from hmem.train.checkpoint import Checkpoints
 from hmem.train.hardware import peak_flops_per_device
 from hmem.train.metrics import MetricsWriter
 from hmem.train.optimizer import anchor_optimizer
+from hmem.train.preemption import Preemption
 from hmem.train.state import init_state, state_spec
 from hmem.train.step import make_eval_step, make_train_step
 
@@ -65,26 +64,6 @@ class _Batches:
 
   def close(self):
     self.prefetcher.close()
-
-
-class _StopFlag:
-  """Set by SIGTERM; the loop saves a checkpoint and returns at the next step boundary."""
-
-  def __init__(self):
-    self.set = False
-    self.previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.set = True
-
-  def __exit__(self, *exc):
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
 
 
 def _console(row: dict) -> str:
@@ -312,7 +291,7 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
 
   log = tracing = None
   try:
-    with sharding.use_mesh(mesh, cfg.mesh.rules), _StopFlag() as stop:
+    with sharding.use_mesh(mesh, cfg.mesh.rules), Preemption() as preemption:
       log = _Log(cfg, workdir, run.resume_step, step, lead, progress)
       while step < t.steps:
         if t.profile_start >= 0 and step == t.profile_start:
@@ -341,11 +320,12 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
         elif eval_row:
           log.write(step, eval_row)
 
-        if stop.set or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
+        stop = preemption.requested()
+        if stop or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
           check_finite()
           with log.untimed(state):
             run.ckpt.save(state, position, run.meta)
-        if stop.set:
+        if stop:
           summary['stopped_by_signal'] = True
           break
   finally:

@@ -1,0 +1,48 @@
+"""`hmem sweep run` and `hmem sweep collect`: what they print."""
+
+from __future__ import annotations
+
+import json
+
+from hmem.sweep import collect, launch, spec
+
+
+def run(args) -> None:
+  runs = spec.expand(args.file, args.root, args.steps_scale, args.overrides)
+  states = {r.name: launch.run_state(r, spec.run_config(args.file, r).train.steps) for r in runs}
+  pending = [r for r in runs if states[r.name] != 'finished']
+  summary = {'runs': len(runs), 'finished': len(runs) - len(pending), 'to_run': len(pending),
+             'root': args.root or spec.default_root(args.file), 'launcher': args.launcher}
+  if args.dry_run:
+    for r in runs:
+      print(f'{r.workdir}  [{states[r.name]}]  {" ".join(r.args())}')
+    print(json.dumps(summary))
+    return
+  if args.launcher == 'local':
+    codes = launch.run_local(args.file, pending, args.max_parallel, progress=not args.no_progress)
+    summary['failed'] = sorted(name for name, code in codes.items() if code != 0)
+  else:
+    summary['jobs'] = launch.run_slurm(args.file, pending, sbatch_args=tuple(args.sbatch_arg))
+  for r in runs:
+    if r.name in summary.get('failed', ()):
+      print(f'{r.name}: failed, see {r.workdir}/train.log')
+  print(json.dumps(summary))
+
+
+def collect_(args) -> None:
+  root = args.root or spec.default_root(args.file)
+  runs = spec.expand(args.file, root, args.steps_scale, args.overrides)
+  summary = collect.collect(args.file, runs, root)
+  for row in summary['rows']:
+    loss = row['eval_loss'] if row['eval_loss'] is not None else row['loss']
+    print(f"{row['name']:<48} {row['state']:<12} {row['flops']:.3e} FLOPs  "
+          f"loss {'-' if loss is None else f'{loss:.4f}'}")
+  for levels, group in summary['fits'].items():
+    for name in ('loss_vs_flops', 'loss_vs_params'):
+      fit = group[name]
+      text = fit['error'] if 'error' in fit else (
+          f"L = {fit['E']:.4f} + {fit['A']:.4f} * (X / {fit['x0']:.3e})^-{fit['alpha']:.4f}, "
+          f"rmse {fit['rmse']:.2e} over {fit['n']} runs")
+      print(f'memory {levels} {name}: {text}')
+  del summary['rows']  # in sweep.csv / sweep.json; keep the last line short
+  print(json.dumps(summary))
