@@ -8,6 +8,7 @@ import pytest
 
 from hmem.infer.decoder import generate, sample
 from hmem.memory import bank as memory_bank
+from hmem.memory import config as memory_config
 from hmem.model import build_model
 
 PROMPT_LENGTHS = (5, 11, 2)
@@ -23,7 +24,7 @@ MEMORIES = {
 def _setup(make_config, name):
   overrides = () if name == 'none' else ('memory.levels=(4,2)', *MEMORIES[name])
   cfg = make_config('model.dtype=float32', *overrides)
-  model = build_model(cfg, seed=1)
+  model = build_model(cfg, seed=1, memory_layers=memory_config.memory_layers(cfg))
   memory = None
   if name != 'none':
     # Random everywhere (zero-initialised arrays would make the memory a no-op).

@@ -96,9 +96,7 @@ class Transformer(nnx.Module):
 
     graphdef, stack = nnx.split(self.blocks)
     first, end = self.memory_layers if memory is not None else (0, self.num_layers)
-    # Memory arrays come as [B, layers_m, ...]; the scan walks the leading axis.
-    memory_L = None if memory is None else {n: jnp.moveaxis(a, 1, 0) for n, a in memory.items()}
-    for lo, hi, mem in ((0, first, None), (first, end, memory_L), (end, self.num_layers, None)):
+    for lo, hi, mem in ((0, first, None), (first, end, memory), (end, self.num_layers, None)):
       if hi > lo:
         segment = jax.tree.map(lambda a: a[lo:hi], stack) if (lo, hi) != (0, self.num_layers) else stack
         x_BxTxD, cache = self._run_layers(graphdef, segment, lo, x_BxTxD, positions_BxT, mask_BxTxS, mem, cache)
@@ -116,20 +114,25 @@ class Transformer(nnx.Module):
     _, K, H = self.blocks.attn.shape
     return KVCache.empty(self.num_layers, batch, max_len, K, H, self.blocks.attn.dtype)
 
-  def _run_layers(self, graphdef, stack, first, x_BxTxD, positions_BxT, mask_BxTxS, memory_L, cache):
+  def _run_layers(self, graphdef, stack, first, x_BxTxD, positions_BxT, mask_BxTxS, memory, cache):
     """Runs the layers first, first + 1, ... held in `stack`; with a cache, each writes the
     new tokens' keys and values and attends to its cached slots (the cache rides in the
     carry, so a step writes only the new slots)."""
     def body(carry, layer):
       x, cache = carry
-      state, mem, i = layer
+      state, i = layer
+      # Memory arrays are [B, layers_m, ...]; each layer indexes its own. Scanning over
+      # them instead would transpose the block and copy every layer's slice (on CPU a
+      # decode step with memory then took 1.9x the step without; now 1.1x).
+      mem = None if memory is None else {n: jax.lax.dynamic_index_in_dim(a, i - first, 1, False)
+                                         for n, a in memory.items()}
       x, cache = nnx.merge(graphdef, state)(x, positions_BxT, mask_BxTxS, mem, None if cache is None else (cache, i))
       return (x, cache), None
 
     if self.remat:
       body = jax.checkpoint(body, policy=self.remat_policy, prevent_cse=not self.scan_layers)
     n = jax.tree.leaves(stack)[0].shape[0]
-    layers = (stack, memory_L, jnp.arange(first, first + n))
+    layers = (stack, jnp.arange(first, first + n))
     if self.scan_layers:
       (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), layers)
       return x_BxTxD, cache
