@@ -122,7 +122,9 @@ def plot(figures: dict, documents: dict, path: str) -> None:
 
 def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, progress: bool = True) -> dict:
   """Runs every stage (see the module docstring) in `workdir`; returns the figures:
-  ppl_{train,heldout}_{dense,generic,fetched,blocked}, the document counts and minutes."""
+  ppl_{train,heldout}_{dense,generic,fetched,blocked}, the document counts and minutes
+  (wall and this process's CPU time). A SIGTERM during training checkpoints the run and
+  returns {stopped_by_signal: True, stage} without starting the next stage."""
   start, cpu_start = time.perf_counter(), time.process_time()
   os.makedirs(workdir, exist_ok=True)
   if not corpus:
@@ -151,7 +153,9 @@ def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, pr
       ('memory', memory_cfg, f'co-training anchor + memory from the anchor for {steps} steps'),
       ('dense', dense_cfg, f'training the dense baseline from the anchor for the same {steps} steps'))):
     print(f'stage {i + 1}/5: {what}')
-    train(stage_cfg, runs[name], progress=progress)
+    if train(stage_cfg, runs[name], progress=progress)['stopped_by_signal']:
+      print(f'stopped by a signal while training {name} (checkpoint saved); run the same command again to resume')
+      return {'stopped_by_signal': True, 'stage': name}
 
   print('stage 4/5: exporting the memory model')
   bundle = os.path.join(workdir, 'bundle')
