@@ -18,7 +18,7 @@ def get_config():
                 tree_sample=10_000, kmeans_samples=2048, eval_fraction=0.03)
   # Fetch 128 + 128 hidden units per layer on the anchor's 512; a leaf's rows serve ~1/64 of
   # the documents, each fetched in ~1/64 of the steps, hence the bank's higher lr.
-  c.memory.update(k=8, depth=2, levels=(128, 128), lr=1e-2, min_lr=1e-3, weight_decay=1e-3)
+  c.memory.update(k=8, depth=2, levels=(128, 128), lr=3e-3, min_lr=3e-4, weight_decay=1e-3)
   c.train.update(steps=300, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=20, log_every=20,
                  eval_every=0, checkpoint_every=100)
   return c
