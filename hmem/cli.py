@@ -66,7 +66,8 @@ def _cmd_quickstart(args, cfg):
   from hmem import compile_cache
   from hmem.quickstart import quickstart
   compile_cache.enable(cfg, args.workdir)
-  print(json.dumps(quickstart(cfg, args.workdir, progress=not args.no_progress)))
+  print(json.dumps(quickstart(cfg, args.workdir, corpus=args.corpus, train_docs=args.train_docs,
+                              progress=not args.no_progress)))
 
 
 def _cmd_import(args, cfg):
@@ -175,8 +176,10 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument('--coordinator', default='', help='HOST:PORT of process 0')
   g.add_argument('--num-processes', type=int, default=1)
   g.add_argument('--process-id', type=int, default=0)
-  p = add('quickstart', _cmd_quickstart, 'prepare Wikipedia, pretrain an anchor, add memory, compare')
-  p.add_argument('--workdir', required=True, help='directory for the corpus, dataset and both runs')
+  p = add('quickstart', _cmd_quickstart, 'anchor, anchor + memory and a dense baseline on Wikipedia, compared')
+  p.add_argument('--workdir', required=True, help='directory for the corpus, dataset, runs, bundle and results')
+  p.add_argument('--corpus', default='', help='a JSONL file of {"text"} records (default: offline Wikipedia)')
+  p.add_argument('--train-docs', type=int, default=500, help='training documents sampled for evaluation')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
   add('sizes', _cmd_sizes, 'print parameter counts and FLOPs per token')
   add('config', _cmd_config, 'print the resolved config')

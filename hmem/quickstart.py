@@ -1,50 +1,183 @@
-"""`hmem quickstart`: the whole method end to end on an offline Wikipedia corpus.
+"""`hmem quickstart`: the method's claim, end to end, on an offline Wikipedia corpus.
 
-corpus -> `hmem prepare` (tokenizer, embeddings, tree, packed shards) -> dense anchor ->
-anchor + memory co-trained from it (`train.init_from`) -> held-out losses compared.
-Every stage skips work a previous invocation finished, so a rerun resumes.
+corpus -> `hmem prepare` (tokenizer, embeddings, tree, packed shards) -> three runs:
+  anchor  the dense anchor, pretrained for train.steps;
+  memory  anchor + memory co-trained from it (`train.init_from`) for train.steps more;
+  dense   the same anchor trained train.steps more without memory, on the same batches in
+          the same order (same seed and data positions): equal training tokens.
+-> `hmem export` of the memory run -> `hmem eval` on a seeded sample of training documents
+and on the held-out documents: perplexity of the dense baseline, and of the anchor with
+the generic block, the fetched memory, and the fetched memory with each document's own
+level-1 subtree blocked (`--block-best`).
+
+Every stage skips work a previous invocation finished (the trainer resumes; an export or
+evaluation of the same checkpoint is reused), so a rerun picks up where one stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
+import time
+
+import numpy as np
 
 from hmem.data.corpora import wiki_offline, write_jsonl
-from hmem.data.prepare import prepare
+from hmem.data.prepare import held_out, prepare
+from hmem.errors import DataError
+from hmem.files import atomic_write
+from hmem.infer import evaluate
+from hmem.infer.bundle import MANIFEST, export, open_bundle, read_manifest
+from hmem.infer.source import open_source
+from hmem.train.checkpoint import Checkpoints
 from hmem.train.trainer import train
 
+SPLITS = ('train', 'heldout')
+MODES = ('dense', 'generic', 'fetched', 'blocked')
+_LABELS = {'train': 'training docs', 'heldout': 'held-out docs'}
 
-def quickstart(cfg, workdir: str, progress: bool = True) -> dict:
-  corpus = os.path.join(workdir, 'corpus.jsonl')
-  if not os.path.exists(corpus):
-    write_jsonl(wiki_offline(include_uncategorized=True), corpus)
+
+def _eval_files(corpus: str, out_dir: str, eval_fraction: float, train_docs: int, seed: int) -> dict[str, str]:
+  """{split: JSONL of {"text"}}: every held-out document of the corpus, and `train_docs`
+  training documents drawn uniformly (seeded). The split is prepare's: a document (file 0,
+  line i) is held out by the hash of its key."""
+  with open(corpus, encoding='utf-8') as f:
+    texts = [json.loads(line)['text'] for line in f]
+  is_held_out_N = held_out(0, np.arange(len(texts)), eval_fraction)
+  train_idx = np.flatnonzero(~is_held_out_N)
+  sample = np.sort(np.random.default_rng(seed).choice(train_idx, min(train_docs, len(train_idx)), replace=False))
+  chosen = {'train': sample, 'heldout': np.flatnonzero(is_held_out_N)}
+  if not len(chosen['heldout']):
+    raise DataError(f'no held-out document among the {len(texts)} of {corpus}; raise data.eval_fraction')
+  paths = {}
+  for split, idx in chosen.items():
+    paths[split] = os.path.join(out_dir, f'{split}_docs.jsonl')
+    if not os.path.exists(paths[split]):
+      with atomic_write(paths[split], encoding='utf-8') as f:
+        for i in idx:
+          f.write(json.dumps({'text': texts[i]}, ensure_ascii=False) + '\n')
+  return paths
+
+
+def _latest_step(workdir: str) -> int:
+  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'), async_save=False, read_only=True)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def _export(run: str, out: str, progress: bool) -> None:
+  """Exports the run's latest checkpoint unless `out` already holds that step's bundle."""
+  step = _latest_step(run)
+  if os.path.exists(os.path.join(out, MANIFEST)) and read_manifest(out)['step'] == step:
+    return
+  shutil.rmtree(out, ignore_errors=True)
+  export(run, out, dtype='float32', progress=progress)
+
+
+def _evaluate(open_model, step: int, data: str, out: str, block_best: bool, progress: bool) -> dict:
+  """`hmem eval` of a model on a file, cached in `out` for this checkpoint step."""
+  if os.path.exists(out):
+    with open(out) as f:
+      cached = json.load(f)
+    if cached.get('step') == step:
+      return cached
+  result = {'step': step, **evaluate.evaluate(open_model(), data, block_best=block_best, progress=progress)}
+  with atomic_write(out) as f:
+    json.dump(result, f)
+  return result
+
+
+def table(figures: dict, documents: dict) -> str:
+  lines = [f'{"perplexity":<24}' + ''.join(f'{m:>10}' for m in MODES)]
+  for split in SPLITS:
+    lines.append(f'{f"{_LABELS[split]} ({documents[split]})":<24}'
+                 + ''.join(f'{figures[f"ppl_{split}_{m}"]:>10.2f}' for m in MODES))
+  return '\n'.join(lines)
+
+
+def plot(figures: dict, documents: dict, path: str) -> None:
+  """Grouped bars: per document set, the perplexity of each model/memory mode."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 3.8))
+  width = 0.8 / len(MODES)
+  for j, mode in enumerate(MODES):
+    xs = np.arange(len(SPLITS)) + (j - (len(MODES) - 1) / 2) * width
+    values = [figures[f'ppl_{split}_{mode}'] for split in SPLITS]
+    bars = ax.bar(xs, values, width, label=mode, color=f'C{j}')
+    ax.bar_label(bars, fmt='%.1f', fontsize=8)
+  ax.set_xticks(np.arange(len(SPLITS)), [f'{_LABELS[s]} ({documents[s]})' for s in SPLITS])
+  ax.set_ylabel('perplexity (lower is better)')
+  ax.set_title('dense baseline vs anchor + memory (generic, fetched, own subtree blocked)', fontsize=9)
+  ax.legend(fontsize=8, ncols=len(MODES), loc='lower center')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, progress: bool = True) -> dict:
+  """Runs every stage (see the module docstring) in `workdir`; returns the figures:
+  ppl_{train,heldout}_{dense,generic,fetched,blocked}, the document counts and minutes
+  (wall and this process's CPU time). A SIGTERM during training checkpoints the run and
+  returns {stopped_by_signal: True, stage} without starting the next stage."""
+  start, cpu_start = time.perf_counter(), time.process_time()
+  os.makedirs(workdir, exist_ok=True)
+  if not corpus:
+    corpus = os.path.join(workdir, 'corpus.jsonl')
+    if not os.path.exists(corpus):
+      write_jsonl(wiki_offline(include_uncategorized=True), corpus)
+  elif not os.path.isfile(corpus):
+    raise DataError(f'corpus {corpus!r} is not a file; pass one JSONL file of {{"text": ...}} records')
   data = os.path.join(workdir, 'data')
   manifest = prepare(cfg, corpus, data, progress=progress)
   print(f"prepared {manifest['documents_kept']:,} documents into {manifest['sequences']:,} sequences "
         f"of {cfg.data.seq_len} tokens ({manifest['skipped'] or 'none'} skipped)")
 
-  anchor_cfg = copy.deepcopy(cfg)
-  anchor_cfg.data.path = data
+  runs = {name: os.path.join(workdir, name) for name in ('anchor', 'memory', 'dense')}
+  base = copy.deepcopy(cfg)
+  base.data.path = data
+  anchor_cfg = copy.deepcopy(base)
   anchor_cfg.memory.levels = (0,) * cfg.memory.depth
-  print('stage 1/2: pretraining the dense anchor')
-  anchor = train(anchor_cfg, os.path.join(workdir, 'anchor'), progress=progress)
+  memory_cfg = copy.deepcopy(base)
+  memory_cfg.train.init_from = runs['anchor']
+  dense_cfg = copy.deepcopy(anchor_cfg)
+  dense_cfg.train.init_from = runs['anchor']
+  steps = cfg.train.steps
+  for i, (name, stage_cfg, what) in enumerate((
+      ('anchor', anchor_cfg, f'pretraining the dense anchor for {steps} steps'),
+      ('memory', memory_cfg, f'co-training anchor + memory from the anchor for {steps} steps'),
+      ('dense', dense_cfg, f'training the dense baseline from the anchor for the same {steps} steps'))):
+    print(f'stage {i + 1}/5: {what}')
+    if train(stage_cfg, runs[name], progress=progress)['stopped_by_signal']:
+      print(f'stopped by a signal while training {name} (checkpoint saved); run the same command again to resume')
+      return {'stopped_by_signal': True, 'stage': name}
 
-  memory_cfg = copy.deepcopy(cfg)
-  memory_cfg.data.path = data
-  memory_cfg.train.init_from = os.path.join(workdir, 'anchor')
-  print('stage 2/2: co-training anchor and memory from the pretrained anchor')
-  memory = train(memory_cfg, os.path.join(workdir, 'memory'), progress=progress)
+  print('stage 4/5: exporting the memory model')
+  bundle = os.path.join(workdir, 'bundle')
+  _export(runs['memory'], bundle, progress)
 
-  summary = {
-      'anchor_eval_loss': anchor['eval_loss'],
-      'memory_eval_loss_fetched': memory['eval_loss'],
-      'memory_eval_loss_generic': memory.get('eval_loss_generic'),
-      'memory_eval_loss_no_memory': memory.get('eval_loss_anchor'),
-      'documents': manifest['documents_kept'], 'sequences': manifest['sequences'],
-  }
-  print('held-out loss (nats/token) after', memory_cfg.train.steps, 'more steps:')
-  for name, value in summary.items():
-    if 'loss' in name and value is not None:
-      print(f'  {name:<28} {value:.4f}')
-  return summary
+  print('stage 5/5: evaluating on training and held-out documents')
+  files = _eval_files(corpus, workdir, cfg.data.eval_fraction, train_docs, cfg.train.seed)
+  memory_step, dense_step = read_manifest(bundle)['step'], _latest_step(runs['dense'])
+  figures, documents = {}, {}
+  for split, path in files.items():
+    mem = _evaluate(lambda: open_bundle(bundle), memory_step, path,
+                    os.path.join(workdir, f'eval_memory_{split}.json'), True, progress)
+    dense = _evaluate(lambda: open_source(workdir=runs['dense']), dense_step, path,
+                      os.path.join(workdir, f'eval_dense_{split}.json'), False, progress)
+    documents[split] = mem['documents']
+    figures.update({f'ppl_{split}_dense': dense['ppl_none'], f'ppl_{split}_generic': mem['ppl_generic'],
+                    f'ppl_{split}_fetched': mem['ppl_fetched'], f'ppl_{split}_blocked': mem['ppl_blocked']})
+
+  print(table(figures, documents))
+  png = os.path.join(workdir, 'quickstart.png')
+  plot(figures, documents, png)
+  print(f'plot: {png}')
+  figures.update(documents_train=documents['train'], documents_heldout=documents['heldout'],
+                 minutes=(time.perf_counter() - start) / 60, cpu_minutes=(time.process_time() - cpu_start) / 60)
+  return figures

@@ -282,7 +282,7 @@ class _Run:
       cache.store(key, np.concatenate(computed) if computed else np.zeros((0, embedder.dim), np.float32),
                   self._file_source(f))
     index_N = np.asarray(index, np.int64)
-    np.save(self._embedded(f) + '.npy', _held_out(f, index_N, self.cfg.data.eval_fraction))
+    np.save(self._embedded(f) + '.npy', held_out(f, index_N, self.cfg.data.eval_fraction))
     _write_json(self._embedded(f) + '.json', {'key': key, 'documents': len(index),
                                               'embed_cache': _cache_counts([status])})
 
@@ -386,7 +386,7 @@ class _Run:
     lengths_N = np.asarray([len(tokens[i]) for i in order], np.int64)
     arrays = {
         'leaf': leaf_N[order], 'index': index_N[order],
-        'held_out': _held_out(f, index_N[order], self.cfg.data.eval_fraction),
+        'held_out': held_out(f, index_N[order], self.cfg.data.eval_fraction),
         'offsets': np.concatenate([[0], np.cumsum(lengths_N)]),
         'tokens': (np.concatenate([tokens[i] for i in order]) if tokens else np.zeros(0)).astype(dtype),
     }
@@ -519,7 +519,7 @@ def _spread(items: list, n: int) -> list:
   return [items[i] for i in np.arange(n) * len(items) // n]
 
 
-def _held_out(file_index: int, index_N: np.ndarray, fraction: float) -> np.ndarray:
+def held_out(file_index: int, index_N: np.ndarray, fraction: float) -> np.ndarray:
   """Whether each document (file_index, index_N) is in the eval split: splitmix64 of its key."""
   z = (np.uint64(file_index) << np.uint64(32)) ^ index_N.astype(np.uint64)
   z = z + np.uint64(0x9E3779B97F4A7C15)
