@@ -3,7 +3,7 @@
 `hmem quickstart` prepares the corpus (BPE, TF-IDF embeddings, a k=8, depth-2 tree: 64
 leaves of ~150 documents), pretrains the dense anchor for train.steps, then trains from it,
 for train.steps more on the same batches, anchor + memory (the paper's co-training regime)
-and a dense baseline; and compares them on training and held-out documents. ~10 minutes
+and a dense baseline; and compares them on training and held-out documents. ~7 minutes
 on 2 idle CPU cores. docs/DECISIONS.md gives the reason and the evidence for each value.
 """
 
