@@ -204,7 +204,7 @@ def test_tree_is_fit_on_a_uniform_sample_of_training_documents(prepared, corpus,
   files, _ = list_files(str(corpus))
   docs = [d for i, p in enumerate(files) for d in read_documents(p, i, 'text', ReadStats())]
   emb_NxD = load_embedder(str(out)).embed([d.text for d in docs])
-  held_N = np.array([prepare_lib._held_out(d.file, np.array([d.index]), 0.1)[0] for d in docs])
+  held_N = np.array([prepare_lib.held_out(d.file, np.array([d.index]), 0.1)[0] for d in docs])
   drawn = [int(np.flatnonzero((emb_NxD == row).all(1))[0]) for row in fitted[0]]
   assert len(set(drawn)) == 120 and not held_N[drawn].any()
   # Spread over the corpus, not the head of each file: main.jsonl (file 0, 251 documents)
