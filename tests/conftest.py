@@ -88,3 +88,14 @@ def assert_trees_close(a, b, rtol, atol):
   assert [p for p, _ in la] == [p for p, _ in lb]
   for (path, x), (_, y) in zip(la, lb):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture
+def gcs(tmp_path, monkeypatch):
+  """A fake object store: `gs://bucket/...` paths live under a temporary directory
+  (tests/object_store.py). Yields that directory."""
+  from object_store import fake_gcs
+  root = tmp_path / 'gcs'
+  (root / 'bucket').mkdir(parents=True)
+  with fake_gcs(root, monkeypatch):
+    yield root
