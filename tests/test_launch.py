@@ -1,0 +1,97 @@
+"""launch/slurm.sbatch under a stand-in SLURM: a fake `srun` starts the job's tasks on this
+machine (one per "node", each with its own CPU devices, joined by jax.distributed's own
+SLURM detection) and a fake `scontrol` records what the script asks of it. SIGTERM (the
+time limit or a preemption) must end in a checkpoint, a requeue and exit 0; the requeued
+job (the script run again, same job id) must resume and finish without requeueing."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+FAKE_SRUN = r'''#!/usr/bin/env bash
+# Runs SLURM_NTASKS copies of the command here, with the variables srun gives each task.
+out=/dev/stdout
+while [[ $1 == --* ]]; do case $1 in --output=*) out=${1#--output=};; esac; shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  env > "$FAKE_SLURM_DIR/task$i.env"
+  SLURM_PROCID=$i SLURM_LOCALID=0 SLURMD_NODENAME=node$i "$@" >> "${out//%N/node$i}" 2>&1 &
+  pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+status=0
+for pid in "${pids[@]}"; do
+  while :; do wait "$pid"; s=$?; kill -0 "$pid" 2>/dev/null || break; done
+  [ "$s" = 0 ] || status=$s
+done
+exit $status
+'''
+STEPS = 120
+
+
+def _bin(tmp_path):
+  bindir = tmp_path / 'bin'
+  bindir.mkdir()
+  scripts = {'srun': FAKE_SRUN,
+             'scontrol': '#!/usr/bin/env bash\necho "$@" >> "$FAKE_SLURM_DIR/scontrol.log"\n',
+             'hmem': f'#!/usr/bin/env bash\nexec {sys.executable} -m hmem.cli "$@"\n'}
+  for name, text in scripts.items():
+    (bindir / name).write_text(text)
+    (bindir / name).chmod(0o755)
+  return bindir
+
+
+def _start(repo, tmp_path, bindir, workdir, job_id):
+  env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
+  env.update(PATH=f'{bindir}:{env["PATH"]}', HMEM=str(bindir / 'hmem'), HMEM_LOGS=str(tmp_path / 'logs'),
+             FAKE_SLURM_DIR=str(tmp_path), SLURM_JOB_ID=str(job_id), SLURM_JOB_NAME='hmem',
+             SLURM_STEP_NODELIST='localhost', SLURM_NTASKS='2', SLURM_STEP_NUM_NODES='2',
+             SLURM_CPUS_PER_TASK='1', SLURM_GPUS_ON_NODE='8', JAX_PLATFORMS='cpu',
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  return subprocess.Popen(
+      ['bash', str(repo / 'launch/slurm.sbatch'), '--config', str(repo / 'configs/tiny.py'), '--workdir', str(workdir),
+       '--config.memory.levels=(8,4)', f'--config.train.steps={STEPS}', '--config.train.log_every=1',
+       '--config.train.checkpoint_every=1000', '--config.train.compile_cache=off'],
+      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _steps(workdir):
+  path = workdir / 'metrics.jsonl'
+  return [json.loads(line)['step'] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_slurm_sigterm_checkpoints_requeues_and_the_requeued_job_resumes(repo, tmp_path):
+  bindir, workdir = _bin(tmp_path), tmp_path / 'run'
+  job_id = random.randrange(1000, 1_000_000)
+  proc = _start(repo, tmp_path, bindir, workdir, job_id)
+  deadline = time.time() + 300
+  while len(_steps(workdir)) < 3:
+    assert proc.poll() is None and time.time() < deadline, (proc.communicate()[1][-3000:],
+                                                            sorted(os.listdir(tmp_path / 'logs')))
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)  # what SLURM sends the batch script (--signal=B:TERM@120)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert (tmp_path / 'scontrol.log').read_text().split() == ['requeue', str(job_id)]
+  stopped = max(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  assert 3 <= stopped < STEPS and _steps(workdir)[-1] == stopped
+  logs = {p: (tmp_path / 'logs' / p).read_text() for p in os.listdir(tmp_path / 'logs')}
+  assert sorted(logs) == ['node0.log', 'node1.log']  # one log per host
+  for i in range(2):  # each task was told to drive all 8 GPUs of its node, not GPU $SLURM_LOCALID
+    task_env = dict(line.split('=', 1) for line in (tmp_path / f'task{i}.env').read_text().splitlines() if '=' in line)
+    assert task_env['JAX_LOCAL_DEVICE_IDS'] == '0,1,2,3,4,5,6,7'
+
+  (tmp_path / 'scontrol.log').unlink()
+  proc = _start(repo, tmp_path, bindir, workdir, job_id)  # SLURM runs the requeued job's script again
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert not (tmp_path / 'scontrol.log').exists()  # finished: not requeued
+  assert _steps(workdir) == list(range(1, STEPS + 1))  # resumed after `stopped`: no step lost or repeated
+  # Process 0's log, appended across the requeue, holds both runs' summaries.
+  summaries = [json.loads(line) for line in (tmp_path / 'logs' / 'node0.log').read_text().splitlines()
+               if line.startswith('{"step"')]
+  assert [(s['step'], s['stopped_by_signal']) for s in summaries] == [(stopped, True), (STEPS, False)]
