@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-import safetensors.numpy
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
