@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from hmem.data import layout
 from hmem.data.embed import EmbeddingCache, load_embedder, make_embedder
-from hmem.data.inputs import ReadStats, list_files, read_documents
+from hmem.data.inputs import ReadStats, list_files, read_documents, stamp
 from hmem.data.packing import pack
 from hmem.data.tokenizer import Tokenizer
 from hmem.data.tree import Tree, fit_tree, route, tree_stats
@@ -97,6 +97,8 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, processes: int = 1, proc
                     'pass --process-index between 0 and --processes - 1')
   if not 0 <= cfg.data.eval_fraction < 1:
     raise DataError(f'data.eval_fraction={cfg.data.eval_fraction} must lie in [0, 1)')
+  layout.check_posix(out_dir, '--out')
+  layout.check_posix(cfg.data.embed_cache, 'data.embed_cache')
   out_dir = os.path.abspath(out_dir)
   cache_dir = _cache_dir(cfg, out_dir)
   # An output (or cache) directory inside the input one must not feed its own files back
@@ -343,9 +345,9 @@ class _Run:
 
   def _file_source(self, f: int) -> dict:
     """What decides file f's documents, in order: the embedding cache's key for them."""
-    path = os.path.abspath(self.files[f])
-    st = os.stat(path)
-    return {'file': path, 'size': st.st_size, 'mtime_ns': st.st_mtime_ns,
+    path = self.files[f]  # absolute (list_files)
+    st = stamp(path)
+    return {'file': path, 'size': st.size, 'mtime_ns': st.mtime_ns,
             'text_field': self.cfg.data.text_field, 'chunk': _CHUNK}
 
   def _map_file(self, f, tokenizer, embedder, cache, tree, dtype, bar, use_cache=True) -> None:
@@ -494,8 +496,8 @@ def _fingerprint(cfg, input_path, files, unsupported) -> str:
   """A hash of everything the output depends on: a rerun with the same one resumes."""
   # Where the embedding cache lives does not change the output.
   data = {k: v for k, v in cfg.data.items() if k not in ('source', 'path', 'embed_cache')}
-  stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]
-  key = json.dumps([input_path, stamp, unsupported, data, cfg.memory.k, cfg.memory.depth,
+  stamps = [(p, st.size, st.mtime) for p, st in zip(files, map(stamp, files))]
+  key = json.dumps([input_path, stamps, unsupported, data, cfg.memory.k, cfg.memory.depth,
                     cfg.model.vocab_size, cfg.train.seed], sort_keys=True, default=str)
   return hashlib.sha256(key.encode()).hexdigest()[:20]
 
