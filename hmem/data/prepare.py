@@ -33,6 +33,11 @@ a file times out with a clear message, and a process that fails leaves a note th
 its peers stop too. A rerun with the same inputs and settings resumes: finished files and
 shards are kept. Intermediate files live in out_dir/_work, removed at the end.
 
+The input may lie on an object store (gs://, s3://: inputs.py reads it through
+etils.epath); out_dir and data.embed_cache must be POSIX directories (a local disk, NFS or
+a gcsfuse mount), since the shards are ArrayRecord files and the spills and cached vectors
+are memory-mapped: a URL for either is refused before any input is read.
+
 Embeddings are cached on disk (data.embed_cache, by default out_dir/embed_cache, which
 outlives the run): each input file's under its absolute path, size, mtime and
 data.text_field, within a directory per embedder identity (embed.EmbeddingCache). A later
