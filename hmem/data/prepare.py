@@ -119,23 +119,14 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, processes: int = 1, proc
     return run.finished_manifest()
   run.begin()
   try:
-    if stage in ('all', 'fit') and process_index == 0 and not os.path.exists(run.fit_path):
-      run.fit()
-    if stage == 'fit':
+    if run.stage_of_process_0(stage, 'fit', run.fit_path, run.fit):
       return None
-    run.wait(lambda: os.path.exists(run.fit_path), 'the fit stage (process 0)')
-    run.check_fingerprint(run.fit_path)
     if stage in ('all', 'embed'):
       run.embed()
     if stage == 'embed':
       return None
-    if stage in ('all', 'tree') and process_index == 0 and not os.path.exists(run.plan_path):
-      run.wait(lambda: run.files_embedded() == len(files), 'every input file to be embedded')
-      run.tree()
-    if stage == 'tree':
+    if run.stage_of_process_0(stage, 'tree', run.plan_path, run.tree):
       return None
-    run.wait(lambda: os.path.exists(run.plan_path), 'the tree stage (process 0)')
-    run.check_fingerprint(run.plan_path)
     if stage in ('all', 'map'):
       run.map()
     if stage == 'map':
@@ -194,6 +185,18 @@ class _Run:
       raise DataError(f'{self.work} belongs to a preparation of other inputs or settings; give '
                       'every process the same --config, --input and overrides, or delete '
                       f'{self.work}')
+
+  def stage_of_process_0(self, stage: str, name: str, path: str, produce) -> bool:
+    """Process 0 runs stage `name` (`produce`, which writes `path`) unless `path` exists;
+    then every process waits for `path` and checks it was made from this input. True when
+    `name` was the only stage asked for."""
+    if stage in ('all', name) and self.index == 0 and not os.path.exists(path):
+      produce()
+    if stage == name:
+      return True
+    self.wait(lambda: os.path.exists(path), f'the {name} stage (process 0)')
+    self.check_fingerprint(path)
+    return False
 
   def wait(self, ready, what: str) -> None:
     deadline = time.monotonic() + self.timeout_s
@@ -297,6 +300,7 @@ class _Run:
 
   def tree(self) -> None:
     """Fits the tree on a uniform sample of the corpus's training documents."""
+    self.wait(lambda: self.files_embedded() == len(self.files), 'every input file to be embedded')
     d, m = self.cfg.data, self.cfg.memory
     cache = EmbeddingCache(self.cache_dir, load_embedder(self.out_dir))
     markers, train_rows = [], []
