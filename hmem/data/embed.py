@@ -16,6 +16,7 @@ does not embed it again.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
 from hmem.errors import ConfigError, DataError
-from hmem.files import atomic_write
+from hmem.files import as_path, atomic_write, is_remote
 
 CONFIG_FILE = 'embedder.json'
 _TFIDF_ARRAYS = 'embedder_tfidf.npz'
@@ -133,29 +134,33 @@ class TfidfEmbedder:
     digest.update(self.components_DxV.astype('<f4').tobytes())
     return digest.hexdigest()
 
-  def save(self, directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
+  def save(self, directory: str | os.PathLike) -> None:
+    directory = as_path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     # Terms never contain a newline (they match \w\w+), so one term a line is exact.
-    with open(os.path.join(directory, _TFIDF_VOCAB), 'w', encoding='utf-8') as f:
+    with atomic_write(directory / _TFIDF_VOCAB, encoding='utf-8') as f:
       f.write('\n'.join(self.vocabulary))
-    np.savez(os.path.join(directory, _TFIDF_ARRAYS), idf=self.idf_V, components=self.components_DxV)
+    with atomic_write(directory / _TFIDF_ARRAYS, 'wb') as f:
+      np.savez(f, idf=self.idf_V, components=self.components_DxV)
     write_config(directory, {'kind': 'tfidf', 'dim': self.dim, 'token_pattern': _TOKEN_PATTERN})
 
   @classmethod
-  def load(cls, directory: str, config: dict) -> 'TfidfEmbedder':
+  def load(cls, directory: str | os.PathLike, config: dict) -> 'TfidfEmbedder':
+    directory = as_path(directory)
     if config.get('token_pattern') != _TOKEN_PATTERN:
-      raise DataError(f'{os.path.join(directory, CONFIG_FILE)}: token_pattern '
+      raise DataError(f'{directory / CONFIG_FILE}: token_pattern '
                        f'{config.get("token_pattern")!r} is not the supported {_TOKEN_PATTERN!r}')
-    with open(os.path.join(directory, _TFIDF_VOCAB), encoding='utf-8') as f:
-      vocabulary = f.read().split('\n')
-    with np.load(os.path.join(directory, _TFIDF_ARRAYS), allow_pickle=False) as arrays:
+    vocabulary = (directory / _TFIDF_VOCAB).read_text(encoding='utf-8').split('\n')
+    arrays_bytes = (directory / _TFIDF_ARRAYS).read_bytes()
+    with np.load(io.BytesIO(arrays_bytes), allow_pickle=False) as arrays:
       return cls(vocabulary, arrays['idf'], arrays['components'])
 
 
-def write_config(directory: str, config: dict) -> None:
+def write_config(directory: str | os.PathLike, config: dict) -> None:
   """Writes the `embedder.json` that `load_embedder` dispatches on (its `kind`)."""
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, CONFIG_FILE), 'w', encoding='utf-8') as f:
+  directory = as_path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  with atomic_write(directory / CONFIG_FILE, encoding='utf-8') as f:
     json.dump(config, f, indent=2)
     f.write('\n')
 
@@ -175,21 +180,23 @@ def make_embedder(data_cfg, fit_texts: Sequence[str] | None = None) -> Embedder:
   raise ConfigError(f"data.embedder={kind!r}; use 'tfidf' or 'minilm'")
 
 
-def load_embedder(directory: str) -> Embedder:
-  """Rebuilds the embedder that `save(directory)` wrote."""
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise DataError(f'{path} not found: {directory!r} holds no saved embedder; '
+def load_embedder(directory: str | os.PathLike) -> Embedder:
+  """Rebuilds the embedder that `save(directory)` wrote (local or on an object store)."""
+  name = os.fspath(directory)
+  directory = as_path(directory)
+  path = directory / CONFIG_FILE
+  if not path.is_file():
+    raise DataError(f'{path} not found: {name!r} holds no saved embedder; '
                             'point at the directory `hmem prepare` wrote')
-  with open(path, encoding='utf-8') as f:
-    config = json.load(f)
+  config = json.loads(path.read_text(encoding='utf-8'))
   kind = config.get('kind')
   if kind == 'tfidf':
     return TfidfEmbedder.load(directory, config)
   if kind == 'minilm':
     from hmem.data.minilm import MiniLMEmbedder
-    if config.get('path') and not os.path.isabs(config['path']):  # weights shipped beside it (a bundle)
-      config = {**config, 'path': os.path.join(directory, config['path'])}
+    weights = config.get('path')
+    if weights and not (os.path.isabs(weights) or is_remote(weights)):  # shipped beside it (a bundle)
+      config = {**config, 'path': str(directory / weights)}
     return MiniLMEmbedder.load(config)
   raise DataError(f"{path}: unknown embedder kind {kind!r}; expected 'tfidf' or 'minilm'")
 

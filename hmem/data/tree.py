@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
+import os
 import pickle
 import zipfile
 
@@ -34,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from hmem.errors import ConfigError, DataError
-from hmem.files import atomic_write
+from hmem.files import as_path, atomic_write
 
 # Working-set budget of one jitted level-fit call; sets how many nodes are vmapped at once.
 _CHUNK_BYTES = 256 << 20
@@ -67,17 +69,17 @@ class Tree:
   def dim(self) -> int:
     return self.centroids[0].shape[1]
 
-  def save(self, path: str) -> None:
+  def save(self, path: str | os.PathLike) -> None:
     """Writes k, depth and level_1..level_depth to an .npz, atomically (no half-written file)."""
     with atomic_write(path, 'wb') as f:
       np.savez(f, k=np.int64(self.k), depth=np.int64(self.depth),
                **{f'level_{l}': c for l, c in enumerate(self.centroids, 1)})
 
   @classmethod
-  def load(cls, path: str) -> Tree:
+  def load(cls, path: str | os.PathLike) -> Tree:
     """Reads a tree written by `save`; errors name a missing, corrupt or inconsistent file."""
     try:
-      with np.load(path, allow_pickle=False) as z:
+      with np.load(io.BytesIO(as_path(path).read_bytes()), allow_pickle=False) as z:
         k, depth = int(z['k']), int(z['depth'])
         return cls(k, depth, tuple(z[f'level_{l}'] for l in range(1, depth + 1)))
     except FileNotFoundError:
