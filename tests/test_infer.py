@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 from flax import nnx
 
 from hmem import sharding, sizes
@@ -411,3 +412,12 @@ def test_bank_edits_on_an_object_store(bundles, gcs):
       np.testing.assert_array_equal(a, before[table][name])
   assert [e['op'] for e in restored.manifest['edits']] == ['drop', 'replace']
 
+
+
+def test_bank_arrays_on_an_object_store_use_tensorstore_drivers():
+  from hmem.infer.reader import kvstore
+  for root, driver in (('gs://my-bucket/b', 'gcs'), ('gcs://my-bucket/b/', 'gcs'), ('s3://my-bucket/b', 's3')):
+    spec = ts.KvStore.Spec(kvstore(root, 'bank/level1/ffn_up.v0')).to_json()
+    assert spec == {'driver': driver, 'bucket': 'my-bucket', 'path': 'b/bank/level1/ffn_up.v0/'}, root
+  with pytest.raises(BundleError, match='az://c/b: tensorstore cannot read or write there.*gs:// or s3://'):
+    kvstore('az://c/b', 'bank/level1/ffn_up.v0')

@@ -158,6 +158,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
   out = as_path(out)
   if out.exists():
     raise BundleError(f'{out} already exists; remove it or choose another --out')
+  kvstore(str(out), 'bank')  # the bank is written through tensorstore: fail here if it cannot reach `out`
   cfg, _, params, bank, step = restore_run(workdir, step)
   if cfg.data.source != 'prepared':
     raise BundleError(f'{workdir} was trained on synthetic data: a bundle needs the tokenizer and tree of a '
