@@ -238,6 +238,8 @@ def test_hf_export_to_an_object_store(tmp_path, gcs):
   sharded = {p.name: p.read_bytes() for p in (gcs / 'bucket' / 'sharded').iterdir()}
   assert hf.INDEX in sharded and len(sharded) > 3
   assert sharded == {p.name: p.read_bytes() for p in (tmp_path / 'sharded').iterdir()}
+  with pytest.raises(WeightsError, match='gs://bucket/hf: `hmem import` reads a checkpoint from a local directory'):
+    import_checkpoint('gs://bucket/hf', str(tmp_path / 'again'), progress=False)
 
 
 # --- bad input ---------------------------------------------------------------------------

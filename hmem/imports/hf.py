@@ -15,13 +15,18 @@ import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 from hmem.errors import WeightsError
-from hmem.files import as_path
+from hmem.files import as_path, is_remote
 from hmem.imports import llama
 
 INDEX = 'model.safetensors.index.json'
 
 
 def is_hf_dir(path: str) -> bool:
+  """Whether `path` is a local directory holding config.json. The tensors are read lazily
+  from local files: a checkpoint on an object store is refused, naming the fix."""
+  if is_remote(path):
+    raise WeightsError(f'{path}: `hmem import` reads a checkpoint from a local directory; copy it down first '
+                       '(e.g. gcloud storage cp -r) or mount the bucket with gcsfuse and pass the mount path')
   return os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json'))
 
 
