@@ -1,5 +1,6 @@
 """Hugging Face checkpoints: a directory with config.json and *.safetensors (one file or
-sharded with model.safetensors.index.json). Tensors are read lazily, one at a time."""
+sharded with model.safetensors.index.json). An import reads a local directory, tensors
+lazily, one at a time; an export writes to any filesystem (a local path, gs://, s3://)."""
 
 from __future__ import annotations
 
