@@ -1,5 +1,5 @@
 """Inference: routing equals `prepare`'s, sources and bundles reproduce the trained model,
-blocking, partial bundles, bank edits, and every bad input of a bundle."""
+blocking, partial bundles, bank edits, every bad input of a bundle, and bundles on an object store."""
 
 import hashlib
 import json
