@@ -2,13 +2,21 @@
 bundle reads from a dataset (tokenizer, tree, embedder) round-trips there exactly as on a
 local disk, and `hmem prepare` reads its corpus from gs:// but refuses a gs:// output."""
 
+import gzip
+import io
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import zstandard
+from test_prepare import small_config, wiki_texts
 
 from hmem.data import minilm
 from hmem.data.embed import CONFIG_FILE, TfidfEmbedder, load_embedder
+from hmem.data.inputs import ReadStats, list_files, read_documents, stamp
+from hmem.data.prepare import prepare
 from hmem.data.tokenizer import Tokenizer, tokenizer_file
 from hmem.data.tree import Tree, route
 from hmem.errors import DataError
@@ -75,3 +83,93 @@ def test_minilm_weights_beside_the_embedder(gcs):
   np.testing.assert_array_equal(remote.embed(TEXTS[:4]), local.embed(TEXTS[:4]))
   with pytest.raises(DataError, match='lacks model.safetensors'):
     minilm.MiniLMEmbedder('gs://bucket/nothing')
+
+
+def _corpus_files(texts):
+  """{name: bytes}: the texts spread over every input kind."""
+  lines = lambda ts: ''.join(json.dumps({'text': t}) + '\n' for t in ts).encode()
+  parquet = io.BytesIO()
+  pq.write_table(pa.table({'text': texts[70:80]}), parquet)
+  return {'a.jsonl': lines(texts[:30]), 'b.jsonl.gz': gzip.compress(lines(texts[30:50])),
+          'sub/c.jsonl.zst': zstandard.ZstdCompressor().compress(lines(texts[50:70])),
+          'sub/d.parquet': parquet.getvalue(), 'sub/e.txt': texts[80].encode(), 'notes.md': b'x'}
+
+
+def _write(root, files):
+  for name, data in files.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_bytes(data)
+
+
+def test_inputs_listed_and_read_from_an_object_store(gcs, tmp_path):
+  texts = wiki_texts()[:81]
+  _write(tmp_path / 'corpus', _corpus_files(texts))
+  _write(gcs / 'bucket' / 'corpus', _corpus_files(texts))
+  local, remote = str(tmp_path / 'corpus'), 'gs://bucket/corpus'
+
+  def listed(root):
+    files, unsupported = list_files(root)
+    return [p.removeprefix(root) for p in files], [p.removeprefix(root) for p in unsupported]
+
+  assert listed(remote) == listed(local) == (
+      ['/a.jsonl', '/b.jsonl.gz', '/sub/c.jsonl.zst', '/sub/d.parquet', '/sub/e.txt'], ['/notes.md'])
+  assert list_files(f'{remote}/*.jsonl*')[0] == [f'{remote}/a.jsonl', f'{remote}/b.jsonl.gz']
+  assert list_files(f'{remote}/sub/c.jsonl.zst')[0] == [f'{remote}/sub/c.jsonl.zst']
+  with pytest.raises(DataError, match='matches no file'):
+    list_files(f'{remote}/*.parquet')
+  with pytest.raises(DataError, match=r'recursive \*\* glob'):
+    list_files(f'{remote}/**/*.jsonl')
+  stats = ReadStats()
+  docs = [d for i, p in enumerate(list_files(remote)[0]) for d in read_documents(p, i, 'text', stats)]
+  assert [d.text for d in docs] == texts and stats.kept == 81 and not stats.skipped
+  assert stamp(f'{remote}/a.jsonl').size == len(_corpus_files(texts)['a.jsonl'])
+
+
+def _dataset_files(root):
+  """{name: bytes} of a prepared dataset but its embedding cache (keyed by input path) and
+  the manifest's fields that name the input (its path, and the fingerprint hashing it)."""
+  out = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file() and p.name != 'manifest.json'}
+  manifest = json.loads((root / 'manifest.json').read_text())
+  return out, {k: v for k, v in manifest.items() if k not in ('input', 'fingerprint')}
+
+
+def test_prepare_reads_a_corpus_on_an_object_store(gcs, tmp_path):
+  texts = wiki_texts()[:90]
+  lines = lambda ts: ''.join(json.dumps({'text': t}) + '\n' for t in ts).encode()
+  corpus = {'a.jsonl': lines(texts[:50]), 'b.jsonl': lines(texts[50:])}
+  _write(tmp_path / 'corpus', corpus)
+  _write(gcs / 'bucket' / 'corpus', corpus)
+  cfg = small_config('data.eval_fraction=0.2')
+  prepare(cfg, str(tmp_path / 'corpus' / '*.jsonl'), str(tmp_path / 'local'), progress=False)
+  remote = prepare(cfg, 'gs://bucket/corpus/*.jsonl', str(tmp_path / 'remote'), progress=False)
+  assert remote['files'] == 2 and remote['documents_kept'] == 90 and remote['splits']['eval']['documents'] > 0
+  assert _dataset_files(tmp_path / 'remote') == _dataset_files(tmp_path / 'local')
+  assert any(p.suffix == '.array_record' for p in (tmp_path / 'remote').iterdir())
+  # The cache keys the vectors by the object's URL, size and mtime: a rerun finds them all.
+  sources = [json.loads(p.read_text())['source'] for p in (tmp_path / 'remote' / 'embed_cache').rglob('*.json')]
+  assert sorted(s['file'] for s in sources) == ['gs://bucket/corpus/a.jsonl', 'gs://bucket/corpus/b.jsonl']
+  # A rerun finds the dataset done (same objects, sizes and mtimes); a changed object is seen.
+  assert prepare(cfg, 'gs://bucket/corpus/*.jsonl', str(tmp_path / 'remote'), progress=False) == remote
+  (gcs / 'bucket' / 'corpus' / 'b.jsonl').write_bytes(lines(texts[50:-1]))
+  with pytest.raises(DataError, match='prepared from other inputs'):
+    prepare(cfg, 'gs://bucket/corpus/*.jsonl', str(tmp_path / 'remote'), progress=False)
+
+
+def test_dataset_directory_on_an_object_store_is_refused_up_front(gcs, tmp_path, monkeypatch):
+  """Shards (ArrayRecord) and prepare's memory-mapped files need POSIX files: a gs:// --out,
+  embedding cache or data.path fails with the fix before any input is read or state built."""
+  fix = 'on an object store.*mount the bucket with gcsfuse.*pass the mount path'
+  missing = str(tmp_path / 'no-such-corpus')  # read first, it would fail with another message
+  with pytest.raises(DataError, match=f"--out='gs://bucket/out' is {fix}"):
+    prepare(small_config(), missing, 'gs://bucket/out', progress=False)
+  with pytest.raises(DataError, match=f'data.embed_cache=.* is {fix}'):
+    prepare(small_config('data.embed_cache=gs://bucket/cache'), missing, str(tmp_path / 'out'), progress=False)
+  assert not (tmp_path / 'out').exists() and list((gcs / 'bucket').iterdir()) == []
+
+  from conftest import tiny_config
+
+  from hmem.train import trainer
+  monkeypatch.setattr(trainer, 'state_spec', lambda *a, **k: pytest.fail('state built before the check'))
+  cfg = tiny_config('data.source=prepared', 'data.path=gs://bucket/data', 'data.seq_len=128')
+  with pytest.raises(DataError, match=f"data.path='gs://bucket/data' is {fix}"):
+    trainer.train(cfg, str(tmp_path / 'run'), progress=False)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 from hmem.data.source import Position, Source, check_batch
 from hmem.errors import ConfigError, DataError
+from hmem.files import as_path
 
 
 def make_source(cfg, split: str = 'train') -> Source:
@@ -46,12 +45,12 @@ def _check_compatible(cfg, manifest: dict) -> None:
 
 def _check_tokenizer(cfg, manifest: dict) -> None:
   from hmem.data.tokenizer import Tokenizer
-  init_from = os.path.join(cfg.train.init_from, 'tokenizer.json') if cfg.train.init_from else ''
+  init_from = str(as_path(cfg.train.init_from) / 'tokenizer.json') if cfg.train.init_from else ''
   expected = [(key, path) for key, path in (('data.tokenizer', cfg.data.tokenizer), ('train.init_from', init_from))
-              if path and os.path.isfile(path)]
+              if path and as_path(path).is_file()]
   if not expected:
     return
-  used = manifest.get('tokenizer_sha256') or Tokenizer.load(os.path.join(cfg.data.path, 'tokenizer.json')).identity
+  used = manifest.get('tokenizer_sha256') or Tokenizer.load(as_path(cfg.data.path) / 'tokenizer.json').identity
   for key, path in expected:
     if Tokenizer.load(path).identity != used:
       raise DataError(f'{cfg.data.path} was tokenized with another tokenizer than {path} ({key}); '

@@ -1,6 +1,8 @@
 """Raw documents from JSONL, Parquet and plain-text files, optionally gzip- or zstd-compressed.
 
-A corpus is a file, a directory (searched recursively) or a glob. Its files are sorted,
+A corpus is a file, a directory (searched recursively) or a glob, local or on an object
+store (gs://, s3://: read through etils.epath, where a glob's `**` is refused because each
+level would be one more listing). Its files are sorted,
 and every document gets a stable key (file index in that sorted list, line or row index),
 which fixes the packing order and the held-out split whatever the number of processes.
 Kept documents are exactly the text that was stored. Records that cannot be used are
@@ -11,26 +13,49 @@ skipped and counted by reason, never dropped silently; problems the user must fi
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
+from etils import epath
 
 from hmem.errors import DataError
+from hmem.files import as_path, is_remote
 
 _FORMATS = {'.jsonl': 'jsonl', '.ndjson': 'jsonl', '.json': 'jsonl', '.parquet': 'parquet',
             '.txt': 'text'}
 _COMPRESSIONS = ('.gz', '.zst')
+_GLOB = re.compile(r'[*?[]')
 SUPPORTED = ('.jsonl/.ndjson/.json (one JSON object a line), .parquet or .txt (one document a '
              'file); all but .parquet may be .gz or .zst compressed')
+
+
+class Stamp(NamedTuple):
+  """What tells that an input file changed: its size and modification time."""
+
+  size: int
+  mtime: float   # seconds
+  mtime_ns: int
+
+
+def stamp(path: str) -> Stamp:
+  """The file's Stamp. Local files keep os.stat's nanosecond mtime (a file rewritten within
+  the same second is still seen to change); an object store's has whole seconds."""
+  if is_remote(path):
+    st = as_path(path).stat()
+    return Stamp(st.length, float(st.mtime), st.mtime * 10**9)
+  st = os.stat(path)
+  return Stamp(st.st_size, st.st_mtime, st.st_mtime_ns)
 
 
 class Document(NamedTuple):
@@ -79,24 +104,55 @@ def file_format(path: str) -> str | None:
 
 
 def list_files(path_or_glob: str) -> tuple[list[str], list[str]]:
-  """(readable files, unsupported files), each sorted, of a file, directory or glob."""
-  if os.path.isfile(path_or_glob):
+  """(readable files, unsupported files), each sorted, of a file, directory or glob.
+
+  Local paths come back absolute, object-store ones as URLs (gs://bucket/...).
+  """
+  path = as_path(path_or_glob)
+  if path.is_file():
     if file_format(path_or_glob) is None:
       raise DataError(f'input {path_or_glob!r} has an unsupported format; use {SUPPORTED}')
-    return [os.path.abspath(path_or_glob)], []
-  if os.path.isdir(path_or_glob):
-    found = [os.path.join(root, name) for root, _, names in os.walk(path_or_glob) for name in names]
+    return [str(path)], []
+  if path.is_dir():
+    found = _walk(path)
   else:
-    found = [p for p in glob.glob(path_or_glob, recursive=True) if os.path.isfile(p)]
+    found = [p for p in _glob(path_or_glob) if as_path(p).is_file()]
     if not found:
       raise DataError(f'input {path_or_glob!r} does not exist or matches no file; '
                       'pass an existing file, directory or glob')
-  found = sorted(os.path.abspath(p) for p in found)
+  found = sorted(found)
   files = [p for p in found if file_format(p) is not None]
   if not files:
     raise DataError(f'input {path_or_glob!r} holds no readable file ({len(found)} files of other '
                     f'types); use {SUPPORTED}')
   return files, [p for p in found if file_format(p) is None]
+
+
+def _walk(directory: epath.Path) -> list[str]:
+  """Every file under `directory`, recursively, as `directory`/relative path."""
+  found, top = [], None
+  for root, _, names in directory.walk():
+    # On an object store the roots come without their scheme (fsspec's walk): only their
+    # part below the top (the first root) is used.
+    top = str(root) if top is None else top
+    below = str(root)[len(top):]
+    found.extend(f'{directory}{below}/{name}' for name in names)
+  return found
+
+
+def _glob(pattern: str) -> list[str]:
+  """Absolute paths (local) or URLs matching `pattern`; locally `**` spans directories."""
+  if not is_remote(pattern):
+    return [os.path.abspath(p) for p in glob.glob(pattern, recursive=True)]
+  parts = pattern.split('/')
+  first = next((i for i, part in enumerate(parts) if _GLOB.search(part)), len(parts))
+  rest = '/'.join(parts[first:])
+  if '**' in rest:
+    raise DataError(f'input {pattern!r}: a recursive ** glob is not supported on an object store; '
+                    'pass the directory (read recursively) or a glob with * in each level')
+  if not rest:
+    return []
+  return [str(p) for p in as_path('/'.join(parts[:first])).glob(rest)]
 
 
 def read_documents(path: str, file_index: int, text_field: str, stats: ReadStats) -> Iterator[Document]:
@@ -123,15 +179,20 @@ def _skip_reason(text) -> str | None:
   return None
 
 
-def _open(path: str) -> BinaryIO:
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[BinaryIO]:
+  """The file's bytes, decompressed."""
   ext = os.path.splitext(path.lower())[1]
-  if ext == '.gz':
-    return gzip.open(path, 'rb')
-  if ext == '.zst':
-    raw = zstandard.ZstdDecompressor().stream_reader(open(path, 'rb'), read_across_frames=True,
-                                                     closefd=True)
-    return io.BufferedReader(raw)
-  return open(path, 'rb')
+  with as_path(path).open('rb') as raw:
+    if ext == '.gz':
+      with gzip.GzipFile(fileobj=raw, mode='rb') as f:
+        yield f
+    elif ext == '.zst':
+      reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+      with io.BufferedReader(reader) as f:
+        yield f
+    else:
+      yield raw
 
 
 def _read_jsonl(path, file_index, text_field, stats):
@@ -176,7 +237,11 @@ def _read_text(path, file_index, text_field, stats):
 
 
 def _read_parquet(path, file_index, text_field, stats):
-  pf = pq.ParquetFile(path)
+  with as_path(path).open('rb') as f:
+    yield from _read_parquet_file(pq.ParquetFile(f), file_index, text_field, stats)
+
+
+def _read_parquet_file(pf, file_index, text_field, stats):
   schema = pf.schema_arrow
   if text_field not in schema.names:
     stats.skip('missing_field', pf.metadata.num_rows)

@@ -10,6 +10,12 @@ sequence (no pickle, no protobuf), little-endian:
   lengths   n u32: the lengths of segments 1..n, in order; the positions after them are
             padding (segment id 0)
 
+The directory must be on a POSIX filesystem (a local disk, NFS, or a bucket mounted with
+gcsfuse): the open-source array_record reads and writes only POSIX files, and
+`hmem prepare` memory-maps its intermediate files and embedding cache. `check_posix`
+refuses an object-store URL for it up front. The small files (manifest, tokenizer, tree,
+embedder) are read through etils.epath, so runs and bundles may copy them anywhere.
+
 Segment ids are stored as run lengths because packing makes them runs 1, 1, .., 2, 2, ..,
 n, 0, .., 0: a few bytes instead of seq_len more integers. Tokens take 2 bytes each while
 the vocabulary fits in 16 bits.
@@ -22,12 +28,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from hmem.errors import DataError
+from hmem.files import is_remote
+
 FORMAT, VERSION = 'hmem-prepared', 1  # manifest['format'], manifest['version']
 MANIFEST = 'manifest.json'
 SPLITS = ('train', 'eval')
 _MAGIC = b'HMSQ'
 _RECORD_VERSION = 1
 _HEADER = struct.Struct('<4sBBHIIq')
+
+
+def check_posix(path: str, what: str) -> None:
+  """Raises DataError if `path` (named `what` in the message) is an object-store URL."""
+  if is_remote(path):
+    raise DataError(f'{what}={path!r} is on an object store, but dataset shards (ArrayRecord) and '
+                    "prepare's memory-mapped files need a POSIX filesystem; mount the bucket with "
+                    'gcsfuse (or use a local/NFS path) and pass the mount path')
 
 
 def shard_name(split: str, shard: int, shards: int) -> str:

@@ -5,7 +5,8 @@ permutation of the split; the permutation is a fresh one each epoch (grain's
 index_shuffle, so nothing of dataset size is materialised) and the tail that does not
 fill a batch is skipped that epoch. A batch is a pure function of (seed, epoch, step), so
 a resumed run sees the batches an uninterrupted one would, on any number of hosts; each
-host reads only its rows, by random access into the ArrayRecord shards.
+host reads only its rows, by random access into the ArrayRecord shards, which must be on a
+POSIX filesystem (layout.check_posix).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class PreparedSource:
   def __init__(self, path: str, *, batch_size: int, seq_len: int, seed: int, split: str = 'train'):
     if split not in SPLITS:
       raise DataError(f'split {split!r} is not one of {", ".join(SPLITS)}')
+    layout.check_posix(path, 'data.path')
     manifest = _read_manifest(path)
     if manifest['seq_len'] != seq_len:
       raise DataError(f'{path} was packed with seq_len={manifest["seq_len"]}, but '

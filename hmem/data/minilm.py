@@ -175,13 +175,11 @@ def _hf_name(path: tuple) -> str:
   return f'{_HF_TOP[module]}.{_HF_PARAM[param]}'
 
 
-def load_bert(directory: str) -> BertEncoder:
-  """A BertEncoder holding the weights of `directory`/model.safetensors (numpy, no torch)."""
-  directory = as_path(directory)
-  cfg = BertConfig.from_json(directory / 'config.json')
+def load_bert(cfg: BertConfig, weights_path: str | os.PathLike, data: bytes) -> BertEncoder:
+  """A BertEncoder holding the weights `data`, the bytes of `weights_path` (a safetensors
+  file; numpy, no torch)."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0))))
-  weights_path = directory / 'model.safetensors'
-  weights = safetensors.numpy.load(weights_path.read_bytes())
+  weights = safetensors.numpy.load(data)
   flat = nnx.to_flat_state(state)
   for path, variable in flat:
     name = _hf_name(path)
@@ -254,11 +252,15 @@ class MiniLMEmbedder:
     self._mesh = jax.make_mesh((len(devices),), ('batch',),
                                axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     replicated, rows = NamedSharding(self._mesh, P()), NamedSharding(self._mesh, P('batch'))
-    graphdef, state = nnx.split(load_bert(self.directory))
+    # Read once (it may be remote): the bytes give the weights and their hash.
+    weights_path = directory / 'model.safetensors'
+    data = weights_path.read_bytes()
+    self.weights_sha256 = hashlib.sha256(data).hexdigest()
+    graphdef, state = nnx.split(load_bert(cfg, weights_path, data))
+    del data
     self._state = jax.device_put(state, replicated)
     self._embed_batch = jax.jit(functools.partial(_embed_batch, graphdef),
                                 in_shardings=(replicated, rows, rows), out_shardings=rows)
-    self._weights_sha256 = None
 
   def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
     """Word-piece ids with [CLS] ... [SEP], content cut so there are at most max_tokens."""
@@ -305,12 +307,6 @@ class MiniLMEmbedder:
   @property
   def devices(self) -> int:
     return self._mesh.devices.size
-
-  @property
-  def weights_sha256(self) -> str:
-    if self._weights_sha256 is None:  # hashing ~90 MB: once per embedder
-      self._weights_sha256 = _sha256(as_path(self.directory) / 'model.safetensors')
-    return self._weights_sha256
 
   def identity(self) -> str:
     """A hash of what the vectors depend on: the weights, tokenizer, config and cut-off.

@@ -33,6 +33,11 @@ a file times out with a clear message, and a process that fails leaves a note th
 its peers stop too. A rerun with the same inputs and settings resumes: finished files and
 shards are kept. Intermediate files live in out_dir/_work, removed at the end.
 
+The input may lie on an object store (gs://, s3://: inputs.py reads it through
+etils.epath); out_dir and data.embed_cache must be POSIX directories (a local disk, NFS or
+a gcsfuse mount), since the shards are ArrayRecord files and the spills and cached vectors
+are memory-mapped: a URL for either is refused before any input is read.
+
 Embeddings are cached on disk (data.embed_cache, by default out_dir/embed_cache, which
 outlives the run): each input file's under its absolute path, size, mtime and
 data.text_field, within a directory per embedder identity (embed.EmbeddingCache). A later
@@ -68,7 +73,7 @@ from tqdm import tqdm
 
 from hmem.data import layout
 from hmem.data.embed import EmbeddingCache, load_embedder, make_embedder
-from hmem.data.inputs import ReadStats, list_files, read_documents
+from hmem.data.inputs import ReadStats, list_files, read_documents, stamp
 from hmem.data.packing import pack
 from hmem.data.tokenizer import Tokenizer
 from hmem.data.tree import Tree, fit_tree, route, tree_stats
@@ -97,6 +102,8 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, processes: int = 1, proc
                     'pass --process-index between 0 and --processes - 1')
   if not 0 <= cfg.data.eval_fraction < 1:
     raise DataError(f'data.eval_fraction={cfg.data.eval_fraction} must lie in [0, 1)')
+  layout.check_posix(out_dir, '--out')
+  layout.check_posix(cfg.data.embed_cache, 'data.embed_cache')
   out_dir = os.path.abspath(out_dir)
   cache_dir = _cache_dir(cfg, out_dir)
   # An output (or cache) directory inside the input one must not feed its own files back
@@ -343,9 +350,9 @@ class _Run:
 
   def _file_source(self, f: int) -> dict:
     """What decides file f's documents, in order: the embedding cache's key for them."""
-    path = os.path.abspath(self.files[f])
-    st = os.stat(path)
-    return {'file': path, 'size': st.st_size, 'mtime_ns': st.st_mtime_ns,
+    path = self.files[f]  # absolute (list_files)
+    st = stamp(path)
+    return {'file': path, 'size': st.size, 'mtime_ns': st.mtime_ns,
             'text_field': self.cfg.data.text_field, 'chunk': _CHUNK}
 
   def _map_file(self, f, tokenizer, embedder, cache, tree, dtype, bar, use_cache=True) -> None:
@@ -494,8 +501,8 @@ def _fingerprint(cfg, input_path, files, unsupported) -> str:
   """A hash of everything the output depends on: a rerun with the same one resumes."""
   # Where the embedding cache lives does not change the output.
   data = {k: v for k, v in cfg.data.items() if k not in ('source', 'path', 'embed_cache')}
-  stamp = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]
-  key = json.dumps([input_path, stamp, unsupported, data, cfg.memory.k, cfg.memory.depth,
+  stamps = [(p, st.size, st.mtime) for p, st in zip(files, map(stamp, files))]
+  key = json.dumps([input_path, stamps, unsupported, data, cfg.memory.k, cfg.memory.depth,
                     cfg.model.vocab_size, cfg.train.seed], sort_keys=True, default=str)
   return hashlib.sha256(key.encode()).hexdigest()[:20]
 
