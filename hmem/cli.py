@@ -204,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
   p = add('export', _cmd_export, 'write an inference bundle from a run directory', config=False)
   p.add_argument('--workdir', required=True, help='run directory (hmem train --workdir)')
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
-  p.add_argument('--out', required=True, help='bundle directory to create')
+  p.add_argument('--out', required=True, help='bundle (or --format hf) directory to create: a local path, gs:// or s3://')
   p.add_argument('--format', choices=('bundle', 'hf'), default='bundle',
                  help='bundle: anchor + bank for hmem generate/eval; hf: the anchor alone as a Hugging Face '
                  'checkpoint (config.json, safetensors, tokenizer.json)')
@@ -221,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text)
     p.set_defaults(fn=fn)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument('--bundle', help='a bundle written by hmem export')
+    g.add_argument('--bundle', help='a bundle written by hmem export (a local path, gs:// or s3://)')
     g.add_argument('--workdir', help='a run directory (hmem train --workdir)')
     p.add_argument('--step', type=int, default=None, help='with --workdir: checkpoint step (default: the latest)')
     p.add_argument('--block', nargs='+', default=[], metavar='LEVEL:ID', help='route around these nodes')

@@ -114,6 +114,21 @@ def test_eval_of_a_file_with_nothing_usable_names_it(source, tmp_path):
     evaluate(source, str(path), progress=False)
 
 
+def test_eval_data_and_plot_on_an_object_store(source, tmp_path, gcs):
+  from hmem.files import as_path
+  from hmem.infer.evaluate import plot
+  lines = ''.join(json.dumps({'text': t}) + '\n' for t in _texts(2)) + 'not json\n'
+  (tmp_path / 'eval.jsonl').write_text(lines)
+  as_path('gs://bucket/eval.jsonl').write_text(lines)
+  result = evaluate(source, 'gs://bucket/eval.jsonl', progress=False)
+  assert result == evaluate(source, str(tmp_path / 'eval.jsonl'), progress=False)
+  assert result['documents'] == 2 and result['skipped'] == {'malformed JSON': 1}
+  plot(result, 'gs://bucket/out/eval.png')
+  plot(result, str(tmp_path / 'eval.png'))
+  png = (gcs / 'bucket' / 'out' / 'eval.png').read_bytes()
+  assert png.startswith(b'\x89PNG') and png == (tmp_path / 'eval.png').read_bytes()
+
+
 def _last_json(capsys):
   return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 

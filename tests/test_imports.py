@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -202,6 +203,43 @@ def test_frozen_memory_run_exports_the_imported_weights_unchanged(tmp_path):
     np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
   model, _, _ = hf.load(str(tmp_path / 'hf'), np.float32, progress=False)
   assert model == hf.load(source, np.float32, progress=False)[0]
+
+
+def test_hf_export_to_an_object_store(tmp_path, gcs):
+  """`hmem export --format hf` to gs:// (a fake store): HF -> import -> export -> the same
+  tensors and tokenizer; sharded exports equal the local ones byte for byte."""
+  source = os.path.join(DATA, 'tiny_hf', 'qwen2')
+  tokenizer = str(tmp_path / 'tokenizer.json')
+  Tokenizer.train(['a tokenizer of a few bytes and merges'] * 4, 260).save(tokenizer)
+  import_checkpoint(source, str(tmp_path / 'run'), tokenizer=tokenizer, progress=False)
+  from hmem.cli import main
+  assert main(['export', '--workdir', str(tmp_path / 'run'), '--out', 'gs://bucket/hf', '--format', 'hf',
+               '--dtype', 'float32']) == 0
+  written = {p.name: p.read_bytes() for p in (gcs / 'bucket' / 'hf').iterdir()}
+  assert set(written) == {'model.safetensors', 'config.json', 'tokenizer.json'}
+  original, exported = load_file(os.path.join(source, 'model.safetensors')), safetensors.numpy.load(
+      written['model.safetensors'])
+  assert exported.keys() == original.keys()
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  with open(tokenizer, 'rb') as f:
+    assert written['tokenizer.json'] == f.read()
+  # The import reads a local directory: copied down, it reads as the original checkpoint.
+  down = tmp_path / 'down'
+  down.mkdir()
+  for name, data in written.items():
+    (down / name).write_bytes(data)
+  model, params, found = hf.load(str(down), np.float32, progress=False)
+  model0, params0, _ = hf.load(source, np.float32, progress=False)
+  assert model == model0 and found == str(down / 'tokenizer.json')
+  jax.tree.map(np.testing.assert_array_equal, params, params0)
+  for out in ('gs://bucket/sharded', str(tmp_path / 'sharded')):
+    export_hf(model, params, out, max_shard_bytes=40_000)
+  sharded = {p.name: p.read_bytes() for p in (gcs / 'bucket' / 'sharded').iterdir()}
+  assert hf.INDEX in sharded and len(sharded) > 3
+  assert sharded == {p.name: p.read_bytes() for p in (tmp_path / 'sharded').iterdir()}
+  with pytest.raises(WeightsError, match='gs://bucket/hf: `hmem import` reads a checkpoint from a local directory'):
+    import_checkpoint('gs://bucket/hf', str(tmp_path / 'again'), progress=False)
 
 
 # --- bad input ---------------------------------------------------------------------------

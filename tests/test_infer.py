@@ -1,9 +1,10 @@
 """Inference: routing equals `prepare`'s, sources and bundles reproduce the trained model,
-blocking, partial bundles, bank edits, and every bad input of a bundle."""
+blocking, partial bundles, bank edits, every bad input of a bundle, and bundles on an object store."""
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 from flax import nnx
 
 from hmem import sharding, sizes
@@ -331,3 +333,91 @@ def test_the_reader_reads_any_tensorstore_url(bundles):
   rows = reader.read({'level2': np.array([3, 9, 3])})['level2']['ffn_up']
   np.testing.assert_array_equal(rows, source.blocks(np.array([3, 9, 3]))['level2']['ffn_up'])
   assert reader.reads == {('level2', 3): 1, ('level2', 9): 1}
+
+
+# --- bundles on an object store (a fake gs://, tests/object_store.py) ----------------------
+
+def _object_files(root):
+  """{relative path: bytes} of every object under a directory of the fake store."""
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def test_a_bundle_exported_to_an_object_store_is_the_local_one(memory_run, bundles, gcs):
+  _, _, _, workdir = memory_run
+  assert main(['export', '--workdir', str(workdir), '--out', 'gs://bucket/b', '--dtype', 'float32',
+               '--no-progress']) == 0
+  written, local = _object_files(gcs / 'bucket' / 'b'), _object_files(bundles / 'f32')
+  assert written.keys() == local.keys() and 'anchor.safetensors' in written
+  for name in local:  # anchor, router files, every bank chunk, the manifest: byte for byte
+    assert written[name] == local[name], name
+  remote, source = open_source(bundle='gs://bucket/b'), open_source(bundle=str(bundles / 'f32'))
+  np.testing.assert_array_equal(remote.router.route(TEXTS).leaf, source.router.route(TEXTS).leaf)
+  leaf_B = source.router.route(TEXTS).leaf
+  tokens_BxT, segment_ids_BxT = _tokens()
+  for mode in ('fetched', 'generic'):
+    np.testing.assert_array_equal(_logits(remote.model, tokens_BxT, segment_ids_BxT, remote.memory(leaf_B, mode)),
+                                  _logits(source.model, tokens_BxT, segment_ids_BxT, source.memory(leaf_B, mode)))
+  assert set(remote.rows.reads) == set(source.rows.reads)  # rows read from the store as paths need them
+  with pytest.raises(BundleError, match='already exists'):
+    export(str(workdir), 'gs://bucket/b')
+
+
+def test_an_export_cut_short_on_an_object_store_is_no_bundle(memory_run, bundles, gcs, monkeypatch, capsys):
+  from hmem.infer import bundle as bundle_module
+  _, _, _, workdir = memory_run
+  real = bundle_module.write_json
+
+  def killed(path, obj):  # the manifest is written last: every other file is there already
+    assert str(path) == 'gs://bucket/b/manifest.json'
+    assert set(_object_files(gcs / 'bucket' / 'b')) == set(_object_files(bundles / 'f32')) - {'manifest.json'}
+    raise OSError('connection lost')
+
+  monkeypatch.setattr(bundle_module, 'write_json', killed)
+  with pytest.raises(OSError, match='connection lost'):
+    export(str(workdir), 'gs://bucket/b', dtype='float32', progress=False)
+  assert not (gcs / 'bucket' / 'b').exists()  # what it wrote is removed
+  monkeypatch.setattr(bundle_module, 'write_json', real)
+  # A process killed there leaves the files without their manifest: refused, however whole.
+  shutil.copytree(bundles / 'f32', gcs / 'bucket' / 'b', ignore=shutil.ignore_patterns('manifest.json'))
+  refused = "manifest.json not found: 'gs://bucket/b' is not a bundle written by `hmem export` .*export it again"
+  with pytest.raises(BundleError, match=refused):
+    open_source(bundle='gs://bucket/b')
+  assert main(['bank', 'drop', '--bundle', 'gs://bucket/b', '--node', '1:0']) == 2
+  assert re.search('hmem: error: gs://bucket/b/' + refused, capsys.readouterr().err)
+
+
+def test_bank_edits_on_an_object_store(bundles, gcs):
+  shutil.copytree(bundles / 'f32', gcs / 'bucket' / 'b')
+  source = open_source(bundle='gs://bucket/b')
+  leaf_B = source.router.route(TEXTS).leaf
+  node = int(leaf_B[0] // 4)
+  before = source.blocks(leaf_B)
+  assert main(['bank', 'drop', '--bundle', 'gs://bucket/b', '--node', f'1:{node}']) == 0
+  after = open_source(bundle='gs://bucket/b')  # every file's checksum verified against the new manifest
+  dropped = leaf_B // 4 == node
+  for table, rows in after.blocks(leaf_B).items():
+    for name, a in rows.items():
+      assert not a[dropped].any()
+      np.testing.assert_array_equal(a[~dropped], before[table][name][~dropped])
+  level1 = gcs / 'bucket' / 'b' / 'bank' / 'level1'
+  assert sorted(p.name for p in level1.iterdir()) == ['ffn_down.v1', 'ffn_gate.v1', 'ffn_up.v1']  # old removed
+  assert after.manifest['bank']['level1/ffn_up']['path'] == 'bank/level1/ffn_up.v1'
+  # The unchanged rows were copied, the dropped ones written anew (zeros, still stored).
+  assert len(list((level1 / 'ffn_up.v1' / 'c').iterdir())) == 4
+  assert main(['bank', 'replace', '--bundle', 'gs://bucket/b', '--from', str(bundles / 'f32'),
+               '--node', f'1:{node}']) == 0
+  restored = open_source(bundle='gs://bucket/b')
+  for table, rows in restored.blocks(leaf_B).items():
+    for name, a in rows.items():
+      np.testing.assert_array_equal(a, before[table][name])
+  assert [e['op'] for e in restored.manifest['edits']] == ['drop', 'replace']
+
+
+
+def test_bank_arrays_on_an_object_store_use_tensorstore_drivers():
+  from hmem.infer.reader import kvstore
+  for root, driver in (('gs://my-bucket/b', 'gcs'), ('gcs://my-bucket/b/', 'gcs'), ('s3://my-bucket/b', 's3')):
+    spec = ts.KvStore.Spec(kvstore(root, 'bank/level1/ffn_up.v0')).to_json()
+    assert spec == {'driver': driver, 'bucket': 'my-bucket', 'path': 'b/bank/level1/ffn_up.v0/'}, root
+  with pytest.raises(BundleError, match='az://c/b: tensorstore cannot read or write there.*gs:// or s3://'):
+    kvstore('az://c/b', 'bank/level1/ffn_up.v0')

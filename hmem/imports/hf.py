@@ -1,5 +1,6 @@
 """Hugging Face checkpoints: a directory with config.json and *.safetensors (one file or
-sharded with model.safetensors.index.json). Tensors are read lazily, one at a time."""
+sharded with model.safetensors.index.json). An import reads a local directory, tensors
+lazily, one at a time; an export writes to any filesystem (a local path, gs://, s3://)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,26 @@ import contextlib
 import glob
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from hmem.errors import WeightsError
+from hmem.files import as_path, is_remote
 from hmem.imports import llama
 
 INDEX = 'model.safetensors.index.json'
 
 
 def is_hf_dir(path: str) -> bool:
+  """Whether `path` is a local directory holding config.json. The tensors are read lazily
+  from local files: a checkpoint on an object store is refused, naming the fix."""
+  if is_remote(path):
+    raise WeightsError(f'{path}: `hmem import` reads a checkpoint from a local directory; copy it down first '
+                       '(e.g. gcloud storage cp -r) or mount the bucket with gcsfuse and pass the mount path')
   return os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json'))
 
 
@@ -81,12 +87,14 @@ def load(path: str, dtype, progress: bool = True, layers: int | None = None) -> 
   return model, params, tokenizer if os.path.isfile(tokenizer) else None
 
 
-def export_hf(model: dict, params: dict, out_dir: str, tokenizer: str | None = None,
+def export_hf(model: dict, params: dict, out_dir: str | os.PathLike, tokenizer: str | None = None,
               max_shard_bytes: int = 4 << 30) -> list[str]:
   """Writes the anchor as a Hugging Face checkpoint (config.json, safetensors shards with an
-  index when there is more than one, tokenizer.json if given); returns the files written.
-  `model` is `cfg.model` as a dict; tensors keep their dtype."""
-  os.makedirs(out_dir, exist_ok=True)
+  index when there is more than one, tokenizer.json if given) to a directory on any
+  filesystem; returns the files written. `model` is `cfg.model` as a dict; tensors keep
+  their dtype. config.json is written last, so a directory cut short is no checkpoint."""
+  out_dir = as_path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   tensors = llama.from_params(model, params)
   config = {**llama.hf_config(model), 'torch_dtype': str(tensors['model.embed_tokens.weight'].dtype)}
   shards: list[dict[str, np.ndarray]] = [{}]
@@ -100,20 +108,19 @@ def export_hf(model: dict, params: dict, out_dir: str, tokenizer: str | None = N
   names = (['model.safetensors'] if len(shards) == 1 else
            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
   for name, shard in zip(names, shards):
-    save_file(shard, os.path.join(out_dir, name), metadata={'format': 'pt'})
+    # Serialized in memory and written as one file (or object): no local file needed.
+    (out_dir / name).write_bytes(safetensors.numpy.save(shard, metadata={'format': 'pt'}))
   written = list(names)
   if len(shards) > 1:
     index = {'metadata': {'total_size': sum(x.nbytes for x in tensors.values())},
              'weight_map': {t: n for n, shard in zip(names, shards) for t in shard}}
-    with open(os.path.join(out_dir, INDEX), 'w') as f:
-      json.dump(index, f, indent=2)
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2))
     written.append(INDEX)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(config, f, indent=2)
-  written.append('config.json')
   if tokenizer:
-    shutil.copyfile(tokenizer, os.path.join(out_dir, 'tokenizer.json'))
+    (out_dir / 'tokenizer.json').write_bytes(as_path(tokenizer).read_bytes())
     written.append('tokenizer.json')
+  (out_dir / 'config.json').write_text(json.dumps(config, indent=2))
+  written.append('config.json')
   return written
 
 
@@ -122,7 +129,7 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str |
   stored), with the tokenizer it trained with (data.tokenizer, else the prepared dataset's)."""
   from hmem.infer.source import restore_run
   cfg, _, params, _, _ = restore_run(workdir, step)
-  candidates = [cfg.data.tokenizer, os.path.join(cfg.data.path, 'tokenizer.json') if cfg.data.path else '']
-  tokenizer = next((path for path in candidates if path and os.path.isfile(path)), None)
+  candidates = [cfg.data.tokenizer, str(as_path(cfg.data.path) / 'tokenizer.json') if cfg.data.path else '']
+  tokenizer = next((path for path in candidates if path and as_path(path).is_file()), None)
   cast = (lambda x: np.asarray(x)) if dtype is None else (lambda x: np.asarray(x).astype(jnp.dtype(dtype)))
   return export_hf(cfg.model.to_dict(), jax.tree.map(cast, params), out_dir, tokenizer)

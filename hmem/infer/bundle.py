@@ -12,9 +12,11 @@
 Nothing in a bundle executes on load: JSON, safetensors, zarr chunks and
 np.load(allow_pickle=False). A partial bundle (`subtrees`) holds every level-1 row, the
 generic block and the anchor, and the deeper rows of the given level-1 subtrees only.
-Export writes to a temporary directory renamed into place at the end, so a bundle path
-holds a whole bundle or nothing. `open_bundle` checks the format version and every
-checksum before any other work, then serves rows through a Reader.
+A bundle lives on any filesystem epath and tensorstore reach (a local directory, gs://,
+s3://). Export writes a local bundle to a temporary directory renamed into place at the
+end; an object store has no rename, so there the manifest, written last, marks the bundle
+complete (one without a manifest is refused). `open_bundle` checks the format version and
+every checksum before any other work, then serves rows through a Reader.
 """
 
 from __future__ import annotations
@@ -22,21 +24,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
+import safetensors
+import safetensors.numpy
 import tensorstore as ts
+from etils import epath
 from flax import nnx, traverse_util
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from hmem import sizes
 from hmem.config import config_from_json
 from hmem.data.embed import CONFIG_FILE, write_config
 from hmem.errors import BundleError, ConfigError
-from hmem.files import atomic_path, atomic_write
+from hmem.files import as_path, atomic_path, atomic_write
 from hmem.infer.reader import Reader, kvstore
 from hmem.infer.router import TOKENIZER, TREE, Router, check_node
 from hmem.infer.source import MemorySource, abstract_params, check_router, restore_run
@@ -45,12 +48,13 @@ from hmem.memory import bank as memory_bank
 FORMAT, VERSION = 'hmem-bundle', 1
 MANIFEST, ANCHOR = 'manifest.json', 'anchor.safetensors'
 DTYPES = ('bfloat16', 'float32')
+_SAFETENSORS_DTYPES = {'BF16': np.dtype(jax.numpy.bfloat16), 'F32': np.dtype(np.float32)}  # of DTYPES
 _SLAB_BYTES = 64 << 20  # rows written per tensorstore call (and progress-bar step)
 
 
-def sha256(path: str) -> str:
+def sha256(path: str | os.PathLike) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with as_path(path).open('rb') as f:
     while chunk := f.read(1 << 22):
       digest.update(chunk)
   return digest.hexdigest()
@@ -68,11 +72,11 @@ def present_rows(k: int, depth: int, table: str, rows: int, subtrees: list[int])
   return np.isin(np.arange(rows) // k**(level - 1), subtrees)
 
 
-def create_array(root: str, path: str, shape, dtype: str):
+def create_array(root: str | os.PathLike, path: str, shape, dtype: str):
   """An empty zarr v3 array chunked one row per chunk, chunks checksummed; zero rows are
   stored too (a missing chunk is an error when read, never zeros)."""
   spec = {
-      'driver': 'zarr3', 'kvstore': kvstore(root, path),
+      'driver': 'zarr3', 'kvstore': kvstore(str(root), path),
       'metadata': {
           'shape': list(shape), 'data_type': dtype, 'fill_value': 0,
           'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [1, *shape[1:]]}},
@@ -84,8 +88,8 @@ def create_array(root: str, path: str, shape, dtype: str):
   return ts.open(spec, create=True).result()
 
 
-def open_array(root: str, path: str):
-  return ts.open({'driver': 'zarr3', 'kvstore': kvstore(root, path), 'fill_missing_data_reads': False,
+def open_array(root: str | os.PathLike, path: str):
+  return ts.open({'driver': 'zarr3', 'kvstore': kvstore(str(root), path), 'fill_missing_data_reads': False,
                   'store_data_equal_to_fill_value': True}, read=True, write=True).result()
 
 
@@ -105,38 +109,45 @@ def true_runs(mask_R: np.ndarray) -> list[tuple[int, int]]:
   return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str | os.PathLike, obj) -> None:
   with atomic_write(path) as f:
     json.dump(obj, f, indent=1)
     f.write('\n')
 
 
-def file_checksums(root: str) -> dict[str, str]:
+def _files(directory: epath.Path, rel: str = ''):
+  """Paths under `directory` of every file, relative to it, but the bank's chunks (the
+  bank's `c/` directories: they carry crc32c, and an object store lists them slowly)."""
+  for child in directory.iterdir():
+    path = f'{rel}{child.name}'
+    if child.is_dir():
+      if not (path.startswith('bank/') and child.name == 'c'):
+        yield from _files(child, path + '/')
+    else:
+      yield path
+
+
+def file_checksums(root: str | os.PathLike) -> dict[str, str]:
   """sha256 of every file but the manifest and the bank chunks (those carry crc32c)."""
-  out = {}
-  for directory, dirs, files in os.walk(root):
-    rel = os.path.relpath(directory, root)
-    if rel.startswith('bank') and os.path.basename(directory) == 'c':
-      dirs.clear()
-      continue
-    for name in files:
-      path = os.path.normpath(os.path.join(rel, name))
-      if path != MANIFEST:
-        out[path] = sha256(os.path.join(root, path))
-  return dict(sorted(out.items()))
+  root = as_path(root)
+  return {path: sha256(root / path) for path in sorted(_files(root)) if path != MANIFEST}
 
 
-def _save_router(router: Router, out: str, data_path: str) -> None:
-  shutil.copyfile(os.path.join(data_path, TOKENIZER), os.path.join(out, TOKENIZER))
-  shutil.copyfile(os.path.join(data_path, TREE), os.path.join(out, TREE))
+def _copy(src: epath.Path, dst: epath.Path) -> None:
+  dst.write_bytes(src.read_bytes())
+
+
+def _save_router(router: Router, out: epath.Path, data_path: str) -> None:
+  data_path = as_path(data_path)
+  _copy(data_path / TOKENIZER, out / TOKENIZER)
+  _copy(data_path / TREE, out / TREE)
   embedder = router.embedder
-  embedder.save(out)
+  embedder.save(str(out))
   if embedder.kind == 'minilm':  # ship the weights, found relative to the bundle
-    os.makedirs(os.path.join(out, 'minilm'))
+    (out / 'minilm').mkdir()
     for name in ('model.safetensors', 'tokenizer.json', 'config.json'):
-      shutil.copyfile(os.path.join(embedder.directory, name), os.path.join(out, 'minilm', name))
-    with open(os.path.join(out, CONFIG_FILE)) as f:
-      write_config(out, {**json.load(f), 'path': 'minilm'})
+      _copy(as_path(embedder.directory) / name, out / 'minilm' / name)
+    write_config(str(out), {**json.loads((out / CONFIG_FILE).read_text()), 'path': 'minilm'})
 
 
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfloat16',
@@ -144,9 +155,10 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
   """Writes the bundle of a run's checkpoint (latest, or `step`) to `out`; returns its manifest."""
   if dtype not in DTYPES:
     raise BundleError(f'--dtype {dtype!r}; choose one of {", ".join(DTYPES)}')
-  out = os.path.abspath(out)
-  if os.path.exists(out):
+  out = as_path(out)
+  if out.exists():
     raise BundleError(f'{out} already exists; remove it or choose another --out')
+  kvstore(str(out), 'bank')  # the bank is written through tensorstore: fail here if it cannot reach `out`
   cfg, _, params, bank, step = restore_run(workdir, step)
   if cfg.data.source != 'prepared':
     raise BundleError(f'{workdir} was trained on synthetic data: a bundle needs the tokenizer and tree of a '
@@ -159,10 +171,12 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
     check_node(1, s, k, depth)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
 
-  with atomic_path(out) as tmp:  # the bundle appears whole, or not at all
-    os.makedirs(tmp)
+  # Local: the bundle appears whole (a renamed directory) or not at all. Object store: the
+  # manifest, written last, is what makes the files present a bundle.
+  with atomic_path(out) as tmp:
+    tmp.mkdir(parents=True)
     flat = traverse_util.flatten_dict(jax.tree.map(lambda a: np.asarray(a).astype(np_dtype), params), sep='/')
-    save_file(flat, os.path.join(tmp, ANCHOR), metadata={'format': FORMAT})
+    (tmp / ANCHOR).write_bytes(safetensors.numpy.save(flat, metadata={'format': FORMAT}))
     _save_router(router, tmp, cfg.data.path)
     masks = {t: present_rows(k, depth, t, rows, subtrees) for t, (rows, _) in memory_bank.tables(cfg).items()}
     total = sum(a[0].size * np_dtype.itemsize * int(masks[t].sum()) for t, named in bank.items()
@@ -178,8 +192,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
           arrays[f'{table}/{name}'] = {'path': path, 'shape': list(a.shape), 'dtype': dtype,
                                        'chunk_shape': [1, *a.shape[1:]], 'codecs': ['bytes', 'crc32c'],
                                        'rows_present': int(masks[table].sum())}
-    with open(os.path.join(cfg.data.path, 'manifest.json')) as f:
-      data_manifest = json.load(f)
+    data_manifest = json.loads((as_path(cfg.data.path) / 'manifest.json').read_text())
     manifest = {
         'format': FORMAT, 'version': VERSION, 'step': int(step), 'dtype': dtype,
         'config': json.loads(cfg.to_json_best_effort()), 'sizes': sizes.sizes(cfg),
@@ -188,18 +201,18 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
                       'identity': data_manifest.get('tokenizer_sha256') or router.tokenizer.identity},
         'files': file_checksums(tmp), 'bank': arrays,
     }
-    write_json(os.path.join(tmp, MANIFEST), manifest)
+    write_json(tmp / MANIFEST, manifest)  # last: the commit point
   return manifest
 
 
-def read_manifest(root: str) -> dict:
+def read_manifest(root: str | os.PathLike) -> dict:
   """The manifest, after checking it is a bundle of the version this code reads."""
-  path = os.path.join(root, MANIFEST)
-  if not os.path.isfile(path):
-    raise BundleError(f'{path} not found: {root!r} is not a bundle written by `hmem export`')
+  path = as_path(root) / MANIFEST
+  if not path.is_file():
+    raise BundleError(f'{path} not found: {str(root)!r} is not a bundle written by `hmem export` '
+                      '(or its export did not finish: export it again)')
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(path.read_text())
   except (ValueError, UnicodeDecodeError) as e:
     raise BundleError(f'{path} is not valid JSON ({e}); the bundle is damaged: export it again') from None
   if manifest.get('format') != FORMAT:
@@ -210,23 +223,28 @@ def read_manifest(root: str) -> dict:
   return manifest
 
 
-def verify(root: str, manifest: dict) -> None:
+def verify(root: str | os.PathLike, manifest: dict) -> None:
   """Every file the manifest lists exists and has its sha256."""
   for name, digest in manifest['files'].items():
-    path = os.path.join(root, name)
-    if not os.path.isfile(path):
+    path = as_path(root) / name
+    if not path.is_file():
       raise BundleError(f'bundle {root}: {name} is missing; the bundle is incomplete: export it again')
     if sha256(path) != digest:
       raise BundleError(f'bundle {root}: {name} fails its sha256 checksum (changed or damaged since export); '
                         'export the bundle again')
 
 
-def _load_params(root: str, cfg, dtype: str):
-  path = os.path.join(root, ANCHOR)
+def _load_params(root: epath.Path, cfg, dtype: str):
+  path = root / ANCHOR
   try:
-    flat = load_file(path)
+    tensors = safetensors.deserialize(path.read_bytes())  # parsed from memory: the file may be an object
   except (SafetensorError, OSError) as e:
     raise BundleError(f'{path} cannot be read ({e}); export the bundle again') from None
+  flat = {}
+  for name, t in tensors:  # safetensors.numpy.load knows no bfloat16
+    if t['dtype'] not in _SAFETENSORS_DTYPES:
+      raise BundleError(f'{path}: {name} is {t["dtype"]}, not one of {", ".join(DTYPES)}; export the bundle again')
+    flat[name] = np.frombuffer(t['data'], _SAFETENSORS_DTYPES[t['dtype']]).reshape(t['shape'])
   graphdef, abstract = abstract_params(cfg)
   expected = traverse_util.flatten_dict(abstract, sep='/')
   if set(flat) != set(expected):
@@ -240,18 +258,19 @@ def _load_params(root: str, cfg, dtype: str):
                                                  for n, a in flat.items()})
 
 
-def open_bundle(root: str, *, check: bool = True, cache_bytes: int = 256 << 20) -> MemorySource:
+def open_bundle(root: str | os.PathLike, *, check: bool = True, cache_bytes: int = 256 << 20) -> MemorySource:
   """A MemorySource over a bundle; `check` verifies every file's checksum first."""
+  root = as_path(root)
   manifest = read_manifest(root)
   if check:
     verify(root, manifest)
   try:
     cfg = config_from_json(manifest['config'])
   except ConfigError as e:
-    raise BundleError(f'{os.path.join(root, MANIFEST)}: {e}') from None
+    raise BundleError(f'{root / MANIFEST}: {e}') from None
   k, subtrees = manifest['k'], manifest['subtrees']
   router = Router.load(root, present=subtrees if len(subtrees) < k else None)
-  check_router(router, cfg, root)
+  check_router(router, cfg, str(root))
   graphdef, params = _load_params(root, cfg, manifest['dtype'])
   arrays, present = {}, {}
   for key, meta in manifest['bank'].items():
@@ -262,5 +281,5 @@ def open_bundle(root: str, *, check: bool = True, cache_bytes: int = 256 << 20) 
               for name, shape in named.items()}
   if {key: meta['shape'] for key, meta in manifest['bank'].items()} != expected:
     raise BundleError(f'bundle {root}: its bank arrays {sorted(manifest["bank"])} do not match the run config')
-  reader = Reader(root, arrays, present, cache_bytes) if arrays else None
+  reader = Reader(str(root), arrays, present, cache_bytes) if arrays else None
   return MemorySource(cfg, nnx.merge(graphdef, params), router, reader, manifest['step'], manifest=manifest)

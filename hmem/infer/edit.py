@@ -9,23 +9,25 @@ bundle with the same bank shapes.
 
 Atomicity: an edited array is written as a new version directory (`{name}.v{N+1}`) whose
 unchanged chunks are hard links to the current version's (copies where links are not
-possible), so the edit costs the rows it changes. The manifest, rewritten with os.replace,
-is the commit point: until it is replaced, readers see the old version whole; after it,
+possible, and on an object store), so on a local disk the edit costs the rows it changes.
+The manifest is the commit point: it is replaced whole (a rename on a local disk, one
+object write on an object store); until then readers see the old version whole, after it
 the new one. Old and abandoned versions are removed after the commit and at the start of
 the next edit.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import errno
-import glob
 import os
-import shutil
 
 import numpy as np
+from etils import epath
 
 from hmem.errors import BundleError
+from hmem.files import as_path, is_remote
 from hmem.infer import bundle
 from hmem.infer.router import check_node
 
@@ -51,7 +53,7 @@ def replace(root: str, other: str, nodes: list[tuple[int, int]]) -> dict:
       raise BundleError(f'bundle {other} lacks rows {lo + int(np.argmin(held))}.. of {table} (a partial bundle)')
     return bundle.open_array(other, their['path'])[lo:hi].read().result()
 
-  return _edit(root, nodes, {'op': 'replace', 'from': os.path.abspath(other)}, rows)
+  return _edit(root, nodes, {'op': 'replace', 'from': str(as_path(other))}, rows)
 
 
 def _subtree_runs(k: int, depth: int, subtrees, table: str, rows: int, level: int, node: int) -> list:
@@ -64,25 +66,41 @@ def _subtree_runs(k: int, depth: int, subtrees, table: str, rows: int, level: in
   return [(lo + a, lo + b) for a, b in bundle.true_runs(bundle.present_rows(k, depth, table, rows, subtrees)[lo:hi])]
 
 
-def _link_copy(src: str, dst: str) -> None:
-  def link(s, d):
+def _link_or_copy(src: epath.Path, dst: epath.Path) -> None:
+  if not is_remote(src):
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-      os.link(s, d)
+      os.link(src, dst)
+      return
     except OSError as e:
       if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
         raise
-      shutil.copy2(s, d)
-  shutil.copytree(src, dst, copy_function=link)
+  src.copy(dst)
 
 
-def _remove_unreferenced(root: str, manifest: dict) -> None:
-  live = {os.path.normpath(os.path.join(root, meta['path'])) for meta in manifest['bank'].values()}
-  for path in glob.glob(os.path.join(root, 'bank', '*', '*.v*')):
-    if os.path.normpath(path) not in live:
-      shutil.rmtree(path, ignore_errors=True)
+def _new_version(root: epath.Path, meta: dict, path: str, keep_R: np.ndarray) -> None:
+  """Starts array version `path` from the current one: its metadata and the chunks of the
+  rows in `keep_R` (the rows to rewrite are left out, so a write never goes through a link
+  into the current version)."""
+  zeros = ['0'] * (len(meta['shape']) - 1)
+  names = ['zarr.json', *('/'.join(['c', str(row), *zeros]) for row in np.flatnonzero(keep_R))]
+  src, dst = root / meta['path'], root / path
+  try:
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # an object store copies one object a request
+      list(pool.map(lambda name: _link_or_copy(src / name, dst / name), names))
+  except FileNotFoundError as e:
+    raise BundleError(f'bundle {root}: {e.filename or e} is missing (a damaged bundle); export it again') from None
+
+
+def _remove_unreferenced(root: epath.Path, manifest: dict) -> None:
+  live = {meta['path'] for meta in manifest['bank'].values()}
+  for path in root.glob('bank/*/*.v*'):
+    if f'bank/{path.parent.name}/{path.name}' not in live:
+      path.rmtree(missing_ok=True)
 
 
 def _edit(root: str, nodes, record: dict, new_rows) -> dict:
+  root = as_path(root)
   manifest = bundle.read_manifest(root)
   bundle.verify(root, manifest)
   _remove_unreferenced(root, manifest)  # left by an edit that crashed
@@ -107,22 +125,21 @@ def _edit(root: str, nodes, record: dict, new_rows) -> dict:
     meta = manifest['bank'][key]
     version = int(meta['path'].rsplit('.v', 1)[1]) + 1
     path = bundle.array_path(table, name, version)
-    _link_copy(os.path.join(root, meta['path']), os.path.join(root, path))
+    keep_R = bundle.present_rows(k, depth, table, meta['shape'][0], manifest['subtrees'])
+    for lo, hi in runs:
+      keep_R[lo:hi] = False
+    _new_version(root, meta, path, keep_R)
     array = bundle.open_array(root, path)
     for lo, hi in runs:
-      for row in range(lo, hi):  # never write through a link into the current version's chunk
-        chunk = os.path.join(root, path, 'c', str(row), *['0'] * (len(meta['shape']) - 1))
-        if os.path.exists(chunk):
-          os.remove(chunk)
       rows = new_rows(key, meta, lo, hi)
       if rows is None:
         rows = np.zeros((hi - lo, *meta['shape'][1:]), array.dtype.numpy_dtype)
       bundle.write_rows(array, lo, rows)
     new['bank'][key]['path'] = path
     del new['files'][f'{meta["path"]}/zarr.json']
-    new['files'][f'{path}/zarr.json'] = bundle.sha256(os.path.join(root, path, 'zarr.json'))
+    new['files'][f'{path}/zarr.json'] = bundle.sha256(root / path / 'zarr.json')
   new['files'] = dict(sorted(new['files'].items()))
   new.setdefault('edits', []).append({**record, 'nodes': [f'{level}:{node}' for level, node in nodes]})
-  bundle.write_json(os.path.join(root, bundle.MANIFEST), new)  # the commit point
+  bundle.write_json(root / bundle.MANIFEST, new)  # the commit point
   _remove_unreferenced(root, new)
   return new

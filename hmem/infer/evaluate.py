@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import math
@@ -37,6 +38,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from hmem.errors import DataError, UserError
+from hmem.files import as_path, atomic_write
 
 TEXT_FIELDS = {'text', 'context'}
 CHOICE_FIELDS = {'prompt', 'candidates', 'answer', 'context'}
@@ -86,13 +88,13 @@ def _parse(line: str) -> tuple[str, dict | None]:
   return '', (kind, record)
 
 
-def read_records(path: str) -> Records:
-  """Parses the file; raises DataError when it holds no usable record."""
-  if not os.path.isfile(path):
-    raise DataError(f'eval data {path!r} not found; pass a JSONL file of {{"text": ...}} and '
+def read_records(path: str | os.PathLike) -> Records:
+  """Parses the file (on any filesystem); raises DataError when it holds no usable record."""
+  if not as_path(path).is_file():
+    raise DataError(f'eval data {str(path)!r} not found; pass a JSONL file of {{"text": ...}} and '
                     '{"prompt": ..., "candidates": [...], "answer": ...} records')
   out = Records()
-  with open(path, encoding='utf-8', errors='replace') as f:
+  with as_path(path).open('rb') as raw, io.TextIOWrapper(raw, encoding='utf-8', errors='replace') as f:
     for line in f:
       reason, parsed = _parse(line)
       if reason:
@@ -265,8 +267,8 @@ def table(result: dict) -> str:
   return '\n'.join(lines)
 
 
-def plot(result: dict, path: str) -> None:
-  """A bar chart per record kind, one bar per mode, saved as a PNG."""
+def plot(result: dict, path: str | os.PathLike) -> None:
+  """A bar chart per record kind, one bar per mode, saved as a PNG (on any filesystem)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -281,5 +283,6 @@ def plot(result: dict, path: str) -> None:
     for x, v in enumerate(values):
       ax.annotate(f'{v:.3g}', (x, v), ha='center', va='bottom')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with atomic_write(path, 'wb') as f:
+    fig.savefig(f, format='png', dpi=120)
   plt.close(fig)

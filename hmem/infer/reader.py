@@ -16,19 +16,29 @@ chunk fails the read that touches it, with the array and row named.
 from __future__ import annotations
 
 import collections
+import re
 import threading
 
 import numpy as np
 import tensorstore as ts
 
 from hmem.errors import BundleError
+from hmem.files import is_remote
 
 
 def kvstore(root: str, path: str) -> dict | str:
-  """The kvstore spec of `path` under `root` (a local directory or a tensorstore URL)."""
-  if '://' in root:
-    return root.rstrip('/') + '/' + path + '/'
-  return {'driver': 'file', 'path': f'{root.rstrip("/")}/{path}/'}
+  """The kvstore spec of `path` under `root`: a local directory, or a URL tensorstore reads
+  (gs://, s3://, file://, ...; epath's alias gcs:// is spelled gs:// for tensorstore)."""
+  root = str(root)
+  if not is_remote(root):
+    return {'driver': 'file', 'path': f'{root.rstrip("/")}/{path}/'}
+  url = re.sub('^gcs://', 'gs://', root).rstrip('/') + '/' + path + '/'
+  try:
+    ts.KvStore.Spec(url)
+  except ValueError as e:
+    raise BundleError(f'bundle {root}: tensorstore cannot read or write there ({e}); keep bundles on a '
+                      'local path, gs:// or s3://') from None
+  return url
 
 
 class Reader:

@@ -28,6 +28,7 @@ from hmem.data.embed import load_embedder
 from hmem.data.tokenizer import Tokenizer
 from hmem.data.tree import Tree, route
 from hmem.errors import BundleError
+from hmem.files import as_path
 
 TOKENIZER, TREE = 'tokenizer.json', 'tree.npz'
 
@@ -78,20 +79,21 @@ class Router:
     self.present = present
 
   @classmethod
-  def load(cls, directory: str, present: Sequence[int] | None = None) -> 'Router':
-    """From a prepared dataset directory or a bundle. A prepared dataset's manifest must
-    agree with its tokenizer (one replaced after `prepare` would route and encode wrongly)."""
-    router = cls(Tokenizer.load(os.path.join(directory, TOKENIZER)), load_embedder(directory),
-                 Tree.load(os.path.join(directory, TREE)), present)
-    manifest_path = os.path.join(directory, 'manifest.json')
-    if os.path.isfile(manifest_path):
-      with open(manifest_path) as f:
-        manifest = json.load(f)
+  def load(cls, directory: str | os.PathLike, present: Sequence[int] | None = None) -> 'Router':
+    """From a prepared dataset directory or a bundle, on any filesystem. A prepared dataset's
+    manifest must agree with its tokenizer (one replaced after `prepare` would route and
+    encode wrongly)."""
+    directory = as_path(directory)
+    router = cls(Tokenizer.load(str(directory / TOKENIZER)), load_embedder(str(directory)),
+                 Tree.load(str(directory / TREE)), present)
+    manifest_path = directory / 'manifest.json'
+    if manifest_path.is_file():
+      manifest = json.loads(manifest_path.read_text())
       # The identity of the tokenizer the data was tokenized with: a bundle nests it, a
       # prepared dataset records it at the top.
       expected = manifest.get('tokenizer', {}).get('identity') or manifest.get('tokenizer_sha256')
       if expected and router.tokenizer.identity != expected:
-        raise BundleError(f'{os.path.join(directory, TOKENIZER)} is not the tokenizer the run was trained with '
+        raise BundleError(f'{directory / TOKENIZER} is not the tokenizer the run was trained with '
                           f'(identity {router.tokenizer.identity}, {manifest_path} records {expected}); '
                           'restore the tokenizer the data was prepared with')
     return router

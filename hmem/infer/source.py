@@ -21,6 +21,7 @@ from flax import nnx
 
 from hmem.config import config_from_json
 from hmem.errors import BundleError, CheckpointError
+from hmem.files import as_path
 from hmem.infer.router import Router
 from hmem.memory import bank as memory_bank
 from hmem.memory import config as memory_config
@@ -102,13 +103,12 @@ class MemorySource:
     return memory_bank.assemble({'generic': tiled}, None, None, self.dtype)
 
 
-def run_config(workdir: str):
+def run_config(workdir: str | os.PathLike):
   """The config a run was trained with (its workdir's config.json)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise CheckpointError(f'{path} not found: {workdir!r} is not a run directory written by `hmem train`')
-  with open(path) as f:
-    return config_from_json(json.load(f))
+  path = as_path(workdir) / 'config.json'
+  if not path.is_file():
+    raise CheckpointError(f'{path} not found: {str(workdir)!r} is not a run directory written by `hmem train`')
+  return config_from_json(json.loads(path.read_text()))
 
 
 def abstract_params(cfg, device=None):
@@ -128,10 +128,10 @@ def restore_run(workdir: str, step: int | None = None):
   from hmem.train.state import TrainState
   cfg = run_config(workdir)
   memory_config.check(cfg)
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise CheckpointError(f'{workdir!r} holds no checkpoints/ directory; train the run first')
-  ckpt = Checkpoints(directory, async_save=False, read_only=True)
+  directory = as_path(workdir) / 'checkpoints'
+  if not directory.is_dir():
+    raise CheckpointError(f'{str(workdir)!r} holds no checkpoints/ directory; train the run first')
+  ckpt = Checkpoints(str(directory), async_save=False, read_only=True)
   try:
     steps = ckpt.manager.all_steps()
     step = ckpt.latest_step() if step is None else step
