@@ -103,9 +103,11 @@ def _cmd_bank(args, cfg):
 
 def _open(args):
   """The run or bundle of --workdir / --bundle, and the --block nodes parsed against its tree."""
+  from hmem import compile_cache
   from hmem.infer.router import parse_node
   from hmem.infer.source import open_source
   source = open_source(bundle=args.bundle, workdir=args.workdir, step=args.step)
+  compile_cache.enable(source.config, args.workdir)  # a bundle's: $HMEM_CACHE or ~/.cache/hmem/jax
   m = source.config.memory
   return source, [parse_node(n, m.k, m.depth) for n in args.block]
 

@@ -171,3 +171,19 @@ def test_generate_prints_the_routed_path_then_the_text(memory_run, capsys):
   assert capsys.readouterr().out.splitlines()[0].split()[1] != f'1:{expected[0]}'
   assert main(args + ['--memory', 'none', '--block-best']) == 2
   assert 'need --memory fetched' in capsys.readouterr().err
+
+
+def test_eval_and_generate_use_the_persistent_compile_cache(memory_run, tmp_path, monkeypatch, capsys):
+  before = jax.config.jax_compilation_cache_dir
+  monkeypatch.setenv('HMEM_CACHE', str(tmp_path / 'cache'))
+  try:
+    for command in (['generate', '--prompt', 'Music', '--max-new-tokens', '1'], ['eval', '--data', str(WIKI)]):
+      jax.config.update('jax_compilation_cache_dir', before)
+      if command[0] == 'eval':
+        (tmp_path / 'one.jsonl').write_text(json.dumps({'text': _texts(1)[0]}) + '\n')
+        command[-1] = str(tmp_path / 'one.jsonl')
+      assert main([*command, '--workdir', str(memory_run[3]), '--no-progress']) == 0
+      assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'cache'), command[0]
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
+  capsys.readouterr()
