@@ -5,8 +5,8 @@ import json
 import struct
 
 import pytest
-
 from conftest import assert_trees_close, saved_items
+
 from hmem.files import as_path
 from hmem.train import trainer
 from hmem.train.metrics import MetricsWriter
@@ -61,20 +61,22 @@ def test_config_records_on_an_object_store(gcs, make_config):
       {'step': 20, 'changes': {'train.steps': [20, 22]}}, {'step': 22, 'changes': {'train.log_every': [5, 1]}}]
 
 
-def test_train_killed_and_resumed_on_an_object_store(gcs, make_config, tmp_path):
+def test_train_killed_and_resumed_on_an_object_store(gcs, make_config):
   """A run on gs:// whose newest checkpoint was not committed (killed while writing it)
-  resumes from the previous one and ends equal to an uninterrupted local run."""
-  cfg = make_config('train.steps=4', 'train.checkpoint_every=2', 'train.log_every=1', 'train.eval_every=0')
-  trainer.train(cfg, RUN, progress=False)
+  resumes from the previous one and ends where the uninterrupted run did."""
+  overrides = ('train.steps=4', 'train.checkpoint_every=2', 'train.eval_every=0')
+  trainer.train(make_config(*overrides, 'train.log_every=1'), RUN, progress=False)
   checkpoints = gcs / 'bucket' / 'run' / 'checkpoints'
   assert committed_steps(f'{RUN}/checkpoints') == [2, 4]
+  uninterrupted = saved_items(checkpoints.parent, 4)
   # An object store has no rename: orbax writes a step in place and its commit marker last.
   (checkpoints / '4' / 'commit_success.txt').unlink()
   assert committed_steps(f'{RUN}/checkpoints') == [2]
-  summary = trainer.train(cfg, RUN, progress=False)
-  assert summary['step'] == 4 and committed_steps(f'{RUN}/checkpoints') == [2, 4]
-  rows = [json.loads(line) for line in (gcs / 'bucket' / 'run' / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in rows] == [1, 2, 3, 4]
-  local = tmp_path / 'local'
-  trainer.train(cfg, str(local), progress=False)
-  assert_trees_close(saved_items(checkpoints.parent, 4), saved_items(local, 4), rtol=0, atol=0)
+  # Logging every 2 steps now: the rows show where it resumed (step 2's, kept, then step 4's).
+  summary = trainer.train(make_config(*overrides, 'train.log_every=2'), RUN, progress=False)
+  assert summary['step'] == 4 and summary['config_changes'] == {'train.log_every': [1, 2]}
+  assert committed_steps(f'{RUN}/checkpoints') == [2, 4]
+  run = gcs / 'bucket' / 'run'
+  assert [json.loads(line)['step'] for line in (run / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 4]
+  assert json.loads((run / 'config_changes.jsonl').read_text()) == {'step': 2, 'changes': {'train.log_every': [1, 2]}}
+  assert_trees_close(saved_items(checkpoints.parent, 4), uninterrupted, rtol=0, atol=0)
