@@ -6,6 +6,7 @@ import struct
 
 import pytest
 from conftest import assert_trees_close, saved_items
+from test_resume import _truncate_largest_file
 
 from hmem.files import as_path
 from hmem.train import trainer
@@ -62,8 +63,8 @@ def test_config_records_on_an_object_store(gcs, make_config):
 
 
 def test_train_killed_and_resumed_on_an_object_store(gcs, make_config):
-  """A run on gs:// whose newest checkpoint was not committed (killed while writing it)
-  resumes from the previous one and ends where the uninterrupted run did."""
+  """A run on gs:// whose newest checkpoint was not committed (killed while writing it), or
+  is damaged, resumes from the previous one and ends where the uninterrupted run did."""
   overrides = ('train.steps=4', 'train.checkpoint_every=2', 'train.eval_every=0')
   trainer.train(make_config(*overrides, 'train.log_every=1'), RUN, progress=False)
   checkpoints = gcs / 'bucket' / 'run' / 'checkpoints'
@@ -79,4 +80,9 @@ def test_train_killed_and_resumed_on_an_object_store(gcs, make_config):
   run = gcs / 'bucket' / 'run'
   assert [json.loads(line)['step'] for line in (run / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 4]
   assert json.loads((run / 'config_changes.jsonl').read_text()) == {'step': 2, 'changes': {'train.log_every': [1, 2]}}
+  assert_trees_close(saved_items(checkpoints.parent, 4), uninterrupted, rtol=0, atol=0)
+  # A committed step that does not restore is renamed on the store and the run goes on from step 2.
+  _truncate_largest_file(checkpoints / '4')
+  trainer.train(make_config(*overrides, 'train.log_every=2'), RUN, progress=False)
+  assert sorted(p.name for p in checkpoints.iterdir()) == ['2', '4', '4.unreadable']
   assert_trees_close(saved_items(checkpoints.parent, 4), uninterrupted, rtol=0, atol=0)
