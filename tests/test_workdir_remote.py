@@ -8,8 +8,10 @@ import pytest
 from conftest import assert_trees_close, saved_items
 from test_resume import _truncate_largest_file
 
+from hmem.errors import CheckpointError
 from hmem.files import as_path
 from hmem.train import trainer
+from hmem.train.checkpoint import Checkpoints
 from hmem.train.metrics import MetricsWriter
 from hmem.train.storage import committed_steps
 
@@ -86,3 +88,8 @@ def test_train_killed_and_resumed_on_an_object_store(gcs, make_config):
   trainer.train(make_config(*overrides, 'train.log_every=2'), RUN, progress=False)
   assert sorted(p.name for p in checkpoints.iterdir()) == ['2', '4', '4.unreadable']
   assert_trees_close(saved_items(checkpoints.parent, 4), uninterrupted, rtol=0, atol=0)
+
+
+def test_checkpoints_refuse_a_store_orbax_cannot_write():
+  with pytest.raises(CheckpointError, match='s3://bucket/run/checkpoints: orbax writes to local paths and gs://'):
+    Checkpoints('s3://bucket/run/checkpoints')

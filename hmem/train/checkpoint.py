@@ -20,7 +20,7 @@ from absl import logging
 
 from hmem.data.source import Position
 from hmem.errors import CheckpointError, UserError
-from hmem.files import as_path
+from hmem.files import as_path, is_remote
 from hmem.train.storage import checkpoint_writes
 
 
@@ -39,7 +39,10 @@ def _all_finite(tree) -> jax.Array:
 class Checkpoints:
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True, read_only: bool = False):
-    self.directory = as_path(directory)  # any filesystem: orbax reaches object stores itself
+    self.directory = as_path(directory)  # orbax reaches gs:// itself
+    if is_remote(self.directory) and not str(self.directory).startswith('gs://'):
+      raise CheckpointError(f'checkpoints cannot be written to {self.directory}: orbax writes to local paths and gs:// '
+                            'only; mount the bucket (e.g. s3fs-fuse, blobfuse2) and pass the mount path')
     self.manager = ocp.CheckpointManager(
         str(self.directory),
         options=ocp.CheckpointManagerOptions(

@@ -102,6 +102,8 @@ def _check_workdir(workdir: str) -> None:
   except OSError as e:
     raise CheckpointError(f'workdir {workdir!r} is not writable ({e.strerror or e}); pass a --workdir this '
                           'process can create and write') from None
+  except ImportError as e:  # epath reaches an object store through a package of its own (gcsfs, s3fs)
+    raise CheckpointError(f'workdir {workdir!r} cannot be reached: {e}') from None
 
 
 def _sources(cfg):
