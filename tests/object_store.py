@@ -12,6 +12,7 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry as fsspec_classes  # pylint: disable=protected-access
+from orbax.checkpoint._src.path import gcs_utils
 
 
 def _fake_gcs(root: str):
@@ -57,6 +58,11 @@ def fake_gcs(root, monkeypatch):
 
   for module in (reader, bundle):
     monkeypatch.setattr(module, 'kvstore', local_kvstore)
+  # orbax: its tensorstore kvstore for gs:// onto the directory, and a bucket without
+  # hierarchical namespace (asking GCS which would need google-cloud-storage).
+  monkeypatch.setattr(gcs_utils, 'get_kvstore_for_gcs',
+                      lambda path: {'driver': 'file', 'path': f'{root}/{str(path).removeprefix("gs://")}'})
+  monkeypatch.setattr(gcs_utils, 'is_hierarchical_namespace_enabled', lambda path: False)
   try:
     yield
   finally:

@@ -20,6 +20,7 @@ from hmem.config import default_config, load_config
 from hmem.data.source import Position
 from hmem.data.tokenizer import Tokenizer
 from hmem.errors import DataError, WeightsError
+from hmem.files import as_path
 from hmem.imports import export_hf, gguf_file, hf, import_checkpoint
 from hmem.model import build_model
 from hmem.train.optimizer import anchor_optimizer
@@ -329,3 +330,23 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
   assert main(['import', '--from', str(tmp_path), '--out', str(tmp_path / 'run')]) == 2
   err = capsys.readouterr().err
   assert err.startswith('hmem: error: --from') and err.count('\n') == 1
+
+
+def test_import_into_an_object_store(gcs, tmp_path):
+  """The run directory on gs:// (tests/object_store.py): its config.py names the run by URL
+  and starts the same model; the GGUF's tokenizer is written there; a second import is refused."""
+  import tokenizers
+  ref = REFERENCE['tiny']['qwen2']
+  import_checkpoint(os.path.join(DATA, 'tiny_hf', 'qwen2'), 'gs://bucket/qwen2', progress=False)
+  (tmp_path / 'config.py').write_text(as_path('gs://bucket/qwen2/config.py').read_text())  # configs load locally
+  cfg, model = _load_run(str(tmp_path))
+  assert cfg.train.init_from == 'gs://bucket/qwen2'
+  np.testing.assert_allclose(_logits(model, ref['ids']), ref['logits'], atol=1e-4)
+  with pytest.raises(WeightsError, match='already holds checkpoints'):
+    import_checkpoint(os.path.join(DATA, 'tiny_hf', 'qwen2'), 'gs://bucket/qwen2', progress=False)
+
+  import_checkpoint(_tiny_gguf(tmp_path / 'm.gguf'), 'gs://bucket/gguf', progress=False)
+  saved = json.loads(as_path('gs://bucket/gguf/config.json').read_text())
+  assert saved['data']['tokenizer'] == 'gs://bucket/gguf/tokenizer.json'
+  tokenizer = tokenizers.Tokenizer.from_str(as_path(saved['data']['tokenizer']).read_text())
+  assert tokenizer.get_vocab_size() == 40 and tokenizer.token_to_id('t7') == 7

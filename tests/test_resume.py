@@ -8,40 +8,53 @@ import shutil
 import pytest
 
 from hmem.errors import CheckpointError, ConfigError
+from hmem.files import as_path
 from hmem.train.metrics import MetricsWriter
 from hmem.train.trainer import train
 
 
-def _write_rows(workdir, steps):
-  with open(workdir / 'metrics.jsonl', 'w') as f:
-    for step in steps:
-      f.write(json.dumps({'step': step, 'loss': 1.0 / step}) + '\n')
+@pytest.fixture(params=['local', 'gs'])
+def workdir(request, tmp_path):
+  """A workdir on local disk and on an object store (a fake gs://, tests/object_store.py)."""
+  if request.param == 'local':
+    return as_path(tmp_path)
+  request.getfixturevalue('gcs')
+  return as_path('gs://bucket/run')
+
+
+def _rows(steps) -> str:
+  return ''.join(json.dumps({'step': step, 'loss': 1.0 / step}) + '\n' for step in steps)
 
 
 def _steps(workdir):
-  return [json.loads(line)['step'] for line in open(workdir / 'metrics.jsonl')]
+  return [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
 @pytest.mark.parametrize('cut, kept', [(1, [1, 2]), (7, [1, 2]), (-1, [1, 2, 3])])
-def test_a_truncated_last_metrics_line_is_dropped_on_resume(tmp_path, cut, kept):
+def test_a_truncated_last_metrics_line_is_dropped_on_resume(workdir, cut, kept):
   """A kill during a write leaves part of a line: `cut` bytes of it (dropped), or all but
   its newline (a whole row: kept, and the next row starts on a line of its own)."""
-  _write_rows(tmp_path, [1, 2, 3])
-  size = os.path.getsize(tmp_path / 'metrics.jsonl')
+  text = _rows([1, 2, 3])
   last = len(json.dumps({'step': 3, 'loss': 1.0 / 3})) + 1
-  os.truncate(tmp_path / 'metrics.jsonl', size - last + cut if cut > 0 else size + cut)
-  writer = MetricsWriter(str(tmp_path), resume_step=3)
+  (workdir / 'metrics.jsonl').write_text(text[:len(text) - last + cut if cut > 0 else len(text) + cut])
+  writer = MetricsWriter(str(workdir), resume_step=3)
   writer.write(4, {'loss': 0.5})
   writer.close()
-  assert _steps(tmp_path) == kept + [4]
+  assert _steps(workdir) == kept + [4]
 
 
-def test_a_damaged_metrics_line_before_the_last_is_an_error(tmp_path):
-  _write_rows(tmp_path, [1, 2, 3])
-  text = (tmp_path / 'metrics.jsonl').read_text().replace('"step": 2', '"st')
-  (tmp_path / 'metrics.jsonl').write_text(text)
+def test_resume_drops_the_rows_after_the_checkpoint(workdir):
+  (workdir / 'metrics.jsonl').write_text(_rows([1, 2, 3, 4]))
+  writer = MetricsWriter(str(workdir), resume_step=2)
+  writer.write(3, {'loss': 0.5})
+  writer.close()
+  assert _steps(workdir) == [1, 2, 3]
+
+
+def test_a_damaged_metrics_line_before_the_last_is_an_error(workdir):
+  (workdir / 'metrics.jsonl').write_text(_rows([1, 2, 3]).replace('"step": 2', '"st'))
   with pytest.raises(CheckpointError, match='metrics.jsonl line 2'):
-    MetricsWriter(str(tmp_path), resume_step=3)
+    MetricsWriter(str(workdir), resume_step=3)
 
 
 # --- a run resumed under a changed config

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import numpy as np
 from hmem.config import default_config
 from hmem.data.source import Position
 from hmem.errors import WeightsError
+from hmem.files import as_path, atomic_write, is_remote
 from hmem.imports import gguf_file, hf
 from hmem.model.transformer import dtype_of
 from hmem.train.checkpoint import Checkpoints
@@ -38,7 +38,7 @@ import os
 
 from hmem.config import default_config
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = {here}
 
 
 def get_config():
@@ -58,7 +58,8 @@ def import_checkpoint(source: str, out: str, dtype: str = 'float32', tokenizer: 
   first layers (for tests). Returns a summary."""
   if dtype not in DTYPES:
     raise WeightsError(f'--dtype {dtype!r}; choose one of {DTYPES}')
-  if os.path.isdir(os.path.join(out, 'checkpoints')) and os.listdir(os.path.join(out, 'checkpoints')):
+  run = as_path(out)  # any filesystem; the inputs below are local files
+  if (run / 'checkpoints').is_dir() and any((run / 'checkpoints').iterdir()):
     raise WeightsError(f'{out} already holds checkpoints; import into a new directory')
   if tokenizer and not os.path.isfile(tokenizer):
     raise WeightsError(f'--tokenizer {tokenizer!r} not found; pass a tokenizer.json')
@@ -79,28 +80,31 @@ def import_checkpoint(source: str, out: str, dtype: str = 'float32', tokenizer: 
   rope_scaling = model.pop('rope_scaling')
   cfg.model.update(model, dtype=dtype, param_dtype=dtype)
   cfg.model.rope_scaling.update(rope_scaling)
-  os.makedirs(out, exist_ok=True)
-  tokenizer_path = os.path.join(out, 'tokenizer.json')
+  run.mkdir(parents=True, exist_ok=True)
+  tokenizer_path = run / 'tokenizer.json'
   if embedded is not None:
-    embedded.save(tokenizer_path)
+    tokenizer_path.write_text(embedded.to_str(pretty=True))
   elif tokenizer:
-    shutil.copyfile(tokenizer, tokenizer_path)
-  cfg.data.tokenizer = tokenizer_path if os.path.isfile(tokenizer_path) else ''
-  cfg.train.init_from = os.path.abspath(out)
+    tokenizer_path.write_bytes(as_path(tokenizer).read_bytes())
+  cfg.data.tokenizer = str(tokenizer_path) if tokenizer_path.is_file() else ''
+  cfg.train.init_from = str(run)
 
   state = TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.asarray, params),
                      opt_state={}, bank={}, bank_opt={})
   meta = {'config': json.loads(cfg.to_json_best_effort()), 'imported_from': os.path.abspath(source)}
-  ckpt = Checkpoints(os.path.join(out, 'checkpoints'), async_save=False)
+  ckpt = Checkpoints(run / 'checkpoints', async_save=False)
   ckpt.save(state, Position(), meta)
   ckpt.close()
 
-  with open(os.path.join(out, 'config.py'), 'w') as f:
-    f.write(_CONFIG_PY.format(source=os.path.basename(os.path.abspath(source)), model=_literal(cfg.model),
-                              rope_scaling=dict(cfg.model.rope_scaling)))
-  with open(os.path.join(out, 'config.json'), 'w') as f:
+  # A config file is loaded from local disk: one kept on an object store is copied out first,
+  # so there it names the run by its URL instead of by its own location.
+  here = f'{str(run)!r}' if is_remote(run) else 'os.path.dirname(os.path.abspath(__file__))'
+  with atomic_write(run / 'config.py') as f:
+    f.write(_CONFIG_PY.format(source=os.path.basename(os.path.abspath(source)), here=here,
+                              model=_literal(cfg.model), rope_scaling=dict(cfg.model.rope_scaling)))
+  with atomic_write(run / 'config.json') as f:
     f.write(cfg.to_json_best_effort(indent=2))
-  return {'run': os.path.abspath(out), 'params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+  return {'run': str(run), 'params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
           'dtype': dtype, 'tokenizer': cfg.data.tokenizer or None,
           **{k: cfg.model[k] for k in ('layers', 'd_model', 'heads', 'kv_heads', 'vocab_size')}}
 

@@ -20,6 +20,7 @@ from absl import logging
 
 from hmem.data.source import Position
 from hmem.errors import CheckpointError, UserError
+from hmem.files import as_path, is_remote
 from hmem.train.storage import checkpoint_writes
 
 
@@ -37,10 +38,13 @@ def _all_finite(tree) -> jax.Array:
 
 class Checkpoints:
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    self.directory = as_path(directory)  # orbax reaches gs:// itself
+    if is_remote(self.directory) and not str(self.directory).startswith('gs://'):
+      raise CheckpointError(f'checkpoints cannot be written to {self.directory}: orbax writes to local paths and gs:// '
+                            'only; mount the bucket (e.g. s3fs-fuse, blobfuse2) and pass the mount path')
     self.manager = ocp.CheckpointManager(
-        self.directory,
+        str(self.directory),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save, create=not read_only, read_only=read_only))
@@ -106,18 +110,18 @@ class Checkpoints:
     return None
 
   def _set_aside(self, step: int, error: Exception, fallback: int) -> None:
-    aside = os.path.join(self.directory, f'{step}.unreadable')
+    aside = self.directory / f'{step}.unreadable'
     logging.warning('checkpoint step %d in %s is unreadable (%s: %s); resuming from step %d and keeping the '
                     'damaged one as %s', step, self.directory, type(error).__name__,
                     str(error).splitlines()[0][:300], fallback, aside)
     if jax.process_index() == 0:
-      os.replace(os.path.join(self.directory, str(step)), aside)
+      (self.directory / str(step)).replace(aside)
     self.manager.reload()
 
   def _restore(self, step: int, abstract_state, items=None):
     names = state_items(abstract_state) if items is None else tuple(items)
-    step_dir = os.path.join(self.directory, str(step))
-    available = set(os.listdir(step_dir)) if os.path.isdir(step_dir) else set()
+    step_dir = self.directory / str(step)
+    available = {p.name for p in step_dir.iterdir()} if step_dir.is_dir() else set()
     missing = [n for n in names if n not in available]
     if missing:
       raise CheckpointError(

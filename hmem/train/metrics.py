@@ -1,16 +1,41 @@
-"""Metrics to WORKDIR/metrics.jsonl (one exact JSON object per logged step) and TensorBoard."""
+"""Metrics to WORKDIR/metrics.jsonl (one exact JSON object per logged step) and TensorBoard,
+on any filesystem (hmem.files): on an object store both files are rewritten on each flush."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 
 from absl import logging
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
 
 from hmem.errors import CheckpointError
-from hmem.files import atomic_write
+from hmem.files import as_path, atomic_write, open_append
+
+
+class _EventFile:
+  """A TensorBoard event file on an object store, appended through hmem.files. It has no
+  `fileno`: tensorboardX fsyncs a file that has one (and an in-memory one's raises)."""
+
+  def __init__(self, path: str):
+    self._file = open_append(path, binary=True)
+    self.write, self.flush, self.close = self._file.write, self._file.flush, self._file.close
+
+
+class _ObjectStoreEvents:
+  """tensorboardX's writer factory for object stores: epath reaches every store it supports
+  (tensorboardX's own gs:// writer would need google-cloud-storage)."""
+
+  def open(self, path: str) -> _EventFile:
+    return _EventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+for _scheme in ('gs', 's3', 'az'):
+  record_writer.register_writer_factory(_scheme, _ObjectStoreEvents())
 
 
 def _plain(value):
@@ -25,25 +50,25 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = as_path(workdir) / 'metrics.jsonl'
     if not enabled:
       return
     if resume_step is not None:
       self._truncate_after(resume_step)
-    elif os.path.exists(self.path):
-      os.remove(self.path)
+    else:
+      self.path.unlink(missing_ok=True)
     # purge_step makes TensorBoard discard events a killed run wrote past the checkpoint.
     purge = None if resume_step is None else resume_step + 1
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge)
-    self.file = open(self.path, 'a')
+    self.tb = SummaryWriter(str(as_path(workdir) / 'tensorboard'), purge_step=purge)
+    self.file = open_append(self.path)
 
   def _truncate_after(self, step: int) -> None:
     """Keeps the rows up to `step`. A killed run may have left its last line half
     written: that line is dropped (with a warning); a damaged line before it is an error."""
-    if not os.path.exists(self.path):
+    if not self.path.exists():
       return
-    with open(self.path, encoding='utf-8', errors='replace') as f:
-      lines = f.readlines()
+    text = self.path.read_bytes().decode('utf-8', errors='replace')  # epath's open() takes no `errors`
+    lines = io.StringIO(text, newline=None).readlines()
     rows = []
     for number, line in enumerate(lines, 1):
       if not line.strip():

@@ -12,7 +12,10 @@ import errno
 import os
 import re
 
+import orbax.checkpoint as ocp
+
 from hmem.errors import CheckpointError
+from hmem.files import as_path
 
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 _CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
@@ -37,15 +40,15 @@ def storage_errno(exc: BaseException) -> int | None:
   return None
 
 
-def committed_steps(directory: str) -> list[int]:
-  """Checkpoint steps whose write completed (orbax renames a step's temporary directory
-  to the bare step number only once every item is written)."""
-  names = os.listdir(directory) if os.path.isdir(directory) else []
-  return sorted(int(n) for n in names if n.isdigit())
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+  """Checkpoint steps whose write completed, on any filesystem: orbax renames a step's
+  temporary directory to the bare step number once every item is written, or, on an
+  object store (no rename), writes the step in place and a commit marker in it last."""
+  return sorted(ocp.utils.checkpoint_steps(str(as_path(directory))))
 
 
 @contextlib.contextmanager
-def checkpoint_writes(directory: str):
+def checkpoint_writes(directory: str | os.PathLike):
   """Turns a storage fault while checkpointing into a StorageError naming the last good step."""
   try:
     yield

@@ -10,9 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import tempfile
 import time
+import uuid
 from typing import Any
 
 import jax
@@ -23,7 +22,7 @@ from hmem import sharding, sizes
 from hmem.data import Position, check_batch, make_source
 from hmem.data.prefetch import Prefetcher
 from hmem.errors import CheckpointError, ConfigError, TrainingError
-from hmem.files import atomic_write
+from hmem.files import as_path, atomic_write, open_append
 from hmem.memory import config as memory_config
 from hmem.train import resume
 from hmem.train.checkpoint import Checkpoints
@@ -95,13 +94,16 @@ def _evaluate(eval_step, state, batches: _Batches, steps: int) -> dict[str, floa
 # --- setup: every check that can fail on the user's input runs before the state is built.
 
 def _check_workdir(workdir: str) -> None:
+  probe = as_path(workdir) / f'.write-test-{uuid.uuid4().hex}'
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write-test-'):
-      pass
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b'')
+    probe.unlink()
   except OSError as e:
     raise CheckpointError(f'workdir {workdir!r} is not writable ({e.strerror or e}); pass a --workdir this '
                           'process can create and write') from None
+  except ImportError as e:  # epath reaches an object store through a package of its own (gcsfs, s3fs)
+    raise CheckpointError(f'workdir {workdir!r} cannot be reached: {e}') from None
 
 
 def _sources(cfg):
@@ -127,7 +129,7 @@ def _initial_state(cfg, tx, spec):
   checkpoint of that run (the paper's regime: pretrain the anchor, then add memory)."""
   if not cfg.train.init_from:
     return init_state(cfg, tx, spec)
-  source = Checkpoints(os.path.join(cfg.train.init_from, 'checkpoints'), async_save=False, read_only=True)
+  source = Checkpoints(as_path(cfg.train.init_from) / 'checkpoints', async_save=False, read_only=True)
   step = source.latest_step()
   if step is None:
     raise CheckpointError(f'train.init_from={cfg.train.init_from!r} holds no checkpoint; point it at the '
@@ -160,9 +162,9 @@ def _record_config(cfg, workdir: str, resume_step: int | None, changes: dict) ->
   """config.json is the config of the latest (re)start; each resume that changed keys
   appends them to config_changes.jsonl, so no earlier setting is lost."""
   if changes:
-    with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
+    with open_append(as_path(workdir) / 'config_changes.jsonl') as f:
       f.write(json.dumps({'step': resume_step, 'changes': {k: list(v) for k, v in changes.items()}}) + '\n')
-  with atomic_write(os.path.join(workdir, 'config.json')) as f:
+  with atomic_write(as_path(workdir) / 'config.json') as f:
     f.write(cfg.to_json_best_effort(indent=2))
 
 
@@ -243,7 +245,7 @@ def _setup(cfg, workdir: str, mesh) -> _Run:
   fingerprint = _data_fingerprint(source)
   tx, schedule = anchor_optimizer(cfg.train)
   spec = state_spec(cfg, tx, mesh)
-  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'), cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
+  ckpt = Checkpoints(as_path(workdir) / 'checkpoints', cfg.train.keep_checkpoints, cfg.train.async_checkpoints)
   try:
     state, position, resume_step, changes = _restore_or_init(cfg, ckpt, spec, tx, fingerprint)
   except BaseException:
@@ -295,7 +297,7 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
       log = _Log(cfg, workdir, run.resume_step, step, lead, progress)
       while step < t.steps:
         if t.profile_start >= 0 and step == t.profile_start:
-          jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+          jax.profiler.start_trace(str(as_path(workdir) / 'profile'))
           tracing = True
         next_position = position.next(run.steps_per_epoch)
         batch = run.batches.get(position, prefetch=next_position if step + 1 < t.steps else None)
