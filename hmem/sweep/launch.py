@@ -1,7 +1,7 @@
 """Launching a sweep's runs: as local subprocesses (at most N at once) or one SLURM job each.
 
 Every run is `hmem train` on its own workdir, so re-running a sweep is safe: a finished
-run (its final checkpoint exists) is skipped, any other one is started again and resumes
+run (its final checkpoint is committed) is skipped, any other one is started again and resumes
 from its latest checkpoint. The local launcher records each exit status in
 WORKDIR/sweep_status.json and the output in WORKDIR/train.log; the SLURM launcher records
 the job id, and does not submit a run whose job is still queued or running.
@@ -20,7 +20,9 @@ from etils import epath
 from tqdm import tqdm
 
 from hmem.errors import ConfigError
+from hmem.files import open_append
 from hmem.sweep.spec import Run
+from hmem.train.storage import committed_steps
 
 STATUS_FILE = 'sweep_status.json'
 SBATCH_SCRIPT = os.path.join(os.path.dirname(__file__), '..', '..', 'launch', 'slurm.sbatch')
@@ -41,11 +43,10 @@ def _write_status(run: Run, status: dict) -> None:
 
 
 def run_state(run: Run, steps: int) -> str:
-  """'finished' (the checkpoint of the last step exists; orbax renames a step directory into
-  place only once it is complete), 'failed' (the last local attempt exited non-zero),
-  'unfinished' (started, stopped early: resumable) or 'not started'."""
+  """'finished' (the checkpoint of the last step is committed), 'failed' (the last local
+  attempt exited non-zero), 'unfinished' (started, stopped early: resumable) or 'not started'."""
   workdir = epath.Path(run.workdir)
-  if (workdir / 'checkpoints' / str(steps)).is_dir():
+  if steps in committed_steps(workdir / 'checkpoints'):
     return 'finished'
   if not workdir.is_dir():
     return 'not started'
@@ -56,7 +57,7 @@ def _run_one(sweep_file: str, run: Run) -> int:
   workdir = epath.Path(run.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   # Streamed line by line, so the log may live on any filesystem epath writes (gs://, ...).
-  with (workdir / 'train.log').open('a') as log, subprocess.Popen(
+  with open_append(workdir / 'train.log') as log, subprocess.Popen(
       train_command(sweep_file, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
     for line in proc.stdout:
       log.write(line)
