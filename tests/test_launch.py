@@ -7,10 +7,16 @@ job (the script run again, same job id) must resume and finish without requeuein
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
 import time
+
+import numpy as np
+
+from hmem.cli import _parser
+from hmem.config import load_config
 
 FAKE_SRUN = r'''#!/usr/bin/env bash
 # Runs SLURM_NTASKS copies of the command here, with the variables srun gives each task.
@@ -95,3 +101,39 @@ def test_slurm_sigterm_checkpoints_requeues_and_the_requeued_job_resumes(repo, t
   summaries = [json.loads(line) for line in (tmp_path / 'logs' / 'node0.log').read_text().splitlines()
                if line.startswith('{"step"')]
   assert [(s['step'], s['stopped_by_signal']) for s in summaries] == [(stopped, True), (STEPS, False)]
+
+
+def _jobset(repo, name):
+  import yaml
+  jobset = yaml.safe_load((repo / 'launch' / 'gke' / name).read_text())
+  (job,) = jobset['spec']['replicatedJobs']
+  pod = job['template']['spec']['template']['spec']
+  (container,) = pod['containers']
+  (command,) = container['args']
+  argv = shlex.split(command.replace('"$PROCESS_ID"', '0'))
+  assert argv[:2] == ['exec', 'hmem'], command
+  args = _parser().parse_args([a for a in argv[2:] if not a.startswith('--config.')])
+  load_config(str(repo / args.config), [a for a in argv if a.startswith('--config.')])  # every key exists
+  return jobset, job, pod, container, args
+
+
+def test_gke_jobsets_wire_jax_and_name_real_flags(repo):
+  """Every flag the manifests pass exists; GPU pods get the coordinator wiring JAX needs
+  (process 0's DNS name under the JobSet's headless service, the process count, the pod's
+  completion index); TPU pods let JAX read GKE's TPU environment; all get time to save."""
+  jobset, job, pod, container, args = _jobset(repo, 'jobset-gpu.yaml')
+  spec, name = job['template']['spec'], jobset['metadata']['name']
+  assert jobset['spec']['network']['enableDNSHostnames']
+  host, port = args.coordinator.split(':')
+  assert host == f'{name}-{job["name"]}-0-0.{name}' and {'containerPort': int(port)} in container['ports']
+  assert args.num_processes == spec['parallelism'] == spec['completions'] and spec['completionMode'] == 'Indexed'
+  (env,) = container['env']
+  assert env['name'] == 'PROCESS_ID'
+  assert env['valueFrom']['fieldRef']['fieldPath'].endswith("['batch.kubernetes.io/job-completion-index']")
+  for manifest in ('jobset-gpu.yaml', 'jobset-tpu.yaml'):
+    jobset, job, pod, container, args = _jobset(repo, manifest)
+    assert args.command == 'train' and pod['terminationGracePeriodSeconds'] >= 120
+    assert jobset['spec']['failurePolicy']['maxRestarts'] > 0  # a preempted run comes back and resumes
+    assert (not args.coordinator) == args.distributed == manifest.endswith('tpu.yaml')
+  chips = np.prod([int(n) for n in pod['nodeSelector']['cloud.google.com/gke-tpu-topology'].split('x')])
+  assert job['template']['spec']['parallelism'] * container['resources']['limits']['google.com/tpu'] == chips
