@@ -143,14 +143,22 @@ def test_tiny_sweep_runs_collects_fits_and_plots(repo, tmp_path):
     assert len(group['runs']) == (7 if levels == '(16, 8)' else 8)
     assert len(group['params_runs']) == 4 and group['params_tokens'] == 8 * 8 * 64
     assert stale.name not in group['runs'] + group['params_runs']
-    for name, xkey, names in (('loss_vs_flops', 'flops', group['runs']),
+    # The FLOPs fit takes the compute frontier: each run there beats every cheaper one.
+    done = sorted(group['runs'], key=lambda n: float(by_name[n]['flops']))
+    assert group['frontier_runs'] == [n for i, n in enumerate(done) if all(
+        float(by_name[n]['eval_loss']) < float(by_name[m]['eval_loss']) for m in done[:i])]
+    for name, xkey, names in (('loss_vs_flops', 'flops', group['frontier_runs']),
                               ('loss_vs_params', 'active_params', group['params_runs'])):
       fit = group[name]
+      if len(names) < 4:
+        assert 'needs at least 4' in fit['error']
+        continue
       assert 'error' not in fit and fit['n'] == len(fit['residuals']) == len(names)
       x = [float(by_name[n][xkey]) for n in names]
       y = [float(by_name[n]['eval_loss']) for n in names]
       predicted = fit['E'] + fit['A'] * (np.array(x) / fit['x0']) ** -fit['alpha']
       np.testing.assert_allclose(np.array(y) - predicted, fit['residuals'], atol=1e-9)
+  assert all('error' not in g['loss_vs_flops'] for g in summary['fits'].values())
   for path in summary['plots']:
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'

@@ -9,8 +9,10 @@ anchor alone), parameter counts (`hmem.sizes`) and training compute
 plus causal attention). Runs that failed or did not finish stay in the table with their
 state and whatever they logged; only finished runs enter the fits and plots.
 
-Fits, per memory size: L = E + A * (X / X0)^-alpha for X = training FLOPs (all runs) and
-X = active parameters (anchor + fetched; the runs of the largest token budget), with X0
+Fits, per memory size: L = E + A * (X / X0)^-alpha for X = training FLOPs over the compute
+frontier (the runs no cheaper or equally cheap run beats: the best loss each budget buys,
+as scaling-law fits take it; an over-sized model on a small budget lies above the curve)
+and X = active parameters (anchor + fetched; the runs of the largest token budget), with X0
 the geometric mean of X (so A is the loss above E at a typical X), by scipy's bounded
 least squares (E <= the smallest loss, A >= 0, 0 <= alpha <= 5).
 """
@@ -86,17 +88,28 @@ def _target(row) -> float | None:
   return row['eval_loss'] if row['eval_loss'] is not None else row['loss']
 
 
+def compute_frontier(rows: list[dict]) -> list[dict]:
+  """The rows whose loss is below that of every row with no more FLOPs, by FLOPs."""
+  frontier = []
+  for r in sorted(rows, key=lambda r: (r['flops'], _target(r))):
+    if not frontier or _target(r) < _target(frontier[-1]):
+      frontier.append(r)
+  return frontier
+
+
 def fits(rows: list[dict]) -> dict:
-  """{levels: fits} per memory size over its finished runs: `loss_vs_flops` over all of
-  them, `loss_vs_params` over those of the largest token budget (`params_tokens`). The
-  fitted loss is the final held-out loss (the train loss where there was no evaluation)."""
+  """{levels: fits} per memory size over its finished runs (`runs`): `loss_vs_flops` over
+  their compute frontier (`frontier_runs`), `loss_vs_params` over those of the largest
+  token budget (`params_tokens`). The fitted loss is the final held-out loss (the train
+  loss where there was no evaluation)."""
   out = {}
   for levels in dict.fromkeys(r['levels'] for r in rows):
     done = [r for r in rows if r['levels'] == levels and r['state'] == 'finished' and _target(r) is not None]
+    frontier = compute_frontier(done)
     tokens = max((r['tokens'] for r in done), default=0)
     longest = [r for r in done if r['tokens'] == tokens]
-    out[levels] = {'runs': [r['name'] for r in done],
-                   'loss_vs_flops': fit_power_law([r['flops'] for r in done], [_target(r) for r in done]),
+    out[levels] = {'runs': [r['name'] for r in done], 'frontier_runs': [r['name'] for r in frontier],
+                   'loss_vs_flops': fit_power_law([r['flops'] for r in frontier], [_target(r) for r in frontier]),
                    'params_runs': [r['name'] for r in longest], 'params_tokens': tokens,
                    'loss_vs_params': fit_power_law([r['active_params'] for r in longest],
                                                    [_target(r) for r in longest])}
@@ -118,7 +131,7 @@ def plot(rows: list[dict], fitted: dict, root: str) -> list[str]:
 
   paths = []
   for xkey, fitkey, runskey, xlabel in (
-      ('flops', 'loss_vs_flops', 'runs', 'training FLOPs'),
+      ('flops', 'loss_vs_flops', 'runs', 'training FLOPs (fit: compute frontier)'),
       ('active_params', 'loss_vs_params', 'params_runs', 'active parameters (anchor + fetch), largest budget')):
     fig, ax = plt.subplots(figsize=(6, 4))
     for levels, group in fitted.items():
