@@ -38,11 +38,19 @@ def _events(directory):
 
 
 def test_metrics_and_tensorboard_events_on_an_object_store(gcs):
+  path = as_path(RUN) / 'metrics.jsonl'
+  # Each flush rewrites the whole object, so rows wait for the interval or an explicit
+  # flush (the trainer's, before each checkpoint); with no interval each row goes at once.
   writer = MetricsWriter(RUN)
-  for step in (1, 2, 3):
+  assert writer.flush_every_s == 30
+  writer.write(1, {'loss': 1.0, 'lr': 0.5})
+  assert not path.exists()  # nothing flushed yet
+  writer.flush()
+  assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1]
+  writer.flush_every_s = 0
+  for step in (2, 3):
     writer.write(step, {'loss': 1.0 / step, 'lr': 0.5})
-    # Each row is in the object once written, before the writer closes (a run may be killed).
-    assert json.loads((as_path(RUN) / 'metrics.jsonl').read_text().splitlines()[-1])['step'] == step
+    assert json.loads(path.read_text().splitlines()[-1])['step'] == step
   writer.close()
   rows = [json.loads(line) for line in (gcs / 'bucket' / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert rows == [{'step': s, 'loss': 1.0 / s, 'lr': 0.5} for s in (1, 2, 3)]
@@ -93,3 +101,19 @@ def test_train_killed_and_resumed_on_an_object_store(gcs, make_config):
 def test_checkpoints_refuse_a_store_orbax_cannot_write():
   with pytest.raises(CheckpointError, match='s3://bucket/run/checkpoints: orbax writes to local paths and gs://'):
     Checkpoints('s3://bucket/run/checkpoints')
+
+
+def test_rows_reach_the_store_before_each_checkpoint(gcs, make_config, monkeypatch):
+  """Rows wait in memory on an object store; every row up to a checkpoint's step must be
+  in the object before that checkpoint is written, or a kill after it would lose them."""
+  seen, save = {}, Checkpoints.save
+
+  def spy(self, state, position, meta):
+    path = as_path(RUN) / 'metrics.jsonl'
+    seen[int(state.step)] = [json.loads(line)['step'] for line in path.read_text().splitlines()] if path.exists() else []
+    return save(self, state, position, meta)
+
+  monkeypatch.setattr(Checkpoints, 'save', spy)
+  cfg = make_config('train.steps=4', 'train.checkpoint_every=2', 'train.eval_every=0', 'train.log_every=1')
+  trainer.train(cfg, RUN, progress=False)
+  assert seen == {2: [1, 2], 4: [1, 2, 3, 4]}

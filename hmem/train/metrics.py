@@ -6,12 +6,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 
 from absl import logging
 from tensorboardX import SummaryWriter, record_writer
 
 from hmem.errors import CheckpointError
-from hmem.files import as_path, atomic_write, open_append
+from hmem.files import as_path, atomic_write, is_remote, open_append
 
 
 class _EventFile:
@@ -45,12 +46,24 @@ def _plain(value):
   return value
 
 
-class MetricsWriter:
-  """Appends rows; on resume, rows after the restored step are dropped so none repeats."""
+OBJECT_STORE_FLUSH_S = 30.0  # an object store rewrites the whole file per flush: not every row
 
-  def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True):
+
+class MetricsWriter:
+  """Appends rows; on resume, rows after the restored step are dropped so none repeats.
+
+  Rows reach the file at once on a local disk; on an object store, where each flush
+  rewrites the whole object, at most every `flush_every_s` seconds and at `flush()`, which
+  the trainer calls before each checkpoint so no row before a checkpoint can be lost.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True,
+               flush_every_s: float | None = None):
     self.enabled = enabled
     self.path = as_path(workdir) / 'metrics.jsonl'
+    if flush_every_s is None:
+      flush_every_s = OBJECT_STORE_FLUSH_S if is_remote(self.path) else 0.0
+    self.flush_every_s, self.flushed_at, self.pending = flush_every_s, time.monotonic(), []
     if not enabled:
       return
     if resume_step is not None:
@@ -91,13 +104,23 @@ class MetricsWriter:
       return
     row = {'step': int(step), **{k: _plain(v) for k, v in metrics.items()}}
     # Python's float repr round-trips exactly, so the file holds the exact values.
-    self.file.write(json.dumps(row) + '\n')
-    self.file.flush()
+    self.pending.append(json.dumps(row) + '\n')
+    if time.monotonic() - self.flushed_at >= self.flush_every_s:
+      self.flush()
     for name, value in row.items():
       if name != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
         self.tb.add_scalar(name, value, step)
 
+  def flush(self) -> None:
+    """Writes the rows not yet in the file."""
+    if self.enabled and self.pending:
+      self.file.write(''.join(self.pending))
+      self.file.flush()
+      self.pending.clear()
+    self.flushed_at = time.monotonic()
+
   def close(self) -> None:
     if self.enabled:
+      self.flush()
       self.file.close()
       self.tb.close()

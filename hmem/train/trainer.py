@@ -326,6 +326,7 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
         if stop or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
           check_finite()
           with log.untimed(state):
+            log.writer.flush()  # every row up to the checkpoint is in the file before it exists
             run.ckpt.save(state, position, run.meta)
         if stop:
           summary['stopped_by_signal'] = True
