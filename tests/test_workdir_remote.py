@@ -110,7 +110,8 @@ def test_rows_reach_the_store_before_each_checkpoint(gcs, make_config, monkeypat
 
   def spy(self, state, position, meta):
     path = as_path(RUN) / 'metrics.jsonl'
-    seen[int(state.step)] = [json.loads(line)['step'] for line in path.read_text().splitlines()] if path.exists() else []
+    rows = path.read_text().splitlines() if path.exists() else []
+    seen[int(state.step)] = [json.loads(line)['step'] for line in rows]
     return save(self, state, position, meta)
 
   monkeypatch.setattr(Checkpoints, 'save', spy)
