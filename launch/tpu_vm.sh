@@ -28,8 +28,9 @@ case $action in
     ;;
   run)
     args=$(printf '%q ' "$@")
-    on_workers all "cd ~/hmem && mkdir -p logs && nohup setsid .venv/bin/hmem train --distributed --no-progress \
-      $args >> logs/\$(hostname).log 2>&1 < /dev/null & echo \$! > logs/hmem.pid; echo started on \$(hostname)"
+    # The braces keep `&` to hmem alone: ssh returns at once, and the pid file is hmem's.
+    on_workers all "cd ~/hmem && mkdir -p logs && { nohup setsid .venv/bin/hmem train --distributed --no-progress \
+      $args >> logs/\$(hostname).log 2>&1 < /dev/null & echo \$! > logs/hmem.pid; } && echo started on \$(hostname)"
     ;;
   logs)
     on_workers "${1:-0}" 'tail -n 40 ~/hmem/logs/$(hostname).log'

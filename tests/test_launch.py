@@ -137,3 +137,88 @@ def test_gke_jobsets_wire_jax_and_name_real_flags(repo):
     assert (not args.coordinator) == args.distributed == manifest.endswith('tpu.yaml')
   chips = np.prod([int(n) for n in pod['nodeSelector']['cloud.google.com/gke-tpu-topology'].split('x')])
   assert job['template']['spec']['parallelism'] * container['resources']['limits']['google.com/tpu'] == chips
+
+
+FAKE_GCLOUD = r'''#!/usr/bin/env bash
+# `gcloud compute tpus tpu-vm ssh TPU --zone Z --worker=W --command CMD`: runs CMD on each
+# worker (here: a HOME and a hostname of its own) and returns when CMD does, as ssh would.
+set -e
+[ "$1 $2 $3 $4" = "compute tpus tpu-vm ssh" ] || { echo "fake gcloud: unsupported: $*" >&2; exit 2; }
+shift 5
+while [ $# -gt 0 ]; do
+  case $1 in --worker=*) worker=${1#--worker=};; --command) command=$2; shift;; esac; shift
+done
+if [ "$worker" = all ]; then workers=$(seq 0 $((FAKE_WORKERS - 1))); else workers=$worker; fi
+for w in $workers; do
+  # jax.distributed's SLURM detection stands in for the TPU VM's metadata server.
+  HOME=$FAKE_TPU/worker$w FAKE_HOSTNAME=worker$w SLURM_PROCID=$w SLURM_LOCALID=0 bash -c "$command"
+done
+'''
+
+
+def test_tpu_vm_run_outlives_ssh_logs_per_worker_and_stop_checkpoints(repo, tmp_path):
+  bindir = tmp_path / 'bin'
+  bindir.mkdir()
+  for name, text in (('gcloud', FAKE_GCLOUD), ('hostname', '#!/usr/bin/env bash\necho "$FAKE_HOSTNAME"\n')):
+    (bindir / name).write_text(text)
+    (bindir / name).chmod(0o755)
+  for w in range(2):  # what `setup` leaves on a worker: ~/hmem with its venv's hmem
+    venv = tmp_path / 'tpu' / f'worker{w}' / 'hmem' / '.venv' / 'bin'
+    venv.mkdir(parents=True)
+    (venv / 'hmem').write_text(f'#!/usr/bin/env bash\nexec {sys.executable} -m hmem.cli "$@"\n')
+    (venv / 'hmem').chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
+  env.update(PATH=f'{bindir}:{env["PATH"]}', FAKE_TPU=str(tmp_path / 'tpu'), FAKE_WORKERS='2',
+             SLURM_JOB_ID=str(random.randrange(1000, 1_000_000)), SLURM_STEP_NODELIST='localhost', SLURM_NTASKS='2',
+             JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+             XLA_FLAGS='--xla_force_host_platform_device_count=4', PYTHONPATH=str(repo))
+  workdir, script = tmp_path / 'run', str(repo / 'launch' / 'tpu_vm.sh')
+  run_args = ['--config', str(repo / 'configs/tiny.py'), '--workdir', str(workdir), f'--config.train.steps={STEPS}',
+              '--config.train.log_every=1', '--config.train.checkpoint_every=1000', '--config.train.compile_cache=off']
+
+  def launch(*argv):
+    out = subprocess.run(['bash', script, *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+  def pids():
+    return [int((tmp_path / 'tpu' / f'worker{w}' / 'hmem' / 'logs' / 'hmem.pid').read_text()) for w in range(2)]
+
+  def alive(pid):
+    try:
+      os.kill(pid, 0)
+      return True
+    except ProcessLookupError:
+      return False
+
+  def wait_exit(deadline_s):
+    deadline = time.time() + deadline_s
+    while any(map(alive, pids())):
+      assert time.time() < deadline
+      time.sleep(0.5)
+
+  def summaries(w):
+    log = tmp_path / 'tpu' / f'worker{w}' / 'hmem' / 'logs' / f'worker{w}.log'
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"step"')]
+
+  try:
+    assert launch('run', 'tpu', 'zone', *run_args).split() == ['started', 'on', 'worker0', 'started', 'on', 'worker1']
+    assert all(map(alive, pids()))  # the ssh sessions have ended; hmem runs on, detached
+    deadline = time.time() + 300
+    while len(_steps(workdir)) < 3:
+      assert time.time() < deadline and all(map(alive, pids()))
+      time.sleep(0.5)
+    launch('stop', 'tpu', 'zone')
+    wait_exit(300)
+    stopped = max(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+    assert 3 <= stopped < STEPS and [s['stopped_by_signal'] for s in summaries(0)] == [True]
+    launch('run', 'tpu', 'zone', *run_args)  # again, after a stop or a preemption: resumes
+    wait_exit(600)
+    assert _steps(workdir) == list(range(1, STEPS + 1))
+    # One log per worker, appended across the two runs (process 0 prints the summaries).
+    assert [(s['step'], s['stopped_by_signal']) for s in summaries(0)] == [(stopped, True), (STEPS, False)]
+    assert (tmp_path / 'tpu' / 'worker1' / 'hmem' / 'logs' / 'worker1.log').stat().st_size > 0
+  finally:
+    for pid in pids() if (tmp_path / 'tpu' / 'worker0' / 'hmem' / 'logs' / 'hmem.pid').exists() else []:
+      if alive(pid):
+        os.kill(pid, signal.SIGKILL)
