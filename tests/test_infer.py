@@ -31,6 +31,7 @@ from hmem.memory import bank as memory_bank
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.state import state_spec
+from hmem.train.trainer import train
 
 
 def _documents(data, manifest):
@@ -421,3 +422,19 @@ def test_bank_arrays_on_an_object_store_use_tensorstore_drivers():
     assert spec == {'driver': driver, 'bucket': 'my-bucket', 'path': 'b/bank/level1/ffn_up.v0/'}, root
   with pytest.raises(BundleError, match='az://c/b: tensorstore cannot read or write there.*gs:// or s3://'):
     kvstore('az://c/b', 'bank/level1/ffn_up.v0')
+
+
+def test_a_run_trained_on_an_object_store_exports_the_same_bundle(memory_run, bundles, gcs):
+  """The whole path on gs://: train there (the dataset stays POSIX), export from there to
+  there; the bundle is byte-equal to the one exported from the same run trained locally."""
+  cfg, _, _, _ = memory_run
+  train(cfg, 'gs://bucket/run', progress=False)
+  assert main(['export', '--workdir', 'gs://bucket/run', '--out', 'gs://bucket/b', '--dtype', 'float32',
+               '--no-progress']) == 0
+  written, local = _object_files(gcs / 'bucket' / 'b'), _object_files(bundles / 'f32')
+  assert written.keys() == local.keys()
+  for name in local:
+    assert written[name] == local[name], name
+  remote = open_source(workdir='gs://bucket/run')
+  leaf_B = remote.router.route(TEXTS).leaf
+  np.testing.assert_array_equal(leaf_B, open_source(bundle='gs://bucket/b').router.route(TEXTS).leaf)
