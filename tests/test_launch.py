@@ -65,6 +65,16 @@ def _start(repo, tmp_path, bindir, workdir, job_id):
       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _wait_for(ready, what: str, hang_s: float = 600) -> None:
+  """Polls `ready` until it holds. Not a timing check: a guard against a hung launcher,
+  raising only after `hang_s`."""
+  give_up = time.monotonic() + hang_s
+  while not ready():
+    if time.monotonic() > give_up:
+      raise TimeoutError(f'still waiting for {what} after {hang_s:.0f} s: hung?')
+    time.sleep(0.5)
+
+
 def _steps(workdir):
   path = workdir / 'metrics.jsonl'
   return [json.loads(line)['step'] for line in path.read_text().splitlines()] if path.exists() else []
@@ -74,11 +84,8 @@ def test_slurm_sigterm_checkpoints_requeues_and_the_requeued_job_resumes(repo, t
   bindir, workdir = _bin(tmp_path), tmp_path / 'run'
   job_id = random.randrange(1000, 1_000_000)
   proc = _start(repo, tmp_path, bindir, workdir, job_id)
-  deadline = time.time() + 300
-  while len(_steps(workdir)) < 3:
-    assert proc.poll() is None and time.time() < deadline, (proc.communicate()[1][-3000:],
-                                                            sorted(os.listdir(tmp_path / 'logs')))
-    time.sleep(0.5)
+  _wait_for(lambda: len(_steps(workdir)) >= 3 or proc.poll() is not None, 'three logged steps')
+  assert proc.poll() is None, (proc.communicate()[1][-3000:], sorted(os.listdir(tmp_path / 'logs')))
   proc.send_signal(signal.SIGTERM)  # what SLURM sends the batch script (--signal=B:TERM@120)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
@@ -191,12 +198,6 @@ def test_tpu_vm_run_outlives_ssh_logs_per_worker_and_stop_checkpoints(repo, tmp_
     except ProcessLookupError:
       return False
 
-  def wait_exit(deadline_s):
-    deadline = time.time() + deadline_s
-    while any(map(alive, pids())):
-      assert time.time() < deadline
-      time.sleep(0.5)
-
   def summaries(w):
     log = tmp_path / 'tpu' / f'worker{w}' / 'hmem' / 'logs' / f'worker{w}.log'
     return [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"step"')]
@@ -204,16 +205,14 @@ def test_tpu_vm_run_outlives_ssh_logs_per_worker_and_stop_checkpoints(repo, tmp_
   try:
     assert launch('run', 'tpu', 'zone', *run_args).split() == ['started', 'on', 'worker0', 'started', 'on', 'worker1']
     assert all(map(alive, pids()))  # the ssh sessions have ended; hmem runs on, detached
-    deadline = time.time() + 300
-    while len(_steps(workdir)) < 3:
-      assert time.time() < deadline and all(map(alive, pids()))
-      time.sleep(0.5)
+    _wait_for(lambda: len(_steps(workdir)) >= 3 or not all(map(alive, pids())), 'three logged steps')
+    assert all(map(alive, pids()))
     launch('stop', 'tpu', 'zone')
-    wait_exit(300)
+    _wait_for(lambda: not any(map(alive, pids())), 'hmem to exit after `stop`')
     stopped = max(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
     assert 3 <= stopped < STEPS and [s['stopped_by_signal'] for s in summaries(0)] == [True]
     launch('run', 'tpu', 'zone', *run_args)  # again, after a stop or a preemption: resumes
-    wait_exit(600)
+    _wait_for(lambda: not any(map(alive, pids())), 'the resumed run to finish')
     assert _steps(workdir) == list(range(1, STEPS + 1))
     # One log per worker, appended across the two runs (process 0 prints the summaries).
     assert [(s['step'], s['stopped_by_signal']) for s in summaries(0)] == [(stopped, True), (STEPS, False)]
