@@ -11,6 +11,7 @@ rewritten on each flush).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -31,6 +32,20 @@ def as_path(path: str | os.PathLike) -> epath.Path:
 def is_remote(path: str | os.PathLike) -> bool:
   """Whether `path` names an object store (it has a URL scheme: gs://, s3://, ...)."""
   return bool(_SCHEME.match(os.fspath(path)))
+
+
+def sha256(path: str | os.PathLike) -> str:
+  """The file's sha256 (hex), read in 4 MB pieces."""
+  digest = hashlib.sha256()
+  with as_path(path).open('rb') as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+  """Copies a file between any two filesystems (epath's own copy stays within one)."""
+  as_path(dst).write_bytes(as_path(src).read_bytes())
 
 
 @contextlib.contextmanager

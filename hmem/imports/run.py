@@ -21,7 +21,7 @@ import numpy as np
 from hmem.config import default_config
 from hmem.data.source import Position
 from hmem.errors import WeightsError
-from hmem.files import as_path, atomic_write, is_remote
+from hmem.files import as_path, atomic_write, copy, is_remote
 from hmem.imports import gguf_file, hf
 from hmem.model.transformer import dtype_of
 from hmem.train.checkpoint import Checkpoints
@@ -85,7 +85,7 @@ def import_checkpoint(source: str, out: str, dtype: str = 'float32', tokenizer: 
   if embedded is not None:
     tokenizer_path.write_text(embedded.to_str(pretty=True))
   elif tokenizer:
-    tokenizer_path.write_bytes(as_path(tokenizer).read_bytes())
+    copy(tokenizer, tokenizer_path)
   cfg.data.tokenizer = str(tokenizer_path) if tokenizer_path.is_file() else ''
   cfg.train.init_from = str(run)
 

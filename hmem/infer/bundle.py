@@ -21,7 +21,6 @@ every checksum before any other work, then serves rows through a Reader.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -39,7 +38,7 @@ from hmem import sizes
 from hmem.config import config_from_json
 from hmem.data.embed import CONFIG_FILE, write_config
 from hmem.errors import BundleError, ConfigError
-from hmem.files import as_path, atomic_path, atomic_write
+from hmem.files import as_path, atomic_path, atomic_write, copy, sha256
 from hmem.infer.reader import Reader, kvstore
 from hmem.infer.router import TOKENIZER, TREE, Router, check_node
 from hmem.infer.source import MemorySource, abstract_params, check_router, restore_run
@@ -50,14 +49,6 @@ MANIFEST, ANCHOR = 'manifest.json', 'anchor.safetensors'
 DTYPES = ('bfloat16', 'float32')
 _SAFETENSORS_DTYPES = {'BF16': np.dtype(jax.numpy.bfloat16), 'F32': np.dtype(np.float32)}  # of DTYPES
 _SLAB_BYTES = 64 << 20  # rows written per tensorstore call (and progress-bar step)
-
-
-def sha256(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with as_path(path).open('rb') as f:
-    while chunk := f.read(1 << 22):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def array_path(table: str, name: str, version: int = 0) -> str:
@@ -133,20 +124,16 @@ def file_checksums(root: str | os.PathLike) -> dict[str, str]:
   return {path: sha256(root / path) for path in sorted(_files(root)) if path != MANIFEST}
 
 
-def _copy(src: epath.Path, dst: epath.Path) -> None:
-  dst.write_bytes(src.read_bytes())
-
-
 def _save_router(router: Router, out: epath.Path, data_path: str) -> None:
   data_path = as_path(data_path)
-  _copy(data_path / TOKENIZER, out / TOKENIZER)
-  _copy(data_path / TREE, out / TREE)
+  copy(data_path / TOKENIZER, out / TOKENIZER)
+  copy(data_path / TREE, out / TREE)
   embedder = router.embedder
   embedder.save(str(out))
   if embedder.kind == 'minilm':  # ship the weights, found relative to the bundle
     (out / 'minilm').mkdir()
     for name in ('model.safetensors', 'tokenizer.json', 'config.json'):
-      _copy(as_path(embedder.directory) / name, out / 'minilm' / name)
+      copy(as_path(embedder.directory) / name, out / 'minilm' / name)
     write_config(str(out), {**json.loads((out / CONFIG_FILE).read_text()), 'path': 'minilm'})
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from hmem.errors import BundleError
-from hmem.files import as_path, is_remote
+from hmem.files import as_path, is_remote, sha256
 from hmem.infer import bundle
 from hmem.infer.router import check_node
 
@@ -137,7 +137,7 @@ def _edit(root: str, nodes, record: dict, new_rows) -> dict:
       bundle.write_rows(array, lo, rows)
     new['bank'][key]['path'] = path
     del new['files'][f'{meta["path"]}/zarr.json']
-    new['files'][f'{path}/zarr.json'] = bundle.sha256(root / path / 'zarr.json')
+    new['files'][f'{path}/zarr.json'] = sha256(root / path / 'zarr.json')
   new['files'] = dict(sorted(new['files'].items()))
   new.setdefault('edits', []).append({**record, 'nodes': [f'{level}:{node}' for level, node in nodes]})
   bundle.write_json(root / bundle.MANIFEST, new)  # the commit point
