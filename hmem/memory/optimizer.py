@@ -141,17 +141,37 @@ def _missed_steps(cfg, log_decay, last_U: jax.Array, step: jax.Array):
   return decay_U, drift_U, eps_U
 
 
+def _expand(x, w):
+  return x.reshape(x.shape + (1,) * (w.ndim - 1))
+
+
+def _apply_missed(w, m, v, missed):
+  """Rows `w` [U, ...] moved as dense AdamW moved them on the steps they `missed`."""
+  decay_U, drift_U, eps_U = missed
+  w = _expand(decay_U, w) * w
+  if drift_U is not None:
+    # A row never updated has m = v = 0 and no drift.
+    w = w - _expand(drift_U, w) * jnp.where(v > 0, m / (jnp.sqrt(v) + _expand(eps_U, w)), 0.0)
+  return w
+
+
+def caught_up(cfg, arrays: dict, mu: dict, nu: dict, last_U, step) -> dict:
+  """Rows of one table as dense AdamW holds them after `step` updates: each row (weights
+  {name: [U, ...]}, its moments, `last_U` its last update) moved on the steps
+  last+1 .. step it missed. What export and every reader of a checkpoint's bank serve, so
+  that no row is stale; works on any range of rows."""
+  last_U = jnp.asarray(last_U, jnp.int32)
+  missed = _missed_steps(cfg, _log_decay(cfg), last_U, jnp.asarray(step, jnp.int32) + 1)
+  return {n: _apply_missed(jnp.asarray(w, jnp.float32), jnp.asarray(mu[n], jnp.float32),
+                           jnp.asarray(nu[n], jnp.float32), missed) for n, w in arrays.items()}
+
+
 def _adamw_rows(w, m, v, g, last_U, missed, step, lr, train_cfg, wd):
   """Catches gathered rows up on the steps they `missed` since `last_U`, then takes this
   step's AdamW update."""
   b1, b2, eps = train_cfg.b1, train_cfg.b2, train_cfg.eps
-  expand = lambda x: x.reshape(x.shape + (1,) * (w.ndim - 1))
-  decay_U, drift_U, eps_U = missed
-  w = expand(decay_U) * w
-  if drift_U is not None:
-    # A row never updated has m = v = 0 and no drift.
-    w = w - expand(drift_U) * jnp.where(v > 0, m / (jnp.sqrt(v) + expand(eps_U)), 0.0)
-  d = expand((step - last_U).astype(jnp.float32))
+  w = _apply_missed(w, m, v, missed)
+  d = _expand((step - last_U).astype(jnp.float32), w)
   m = b1 ** d * m + (1 - b1) * g
   v = b2 ** d * v + (1 - b2) * jnp.square(g)
   t = step.astype(jnp.float32)
