@@ -78,6 +78,10 @@ def _cmd_import(args, cfg):
 
 def _cmd_export(args, cfg):
   if args.format == 'hf':
+    if args.subtree is not None:
+      from hmem.errors import ConfigError
+      raise ConfigError('--subtree picks bank rows, and --format hf exports the anchor alone (no bank); drop '
+                        '--subtree, or export a bundle (--format bundle) to ship subtrees')
     from hmem.imports import export_run
     written = export_run(args.workdir, args.out, step=args.step, dtype=args.dtype)
     print(json.dumps({'out': args.out, 'format': 'hf', 'files': written}))

@@ -79,7 +79,7 @@ def _direct(source, texts, questions, leaves, mode):
   correct = []
   for q, leaf in zip(questions, leaves[len(texts):]):
     prompt = tok.encode([q['prompt']])[0]
-    scores = [-_nll(source.model, np.concatenate([prompt, tok.encode([' ' + c])[0]]), memory(leaf), L)
+    scores = [-_nll(source.model, np.concatenate([prompt, tok.encode([' ' + c], start=False)[0]]), memory(leaf), L)
               + _nll(source.model, prompt, memory(leaf), L) for c in q['candidates']]
     answer = q['answer'] if isinstance(q['answer'], int) else q['candidates'].index(q['answer'])
     correct.append(int(np.argmax(scores)) == answer)

@@ -191,7 +191,7 @@ def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_siz
   seqs = []  # (tokens, weights, routed record)
   for i, ids in enumerate(tokenizer.encode(records.texts)):
     seqs += [(t, w, i) for t, w in text_windows(np.append(ids, tokenizer.eot_id).astype(np.int32), seq_len)]
-  answers = iter(tokenizer.encode([' ' + c for cands in records.candidates for c in cands]))
+  answers = iter(tokenizer.encode([' ' + c for cands in records.candidates for c in cands], start=False))
   for j, (prompt, cands) in enumerate(zip(tokenizer.encode(records.prompts), records.candidates)):
     seqs += [(*choice_sequence(prompt, next(answers), seq_len), n_text + j) for _ in cands]
 
