@@ -117,7 +117,8 @@ def _open(args):
 
 
 def _cmd_generate(args, cfg):
-  from hmem.infer.decoder import complete
+  from hmem.infer.decoder import check_prompt, complete
+  check_prompt(args.prompt)  # before the model loads
   source, block = _open(args)
   path, text = complete(source, args.prompt, mode=args.memory, block=block, block_best=args.block_best,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -186,6 +186,28 @@ def test_bos_policy_of_a_llama3_checkpoint_gives_the_reference_logits(tmp_path, 
     assert np.abs(logits - np.asarray(ref['logits'])[1:]).max() > 0.1
 
 
+def test_prepare_packs_each_document_after_the_recorded_bos(tmp_path):
+  from hmem.cli import main
+  from hmem.data import make_source
+  import_checkpoint(str(_llama3_with_tokenizer(tmp_path / 'hf', False, True)), str(tmp_path / 'run'), progress=False)
+  rng = np.random.default_rng(0)
+  words = [i for i in range(95) if i != 5]
+  with open(tmp_path / 'corpus.jsonl', 'w') as f:
+    for _ in range(64):
+      f.write(json.dumps({'text': ' '.join(f'w{i}' for i in rng.choice(words, rng.integers(3, 12)))}) + '\n')
+  small = ['--config.memory.k=2', '--config.memory.depth=1', '--config.data.seq_len=32',
+           '--config.data.kmeans_samples=32', '--config.data.kmeans_steps=2', '--config.data.tfidf_dim=8']
+  data = str(tmp_path / 'data')
+  assert main(['prepare', '--config', str(tmp_path / 'run' / 'config.py'), '--input', str(tmp_path / 'corpus.jsonl'),
+               '--out', data, '--no-progress', *small]) == 0
+  cfg = load_config(str(tmp_path / 'run' / 'config.py'), [a[len('--config.'):] for a in small])
+  cfg.data.update(source='prepared', path=data)
+  tokens = np.asarray(make_source(cfg, 'train').batch(Position(), slice(0, 4))['tokens']).ravel()
+  after_eot = tokens[1:][tokens[:-1] == 95]
+  starts = after_eot[after_eot != 95]  # the EOT pads a window's end too
+  assert len(starts) > 4 and (starts == 5).all()  # every document: the BOS first
+
+
 def test_gguf_bos_policy_is_recorded(tmp_path):
   summary = import_checkpoint(_tiny_gguf(tmp_path / 'bos.gguf', bos_id=3), str(tmp_path / 'bos'), progress=False)
   assert summary['bos_id'] == 3 == Tokenizer.load(tmp_path / 'bos' / 'tokenizer.json').bos_id

@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hmem.errors import UserError
+from hmem.data.inputs import skip_reason
+from hmem.errors import DataError, UserError
 
 _BUCKET = 32  # prompt and cache lengths are multiples of this
+_REASONS = {'empty': 'it is empty or blank', 'invalid_unicode': 'it holds bytes that are not UTF-8 or a lone surrogate'}
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -98,6 +100,13 @@ def generate(model, prompts: Sequence[Sequence[int]], memory: dict | None = None
   return [row[:np.argmax(row == eot_id)] if (row == eot_id).any() else row for row in tokens_BxN]
 
 
+def check_prompt(prompt: str) -> None:
+  """Refuses a prompt `hmem prepare` would skip as a document (for the same reason): such
+  text cannot be tokenized, or holds nothing to continue."""
+  if reason := skip_reason(prompt):
+    raise DataError(f'the prompt cannot be used ({reason}: {_REASONS.get(reason, reason)}); pass UTF-8 text')
+
+
 def complete(source, prompt: str, *, mode: str = 'fetched', block=(), block_best: bool = False,
              **sampling) -> tuple[np.ndarray | None, str]:
   """Routes `prompt` (around `block`ed nodes), fetches its memory in `mode` and continues
@@ -107,6 +116,7 @@ def complete(source, prompt: str, *, mode: str = 'fetched', block=(), block_best
   if router is None:
     raise UserError('this run trained on synthetic data: it has no tokenizer or tree for a text prompt; '
                     'generate from a run trained on a prepared dataset (data.source=prepared)')
+  check_prompt(prompt)
   if (block or block_best) and mode != 'fetched':
     raise UserError(f'--block / --block-best route around nodes, so they need --memory fetched (got {mode})')
   path, leaf = None, np.zeros(1, np.int64)
