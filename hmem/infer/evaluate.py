@@ -68,7 +68,7 @@ def _parse(line: bytes) -> tuple[str | None, tuple[str, dict] | None]:
     return 'missing_field', None
   if set(record) - (TEXT_FIELDS if kind == 'text' else CHOICE_FIELDS):
     return 'unknown_fields', None
-  for field in (kind, 'context'):
+  for field in ('text' if kind == 'text' else 'prompt', 'context'):
     if field in record and (reason := inputs.skip_reason(record[field])):
       return reason, None
   if kind == 'choice':
