@@ -6,7 +6,8 @@ same requests decoded one at a time; and `hmem generate`'s decode speed with a b
 Models: the quickstart shapes (configs/quickstart.py: d=128, 4 layers, FFN memory 128+128
 on a k=8, depth-2 tree) and the paper's 160M anchor (configs/160m.py: 35 layers, d=512,
 bf16) with FFN memory levels (128, 64) on a k=8, depth-2 tree; random weights and a random
-bank (throughput does not depend on the values). --quick keeps 8 of the 160M's 35 layers.
+bank (throughput does not depend on the values). --quick keeps 4 of the 160M's 35 layers
+and decodes 16 tokens per request.
 
 - serve: C = 1, 4, 16 concurrent clients, each sending --requests requests one after the
   other (24-token prompts, --tokens new tokens each, no early EOT), every client's prompts
@@ -16,8 +17,9 @@ bank (throughput does not depend on the values). --quick keeps 8 of the 160M's 3
   all new tokens / wall time from the first submit to the last token; ttft = submit to
   first token; per-token latency = the gaps between a request's successive tokens.
 - sequential: the same requests, one at a time, with hmem.infer.decoder.generate (batch 1,
-  its block): the baseline a server without batching would reach. speedup = serve tokens/s
-  / sequential tokens/s at the same C.
+  its block): the baseline a server without batching would reach (--quick: the first 4 of
+  them; a rate, so the count barely matters). speedup = serve tokens/s / sequential
+  tokens/s at the same C.
 - generate: decode tokens/s of `generate` itself, the first token excluded (wall time of
   32 new tokens minus that of 1, both with the same compiled functions), with the fetched
   block and with the dense anchor (no memory), alternating --repeats times; ratio = block /
@@ -58,12 +60,12 @@ def _source(name: str, quick: bool):
   from hmem.model import build_model
   file, overrides = MODELS[name]
   if name == '160m' and quick:
-    overrides = overrides + ['model.layers=8']
+    overrides = overrides + ['model.layers=4']
   cfg = load_config(os.path.join(CONFIGS, file), overrides)
   model = build_model(cfg, seed=0, memory_layers=memory_config.memory_layers(cfg))
   rng = np.random.default_rng(0)
-  dtype = np.dtype(cfg.model.dtype) if cfg.model.dtype != 'bfloat16' else np.float32
-  bank = {t: {n: (0.02 * rng.standard_normal(shape, np.float32)).astype(dtype) for n, shape in named.items()}
+  # float32 rows; the source casts a fetched block to the compute dtype, as from a bundle.
+  bank = {t: {n: 0.02 * rng.standard_normal(shape, np.float32) for n, shape in named.items()}
           for t, named in memory_bank.bank_shapes(cfg).items()}
   return MemorySource(cfg, model, None, ArrayBank(bank), step=0)
 
@@ -162,7 +164,7 @@ def bench(name: str, quick: bool, tokens: int, per_client: int, repeats: int) ->
     for clients in CLIENTS:
       requests = _requests(source, clients, per_client)
       served = _serve(source, batcher, requests, tokens)
-      sequential = _sequential(source, requests, tokens)
+      sequential = _sequential(source, requests[:4] if quick else requests, tokens)
       rows[clients] = {**served, 'sequential_tokens_per_s': sequential['tokens_per_s'],
                        'speedup': served['tokens_per_s'] / sequential['tokens_per_s']}
   finally:
@@ -172,13 +174,13 @@ def bench(name: str, quick: bool, tokens: int, per_client: int, repeats: int) ->
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--quick', action='store_true', help='fewer tokens and requests, 8-layer 160M (< 60 s)')
+  parser.add_argument('--quick', action='store_true', help='fewer tokens and requests, 4-layer 160M (< 60 s)')
   parser.add_argument('--models', default='quickstart,160m')
-  parser.add_argument('--tokens', type=int, default=None, help='new tokens per request (default 64; quick 32)')
+  parser.add_argument('--tokens', type=int, default=None, help='new tokens per request (default 64; quick 16)')
   parser.add_argument('--requests', type=int, default=None, help='requests per client (default 2; quick 1)')
   parser.add_argument('--repeats', type=int, default=None, help='generate speed pairs (default 5; quick 2)')
   args = parser.parse_args()
-  tokens, per_client = args.tokens or (32 if args.quick else 64), args.requests or (1 if args.quick else 2)
+  tokens, per_client = args.tokens or (16 if args.quick else 64), args.requests or (1 if args.quick else 2)
   repeats = args.repeats or (2 if args.quick else 5)
   results = {}
   for name in args.models.split(','):
