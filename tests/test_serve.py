@@ -231,3 +231,12 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(bundle, tmp_path):
     if proc.poll() is None:
       proc.kill()
     log.close()
+
+
+def test_a_port_in_use_is_one_clear_error(bundle, capsys):
+  from hmem.cli import main
+  with _free_socket() as taken:
+    taken.listen()
+    port = taken.getsockname()[1]
+    assert main(['serve', '--bundle', str(bundle), '--port', str(port)]) == 2
+  assert f'cannot listen on 127.0.0.1:{port}' in capsys.readouterr().err

@@ -20,6 +20,7 @@ import contextlib
 import json
 import secrets
 import signal
+import socket
 import time
 import uuid
 from typing import Literal
@@ -288,12 +289,18 @@ def serve(source: MemorySource, *, host: str = '127.0.0.1', port: int = 8000, na
   def stop(signum, frame):
     raise SystemExit(0)
 
+  sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:  # before any model state is built
+    sock.bind((host, port))
+  except OSError as e:
+    raise UserError(f'cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host') from None
   # While it runs, uvicorn handles SIGTERM/SIGINT itself (stop accepting, drain, shut
   # down) and then raises the signal again: this handler turns that, or a signal before
   # serving starts, into a clean exit 0.
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, stop)
   server = CompletionServer(source, name=name, slots=slots)
-  config = uvicorn.Config(make_app(server), host=host, port=port, log_level='info', timeout_keep_alive=5)
+  config = uvicorn.Config(make_app(server), log_level='info', timeout_keep_alive=5)
   logging.info('serving %s on http://%s:%d/v1 with %d slots', name, host, port, slots)
-  uvicorn.Server(config).run()
+  uvicorn.Server(config).run(sockets=[sock])
