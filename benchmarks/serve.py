@@ -51,7 +51,7 @@ SLOTS = 16
 PROMPT = 24
 
 
-def _source(name: str, quick: bool):
+def _source(name: str, layers: int | None):
   """A MemorySource of random weights and a random bank (no router: leaves are given)."""
   from hmem.config import load_config
   from hmem.infer.source import ArrayBank, MemorySource
@@ -59,8 +59,8 @@ def _source(name: str, quick: bool):
   from hmem.memory import config as memory_config
   from hmem.model import build_model
   file, overrides = MODELS[name]
-  if name == '160m' and quick:
-    overrides = overrides + ['model.layers=4']
+  if name == '160m' and layers:
+    overrides = overrides + [f'model.layers={layers}']
   cfg = load_config(os.path.join(CONFIGS, file), overrides)
   model = build_model(cfg, seed=0, memory_layers=memory_config.memory_layers(cfg))
   rng = np.random.default_rng(0)
@@ -150,10 +150,10 @@ def _generate_speed(source, repeats: int) -> dict:
   return out
 
 
-def bench(name: str, quick: bool, tokens: int, per_client: int, repeats: int) -> dict:
+def bench(name: str, quick: bool, layers: int | None, tokens: int, per_client: int, repeats: int) -> dict:
   from hmem.infer.batcher import Batcher
   from hmem.infer.decoder import BUCKET, round_up
-  source = _source(name, quick)
+  source = _source(name, layers)
   zero_row = {n: np.zeros_like(a) for n, a in source.memory(np.array([0]), 'fetched').items()}
   batcher = Batcher(source.model, slots=SLOTS, max_len=round_up(PROMPT, BUCKET) + tokens,
                     eot_id=-1, memory_row=zero_row)
@@ -176,15 +176,17 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='fewer tokens and requests, 4-layer 160M (< 60 s)')
   parser.add_argument('--models', default='quickstart,160m')
+  parser.add_argument('--layers', type=int, default=None, help="the 160M's layers (default 35; quick 4)")
   parser.add_argument('--tokens', type=int, default=None, help='new tokens per request (default 64; quick 16)')
   parser.add_argument('--requests', type=int, default=None, help='requests per client (default 2; quick 1)')
-  parser.add_argument('--repeats', type=int, default=None, help='generate speed pairs (default 5; quick 2)')
+  parser.add_argument('--repeats', type=int, default=None, help='generate speed pairs (default 5; quick 1)')
   args = parser.parse_args()
   tokens, per_client = args.tokens or (16 if args.quick else 64), args.requests or (1 if args.quick else 2)
-  repeats = args.repeats or (2 if args.quick else 5)
+  repeats = args.repeats or (1 if args.quick else 5)
+  layers = args.layers or (4 if args.quick else None)
   results = {}
   for name in args.models.split(','):
-    r = results[name] = bench(name, args.quick, tokens, per_client, repeats)
+    r = results[name] = bench(name, args.quick, layers, tokens, per_client, repeats)
     print(f'\n{name} ({r["layers"]} layers), {tokens} new tokens per request, {per_client} request(s) per client')
     print(f'{"clients":>7} {"tok/s":>9} {"seq tok/s":>10} {"speedup":>8} {"ttft p50 ms":>12} '
           f'{"tok p50 ms":>11} {"tok p99 ms":>11}')
