@@ -1,7 +1,7 @@
 """The `hmem` command: train, sizes, config, prepare, import, export, bank, generate, eval, serve.
 
 Subcommands that build something take `--config FILE` plus any number of `--config.a.b=value`
-overrides; those that read a run, a bundle or outside weights (import, export, bank, generate,
+overrides; those that read a run, a bundle or outside weights (import, export, bank, generate, serve,
 eval) use its saved config and take none.
 User errors (bad config, missing file, bad data, unusable checkpoint) print one line
 starting with `hmem: error:` and exit 2; a diverged run prints one line and exits 1.

@@ -5,6 +5,7 @@ one; streaming and stop strings; bad requests are 4xx and the server keeps servi
 SIGTERM drains the requests in flight and exits 0."""
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -12,8 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-
-import json
 import urllib.error
 import urllib.request
 

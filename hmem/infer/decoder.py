@@ -6,7 +6,8 @@ jitted prefill fills the KV cache, then one jitted step per token samples the ne
 of every row and feeds it back. A row stops at EOT; the loop stops when every row has, or
 after `max_new_tokens`. The memory block stays fixed for the whole generation (it is
 routed by the prompt). Prompt and cache lengths are rounded up to a few buckets, so new
-prompts rarely compile anew.
+prompts rarely compile anew. `step` and `prefill_row` are also what the server's
+continuous batching (hmem.infer.batcher) decodes with.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax
 from flax import nnx
 
 from hmem.errors import UserError

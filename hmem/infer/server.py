@@ -131,7 +131,8 @@ class CompletionServer:
     if any(not s for s in stop):
       raise _Invalid('stop', 'stop strings must not be empty')
     if (body.block or body.block_best) and body.memory != 'fetched':
-      raise _Invalid('block', f'block / block_best route around nodes, so they need memory="fetched" (got {body.memory!r})')
+      raise _Invalid('block', 'block / block_best route around nodes, so they need memory="fetched" '
+                     f'(got {body.memory!r})')
     m = self.source.config.memory
     try:
       block = [parse_node(node, m.k, m.depth) for node in body.block]
