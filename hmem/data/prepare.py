@@ -5,14 +5,14 @@ The graph, in the order the data flows (docs/DECISIONS.md, "Prepare on Apache Be
   read      every input file is read three times, each time by the worker that holds it:
             documents are never kept between the passes, only what each pass yields.
   sample    pass 1 counts every record (skips by reason) and yields, per file, its documents
-            with the data.tokenizer_sample smallest hashes of (file, line, seed); Top.Smallest
+            with the data.tokenizer_sample smallest hashes of (file, line); Top.Smallest
             keeps the global smallest: a uniform, seeded sample, the same whatever the
             parallelism, drawn without an index of the corpus.
   fit       one worker trains (or loads) the tokenizer and fits the embedder on that sample
             and writes tokenizer.json and the embedder's files; the rest read them.
   embed     pass 2 embeds each file's documents into the embedding cache (a hit costs a
             read) and yields the data.tree_sample training documents with the smallest
-            hashes under another seed; one worker reads their vectors back from the cache
+            hashes of (file, line, train.seed); one worker reads their vectors back from the cache
             and fits the tree (JAX, tree.fit_tree), writing tree.npz.
   route     pass 3 tokenizes each file's documents and routes their cached vectors; each
             document goes to its leaf.
@@ -75,7 +75,9 @@ from hmem.errors import DataError
 from hmem.files import atomic_write
 
 _CHUNK = 1024  # documents embedded, tokenized and routed together
-_FIT_STREAM, _TREE_STREAM = 0x666974, 0x74726565  # with train.seed, salt the two samples' hashes
+# Salts of the two samples' hashes. The fit sample does not depend on train.seed, so runs
+# with other seeds share the embedder (and its cached vectors); the tree's does.
+_FIT_STREAM, _TREE_STREAM = 0x666974, 0x74726565
 RUNNERS = {'direct': 'DirectRunner', 'dataflow': 'DataflowRunner', 'flink': 'FlinkRunner',
            'spark': 'SparkRunner'}
 # What a failed run may have left in out_dir: removed before a run starts.
@@ -228,7 +230,7 @@ class ReadSample(beam.DoFn):
     f, path = element
     d, stats = self.job.data, ReadStats()
     docs = list(read_documents(path, f, d['text_field'], stats))
-    hashes = key_hash(f, np.array([doc.index for doc in docs], np.int64), _salt(self.job.seed, _FIT_STREAM))
+    hashes = key_hash(f, np.array([doc.index for doc in docs], np.int64), _FIT_STREAM)
     yield from heapq.nsmallest(d['tokenizer_sample'], ((int(h), f, doc.index, doc.text)
                                                        for h, doc in zip(hashes.tolist(), docs)))
     for reason, count in stats.skipped.items():
