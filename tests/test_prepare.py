@@ -16,7 +16,7 @@ import zstandard
 from hmem.config import apply_overrides, default_config
 from hmem.data import layout
 from hmem.data import prepare as prepare_lib
-from hmem.data.embed import load_embedder
+from hmem.data.embed import TfidfEmbedder, load_embedder
 from hmem.data.loader import PreparedSource
 from hmem.data.inputs import ReadStats, list_files, read_documents
 from hmem.data.packing import pack
@@ -168,18 +168,26 @@ def test_output_does_not_depend_on_worker_count(prepared, corpus, tmp_path):
 
 
 def test_a_document_that_makes_a_step_raise_is_counted_and_skipped(corpus, tmp_path, monkeypatch):
-  real_encode = Tokenizer.encode
+  """The tokenizer raises on one document, the embedder on another (in their batches, then
+  alone): both are counted by reason, the other 399 documents are packed."""
+  real_encode, real_embed, first = Tokenizer.encode, TfidfEmbedder.embed, wiki_texts()[0]
 
   def encode(self, texts):
     if any(SPELLS_EOT in t for t in texts):
       raise RuntimeError('tokenizer crash')
     return real_encode(self, texts)
 
+  def embed(self, texts, progress=True):
+    if first in texts:
+      raise ValueError('embedder crash')
+    return real_embed(self, texts, progress)
+
   monkeypatch.setattr(Tokenizer, 'encode', encode)
+  monkeypatch.setattr(TfidfEmbedder, 'embed', embed)
   m = prepare(small_config(), str(corpus), str(tmp_path / 'out'), progress=False)
-  assert m['skipped'] == {**SKIPPED, 'tokenize_error': 1}
-  assert m['documents_kept'] == 400 and m['documents_read'] == 401 + sum(SKIPPED.values())
-  assert m['splits']['train']['documents'] + m['splits']['eval']['documents'] == 400
+  assert m['skipped'] == {**SKIPPED, 'tokenize_error': 1, 'embed_error': 1}
+  assert m['documents_kept'] == 399 and m['documents_read'] == 401 + sum(SKIPPED.values())
+  assert m['splits']['train']['documents'] + m['splits']['eval']['documents'] == 399
 
 
 def test_a_failed_pipeline_leaves_no_manifest_and_a_rerun_starts_clean(prepared, corpus, tmp_path, monkeypatch):

@@ -301,10 +301,10 @@ class _Loaded(beam.DoFn):
       return cached_NxD, status, key
     if cached_NxD is not None:  # checksummed vectors of another version of the file
       status = 'rejected'
-    parts = [np.zeros((0, self.embedder.dim), np.float32)]
-    for lo in range(0, len(docs), _CHUNK):
-      parts.append(_each_or_nan([doc.text for doc in docs[lo:lo + _CHUNK]], self.embed, self.embedder.dim))
-    vectors_NxD = np.concatenate(parts)
+    nan_D = np.full(self.embedder.dim, np.nan, np.float32)
+    rows = [nan_D if row is None else row for lo in range(0, len(docs), _CHUNK)
+            for row in _each(self.embed, [doc.text for doc in docs[lo:lo + _CHUNK]])]
+    vectors_NxD = np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.embedder.dim), np.float32)
     self.cache.store(key, vectors_NxD, source)
     return vectors_NxD, status, key
 
@@ -312,18 +312,18 @@ class _Loaded(beam.DoFn):
     return self.embedder.embed(texts, progress=False)
 
 
-def _each_or_nan(texts: list[str], embed, dim: int) -> np.ndarray:
-  """embed(texts); when the batch raises, each text alone, NaN rows for those that raise."""
+def _each(fn, texts: list[str]) -> list:
+  """fn(texts) as a list; when the batch raises, each text alone, None for those that raise."""
   try:
-    return embed(texts)
+    return list(fn(texts))
   except Exception:  # noqa: BLE001 -- a bad document must not stop the corpus
-    rows = []
+    out = []
     for text in texts:
       try:
-        rows.append(embed([text])[0])
+        out.append(fn([text])[0])
       except Exception:  # noqa: BLE001
-        rows.append(np.full(dim, np.nan, np.float32))
-    return np.stack(rows).astype(np.float32)
+        out.append(None)
+    return out
 
 
 class EmbedFile(_Loaded):
@@ -379,7 +379,7 @@ class RouteFile(_Loaded):
     tokens, kept = [], []
     for lo in range(0, len(keep), _CHUNK):
       chunk = keep[lo:lo + _CHUNK]
-      for i, ids in zip(chunk, _each_or_none([docs[i].text for i in chunk], self.tokenizer.encode)):
+      for i, ids in zip(chunk, _each(self.tokenizer.encode, [docs[i].text for i in chunk])):
         if ids is None:
           failed['tokenize_error'] += 1
         else:
@@ -403,20 +403,6 @@ class RouteFile(_Loaded):
       mine = np.flatnonzero(leaf_N == leaf)
       yield int(leaf), (f, index_N[mine], held_N[mine], lengths_N[mine],
                         _concat_ranges(tokens_T, starts_N[mine], lengths_N[mine]))
-
-
-def _each_or_none(texts: list[str], encode) -> list:
-  """encode(texts); when the batch raises, each text alone, None for those that raise."""
-  try:
-    return encode(texts)
-  except Exception:  # noqa: BLE001 -- a bad document must not stop the corpus
-    out = []
-    for text in texts:
-      try:
-        out.append(encode([text])[0])
-      except Exception:  # noqa: BLE001
-        out.append(None)
-    return out
 
 
 def _concat_ranges(tokens: np.ndarray, starts_N: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:
