@@ -326,3 +326,21 @@ def test_record_round_trip():
   np.testing.assert_array_equal(b['leaf_id'], [13, 13])
   with pytest.raises(ValueError, match='runs'):
     layout.encode(tokens, np.array([1, 2, 1, 0, 0, 0]), 0, np.dtype('<u2'))
+
+
+def test_runner_options_pass_through(monkeypatch):
+  """`hmem prepare --runner flink -- OPTIONS` hands OPTIONS to Beam untouched; direct runs
+  one worker in process, more as local processes (the cores by default)."""
+  got = {}
+  monkeypatch.setattr(prepare_lib, 'prepare', lambda cfg, i, o, **kw: got.update(kw) or {'ok': 1})
+  from hmem.cli import main
+  assert main(['prepare', '--config', str(WIKI.parents[2] / 'configs' / 'tiny.py'), '--input', 'in', '--out', 'out', '--runner', 'flink',
+               '--', '--flink_master=host:8081', '--parallelism', '64']) == 0
+  assert got['runner'] == 'flink' and got['pipeline_args'] == ['--flink_master=host:8081', '--parallelism', '64']
+  flink = prepare_lib.pipeline_options(got['runner'], 0, got['pipeline_args']).get_all_options(retain_unknown_options=True)
+  assert flink['runner'] == 'FlinkRunner' and flink['flink_master'] == 'host:8081' and flink['parallelism'] == 64
+  one = prepare_lib.pipeline_options('direct', 1, []).get_all_options()
+  assert (one['runner'], one['direct_running_mode'], one['direct_num_workers']) == ('DirectRunner', 'in_memory', 1)
+  monkeypatch.setattr('os.cpu_count', lambda: 3)
+  cores = prepare_lib.pipeline_options('direct', 0, []).get_all_options()
+  assert (cores['direct_running_mode'], cores['direct_num_workers']) == ('multi_processing', 3)

@@ -284,17 +284,17 @@ class _Loaded(beam.DoFn):
       self.tree = Tree.load(self.job.path('tree.npz')) if tree else None
       self._fit = (fit, tree)
 
-  def source(self, f: int, path: str) -> dict:
-    """What decides file f's documents, in order: the embedding cache's key for them."""
+  def source(self, path: str) -> dict:
+    """What decides a file's documents, in order: the embedding cache's key for them."""
     st = stamp(path)
     return {'file': path, 'size': st.size, 'mtime_ns': st.mtime_ns, 'text_field': self.job.data['text_field'],
             'chunk': _CHUNK}
 
-  def vectors(self, f: int, path: str, docs: list):
-    """(file f's [N, dim] vectors, cache status, cache key): cached, or embedded and stored.
+  def vectors(self, path: str, docs: list):
+    """(the file's [N, dim] vectors, cache status, cache key): cached, or embedded and stored.
 
     A document the embedder cannot take gets a NaN row (it is skipped downstream)."""
-    source = self.source(f, path)
+    source = self.source(path)
     key = EmbeddingCache.key(**source)
     cached_NxD, status = self.cache.load(key)
     if cached_NxD is not None and cached_NxD.shape[0] == len(docs):
@@ -333,7 +333,7 @@ class EmbedFile(_Loaded):
     f, path = element
     self.load(fit)
     docs = list(read_documents(path, f, self.job.data['text_field'], ReadStats()))
-    vectors_NxD, status, key = self.vectors(f, path, docs)
+    vectors_NxD, status, key = self.vectors(path, docs)
     yield beam.pvalue.TaggedOutput('cache', (f, key, len(docs), status))
     index_N = np.array([doc.index for doc in docs], np.int64)
     usable_N = ~held_out(f, index_N, self.job.data['eval_fraction']) & ~np.isnan(vectors_NxD[:, 0])
@@ -371,7 +371,7 @@ class RouteFile(_Loaded):
     docs = list(read_documents(path, f, self.job.data['text_field'], ReadStats()))
     # The embed pass stored these vectors; they are looked up again (and counted) only
     # when the file changed or its entry went bad since.
-    vectors_NxD, status, _ = self.vectors(f, path, docs)
+    vectors_NxD, status, _ = self.vectors(path, docs)
     if status != 'hit':
       yield beam.pvalue.TaggedOutput('cache', status)
     failed = collections.Counter(embed_error=int(np.isnan(vectors_NxD[:, 0]).sum()))
