@@ -188,8 +188,8 @@ def _parser() -> argparse.ArgumentParser:
   p = add('prepare', _cmd_prepare, 'build a clustered, packed dataset from raw documents')
   p.add_argument('--input', required=True, help='file, directory or glob of JSONL / Parquet / .txt')
   p.add_argument('--out', required=True, help='output dataset directory')
-  p.add_argument('--runner', default='direct', help='Beam runner: direct (local processes), dataflow, flink, '
-                 'spark, or a runner class; its pipeline options follow a `--` (BUILD.md)')
+  p.add_argument('--runner', default='direct', help='Beam runner: direct (local processes), dataflow, '
+                 'flink, spark, or a runner class; its pipeline options follow a `--` (BUILD.md)')
   p.add_argument('--workers', type=int, default=0, help='direct runner: worker processes (0 = the cores)')
   p.add_argument('--tokenizer', default='', help='tokenizer.json, or a run directory holding one (hmem import); '
                  'sets data.tokenizer')

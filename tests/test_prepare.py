@@ -17,8 +17,8 @@ from hmem.config import apply_overrides, default_config
 from hmem.data import layout
 from hmem.data import prepare as prepare_lib
 from hmem.data.embed import TfidfEmbedder, load_embedder
-from hmem.data.loader import PreparedSource
 from hmem.data.inputs import ReadStats, list_files, read_documents
+from hmem.data.loader import PreparedSource
 from hmem.data.packing import pack
 from hmem.data.tokenizer import EOT, Tokenizer
 from hmem.data.tree import Tree, route
@@ -334,10 +334,12 @@ def test_runner_options_pass_through(monkeypatch):
   got = {}
   monkeypatch.setattr(prepare_lib, 'prepare', lambda cfg, i, o, **kw: got.update(kw) or {'ok': 1})
   from hmem.cli import main
-  assert main(['prepare', '--config', str(WIKI.parents[2] / 'configs' / 'tiny.py'), '--input', 'in', '--out', 'out', '--runner', 'flink',
+  config = str(WIKI.parents[2] / 'configs' / 'tiny.py')
+  assert main(['prepare', '--config', config, '--input', 'in', '--out', 'out', '--runner', 'flink',
                '--', '--flink_master=host:8081', '--parallelism', '64']) == 0
   assert got['runner'] == 'flink' and got['pipeline_args'] == ['--flink_master=host:8081', '--parallelism', '64']
-  flink = prepare_lib.pipeline_options(got['runner'], 0, got['pipeline_args']).get_all_options(retain_unknown_options=True)
+  flink = prepare_lib.pipeline_options(got['runner'], 0, got['pipeline_args'])
+  flink = flink.get_all_options(retain_unknown_options=True)
   assert flink['runner'] == 'FlinkRunner' and flink['flink_master'] == 'host:8081' and flink['parallelism'] == 64
   one = prepare_lib.pipeline_options('direct', 1, []).get_all_options()
   assert (one['runner'], one['direct_running_mode'], one['direct_num_workers']) == ('DirectRunner', 'in_memory', 1)

@@ -180,8 +180,8 @@ def build(p, job: _Job, files: list[str]) -> None:
           | 'fit tree' >> beam.Map(fit_tree_on_sample, job, fit_side(), beam.pvalue.AsSingleton(lookups)))
 
   # Pass 3: tokenize and route; group by leaf; pack.
-  routed = inputs('route') | 'route' >> beam.ParDo(RouteFile(job), fit_side(), beam.pvalue.AsSingleton(tree)).with_outputs(
-      'cache', 'failed', main='docs')
+  routed = (inputs('route') | 'route' >> beam.ParDo(RouteFile(job), fit_side(), beam.pvalue.AsSingleton(tree))
+            .with_outputs('cache', 'failed', main='docs'))
   shards = (routed.docs | 'group by leaf' >> beam.GroupByKey()
             | 'pack' >> beam.ParDo(PackLeaf(job), fit_side()))
 
