@@ -136,7 +136,7 @@ def main():
     with open(path, 'w', encoding='utf-8') as f:
       f.writelines(json.dumps({'text': x}) + '\n' for x in texts)
     out = os.path.join(tmp, 'prepared')
-    manifest, t = timed(prepare, cfg, path, out, progress=False)
+    manifest, t = timed(prepare, cfg, path, out, workers=1, progress=False)
     report('prepare_1_process', t, n, sequences=manifest['sequences'])
 
     batch, steps = 32, 40

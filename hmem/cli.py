@@ -56,8 +56,8 @@ def _cmd_prepare(args, cfg):
   if args.tokenizer:
     from hmem.data.tokenizer import tokenizer_file
     cfg.data.tokenizer = tokenizer_file(args.tokenizer)
-  manifest = prepare(cfg, args.input, args.out, processes=args.processes, process_index=args.process_index,
-                     stage=args.stage, timeout_s=args.timeout, progress=not args.no_progress)
+  manifest = prepare(cfg, args.input, args.out, runner=args.runner, workers=args.workers,
+                     pipeline_args=args.pipeline_args, progress=not args.no_progress)
   if manifest is not None:
     print(json.dumps(manifest))
 
@@ -206,13 +206,11 @@ def _parser() -> argparse.ArgumentParser:
   p = add('prepare', _cmd_prepare, 'build a clustered, packed dataset from raw documents')
   p.add_argument('--input', required=True, help='file, directory or glob of JSONL / Parquet / .txt')
   p.add_argument('--out', required=True, help='output dataset directory')
-  p.add_argument('--processes', type=int, default=1, help='processes sharing the work')
-  p.add_argument('--process-index', type=int, default=0, help='index of this process')
+  p.add_argument('--runner', default='direct', help='Beam runner: direct (local processes), dataflow, '
+                 'flink, spark, or a runner class; its pipeline options follow a `--` (BUILD.md)')
+  p.add_argument('--workers', type=int, default=0, help='direct runner: worker processes (0 = the cores)')
   p.add_argument('--tokenizer', default='', help='tokenizer.json, or a run directory holding one (hmem import); '
                  'sets data.tokenizer')
-  p.add_argument('--stage', choices=('all', 'fit', 'embed', 'tree', 'map', 'reduce'), default='all',
-                 help='run one stage as its own job (fit, tree: process 0 only; see BUILD.md)')
-  p.add_argument('--timeout', type=float, default=6 * 3600, help='seconds to wait for other processes')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
   p = add('import', _cmd_import, 'convert Llama-family weights (GGUF, Hugging Face) into an anchor run', config=False)
   p.add_argument('--from', dest='source', required=True, help='a .gguf file or a Hugging Face checkpoint directory')
@@ -287,9 +285,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  # After `--`: Beam pipeline options for `hmem prepare --runner ...`, passed on untouched.
+  argv, passed = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
   overrides = [a for a in argv if a.startswith('--config.')]
   args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
-  args.overrides = tuple(overrides)
+  args.overrides, args.pipeline_args = tuple(overrides), passed
 
   from hmem.config import load_config
   from hmem.errors import ConfigError, TrainingError, UserError

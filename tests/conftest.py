@@ -56,7 +56,7 @@ def memory_run(tmp_path_factory):
   from hmem.train.trainer import train
   data = tmp_path_factory.mktemp('infer_data')
   cfg = tiny_config(*MEMORY_RUN, f'data.path={data}')
-  manifest = prepare(cfg, str(WIKI), str(data), progress=False)
+  manifest = prepare(cfg, str(WIKI), str(data), workers=1, progress=False)  # in this process: fast
   workdir = tmp_path_factory.mktemp('infer_run')
   train(cfg, str(workdir), progress=False)
   return cfg, data, manifest, workdir

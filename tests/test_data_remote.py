@@ -11,12 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from test_prepare import small_config, wiki_texts
+from test_prepare import prepare, small_config, wiki_texts
 
 from hmem.data import minilm
 from hmem.data.embed import CONFIG_FILE, TfidfEmbedder, load_embedder
 from hmem.data.inputs import ReadStats, list_files, read_documents, stamp
-from hmem.data.prepare import prepare
 from hmem.data.tokenizer import Tokenizer, tokenizer_file
 from hmem.data.tree import Tree, route
 from hmem.errors import DataError

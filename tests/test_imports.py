@@ -92,7 +92,8 @@ def test_prepare_with_the_imported_tokenizer_is_checked_at_train_time(smollm2_ru
            '--config.data.tokenizer_sample=100', '--config.data.tree_sample=100', '--config.data.kmeans_samples=64',
            '--config.data.kmeans_steps=2', '--config.data.tfidf_dim=16', '--config.data.eval_fraction=0.1']
   assert main(['prepare', '--config', os.path.join(smollm2_run, 'config.py'), '--tokenizer', smollm2_run,
-               '--input', os.path.join(DATA, 'wiki_sample.jsonl'), '--out', data, '--no-progress', *small]) == 0
+               '--input', os.path.join(DATA, 'wiki_sample.jsonl'), '--out', data, '--workers', '1', '--no-progress',
+               *small]) == 0
   tokenizer = Tokenizer.load(os.path.join(smollm2_run, 'tokenizer.json'))
   manifest = json.load(open(os.path.join(data, 'manifest.json')))
   assert manifest['tokenizer_sha256'] == tokenizer.identity and manifest['eot_id'] == tokenizer.eot_id == 0

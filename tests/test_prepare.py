@@ -1,11 +1,10 @@
-"""`hmem prepare`: inputs and their skip counts, packing invariants, process-count invariance."""
+"""`hmem prepare`: inputs and their skip counts, packing invariants, worker-count invariance, faults."""
 
 import gzip
 import hashlib
 import json
 import pathlib
 import shutil
-import threading
 
 import grain
 import numpy as np
@@ -17,10 +16,10 @@ import zstandard
 from hmem.config import apply_overrides, default_config
 from hmem.data import layout
 from hmem.data import prepare as prepare_lib
-from hmem.data.embed import load_embedder
+from hmem.data.embed import TfidfEmbedder, load_embedder
 from hmem.data.inputs import ReadStats, list_files, read_documents
+from hmem.data.loader import PreparedSource
 from hmem.data.packing import pack
-from hmem.data.prepare import prepare
 from hmem.data.tokenizer import EOT, Tokenizer
 from hmem.data.tree import Tree, route
 from hmem.errors import DataError
@@ -33,6 +32,11 @@ SPELLS_EOT = f'A document that spells {EOT} in its text must not end there.'
 # What the messy corpus below skips, by reason.
 SKIPPED = {'blank_line': 1, 'empty': 4, 'invalid_unicode': 1, 'malformed_json': 1, 'missing_field': 3,
            'non_string_field': 1, 'non_utf8': 2, 'not_an_object': 1}
+
+
+def prepare(cfg, corpus, out, workers=1, **kw):
+  """One DirectRunner worker, in this process (monkeypatches reach it), unless told."""
+  return prepare_lib.prepare(cfg, corpus, out, workers=workers, **kw)
 
 
 def small_config(*overrides):
@@ -103,7 +107,6 @@ def test_manifest_counts_every_record(prepared):
     assert sum(s['sequences'] for s in m['splits'][split]['shards']) == m['splits'][split]['sequences']
   for name in ('tokenizer.json', 'tree.npz', 'embedder.json', 'manifest.json'):
     assert (out / name).is_file()
-  assert not (out / '_work').exists()
 
 
 def test_packing_keeps_every_document_once_in_order(prepared, corpus):
@@ -157,39 +160,52 @@ def test_packing_keeps_every_document_once_in_order(prepared, corpus):
   assert set(found['train']) | set(found['eval']) == set(expected)
 
 
-def test_output_does_not_depend_on_process_count(prepared, corpus, tmp_path):
+def test_output_does_not_depend_on_worker_count(prepared, corpus, tmp_path):
+  """Two DirectRunner worker processes write the same bytes as one: shards, tree, manifest."""
   cfg, out, manifest = prepared
-  # Two processes side by side, all stages each.
-  two = tmp_path / 'two'
-  results = [None, None]
+  assert prepare(cfg, str(corpus), str(tmp_path / 'two'), workers=2, progress=False) == manifest
+  assert files_of(tmp_path / 'two') == files_of(out)  # embed_cache/ included
 
-  def run(i):
-    try:
-      results[i] = prepare(cfg, str(corpus), str(two), processes=2, process_index=i, timeout_s=120,
-                           progress=False)
-    except BaseException as e:  # surfaced below
-      results[i] = e
 
-  threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  assert results[0] == manifest and results[1] is None
-  # The stages as separate jobs: fit, embed on 3 processes, tree, map on 2, reduce on 2.
-  staged = tmp_path / 'staged'
-  prepare(cfg, str(corpus), str(staged), stage='fit', progress=False)
-  for i in range(3):
-    prepare(cfg, str(corpus), str(staged), 3, i, stage='embed', progress=False)
-  assert prepare(cfg, str(corpus), str(staged), 3, 1, stage='tree', progress=False) is None
-  assert not (staged / 'tree.npz').exists()  # the tree is process 0's
-  prepare(cfg, str(corpus), str(staged), stage='tree', progress=False)
-  for i in range(2):
-    prepare(cfg, str(corpus), str(staged), 2, i, stage='map', progress=False)
-  assert prepare(cfg, str(corpus), str(staged), 2, 1, stage='reduce', progress=False) is None
-  assert prepare(cfg, str(corpus), str(staged), 2, 0, stage='reduce', progress=False) == manifest
-  for other in (two, staged):
-    assert files_of(other) == files_of(out)  # embed_cache/ included
+def test_a_document_that_makes_a_step_raise_is_counted_and_skipped(corpus, tmp_path, monkeypatch):
+  """The tokenizer raises on one document, the embedder on another (in their batches, then
+  alone): both are counted by reason, the other 399 documents are packed."""
+  real_encode, real_embed, first = Tokenizer.encode, TfidfEmbedder.embed, wiki_texts()[0]
+
+  def encode(self, texts):
+    if any(SPELLS_EOT in t for t in texts):
+      raise RuntimeError('tokenizer crash')
+    return real_encode(self, texts)
+
+  def embed(self, texts, progress=True):
+    if first in texts:
+      raise ValueError('embedder crash')
+    return real_embed(self, texts, progress)
+
+  monkeypatch.setattr(Tokenizer, 'encode', encode)
+  monkeypatch.setattr(TfidfEmbedder, 'embed', embed)
+  m = prepare(small_config(), str(corpus), str(tmp_path / 'out'), progress=False)
+  assert m['skipped'] == {**SKIPPED, 'tokenize_error': 1, 'embed_error': 1}
+  assert m['documents_kept'] == 399 and m['documents_read'] == 401 + sum(SKIPPED.values())
+  assert m['splits']['train']['documents'] + m['splits']['eval']['documents'] == 399
+
+
+def test_a_failed_pipeline_leaves_no_manifest_and_a_rerun_starts_clean(prepared, corpus, tmp_path, monkeypatch):
+  _, _, manifest = prepared
+  out = tmp_path / 'out'
+  monkeypatch.setattr(prepare_lib, 'write_shard', lambda *a: (_ for _ in ()).throw(OSError('disk full')))
+  with pytest.raises(Exception, match='disk full'):
+    prepare(small_config(), str(corpus), str(out), progress=False)
+  assert (out / 'tree.npz').exists() and not (out / 'manifest.json').exists()
+  with pytest.raises(DataError, match='has no manifest.json'):
+    PreparedSource(str(out), batch_size=1, seq_len=128, seed=0)
+  (out / 'train-00003-of-00016.array_record').write_bytes(b'left by a failed run')
+  monkeypatch.undo()
+  again = prepare(small_config(), str(corpus), str(out), progress=False)
+  assert again['embed_cache']['hits'] == again['files']  # the failed run's vectors were kept
+  assert {**again, 'embed_cache': None} == {**manifest, 'embed_cache': None}
+  skip = ('embed_cache', 'manifest.json')
+  assert files_of(out, skip=skip) == files_of(prepared[1], skip=skip)
 
 
 def test_tree_is_fit_on_a_uniform_sample_of_training_documents(prepared, corpus, tmp_path, monkeypatch):
@@ -212,7 +228,7 @@ def test_tree_is_fit_on_a_uniform_sample_of_training_documents(prepared, corpus,
   main = [i for i in drawn if docs[i].file == 0]
   assert 50 <= len(main) <= 100
   assert min(main) < 100 and max(main) > 150
-  # Another seed, another draw (process counts never change it: see the test above).
+  # Another seed, another draw (worker counts never change it: see the test above).
   prepare(small_config('data.tree_sample=120', f'data.embed_cache={out / "embed_cache"}', 'train.seed=1'),
           str(corpus), str(tmp_path / 'seed1'), progress=False)
   assert fitted[1].shape == fitted[0].shape and not np.array_equal(fitted[0], fitted[1])
@@ -310,3 +326,23 @@ def test_record_round_trip():
   np.testing.assert_array_equal(b['leaf_id'], [13, 13])
   with pytest.raises(ValueError, match='runs'):
     layout.encode(tokens, np.array([1, 2, 1, 0, 0, 0]), 0, np.dtype('<u2'))
+
+
+def test_runner_options_pass_through(monkeypatch):
+  """`hmem prepare --runner flink -- OPTIONS` hands OPTIONS to Beam untouched; direct runs
+  one worker in process, more as local processes (the cores by default)."""
+  got = {}
+  monkeypatch.setattr(prepare_lib, 'prepare', lambda cfg, i, o, **kw: got.update(kw) or {'ok': 1})
+  from hmem.cli import main
+  config = str(WIKI.parents[2] / 'configs' / 'tiny.py')
+  assert main(['prepare', '--config', config, '--input', 'in', '--out', 'out', '--runner', 'flink',
+               '--', '--flink_master=host:8081', '--parallelism', '64']) == 0
+  assert got['runner'] == 'flink' and got['pipeline_args'] == ['--flink_master=host:8081', '--parallelism', '64']
+  flink = prepare_lib.pipeline_options(got['runner'], 0, got['pipeline_args'])
+  flink = flink.get_all_options(retain_unknown_options=True)
+  assert flink['runner'] == 'FlinkRunner' and flink['flink_master'] == 'host:8081' and flink['parallelism'] == 64
+  one = prepare_lib.pipeline_options('direct', 1, []).get_all_options()
+  assert (one['runner'], one['direct_running_mode'], one['direct_num_workers']) == ('DirectRunner', 'in_memory', 1)
+  monkeypatch.setattr('os.cpu_count', lambda: 3)
+  cores = prepare_lib.pipeline_options('direct', 0, []).get_all_options()
+  assert (cores['direct_running_mode'], cores['direct_num_workers']) == ('multi_processing', 3)

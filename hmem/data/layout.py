@@ -12,7 +12,7 @@ sequence (no pickle, no protobuf), little-endian:
 
 The directory must be on a POSIX filesystem (a local disk, NFS, or a bucket mounted with
 gcsfuse): the open-source array_record reads and writes only POSIX files, and
-`hmem prepare` memory-maps its intermediate files and embedding cache. `check_posix`
+`hmem prepare` memory-maps its embedding cache. `check_posix`
 refuses an object-store URL for it up front. The small files (manifest, tokenizer, tree,
 embedder) are read through etils.epath, so runs and bundles may copy them anywhere.
 

@@ -79,7 +79,7 @@ def _read_manifest(path: str) -> dict:
   manifest_path = epath.Path(path) / MANIFEST
   if not manifest_path.is_file():
     raise DataError(f'{path} has no {MANIFEST}: its preparation did not finish; rerun '
-                    f'`hmem prepare --out {path}` (it resumes)')
+                    f'`hmem prepare --out {path}` (it starts again)')
   try:
     manifest = json.loads(manifest_path.read_text())
   except (OSError, json.JSONDecodeError) as e:

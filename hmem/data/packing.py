@@ -11,6 +11,10 @@ other's sequence anyway.
 from __future__ import annotations
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from hmem.data import layout
+from hmem.files import atomic_path
 
 
 def pack(tokens: np.ndarray, lengths_N: np.ndarray, seq_len: int, eot_id: int,
@@ -35,3 +39,18 @@ def pack(tokens: np.ndarray, lengths_N: np.ndarray, seq_len: int, eot_id: int,
   # Every sequence starts with a real token (only the tail of the last one is padding).
   segment_ids_MxT = np.where(doc_MxT >= 0, doc_MxT - doc_MxT[:, :1] + 1, 0).astype(np.int32)
   return stream.reshape(m, seq_len), segment_ids_MxT
+
+
+def write_shard(path: str, tokens: np.ndarray, lengths_N: np.ndarray, leaf: int, seq_len: int, eot_id: int,
+                dtype: np.dtype) -> tuple[int, int]:
+  """Packs one leaf's documents into an ArrayRecord file at `path` (POSIX; none when there
+  is no document); (sequences, non-padding tokens)."""
+  if not len(lengths_N):
+    return 0, 0
+  tokens_MxT, segment_ids_MxT = pack(tokens, lengths_N, seq_len, eot_id, pad_id=eot_id)
+  with atomic_path(path) as tmp:  # a retried bundle rewrites the same bytes
+    writer = ArrayRecordWriter(str(tmp), 'group_size:1')
+    for t_T, s_T in zip(tokens_MxT, segment_ids_MxT):
+      writer.write(layout.encode(t_T, s_T, leaf, dtype))
+    writer.close()
+  return tokens_MxT.shape[0], int((segment_ids_MxT > 0).sum())

@@ -1,56 +1,49 @@
-"""`hmem prepare`: raw documents -> a tokenized, clustered, packed dataset.
+"""`hmem prepare` as one Apache Beam pipeline: raw documents -> a tokenized, clustered, packed dataset.
 
-Five stages, so the work spreads over processes and the output does not depend on how
-many there are (docs/DESIGN.md, "Data flow"):
+The graph, in the order the data flows (docs/DECISIONS.md, "Prepare on Apache Beam"):
 
-  fit     process 0 reads the first ceil(data.tokenizer_sample/files) usable documents of
-          every file, trains or loads the tokenizer and fits the embedder (TF-IDF) on them.
-  embed   process i of n takes files[i::n] and embeds every document into the embedding
-          cache (a no-op for files already there).
-  tree    process 0 draws data.tree_sample training documents uniformly at random from
-          the whole corpus (seeded by train.seed; eval documents are never drawn), reads
-          their vectors from the cache (memory-mapped: only the drawn rows are read) and
-          fits the hierarchical k-means tree on them (tree.fit_tree).
-  map     process i of n takes files[i::n]: reads and tokenizes every document, routes
-          its cached vector and spills (leaf, key, held-out flag, tokens) sorted by leaf.
-  reduce  process i takes a contiguous range of shards (a shard is a fixed leaf range)
-          and packs each leaf's documents in (file, line) order, the train and eval
-          splits into separate shards; process 0 then writes manifest.json.
+  read      every input file is read three times, each time by the worker that holds it:
+            documents are never kept between the passes, only what each pass yields.
+  sample    pass 1 counts every record (skips by reason) and yields, per file, its documents
+            with the data.tokenizer_sample smallest hashes of (file, line); Top.Smallest
+            keeps the global smallest: a uniform, seeded sample, the same whatever the
+            parallelism, drawn without an index of the corpus.
+  fit       one worker trains (or loads) the tokenizer and fits the embedder on that sample
+            and writes tokenizer.json and the embedder's files; the rest read them.
+  embed     pass 2 embeds each file's documents into the embedding cache (a hit costs a
+            read) and yields the data.tree_sample training documents with the smallest
+            hashes of (file, line, train.seed); one worker reads their vectors back from the cache
+            and fits the tree (JAX, tree.fit_tree), writing tree.npz.
+  route     pass 3 tokenizes each file's documents and routes their cached vectors; each
+            document goes to its leaf.
+  pack      GroupByKey on the leaf; each leaf's documents, in (file, line) order, are packed
+            into one train and one eval ArrayRecord shard (a leaf's group is the most any
+            worker holds).
+  manifest  one worker writes manifest.json from the shards' summaries, last: a failed
+            pipeline leaves none, so `hmem train` refuses the directory, and a rerun clears
+            what the failed one left and starts again.
 
-With stage='all' each process runs the stages in turn. The stages can also run as
-separate jobs: 'fit' and 'tree' run on process 0 only (others return at once); 'embed',
-'map' and 'reduce' on any number of processes each (spills are per input file and shards
-are fixed leaf ranges); the reduce's process 0 writes the manifest. There are
-min(k**depth, 256) shards per split, which is also the most processes a reduce can use.
-The tree sample depends only on the corpus, data.tree_sample and the seed: the documents
-are numbered in (file, line) order and a seeded draw without replacement picks among the
-training ones, whatever the number of processes that embedded them.
-
-Processes coordinate only through files in out_dir: process 0 writes fit.json and then
-the plan when the tree is fit, a file's embedding marker and spill appear (by atomic
-renames) when it is embedded and mapped, a shard's marker when it is packed. Waiting for
-a file times out with a clear message, and a process that fails leaves a note that makes
-its peers stop too. A rerun with the same inputs and settings resumes: finished files and
-shards are kept. Intermediate files live in out_dir/_work, removed at the end.
+Every step is idempotent (files appear by atomic renames), as Beam retries bundles. A
+document that makes the embedder or tokenizer raise is skipped and counted
+(embed_error, tokenize_error), never fatal. Skipped records are counted as data that flows
+into the manifest (exact under retries) and as Beam counters (the runner's monitoring).
 
 The input may lie on an object store (gs://, s3://: inputs.py reads it through
-etils.epath); out_dir and data.embed_cache must be POSIX directories (a local disk, NFS or
-a gcsfuse mount), since the shards are ArrayRecord files and the spills and cached vectors
-are memory-mapped: a URL for either is refused before any input is read.
+etils.epath); out_dir and data.embed_cache must be POSIX directories that every worker
+sees (a local disk, NFS or a gcsfuse mount), since the shards are ArrayRecord files and
+cached vectors are memory-mapped: a URL for either is refused before any input is read.
 
 Embeddings are cached on disk (data.embed_cache, by default out_dir/embed_cache, which
 outlives the run): each input file's under its absolute path, size, mtime and
 data.text_field, within a directory per embedder identity (embed.EmbeddingCache). A later
 preparation of the same corpus with the same embedder -- another tree, say, written to
 another --out -- reads them back instead of embedding again; the cache never changes the
-output. The manifest counts the embed stage's lookups (one per input file) as embed_cache
-{hits, misses, rejected}, rejected being files that were there but unusable (corrupt,
-wrong shape), recomputed; a file the map stage then finds unusable too (changed under the
-run) is recomputed and counted again.
+output. The manifest counts the lookups (one per input file, plus one per file the route
+pass found unusable) as embed_cache {hits, misses, rejected}.
 
 Output (out_dir):
-  {split}-{s:05d}-of-{S:05d}.array_record   split 'train' or 'eval'; shard s holds the
-        sequences of leaves [s*L/S, (s+1)*L/S) in leaf order (layout.py has the record bytes)
+  {split}-{leaf:05d}-of-{L:05d}.array_record   split 'train' or 'eval'; one shard per
+        non-empty leaf and split (layout.py has the record bytes)
   manifest.json   counts, skipped records by reason, splits and shards, tree occupancy
   tokenizer.json, tree.npz, embedder.json (+ embedder_* files)
 A document is held out for eval when a hash of its key falls under data.eval_fraction,
@@ -59,528 +52,357 @@ so eval documents come from the same clusters as the training ones.
 
 from __future__ import annotations
 
+import collections
+import glob
 import hashlib
+import heapq
 import itertools
 import json
-import math
 import os
-import shutil
-import time
+import re
 
+import apache_beam as beam
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
-from tqdm import tqdm
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from hmem.data import layout
 from hmem.data.embed import EmbeddingCache, load_embedder, make_embedder
 from hmem.data.inputs import ReadStats, list_files, read_documents, stamp
-from hmem.data.packing import pack
+from hmem.data.packing import write_shard
 from hmem.data.tokenizer import Tokenizer
 from hmem.data.tree import Tree, fit_tree, route, tree_stats
 from hmem.errors import DataError
-from hmem.files import atomic_path, atomic_write
+from hmem.files import atomic_write
 
-STAGES = ('all', 'fit', 'embed', 'tree', 'map', 'reduce')
-_MAX_SHARDS = 256  # shards per split; also the most processes the reduce can use
-_CHUNK = 1024      # documents tokenized, embedded and routed together
-_TREE_STREAM = 0x74726565  # with train.seed, seeds the draw of the tree sample
-_POLL_S = 0.5
+_CHUNK = 1024  # documents embedded, tokenized and routed together
+# Salts of the two samples' hashes. The fit sample does not depend on train.seed, so runs
+# with other seeds share the embedder (and its cached vectors); the tree's does.
+_FIT_STREAM, _TREE_STREAM = 0x666974, 0x74726565
+RUNNERS = {'direct': 'DirectRunner', 'dataflow': 'DataflowRunner', 'flink': 'FlinkRunner',
+           'spark': 'SparkRunner'}
+# What a failed run may have left in out_dir: removed before a run starts.
+_OUTPUTS = ('*.array_record', '*.tmp-*', 'tokenizer.json', 'tree.npz', 'embedder*')
 
 
-def prepare(cfg, input_path_or_glob: str, out_dir: str, processes: int = 1, process_index: int = 0,
-            *, stage: str = 'all', timeout_s: float = 6 * 3600, progress: bool = True) -> dict | None:
-  """Runs `stage` of the preparation as process `process_index` of `processes`.
+def prepare(cfg, input_path_or_glob: str, out_dir: str, *, runner: str = 'direct', workers: int = 0,
+            pipeline_args=(), progress: bool = True) -> dict | None:
+  """Runs the preparation on `runner` and returns the manifest (None when the launcher
+  cannot see out_dir, e.g. a mount that only the remote workers have).
 
-  Returns the manifest on the process that writes it (process 0 of the reduce, or any
-  process once the dataset is complete), else None. `timeout_s` bounds each wait for
-  another process's output.
+  `workers`: DirectRunner processes (0 = the local cores; 1 runs in this process).
+  `pipeline_args`: Beam pipeline options passed to the runner as they are.
   """
-  if stage not in STAGES:
-    raise DataError(f'stage {stage!r} is not one of {", ".join(STAGES)}')
-  if not 0 <= process_index < processes:
-    raise DataError(f'process index {process_index} is outside [0, {processes}); '
-                    'pass --process-index between 0 and --processes - 1')
-  if not 0 <= cfg.data.eval_fraction < 1:
-    raise DataError(f'data.eval_fraction={cfg.data.eval_fraction} must lie in [0, 1)')
+  del progress  # the runner reports progress (DirectRunner logs, Dataflow's console)
+  d = cfg.data
+  if not 0 <= d.eval_fraction < 1:
+    raise DataError(f'data.eval_fraction={d.eval_fraction} must lie in [0, 1)')
   layout.check_posix(out_dir, '--out')
-  layout.check_posix(cfg.data.embed_cache, 'data.embed_cache')
+  layout.check_posix(d.embed_cache, 'data.embed_cache')
   out_dir = os.path.abspath(out_dir)
-  cache_dir = _cache_dir(cfg, out_dir)
+  cache_dir = os.path.abspath(d.embed_cache or os.path.join(out_dir, 'embed_cache'))
   # An output (or cache) directory inside the input one must not feed its own files back
   # in on a rerun.
-  files, unsupported = ([p for p in found
-                         if not p.startswith((out_dir + os.sep, cache_dir + os.sep))]
+  files, unsupported = ([p for p in found if not p.startswith((out_dir + os.sep, cache_dir + os.sep))]
                         for found in list_files(input_path_or_glob))
   if not files:
     raise DataError(f'input {input_path_or_glob!r} holds no readable file outside --out {out_dir}')
-  run = _Run(cfg, input_path_or_glob, out_dir, cache_dir, files, unsupported, processes,
-             process_index, timeout_s, progress)
-  if os.path.exists(os.path.join(run.out_dir, layout.MANIFEST)):
-    return run.finished_manifest()
-  run.begin()
-  try:
-    if run.stage_of_process_0(stage, 'fit', run.fit_path, run.fit):
-      return None
-    if stage in ('all', 'embed'):
-      run.embed()
-    if stage == 'embed':
-      return None
-    if run.stage_of_process_0(stage, 'tree', run.plan_path, run.tree):
-      return None
-    if stage in ('all', 'map'):
-      run.map()
-    if stage == 'map':
-      return None
-    run.wait(lambda: run.files_mapped() == len(files), 'every input file to be mapped')
-    run.reduce()
-    if process_index != 0:
-      return None
-    run.wait(lambda: run.shards_packed() == run.shards, 'every shard to be packed')
-    return run.finalize()
-  except BaseException as e:
-    run.note_failure(e)
-    raise
-
-
-class _Run:
-  """The state one process needs; the methods are the stages."""
-
-  def __init__(self, cfg, input_path, out_dir, cache_dir, files, unsupported, processes, index,
-               timeout_s, progress):
-    self.cfg, self.input_path, self.out_dir, self.cache_dir = cfg, input_path, out_dir, cache_dir
-    self.files, self.unsupported = files, unsupported
-    self.processes, self.index, self.timeout_s, self.progress = processes, index, timeout_s, progress
-    self.work = os.path.join(out_dir, '_work')
-    self.fit_path = os.path.join(self.work, 'fit.json')
-    self.plan_path = os.path.join(self.work, 'plan.json')
-    self.embedded_dir = os.path.join(self.work, 'embedded')
-    self.spill_dir = os.path.join(self.work, 'spill')
-    self.packed_dir = os.path.join(self.work, 'packed')
-    self.failure_path = os.path.join(self.work, f'failed-{index}.txt')
-    self.started = time.time()
-    self.fingerprint = _fingerprint(cfg, input_path, files, unsupported)
-    self.leaves = cfg.memory.k**cfg.memory.depth
-    self.shards = min(self.leaves, _MAX_SHARDS)
-
-  # Coordination.
-
-  def begin(self) -> None:
-    for d in (self.embedded_dir, self.spill_dir, self.packed_dir):
-      os.makedirs(d, exist_ok=True)
-    if os.path.exists(self.failure_path):
-      os.remove(self.failure_path)
-
-  def finished_manifest(self) -> dict | None:
-    with open(os.path.join(self.out_dir, layout.MANIFEST)) as f:
-      manifest = json.load(f)
-    if manifest.get('fingerprint') != self.fingerprint:
-      raise DataError(f'{self.out_dir} already holds a dataset prepared from other inputs or '
-                      'settings; pass a new --out or delete that directory')
-    return manifest if self.index == 0 else None
-
-  def check_fingerprint(self, path: str) -> None:
-    with open(path) as f:
-      written = json.load(f)
-    if written['fingerprint'] != self.fingerprint:
-      raise DataError(f'{self.work} belongs to a preparation of other inputs or settings; give '
-                      'every process the same --config, --input and overrides, or delete '
-                      f'{self.work}')
-
-  def stage_of_process_0(self, stage: str, name: str, path: str, produce) -> bool:
-    """Process 0 runs stage `name` (`produce`, which writes `path`) unless `path` exists;
-    then every process waits for `path` and checks it was made from this input. True when
-    `name` was the only stage asked for."""
-    if stage in ('all', name) and self.index == 0 and not os.path.exists(path):
-      produce()
-    if stage == name:
-      return True
-    self.wait(lambda: os.path.exists(path), f'the {name} stage (process 0)')
-    self.check_fingerprint(path)
-    return False
-
-  def wait(self, ready, what: str) -> None:
-    deadline = time.monotonic() + self.timeout_s
-    while not ready():
-      for name in os.listdir(self.work):
-        path = os.path.join(self.work, name)
-        # Notes older than this process are left over from an earlier attempt.
-        if (name.startswith('failed-') and path != self.failure_path
-            and os.path.getmtime(path) >= self.started - 60):
-          with open(path) as f:
-            raise DataError(f'process {self.index} stops because process {name[7:-4]} failed: '
-                            f'{f.read().strip()}')
-      if time.monotonic() > deadline:
-        raise DataError(f'process {self.index} of {self.processes} waited {self.timeout_s:.0f}s for '
-                        f'{what} in {self.out_dir}; start every process with the same --input, '
-                        '--out and --processes, and check the log of the one that is missing')
-      time.sleep(_POLL_S)
-
-  def note_failure(self, e: BaseException) -> None:
-    if os.path.isdir(self.work):
-      with open(self.failure_path, 'w') as f:
-        f.write(f'{type(e).__name__}: {e}\n')
-
-  def files_embedded(self) -> int:
-    return sum(1 for name in os.listdir(self.embedded_dir) if name.endswith('.json'))
-
-  def files_mapped(self) -> int:
-    return sum(1 for name in os.listdir(self.spill_dir) if name.isdigit())
-
-  def shards_packed(self) -> int:
-    return sum(1 for name in os.listdir(self.packed_dir) if name.endswith('.json'))
-
-  # Stage a: fit (tokenizer and embedder).
-
-  def fit(self) -> None:
-    d = self.cfg.data
-    quota = math.ceil(d.tokenizer_sample / len(self.files))
-    sample, stats = [], ReadStats()
-    files = tqdm(self.files, desc='fit: sample', unit='file', disable=not self.progress)
-    for i, path in enumerate(files):
-      docs = read_documents(path, i, d.text_field, stats)
-      sample.extend(doc.text for doc in itertools.islice(docs, quota))
-      docs.close()
-    if not sample:  # every file was read to its end, so the corpus has no usable document
-      raise DataError(f'input {self.input_path!r} has no usable document ({stats.read} records, '
-                      f'skipped: {dict(stats.skipped)}); check the files and '
-                      f'data.text_field={d.text_field!r}')
-    fit_texts = _spread(sample, d.tokenizer_sample)
-    tokenizer = (Tokenizer.load(d.tokenizer) if d.tokenizer
-                 else Tokenizer.train(fit_texts, self.cfg.model.vocab_size))
-    if tokenizer.vocab_size > self.cfg.model.vocab_size:
-      raise DataError(f'the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size='
-                      f'{self.cfg.model.vocab_size}; set --config.model.vocab_size='
-                      f'{tokenizer.vocab_size} or more')
-    embedder = make_embedder(d, fit_texts=fit_texts)
-    tokenizer.save(os.path.join(self.out_dir, 'tokenizer.json'))
-    embedder.save(self.out_dir)
-    _write_json(self.fit_path, {'fingerprint': self.fingerprint, 'sample_documents': len(sample),
-                                'vocab_size': tokenizer.vocab_size, 'eot_id': tokenizer.eot_id,
-                                'tokenizer_sha256': tokenizer.identity})
-
-  # Stage b: embed.
-
-  def embed(self) -> None:
-    embedder = load_embedder(self.out_dir)
-    cache = EmbeddingCache(self.cache_dir, embedder)
-    mine = range(self.index, len(self.files), self.processes)
-    with tqdm(desc=f'embed {self.index}/{self.processes}', unit='doc', disable=not self.progress) as bar:
-      for f in mine:
-        if not os.path.exists(self._embedded(f) + '.json'):
-          self._embed_file(f, embedder, cache, bar)
-
-  def _embedded(self, f: int) -> str:
-    return os.path.join(self.embedded_dir, f'{f:06d}')
-
-  def _embed_file(self, f, embedder, cache, bar, use_cache=True) -> None:
-    """Makes sure file f's vectors are cached; notes its document count and held-out flags."""
-    key = cache.key(**self._file_source(f))
-    cached_NxD, status = cache.load(key) if use_cache else (None, 'rejected')
-    stats = ReadStats()
-    docs = read_documents(self.files[f], f, self.cfg.data.text_field, stats)
-    index, computed = [], []
-    while chunk := list(itertools.islice(docs, _CHUNK)):
-      index.extend(doc.index for doc in chunk)
-      if cached_NxD is None:
-        computed.append(embedder.embed([doc.text for doc in chunk], progress=self.progress))
-      bar.update(len(chunk))
-    if cached_NxD is not None and cached_NxD.shape[0] != len(index):
-      # Checksummed vectors of another version of the file (same size and mtime): redo it.
-      bar.update(-len(index))
-      return self._embed_file(f, embedder, cache, bar, use_cache=False)
-    if cached_NxD is None:
-      cache.store(key, np.concatenate(computed) if computed else np.zeros((0, embedder.dim), np.float32),
-                  self._file_source(f))
-    index_N = np.asarray(index, np.int64)
-    np.save(self._embedded(f) + '.npy', held_out(f, index_N, self.cfg.data.eval_fraction))
-    _write_json(self._embedded(f) + '.json', {'key': key, 'documents': len(index),
-                                              'embed_cache': _cache_counts([status])})
-
-  # Stage c: tree.
-
-  def tree(self) -> None:
-    """Fits the tree on a uniform sample of the corpus's training documents."""
-    self.wait(lambda: self.files_embedded() == len(self.files), 'every input file to be embedded')
-    d, m = self.cfg.data, self.cfg.memory
-    cache = EmbeddingCache(self.cache_dir, load_embedder(self.out_dir))
-    markers, train_rows = [], []
-    for f in range(len(self.files)):
-      with open(self._embedded(f) + '.json') as fh:
-        markers.append(json.load(fh))
-      train_rows.append(np.flatnonzero(~np.load(self._embedded(f) + '.npy')))
-    counts_F = np.array([rows.size for rows in train_rows], np.int64)
-    total = int(counts_F.sum())
-    if total == 0:
-      raise DataError(f'no training document to fit the tree on: all {sum(mk["documents"] for mk in markers)} '
-                      f'documents are held out; lower data.eval_fraction={d.eval_fraction}')
-    # Training documents numbered in (file, line) order; a seeded draw without replacement.
-    rng = np.random.default_rng([self.cfg.train.seed, _TREE_STREAM])
-    chosen = np.sort(rng.choice(total, size=min(d.tree_sample, total), replace=False))
-    bounds = np.searchsorted(chosen, np.concatenate([[0], np.cumsum(counts_F)]))
-    start_F = np.cumsum(counts_F) - counts_F
-    parts = []
-    for f in tqdm(range(len(self.files)), desc='tree: read sample', unit='file', disable=not self.progress):
-      ordinals = chosen[bounds[f]:bounds[f + 1]] - start_F[f]
-      if ordinals.size:
-        parts.append(np.asarray(cache.rows(markers[f]['key'], markers[f]['documents'])[train_rows[f][ordinals]]))
-    emb_NxD = np.concatenate(parts)
-    tree = fit_tree(emb_NxD, m.k, m.depth, seed=self.cfg.train.seed, samples=d.kmeans_samples,
-                    steps=d.kmeans_steps, balance=d.balance, progress=self.progress)
-    tree.save(os.path.join(self.out_dir, 'tree.npz'))
-    with open(self.fit_path) as fh:
-      plan = json.load(fh)
-    cache_counts = _cache_counts([])
-    for mk in markers:
-      for name, count in mk['embed_cache'].items():
-        cache_counts[name] += count
-    _write_json(self.plan_path, {**plan, 'tree_documents': int(chosen.size), 'embed_cache': cache_counts})
-
-  # Stage d: map.
-
-  def map(self) -> None:
-    tokenizer = Tokenizer.load(os.path.join(self.out_dir, 'tokenizer.json'))
-    embedder = load_embedder(self.out_dir)
-    tree = Tree.load(os.path.join(self.out_dir, 'tree.npz'))
-    cache = EmbeddingCache(self.cache_dir, embedder)
-    dtype = layout.token_dtype(tokenizer.vocab_size)
-    mine = range(self.index, len(self.files), self.processes)
-    with tqdm(desc=f'map {self.index}/{self.processes}', unit='doc', disable=not self.progress) as bar:
-      for f in mine:
-        if not os.path.exists(self._spill(f)):
-          self._map_file(f, tokenizer, embedder, cache, tree, dtype, bar)
-
-  def _spill(self, f: int) -> str:
-    return os.path.join(self.spill_dir, f'{f:06d}')
-
-  def _file_source(self, f: int) -> dict:
-    """What decides file f's documents, in order: the embedding cache's key for them."""
-    path = self.files[f]  # absolute (list_files)
-    st = stamp(path)
-    return {'file': path, 'size': st.size, 'mtime_ns': st.mtime_ns,
-            'text_field': self.cfg.data.text_field, 'chunk': _CHUNK}
-
-  def _map_file(self, f, tokenizer, embedder, cache, tree, dtype, bar, use_cache=True) -> None:
-    """Spills one file's documents sorted by (leaf, line): the reduce reads leaf ranges."""
-    source = self._file_source(f)
-    key = cache.key(**source)
-    cached_NxD, status = cache.load(key) if use_cache else (None, 'rejected')
-    stats = ReadStats()
-    docs = read_documents(self.files[f], f, self.cfg.data.text_field, stats)
-    index, leaf, tokens, computed = [], [], [], []
-    while chunk := list(itertools.islice(docs, _CHUNK)):
-      texts = [doc.text for doc in chunk]
-      lo, hi = len(index), len(index) + len(chunk)
-      if cached_NxD is None:
-        computed.append(embedder.embed(texts, progress=self.progress))
-        emb_NxD = computed[-1]
-      elif cached_NxD.shape[0] >= hi:
-        emb_NxD = cached_NxD[lo:hi]
-      else:
-        break  # fewer cached vectors than documents
-      index.extend(doc.index for doc in chunk)
-      tokens.extend(tokenizer.encode(texts))
-      # Routed chunk by chunk, cached or not, so both give the same leaves.
-      leaf.append(route(tree, emb_NxD))
-      bar.update(len(chunk))
-    if cached_NxD is not None and (chunk or cached_NxD.shape[0] != len(index)):
-      # The file's documents do not match its cached vectors (checksummed, so the file
-      # changed under the same size and mtime, or the reader did): map it again, uncached.
-      docs.close()
-      bar.update(-len(index))
-      return self._map_file(f, tokenizer, embedder, cache, tree, dtype, bar, use_cache=False)
-    if cached_NxD is None:
-      cache.store(key, np.concatenate(computed) if computed else np.zeros((0, embedder.dim), np.float32),
-                  source)
-    index_N = np.asarray(index, np.int64)
-    leaf_N = np.concatenate(leaf) if leaf else np.zeros(0, np.int64)
-    order = np.lexsort((index_N, leaf_N))
-    lengths_N = np.asarray([len(tokens[i]) for i in order], np.int64)
-    arrays = {
-        'leaf': leaf_N[order], 'index': index_N[order],
-        'held_out': held_out(f, index_N[order], self.cfg.data.eval_fraction),
-        'offsets': np.concatenate([[0], np.cumsum(lengths_N)]),
-        'tokens': (np.concatenate([tokens[i] for i in order]) if tokens else np.zeros(0)).astype(dtype),
-    }
-    try:
-      with atomic_path(self._spill(f)) as tmp:  # a spill exists whole or not at all
-        os.makedirs(tmp)
-        for name, a in arrays.items():
-          np.save(os.path.join(tmp, f'{name}.npy'), a)
-        _write_json(os.path.join(tmp, 'stats.json'), stats.to_json())
-        # The embed stage counted this file's lookup; a recomputation here is one more.
-        _write_json(os.path.join(tmp, 'embed_cache.json'),
-                    _cache_counts([]) if status == 'hit' else _cache_counts([status]))
-    except OSError:
-      if not os.path.isdir(self._spill(f)):
-        raise
-      # Another process spilled this file first (the same content); ours was removed.
-
-  # Stage e: reduce.
-
-  def reduce(self) -> None:
-    with open(self.plan_path) as f:
-      plan = json.load(f)
-    dtype = layout.token_dtype(plan['vocab_size'])
-    lo, hi = self.index * self.shards // self.processes, (self.index + 1) * self.shards // self.processes
-    for s in tqdm(range(lo, hi), desc=f'reduce {self.index}/{self.processes}', unit='shard',
-                  disable=not self.progress):
-      if not os.path.exists(self._packed(s)):
-        self._pack_shard(s, plan['eot_id'], dtype)
-
-  def _packed(self, s: int) -> str:
-    return os.path.join(self.packed_dir, f'{s:05d}.json')
-
-  def _shard_leaves(self, s: int) -> tuple[int, int]:
-    return s * self.leaves // self.shards, (s + 1) * self.leaves // self.shards
-
-  def _pack_shard(self, s: int, eot_id: int, dtype: np.dtype) -> None:
-    lo, hi = self._shard_leaves(s)
-    docs = _select([self._spill(f) for f in range(len(self.files))], lo, hi)
-    order = np.lexsort((docs['index'], docs['file'], docs['leaf']))
-    seq_len = self.cfg.data.seq_len
-    summary = {'leaf_documents': np.bincount(docs['leaf'] - lo, minlength=hi - lo).tolist()}
-    for split in layout.SPLITS:
-      chosen = order[docs['held_out'][order] == (split == 'eval')]
-      name = layout.shard_name(split, s, self.shards)
-      sequences, tokens = _write_shard(os.path.join(self.out_dir, name), docs, chosen, seq_len,
-                                       eot_id, dtype)
-      summary[split] = {'file': name if sequences else None, 'documents': int(chosen.size),
-                        'sequences': sequences, 'tokens': tokens}
-    _write_json(self._packed(s), summary)
-
-  def finalize(self) -> dict:
-    stats = ReadStats()
-    for f in range(len(self.files)):
-      with open(os.path.join(self._spill(f), 'stats.json')) as fh:
-        stats.add(ReadStats.from_json(json.load(fh)))
-    packed = []
-    for s in range(self.shards):
-      with open(self._packed(s)) as fh:
-        packed.append(json.load(fh))
-    with open(self.plan_path) as fh:
-      plan = json.load(fh)
-    cache_counts = dict(plan['embed_cache'])
-    for f in range(len(self.files)):
-      with open(os.path.join(self._spill(f), 'embed_cache.json')) as fh:
-        for name, count in json.load(fh).items():
-          cache_counts[name] += count
-    c, seq_len = self.cfg, self.cfg.data.seq_len
-    splits = {}
-    for split in layout.SPLITS:
-      parts = [p[split] for p in packed]
-      sequences = sum(p['sequences'] for p in parts)
-      tokens = sum(p['tokens'] for p in parts)
-      splits[split] = {
-          'documents': sum(p['documents'] for p in parts), 'sequences': sequences, 'tokens': tokens,
-          'padding_fraction': _padding(sequences, tokens, seq_len),
-          'shards': [{'file': p['file'], 'sequences': p['sequences']} for p in parts if p['file']],
-      }
-    leaf_documents = np.concatenate([p['leaf_documents'] for p in packed])
-    tree = Tree.load(os.path.join(self.out_dir, 'tree.npz'))
-    occupancy = tree_stats(tree, leaf_documents)
-    sequences = sum(s['sequences'] for s in splits.values())
-    tokens = sum(s['tokens'] for s in splits.values())
-    manifest = {
-        'format': layout.FORMAT, 'version': layout.VERSION, 'fingerprint': self.fingerprint,
-        'input': self.input_path, 'files': len(self.files), 'files_unsupported': len(self.unsupported),
-        'documents_read': stats.read, 'documents_kept': stats.kept,
-        'skipped': stats.to_json()['skipped'],
-        'sample_documents': plan['sample_documents'], 'tree_documents': plan['tree_documents'],
-        'sequences': sequences, 'tokens': tokens,
-        'padding_fraction': _padding(sequences, tokens, seq_len),
-        'seq_len': seq_len, 'vocab_size': plan['vocab_size'], 'eot_id': plan['eot_id'],
-        'tokenizer_sha256': plan['tokenizer_sha256'],
-        'pad_id': plan['eot_id'], 'token_dtype': layout.token_dtype(plan['vocab_size']).name,
-        'k': c.memory.k, 'depth': c.memory.depth, 'leaves': self.leaves, 'embedder': c.data.embedder,
-        'embed_cache': cache_counts,
-        'eval_fraction': c.data.eval_fraction, 'splits': splits,
-        'occupancy': {str(level): v for level, v in occupancy.items()},
-    }
-    _write_json(os.path.join(self.out_dir, layout.MANIFEST), manifest)
-    shutil.rmtree(self.work)
+  fingerprint = _fingerprint(cfg, input_path_or_glob, files, unsupported)
+  manifest_path = os.path.join(out_dir, layout.MANIFEST)
+  if os.path.exists(manifest_path):
+    manifest = _read_json(manifest_path)
+    if manifest.get('fingerprint') != fingerprint:
+      raise DataError(f'{out_dir} already holds a dataset prepared from other inputs or settings; '
+                      'pass a new --out or delete that directory')
     return manifest
+  os.makedirs(out_dir, exist_ok=True)
+  for pattern in _OUTPUTS:  # a failed run's leftovers: start clean
+    for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+      os.remove(path)
+  job = _Job(cfg, input_path_or_glob, out_dir, cache_dir, fingerprint, len(unsupported))
+  try:
+    with beam.Pipeline(options=pipeline_options(runner, workers, pipeline_args)) as p:
+      build(p, job, files)
+  except DataError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- a worker's DataError comes back as the runner's error
+    if found := re.search(r'DataError: (.+)', str(e)):
+      raise DataError(found.group(1).strip()) from None
+    raise
+  return _read_json(manifest_path) if os.path.exists(manifest_path) else None
 
 
-def _fingerprint(cfg, input_path, files, unsupported) -> str:
-  """A hash of everything the output depends on: a rerun with the same one resumes."""
-  # Where the embedding cache lives does not change the output.
-  data = {k: v for k, v in cfg.data.items() if k not in ('source', 'path', 'embed_cache')}
-  stamps = [(p, st.size, st.mtime) for p, st in zip(files, map(stamp, files))]
-  key = json.dumps([input_path, stamps, unsupported, data, cfg.memory.k, cfg.memory.depth,
-                    cfg.model.vocab_size, cfg.train.seed], sort_keys=True, default=str)
-  return hashlib.sha256(key.encode()).hexdigest()[:20]
+def pipeline_options(runner: str, workers: int, pipeline_args) -> PipelineOptions:
+  """Beam options for `runner` ('direct' or a name of RUNNERS, or any Beam runner class)."""
+  args = [f'--runner={RUNNERS.get(runner, runner)}', *pipeline_args]
+  if runner == 'direct':
+    workers = workers or os.cpu_count() or 1
+    # One worker runs in this process; more are local processes (no binary, no network).
+    mode = 'in_memory' if workers == 1 else 'multi_processing'
+    args += [f'--direct_running_mode={mode}', f'--direct_num_workers={workers}']
+  return PipelineOptions(args)
 
 
-def _cache_dir(cfg, out_dir: str) -> str:
-  """data.embed_cache as an absolute path; '' is out_dir/embed_cache."""
-  return os.path.abspath(cfg.data.embed_cache or os.path.join(out_dir, 'embed_cache'))
+class _Job:
+  """What every step needs to know: settings and paths, small and picklable."""
+
+  def __init__(self, cfg, input_path, out_dir, cache_dir, fingerprint, unsupported):
+    d, m = cfg.data, cfg.memory
+    self.input_path, self.out_dir, self.cache_dir = input_path, out_dir, cache_dir
+    self.fingerprint, self.unsupported = fingerprint, unsupported
+    self.data = d.to_dict()
+    self.k, self.depth, self.leaves = m.k, m.depth, m.k**m.depth
+    self.vocab_size, self.seed = cfg.model.vocab_size, cfg.train.seed
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.out_dir, name)
 
 
-def _cache_counts(statuses) -> dict[str, int]:
-  """{'hits', 'misses', 'rejected'} for EmbeddingCache.load statuses; rejected ones are misses too."""
-  statuses = list(statuses)
-  return {'hits': statuses.count('hit'), 'misses': len(statuses) - statuses.count('hit'),
-          'rejected': statuses.count('rejected')}
+def build(p, job: _Job, files: list[str]) -> None:
+  """The graph: read -> sample/fit -> embed/tree -> route -> group by leaf -> pack -> manifest."""
+  d = job.data
+  # Each pass lists the files anew: passes reading one PCollection would be fused into one
+  # stage, which cannot wait for a side input that its own output feeds (the tree).
+  inputs = lambda name: (p | f'{name}: files' >> beam.Create(list(enumerate(files)))  # noqa: E731
+                         | f'{name}: spread' >> beam.Reshuffle())
+
+  # Pass 1: count every record; the tokenizer and embedder's sample.
+  read = inputs('read') | 'read' >> beam.ParDo(ReadSample(job)).with_outputs('stats', main='sample')
+  stats = read.stats | 'sum read stats' >> beam.CombineGlobally(_sum_stats)
+  fit = (read.sample | 'fit sample' >> beam.combiners.Top.Smallest(d['tokenizer_sample'])
+         | 'fit tokenizer and embedder' >> beam.Map(fit_tokenizer_and_embedder, job,
+                                                    beam.pvalue.AsSingleton(stats)))
+
+  # Pass 2: embed into the cache; the tree's sample, read back from it.
+  fit_side = lambda: beam.pvalue.AsSingleton(fit)  # noqa: E731 -- a new view per use
+  embedded = inputs('embed') | 'embed' >> beam.ParDo(EmbedFile(job), fit_side()).with_outputs('cache', main='sample')
+  lookups = embedded.cache | 'lookups' >> beam.combiners.ToList()
+  tree = (embedded.sample | 'tree sample' >> beam.combiners.Top.Smallest(d['tree_sample'])
+          | 'fit tree' >> beam.Map(fit_tree_on_sample, job, fit_side(), beam.pvalue.AsSingleton(lookups)))
+
+  # Pass 3: tokenize and route; group by leaf; pack.
+  routed = (inputs('route') | 'route' >> beam.ParDo(RouteFile(job), fit_side(), beam.pvalue.AsSingleton(tree))
+            .with_outputs('cache', 'failed', main='docs'))
+  shards = (routed.docs | 'group by leaf' >> beam.GroupByKey()
+            | 'pack' >> beam.ParDo(PackLeaf(job), fit_side()))
+
+  # Last: the manifest, once every shard is written.
+  _ = (shards | 'shards' >> beam.combiners.ToList()
+       | 'manifest' >> beam.Map(write_manifest, job, stats=beam.pvalue.AsSingleton(stats),
+                                fit=fit_side(), tree=beam.pvalue.AsSingleton(tree),
+                                lookups=beam.pvalue.AsSingleton(lookups),
+                                relookups=_as_list(routed.cache, 'relookups'),
+                                failed=_as_list(routed.failed, 'failed')))
 
 
-def _spread(items: list, n: int) -> list:
-  """At most n items spaced evenly over the list (so a sample spans every file)."""
-  if n >= len(items):
-    return items
-  return [items[i] for i in np.arange(n) * len(items) // n]
+def _as_list(pcoll, name: str):
+  return beam.pvalue.AsSingleton(pcoll | name >> beam.combiners.ToList())
 
 
-def held_out(file_index: int, index_N: np.ndarray, fraction: float) -> np.ndarray:
-  """Whether each document (file_index, index_N) is in the eval split: splitmix64 of its key."""
-  z = (np.uint64(file_index) << np.uint64(32)) ^ index_N.astype(np.uint64)
+# Sampling: the k smallest hashes of (file, line, salt).
+
+
+def key_hash(file_index: int, index_N: np.ndarray, salt: int = 0) -> np.ndarray:
+  """A uniform 53-bit hash of each document key (file_index, index_N): splitmix64."""
+  z = ((np.uint64(file_index) << np.uint64(32)) ^ index_N.astype(np.uint64)) ^ np.uint64(salt)
   z = z + np.uint64(0x9E3779B97F4A7C15)
   z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
   z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
   z = z ^ (z >> np.uint64(31))
-  return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
+  return z >> np.uint64(11)
 
 
-def _select(spills: list[str], lo: int, hi: int) -> dict[str, np.ndarray]:
-  """The documents of leaves [lo, hi) from every file's spill, concatenated in file order.
-
-  Spills are memory-mapped and sorted by leaf, so only the range's bytes are read.
-  """
-  parts = {name: [] for name in ('leaf', 'index', 'held_out', 'file', 'lengths', 'tokens')}
-  for f, path in enumerate(spills):
-    sp = {name: np.load(os.path.join(path, f'{name}.npy'), mmap_mode='r')
-          for name in ('leaf', 'index', 'held_out', 'offsets', 'tokens')}
-    a, b = np.searchsorted(sp['leaf'], [lo, hi])
-    offsets = np.asarray(sp['offsets'][a:b + 1])
-    parts['leaf'].append(np.asarray(sp['leaf'][a:b]))
-    parts['index'].append(np.asarray(sp['index'][a:b]))
-    parts['held_out'].append(np.asarray(sp['held_out'][a:b]))
-    parts['file'].append(np.full(b - a, f, np.int64))
-    parts['lengths'].append(np.diff(offsets))
-    parts['tokens'].append(np.asarray(sp['tokens'][offsets[0]:offsets[-1]]))
-  docs = {name: np.concatenate(p) for name, p in parts.items()}
-  docs['starts'] = np.cumsum(docs['lengths']) - docs['lengths']
-  return docs
+def held_out(file_index: int, index_N: np.ndarray, fraction: float) -> np.ndarray:
+  """Whether each document (file_index, index_N) is in the eval split."""
+  return key_hash(file_index, index_N).astype(np.float64) * 2.0**-53 < fraction
 
 
-def _write_shard(path, docs, chosen, seq_len, eot_id, dtype) -> tuple[int, int]:
-  """Packs the chosen documents leaf by leaf into one shard; (sequences, non-padding tokens)."""
-  leaf = docs['leaf'][chosen]
-  runs = np.split(chosen, np.flatnonzero(np.diff(leaf)) + 1) if chosen.size else []
-  sequences, tokens = 0, 0
-  if not runs:
-    return sequences, tokens
-  with atomic_path(path) as tmp:
-    writer = ArrayRecordWriter(str(tmp), 'group_size:1')  # a POSIX path: no object stores
-    for run in runs:
-      lengths_N = docs['lengths'][run]
-      tokens_MxT, segment_ids_MxT = pack(_concat_ranges(docs['tokens'], docs['starts'][run], lengths_N),
-                                         lengths_N, seq_len, eot_id, pad_id=eot_id)
-      for t_T, s_T in zip(tokens_MxT, segment_ids_MxT):
-        writer.write(layout.encode(t_T, s_T, int(docs['leaf'][run[0]]), dtype))
-      sequences += tokens_MxT.shape[0]
-      tokens += int((segment_ids_MxT > 0).sum())
-    writer.close()
-  return sequences, tokens
+def _salt(seed: int, stream: int) -> int:
+  return (seed * 0x100000001B3 + stream) % 2**64 or 1
+
+
+class ReadSample(beam.DoFn):
+  """One file: every record counted; the file's documents with the smallest hashes."""
+
+  def __init__(self, job: _Job):
+    self.job = job
+
+  def process(self, element):
+    f, path = element
+    d, stats = self.job.data, ReadStats()
+    docs = list(read_documents(path, f, d['text_field'], stats))
+    hashes = key_hash(f, np.array([doc.index for doc in docs], np.int64), _FIT_STREAM)
+    yield from heapq.nsmallest(d['tokenizer_sample'], ((int(h), f, doc.index, doc.text)
+                                                       for h, doc in zip(hashes.tolist(), docs)))
+    for reason, count in stats.skipped.items():
+      beam.metrics.Metrics.counter('skipped', reason).inc(count)
+    yield beam.pvalue.TaggedOutput('stats', stats.to_json())
+
+
+def _sum_stats(parts) -> dict:
+  total = ReadStats()
+  for part in parts:
+    total.add(ReadStats.from_json(part))
+  return total.to_json()
+
+
+def fit_tokenizer_and_embedder(sample, job: _Job, stats: dict) -> dict:
+  """Trains (or loads) the tokenizer, fits the embedder; writes both to out_dir."""
+  d = job.data
+  if not sample:
+    raise DataError(f'input {job.input_path!r} has no usable document ({stats["read"]} records, '
+                    f'skipped: {stats["skipped"]}); check the files and data.text_field={d["text_field"]!r}')
+  texts = [text for *_, text in sorted(sample, key=lambda s: (s[1], s[2]))]  # (file, line) order
+  tokenizer = Tokenizer.load(d['tokenizer']) if d['tokenizer'] else Tokenizer.train(texts, job.vocab_size)
+  if tokenizer.vocab_size > job.vocab_size:
+    raise DataError(f'the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={job.vocab_size}; '
+                    f'set --config.model.vocab_size={tokenizer.vocab_size} or more')
+  make_embedder(_AttrDict(d), fit_texts=texts).save(job.out_dir)
+  tokenizer.save(job.path('tokenizer.json'))
+  return {'sample_documents': len(texts), 'vocab_size': tokenizer.vocab_size, 'eot_id': tokenizer.eot_id,
+          'tokenizer_sha256': tokenizer.identity}
+
+
+class _AttrDict(dict):
+  """cfg.data as a plain dict (picklable) that make_embedder reads by attribute."""
+
+  __getattr__ = dict.__getitem__
+
+
+class _Loaded(beam.DoFn):
+  """A DoFn that loads the fit (tokenizer, embedder, cache, tree) once per worker: the
+  files exist once their side input has arrived, so the first element loads them."""
+
+  def __init__(self, job: _Job):
+    self.job = job
+    self._fit = None
+
+  def load(self, fit: dict, tree: dict | None = None) -> None:
+    if self._fit != (fit, tree):
+      self.embedder = load_embedder(self.job.out_dir)
+      self.tokenizer = Tokenizer.load(self.job.path('tokenizer.json'))
+      self.cache = EmbeddingCache(self.job.cache_dir, self.embedder)
+      self.tree = Tree.load(self.job.path('tree.npz')) if tree else None
+      self._fit = (fit, tree)
+
+  def source(self, path: str) -> dict:
+    """What decides a file's documents, in order: the embedding cache's key for them."""
+    st = stamp(path)
+    return {'file': path, 'size': st.size, 'mtime_ns': st.mtime_ns, 'text_field': self.job.data['text_field'],
+            'chunk': _CHUNK}
+
+  def vectors(self, path: str, docs: list):
+    """(the file's [N, dim] vectors, cache status, cache key): cached, or embedded and stored.
+
+    A document the embedder cannot take gets a NaN row (it is skipped downstream)."""
+    source = self.source(path)
+    key = EmbeddingCache.key(**source)
+    cached_NxD, status = self.cache.load(key)
+    if cached_NxD is not None and cached_NxD.shape[0] == len(docs):
+      return cached_NxD, status, key
+    if cached_NxD is not None:  # checksummed vectors of another version of the file
+      status = 'rejected'
+    nan_D = np.full(self.embedder.dim, np.nan, np.float32)
+    rows = [nan_D if row is None else row for lo in range(0, len(docs), _CHUNK)
+            for row in _each(self.embed, [doc.text for doc in docs[lo:lo + _CHUNK]])]
+    vectors_NxD = np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.embedder.dim), np.float32)
+    self.cache.store(key, vectors_NxD, source)
+    return vectors_NxD, status, key
+
+  def embed(self, texts):
+    return self.embedder.embed(texts, progress=False)
+
+
+def _each(fn, texts: list[str]) -> list:
+  """fn(texts) as a list; when the batch raises, each text alone, None for those that raise."""
+  try:
+    return list(fn(texts))
+  except Exception:  # noqa: BLE001 -- a bad document must not stop the corpus
+    out = []
+    for text in texts:
+      try:
+        out.append(fn([text])[0])
+      except Exception:  # noqa: BLE001
+        out.append(None)
+    return out
+
+
+class EmbedFile(_Loaded):
+  """One file's vectors into the cache; its training documents with the smallest tree hashes."""
+
+  def process(self, element, fit):
+    f, path = element
+    self.load(fit)
+    docs = list(read_documents(path, f, self.job.data['text_field'], ReadStats()))
+    vectors_NxD, status, key = self.vectors(path, docs)
+    yield beam.pvalue.TaggedOutput('cache', (f, key, len(docs), status))
+    index_N = np.array([doc.index for doc in docs], np.int64)
+    usable_N = ~held_out(f, index_N, self.job.data['eval_fraction']) & ~np.isnan(vectors_NxD[:, 0])
+    rows = np.flatnonzero(usable_N)
+    hashes = key_hash(f, index_N[rows], _salt(self.job.seed, _TREE_STREAM))
+    yield from heapq.nsmallest(self.job.data['tree_sample'],
+                               zip(hashes.tolist(), itertools.repeat(f), rows.tolist()))
+
+
+def fit_tree_on_sample(sample, job: _Job, fit: dict, lookups: list) -> dict:
+  """Fits the tree on the sampled documents' cached vectors (in (file, line) order)."""
+  del fit  # only orders this step after the fit
+  d = job.data
+  if not sample:
+    raise DataError(f'no training document to fit the tree on: every document is held out; '
+                    f'lower data.eval_fraction={d["eval_fraction"]}')
+  entries = {f: (key, rows) for f, key, rows, _ in lookups}
+  cache = EmbeddingCache(job.cache_dir, load_embedder(job.out_dir))
+  by_file = collections.defaultdict(list)
+  for _, f, row in sample:
+    by_file[f].append(row)
+  emb_NxD = np.concatenate([np.asarray(cache.rows(*entries[f])[sorted(rows)]) for f, rows in sorted(by_file.items())])
+  tree = fit_tree(emb_NxD, job.k, job.depth, seed=job.seed, samples=d['kmeans_samples'], steps=d['kmeans_steps'],
+                  balance=d['balance'], progress=False)
+  tree.save(job.path('tree.npz'))
+  return {'tree_documents': len(sample)}
+
+
+class RouteFile(_Loaded):
+  """One file's documents tokenized and routed: (leaf, documents of that leaf) per leaf."""
+
+  def process(self, element, fit, tree):
+    f, path = element
+    self.load(fit, tree)
+    docs = list(read_documents(path, f, self.job.data['text_field'], ReadStats()))
+    # The embed pass stored these vectors; they are looked up again (and counted) only
+    # when the file changed or its entry went bad since.
+    vectors_NxD, status, _ = self.vectors(path, docs)
+    if status != 'hit':
+      yield beam.pvalue.TaggedOutput('cache', status)
+    failed = collections.Counter(embed_error=int(np.isnan(vectors_NxD[:, 0]).sum()))
+    keep = [i for i in range(len(docs)) if not np.isnan(vectors_NxD[i, 0])]
+    tokens, kept = [], []
+    for lo in range(0, len(keep), _CHUNK):
+      chunk = keep[lo:lo + _CHUNK]
+      for i, ids in zip(chunk, _each(self.tokenizer.encode, [docs[i].text for i in chunk])):
+        if ids is None:
+          failed['tokenize_error'] += 1
+        else:
+          tokens.append(ids)
+          kept.append(i)
+    for reason, count in failed.items():
+      if count:
+        beam.metrics.Metrics.counter('skipped', reason).inc(count)
+    yield beam.pvalue.TaggedOutput('failed', dict(failed))
+    if not kept:
+      return
+    leaf_N = np.concatenate([route(self.tree, vectors_NxD[kept[lo:lo + _CHUNK]])
+                             for lo in range(0, len(kept), _CHUNK)])
+    index_N = np.array([docs[i].index for i in kept], np.int64)
+    lengths_N = np.array([len(t) for t in tokens], np.int64)
+    dtype = layout.token_dtype(fit['vocab_size'])
+    tokens_T = np.concatenate(tokens).astype(dtype)
+    starts_N = np.cumsum(lengths_N) - lengths_N
+    held_N = held_out(f, index_N, self.job.data['eval_fraction'])
+    for leaf in np.unique(leaf_N):
+      mine = np.flatnonzero(leaf_N == leaf)
+      yield int(leaf), (f, index_N[mine], held_N[mine], lengths_N[mine],
+                        _concat_ranges(tokens_T, starts_N[mine], lengths_N[mine]))
 
 
 def _concat_ranges(tokens: np.ndarray, starts_N: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:
@@ -589,12 +411,91 @@ def _concat_ranges(tokens: np.ndarray, starts_N: np.ndarray, lengths_N: np.ndarr
   return tokens[np.repeat(shift_N, lengths_N) + np.arange(lengths_N.sum())]
 
 
+class PackLeaf(beam.DoFn):
+  """One leaf's documents, in (file, line) order, packed into its train and eval shards."""
+
+  def __init__(self, job: _Job):
+    self.job = job
+
+  def process(self, element, fit):
+    leaf, parts = element
+    parts = sorted(parts, key=lambda part: part[0])  # by file; lines are in order within one
+    file_N = np.concatenate([np.full(len(part[1]), part[0]) for part in parts])
+    index_N, held_N, lengths_N, tokens_T = (np.concatenate([part[i] for part in parts]) for i in range(1, 5))
+    assert (np.diff(file_N * 2**32 + index_N) > 0).all(), 'a document reached its leaf twice'
+    starts_N = np.cumsum(lengths_N) - lengths_N
+    summary = {'leaf': leaf, 'documents': len(index_N)}
+    for split in layout.SPLITS:
+      mine = np.flatnonzero(held_N == (split == 'eval'))
+      name = layout.shard_name(split, leaf, self.job.leaves)
+      sequences, tokens = write_shard(
+          self.job.path(name), _concat_ranges(tokens_T, starts_N[mine], lengths_N[mine]), lengths_N[mine], leaf,
+          self.job.data['seq_len'], fit['eot_id'], layout.token_dtype(fit['vocab_size']))
+      summary[split] = {'file': name if sequences else None, 'documents': int(mine.size),
+                        'sequences': sequences, 'tokens': tokens}
+    yield summary
+
+
+def write_manifest(shards: list, job: _Job, *, stats, fit, tree, lookups, relookups, failed) -> None:
+  """manifest.json from the leaves' summaries: the pipeline's last write."""
+  shards = sorted(shards, key=lambda s: s['leaf'])
+  read = ReadStats.from_json(stats)
+  for counts in failed:
+    for reason, count in counts.items():
+      if count:  # documents read and kept, then dropped by a step that raised on them
+        read.kept -= count
+        read.skipped[reason] += count
+  statuses = [status for *_, status in lookups] + list(relookups)
+  seq_len = job.data['seq_len']
+  splits = {}
+  for split in layout.SPLITS:
+    parts = [s[split] for s in shards]
+    sequences, tokens = sum(p['sequences'] for p in parts), sum(p['tokens'] for p in parts)
+    splits[split] = {
+        'documents': sum(p['documents'] for p in parts), 'sequences': sequences, 'tokens': tokens,
+        'padding_fraction': _padding(sequences, tokens, seq_len),
+        'shards': [{'file': p['file'], 'sequences': p['sequences']} for p in parts if p['file']],
+    }
+  leaf_documents = np.zeros(job.leaves, np.int64)
+  for s in shards:
+    leaf_documents[s['leaf']] = s['documents']
+  occupancy = tree_stats(Tree.load(job.path('tree.npz')), leaf_documents)
+  sequences = sum(s['sequences'] for s in splits.values())
+  tokens = sum(s['tokens'] for s in splits.values())
+  manifest = {
+      'format': layout.FORMAT, 'version': layout.VERSION, 'fingerprint': job.fingerprint,
+      'input': job.input_path, 'files': len(lookups), 'files_unsupported': job.unsupported,
+      'documents_read': read.read, 'documents_kept': read.kept, 'skipped': read.to_json()['skipped'],
+      'sample_documents': fit['sample_documents'], 'tree_documents': tree['tree_documents'],
+      'sequences': sequences, 'tokens': tokens, 'padding_fraction': _padding(sequences, tokens, seq_len),
+      'seq_len': seq_len, 'vocab_size': fit['vocab_size'], 'eot_id': fit['eot_id'],
+      'tokenizer_sha256': fit['tokenizer_sha256'], 'pad_id': fit['eot_id'],
+      'token_dtype': layout.token_dtype(fit['vocab_size']).name,
+      'k': job.k, 'depth': job.depth, 'leaves': job.leaves, 'embedder': job.data['embedder'],
+      'embed_cache': {'hits': statuses.count('hit'), 'misses': len(statuses) - statuses.count('hit'),
+                      'rejected': statuses.count('rejected')},
+      'eval_fraction': job.data['eval_fraction'], 'splits': splits,
+      'occupancy': {str(level): v for level, v in occupancy.items()},
+  }
+  with atomic_write(job.path(layout.MANIFEST)) as f:
+    json.dump(manifest, f, indent=1)
+    f.write('\n')
+
+
+def _fingerprint(cfg, input_path, files, unsupported) -> str:
+  """A hash of everything the output depends on: a rerun with the same one is done."""
+  # Where the embedding cache lives does not change the output.
+  data = {k: v for k, v in cfg.data.items() if k not in ('source', 'path', 'embed_cache')}
+  stamps = [(p, st.size, st.mtime) for p, st in zip(files, map(stamp, files))]
+  key = json.dumps([input_path, stamps, unsupported, data, cfg.memory.k, cfg.memory.depth,
+                    cfg.model.vocab_size, cfg.train.seed], sort_keys=True, default=str)
+  return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
 def _padding(sequences: int, tokens: int, seq_len: int) -> float:
   return 1.0 - tokens / (sequences * seq_len) if sequences else 0.0
 
 
-def _write_json(path: str, obj) -> None:
-  """Atomic: a reader sees the whole file or none (other processes poll for these files)."""
-  with atomic_write(path) as f:
-    json.dump(obj, f, indent=1)
-    f.write('\n')
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
