@@ -106,8 +106,8 @@ def _sparse(cfg, schedule):
                          table)
   o = opt['level1']
   last_R = np.asarray(o['last_step'][0])
-  ours = jax.jit(jax.vmap(lambda w, m, v: mopt.caught_up(cfg, {'w': w}, {'w': m}, {'w': v}, last_R, cfg.train.steps)['w']))(
-      bank['level1']['w'], o['mu']['w'], o['nu']['w'])
+  catch_up = lambda w, m, v: mopt.caught_up(cfg, {'w': w}, {'w': m}, {'w': v}, last_R, cfg.train.steps)['w']
+  ours = jax.jit(jax.vmap(catch_up))(bank['level1']['w'], o['mu']['w'], o['nu']['w'])
   return np.asarray(ours), last_R, np.asarray(o['mu']['w']), np.asarray(o['nu']['w'])
 
 
