@@ -50,7 +50,7 @@ def _step_fn(cfg):
     host = make_source(cfg).batch(Position(), slice(0, cfg.train.batch_size))
     shardings = sharding.data_shardings(mesh)
     batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
-    step = step.lower(state, batch).compile()
+    step = step.compile(state, batch)
   holder = {'state': state}
 
   def run() -> float:

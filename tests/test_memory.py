@@ -172,8 +172,9 @@ def _bank_vs_optax(cfg, touched_SxR, seed=0):
   grads_SxR = np.asarray(jax.random.normal(keys[1], (steps, rows, 1, 2, 3)))
   t = cfg.train
   tx = optax.adamw(mopt.memory_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=cfg.memory.weight_decay)
+  table = jnp.asarray(mopt.log_decay_table(cfg))
   update = jax.jit(lambda b, o, ids, g, s, finite: mopt.update(cfg, b, o, {'level1': ids}, {'level1': {'w': g}}, s,
-                                                               finite))
+                                                               finite, table))
   dense_step = jax.jit(lambda p, o, g: (lambda u, o: (optax.apply_updates(p, u), o))(*tx.update(g, o, p)))
   ours, opt, theirs, their_opt = bank, mopt.init(bank), bank, tx.init(bank)
   for s in range(steps):

@@ -116,3 +116,50 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step(repo, make_config, tmp_
   summary = train(make_config(f'train.steps={stop + 3}', *fixed), str(tmp_path), progress=False)
   assert summary['step'] == stop + 3 and not summary['stopped_by_signal']
   assert [r['step'] for r in map(json.loads, open(tmp_path / 'metrics.jsonl'))] == list(range(1, stop + 4))
+
+
+# Runs `python -m hmem.cli ...` with reads of one checkpoint step failing on process 1.
+READ_FAULT = '''
+import os, runpy, sys
+from hmem.train import checkpoint
+kind, step = os.environ['HMEM_TEST_READ_FAULT'].split(':')
+checkpoint.RETRY_SECONDS = 0.05
+if sys.argv[sys.argv.index('--process-id') + 1] == '1':
+  read = checkpoint.Checkpoints._restore
+  def faulty(self, s, abstract_state, items=None):
+    if s == int(step):
+      raise (TimeoutError if kind == 'timeout' else FileNotFoundError)(f'injected {kind} reading step {s}')
+    return read(self, s, abstract_state, items)
+  checkpoint.Checkpoints._restore = faulty
+sys.argv = ['hmem'] + sys.argv[3:]  # drop "-m hmem.cli"
+runpy.run_module('hmem.cli', run_name='__main__', alter_sys=True)
+'''
+
+
+def test_processes_agree_on_the_step_they_restore(repo, make_config, tmp_path, monkeypatch):
+  """Checkpoints 5 and 10; process 1 alone fails to read step 10. A timeout there is
+  retried, then stops both processes with one message naming the step, and step 10 is
+  kept; a missing file on process 1 only makes both resume from step 5 (they step
+  together to 12: a split restore would hang their first collective) and keeps step 10."""
+  workdir = tmp_path / 'run'
+  fixed = ('train.checkpoint_every=5', 'train.log_every=1', 'train.eval_every=0')
+  train(make_config('train.steps=10', *fixed), str(workdir), progress=False)
+  assert _checkpoints(workdir) == [5, 10]
+  (tmp_path / 'inject.py').write_text(READ_FAULT)
+  (tmp_path / 'python').write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "inject.py"} "$@"\n')
+  (tmp_path / 'python').chmod(0o755)
+  monkeypatch.setattr(sys, 'executable', str(tmp_path / 'python'))  # _start's PYTHON
+
+  monkeypatch.setenv('HMEM_TEST_READ_FAULT', 'timeout:10')
+  proc = _start(repo, workdir, 'train.steps=12', *fixed)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode != 0
+  assert 'checkpoint step 10 in' in err and 'could not be read on process(es) [1] after 3 attempts' in err, err[-3000:]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '5']
+
+  monkeypatch.setenv('HMEM_TEST_READ_FAULT', 'missing:10')
+  out = _launch(repo, workdir, 'train.steps=12', 'train.checkpoint_every=100', 'train.log_every=1',
+                'train.eval_every=0')
+  assert json.loads(out.strip().splitlines()[-1])['step'] == 12
+  assert [r['step'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))] == list(range(1, 13))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '12', '5']

@@ -118,6 +118,46 @@ def test_no_readable_checkpoint_is_an_error_and_nothing_is_renamed(make_config, 
   workdir = _copy_run(tiny_run, tmp_path)
   for step in ('10', '20'):
     _truncate_largest_file(workdir / 'checkpoints' / step)
-  with pytest.raises(CheckpointError, match='no checkpoint in .* can be restored; the newest, step 20'):
+  with pytest.raises(CheckpointError,
+                     match=r'no checkpoint in .* can be restored \(on every process\); the newest, step 20'):
     train(make_config(), str(workdir), progress=False)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']
+
+
+def test_transient_read_errors_are_retried_and_never_rename_a_step(make_config, tiny_run, tmp_path, monkeypatch):
+  """A timeout reading the newest step is retried (the run resumes from it once the read
+  succeeds); one that persists stops the run naming the step, and nothing is set aside."""
+  from hmem.train import checkpoint
+  workdir = _copy_run(tiny_run, tmp_path)
+  monkeypatch.setattr(checkpoint, 'RETRY_SECONDS', 0.0)
+  read, failures = checkpoint.Checkpoints._restore, []
+
+  def flaky(self, step, abstract_state, items=None):
+    if step == 20 and len(failures) < fail_times:
+      failures.append(step)
+      raise ValueError('DEADLINE_EXCEEDED: reading tensorstore chunk timed out')
+    return read(self, step, abstract_state, items)
+
+  monkeypatch.setattr(checkpoint.Checkpoints, '_restore', flaky)
+  fail_times = checkpoint.READ_ATTEMPTS
+  with pytest.raises(CheckpointError, match='checkpoint step 20 in .* could not be read on process.* after 3 attempts'):
+    train(make_config(), str(workdir), progress=False)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']
+  failures.clear()
+  fail_times = checkpoint.READ_ATTEMPTS - 1
+  summary = train(make_config('train.steps=21', 'train.log_every=1'), str(workdir), progress=False)
+  assert summary['step'] == 21 and len(failures) == 2
+  assert _steps(workdir) == [5, 10, 15, 20, 21]  # resumed from step 20
+
+
+@pytest.mark.parametrize('error, transient', [
+    (TimeoutError('read timed out'), True), (MemoryError(), True), (OSError(5, 'Input/output error'), True),
+    (ValueError('RESOURCE_EXHAUSTED: out of memory while reading'), True),
+    (FileNotFoundError(2, 'No such file'), False), (ValueError('NOT_FOUND: Error opening "zarr" driver'), False),
+    (ValueError('DATA_LOSS: Error reading: unexpected end of chunk'), False), (CheckpointError('has no bank'), False),
+])
+def test_read_errors_split_into_transient_and_damage(error, transient):
+  from hmem.train.storage import transient_read_error
+  wrapped = CheckpointError('restore failed')
+  wrapped.__cause__ = error
+  assert transient_read_error(error) is transient and transient_read_error(wrapped) is transient

@@ -21,6 +21,8 @@ row is touched every step, all three are the same AdamW (P = 1, S = 0).
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,53 +108,111 @@ def _log_decay_table(lr: float, min_lr: float, warmup_steps: int, total: int, wd
   return np.concatenate([[0.0], np.cumsum(log_keep_S[:total])]).astype(np.float32), float(log_keep_S[total])
 
 
-def _log_decay(cfg):
-  """s -> L(s) = Σ_{j<=s} log(1 - lr_j wd): the log of what the weight decay of steps 1..s
-  keeps. A table as long as the lr schedule (4 bytes a step), summed once on the host in
-  float64; past the schedule the lr is constant and L linear."""
+def _decay_args(cfg):
   t, m = cfg.train, cfg.memory
-  total = t.schedule_steps or t.steps
-  table, tail = _log_decay_table(m.lr, m.min_lr, t.warmup_steps, total, m.weight_decay)
-  table_S = jnp.asarray(table)  # under jit, an argument of the program, not a constant in it
+  return m.lr, m.min_lr, t.warmup_steps, t.schedule_steps or t.steps, m.weight_decay
+
+
+def log_decay_table(cfg) -> np.ndarray:
+  """[schedule steps + 1] float32 L(s) = Σ_{j<=s} log(1 - lr_j wd): the log of what the weight
+  decay of steps 1..s keeps, summed once on the host in float64 (4 bytes a step). `update`
+  takes it as an argument, so that a compiled step does not carry it as a constant."""
+  return _log_decay_table(*_decay_args(cfg))[0]
+
+
+def _log_decay(cfg, table_S: jax.Array):
+  """s -> L(s), from `log_decay_table(cfg)`; past the schedule the lr is constant and L linear."""
+  total = _decay_args(cfg)[3]
+  tail = _log_decay_table(*_decay_args(cfg))[1]
   return lambda s: jnp.where(s <= total, table_S[jnp.minimum(s, total)],
-                             table[total] + (s - total).astype(jnp.float32) * tail)
+                             table_S[total] + (s - total).astype(jnp.float32) * tail)
 
 
-def _missed_steps(cfg, log_decay, last_U: jax.Array, step: jax.Array):
-  """What dense AdamW with zero gradients did on steps last+1 .. step-1 to each row last
-  updated at `last_U`: (decay P [U], and for 'exact' drift S [U] and ε' [U], else None),
-  the row ending at P w - S m/(√v + ε') with its moments of step `last`."""
+# The drift's dependence on ε is tabulated per row at nodes of w = ln(ε/√v) this far apart
+# (cubic Hermite between nodes: error < 5e-6 of the drift), from this far before the first
+# step's transition to this far past the last's (where the logistic is within 1e-6 of 0 or 1).
+EPS_NODE_SPACING = math.log(2) / 2
+EPS_GRID_MARGIN = 14.0
+
+
+def _eps_grid(cfg) -> tuple[float, int]:
+  """(w of the first node, number of nodes): term k of the drift changes from its √v >> ε
+  form to its ε-dominated one around w = -ln e_k, and ln e_k lies within
+  [ln √((1-b2)/b2), -W ln(b2) / 2] for every row and missed step k <= W."""
+  b2 = cfg.train.b2
+  lo = 0.5 * mcfg.drift_window(cfg) * math.log(b2) - EPS_GRID_MARGIN
+  hi = -0.5 * math.log((1 - b2) / b2) + EPS_GRID_MARGIN
+  return lo, math.ceil((hi - lo) / EPS_NODE_SPACING) + 1
+
+
+class Missed(NamedTuple):
+  """What dense AdamW with zero gradients did to rows on the steps they missed: each weight
+  ends at decay w - Φ(ln(ε/√v)) m / (√v + ε'), with the row's moments of its last update.
+  Φ is a cubic per node interval (`phi`: [U, nodes - 1, 4] coefficients, None for 'lazy');
+  ε' = ε e_1 is the first missed step's ε in the form below (docs/DESIGN.md)."""
+  decay: jax.Array  # [U]
+  eps: jax.Array | None  # [U]
+  phi: jax.Array | None  # [U, nodes - 1, 4]
+
+
+def _missed_steps(cfg, log_decay, last_U: jax.Array, step: jax.Array) -> Missed:
+  """Rows last updated at `last_U` as dense AdamW moved them on steps last+1 .. step-1.
+
+  Missed step j = s + k (s = last) moves a weight by -c_k m / (√v + ε e_k), with
+  c_k = lr_j (b1/√b2)^k √(1-b2^j) / (1-b1^j) times the weight decay of the later missed
+  steps, and e_k = √(1-b2^j) / b2^(k/2). With z = ε/√v:
+  m / (√v + ε e_k) = m / (√v + ε e_1) (1 - (1 - e_1/e_k) σ(ln z + ln e_k)), so the sum over k is
+  Φ(ln z) m / (√v + ε e_1) with Φ(w) = Σ c_k - Σ c_k (1 - e_1/e_k) σ(w + ln e_k): smooth in w,
+  per row, tabulated here; each weight then evaluates it at its own √v."""
   b1, b2, eps = cfg.train.b1, cfg.train.b2, cfg.train.eps
   now = log_decay(step - 1)
   decay_U = jnp.exp(now - log_decay(last_U))
   if cfg.memory.optimizer != 'exact':
-    return decay_U, None, None
+    return Missed(decay_U, None, None)
   window = mcfg.drift_window(cfg)
   k_W = np.arange(1, window + 1)
   j_UxW = last_U[:, None] + k_W  # the missed steps, up to `window` after the last update
   lr_UxW = jax.vmap(memory_schedule(cfg))(j_UxW.reshape(-1) - 1).reshape(j_UxW.shape)
   j = j_UxW.astype(jnp.float32)
-  bias_UxW = jnp.sqrt(1 - b2 ** j) / (1 - b1 ** j)
+  log1m_b2j_UxW = jnp.log(-jnp.expm1(j * math.log(b2)))  # ln(1 - b2^j)
+  bias_UxW = jnp.exp(0.5 * log1m_b2j_UxW) / (1 - b1 ** j)
   rho_W = jnp.asarray((b1 / np.sqrt(b2)) ** k_W, jnp.float32)
   terms_UxW = lr_UxW * rho_W * bias_UxW * jnp.exp(now - log_decay(j_UxW))
-  drift_U = jnp.sum(jnp.where(j_UxW < step, terms_UxW, 0.0), axis=1)
-  # The first missed step's ε, exact for it; later steps' is larger (docs/DECISIONS.md).
-  eps_U = eps * jnp.sqrt((1 - b2 ** (last_U + 1).astype(jnp.float32)) / b2)
-  return decay_U, drift_U, eps_U
+  c_UxW = jnp.where(j_UxW < step, terms_UxW, 0.0)
+  log_e_UxW = 0.5 * log1m_b2j_UxW - 0.5 * math.log(b2) * k_W  # ln e_k
+  a_UxW = -c_UxW * jnp.expm1(log_e_UxW[:, :1] - log_e_UxW)  # c_k (1 - e_1/e_k)
+  lo, nodes = _eps_grid(cfg)
+  x_UxGxW = jnp.asarray(lo + EPS_NODE_SPACING * np.arange(nodes), jnp.float32)[:, None] + log_e_UxW[:, None, :]
+  sig_UxGxW = jax.nn.sigmoid(x_UxGxW)
+  phi_UxG = jnp.sum(c_UxW, axis=1)[:, None] - jnp.einsum('uw,ugw->ug', a_UxW, sig_UxGxW)
+  # dΦ/dw per node spacing: the slopes of the cubic Hermite pieces.
+  slope_UxG = -EPS_NODE_SPACING * jnp.einsum('uw,ugw->ug', a_UxW, sig_UxGxW * (1 - sig_UxGxW))
+  p0, p1, d0, d1 = phi_UxG[:, :-1], phi_UxG[:, 1:], slope_UxG[:, :-1], slope_UxG[:, 1:]
+  phi = jnp.stack([p0, d0, 3 * (p1 - p0) - 2 * d0 - d1, 2 * (p0 - p1) + d0 + d1], axis=-1)
+  eps_U = eps * jnp.exp(log_e_UxW[:, 0])
+  return Missed(decay_U, eps_U, phi)
 
 
 def _expand(x, w):
   return x.reshape(x.shape + (1,) * (w.ndim - 1))
 
 
-def _apply_missed(w, m, v, missed):
+def _apply_missed(cfg, w, m, v, missed: Missed):
   """Rows `w` [U, ...] moved as dense AdamW moved them on the steps they `missed`."""
-  decay_U, drift_U, eps_U = missed
-  w = _expand(decay_U, w) * w
-  if drift_U is not None:
-    # A row never updated has m = v = 0 and no drift.
-    w = w - _expand(drift_U, w) * jnp.where(v > 0, m / (jnp.sqrt(v) + _expand(eps_U, w)), 0.0)
-  return w
+  w = _expand(missed.decay, w) * w
+  if missed.phi is None:
+    return w
+  # Each weight's position on the Φ grid; a row never updated has m = v = 0 and no drift.
+  lo, nodes = _eps_grid(cfg)
+  positive = v > 0
+  log_z = math.log(cfg.train.eps) - 0.5 * jnp.log(jnp.where(positive, v, 1.0))
+  x = jnp.clip((log_z - lo) / EPS_NODE_SPACING, 0.0, nodes - 1)
+  node = jnp.minimum(jnp.floor(x), nodes - 2)
+  t = (x - node)[..., None]
+  phi = missed.phi.reshape(missed.phi.shape[:2] + (1,) * (w.ndim - 2) + (4,))
+  p = jnp.take_along_axis(phi, node.astype(jnp.int32)[..., None], axis=1)
+  phi_w = p[..., 0] + t[..., 0] * (p[..., 1] + t[..., 0] * (p[..., 2] + t[..., 0] * p[..., 3]))
+  return w - jnp.where(positive, phi_w * m / (jnp.sqrt(v) + _expand(missed.eps, w)), 0.0)
 
 
 def caught_up(cfg, arrays: dict, mu: dict, nu: dict, last_U, step) -> dict:
@@ -161,16 +221,17 @@ def caught_up(cfg, arrays: dict, mu: dict, nu: dict, last_U, step) -> dict:
   last+1 .. step it missed. What export and every reader of a checkpoint's bank serve, so
   that no row is stale; works on any range of rows."""
   last_U = jnp.asarray(last_U, jnp.int32)
-  missed = _missed_steps(cfg, _log_decay(cfg), last_U, jnp.asarray(step, jnp.int32) + 1)
-  return {n: _apply_missed(jnp.asarray(w, jnp.float32), jnp.asarray(mu[n], jnp.float32),
+  log_decay = _log_decay(cfg, jnp.asarray(log_decay_table(cfg)))
+  missed = _missed_steps(cfg, log_decay, last_U, jnp.asarray(step, jnp.int32) + 1)
+  return {n: _apply_missed(cfg, jnp.asarray(w, jnp.float32), jnp.asarray(mu[n], jnp.float32),
                            jnp.asarray(nu[n], jnp.float32), missed) for n, w in arrays.items()}
 
 
-def _adamw_rows(w, m, v, g, last_U, missed, step, lr, train_cfg, wd):
+def _adamw_rows(cfg, w, m, v, g, last_U, missed, step, lr):
   """Catches gathered rows up on the steps they `missed` since `last_U`, then takes this
   step's AdamW update."""
-  b1, b2, eps = train_cfg.b1, train_cfg.b2, train_cfg.eps
-  w = _apply_missed(w, m, v, missed)
+  b1, b2, eps, wd = cfg.train.b1, cfg.train.b2, cfg.train.eps, cfg.memory.weight_decay
+  w = _apply_missed(cfg, w, m, v, missed)
   d = _expand((step - last_U).astype(jnp.float32), w)
   m = b1 ** d * m + (1 - b1) * g
   v = b2 ** d * v + (1 - b2) * jnp.square(g)
@@ -180,13 +241,14 @@ def _adamw_rows(w, m, v, g, last_U, missed, step, lr, train_cfg, wd):
   return w, m, v
 
 
-def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax.Array, finite: jax.Array):
+def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax.Array, finite: jax.Array,
+           log_decay_S: jax.Array):
   """Applies one update. `row_ids`/`row_grads` come from `row_gradients`;
-  `step` is the 1-based index of this update. A step that is not `finite` writes nothing:
-  every id becomes out of range, and the scatters drop them (no `where` over the whole
-  bank). Returns (bank, opt)."""
+  `step` is the 1-based index of this update; `log_decay_S` is `log_decay_table(cfg)`. A
+  step that is not `finite` writes nothing: every id becomes out of range, and the scatters
+  drop them (no `where` over the whole bank). Returns (bank, opt)."""
   lr = memory_schedule(cfg)(step - 1)
-  log_decay = _log_decay(cfg)
+  log_decay = _log_decay(cfg, log_decay_S)
   new_bank, new_opt = {}, {}
   for t, arrays in bank.items():
     ids_U, grads = row_ids[t], row_grads[t]
@@ -202,8 +264,8 @@ def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax
     missed = _missed_steps(cfg, log_decay, last_U, step)
     new_bank[t], mu, nu = {}, {}, {}
     for n, a in arrays.items():
-      w, m, v = _adamw_rows(gather(a), gather(opt[t]['mu'][n]), gather(opt[t]['nu'][n]), grads[n],
-                            last_U, missed, step, lr, cfg.train, cfg.memory.weight_decay)
+      w, m, v = _adamw_rows(cfg, gather(a), gather(opt[t]['mu'][n]), gather(opt[t]['nu'][n]), grads[n],
+                            last_U, missed, step, lr)
       new_bank[t][n], mu[n], nu[n] = scatter(a, w), scatter(opt[t]['mu'][n], m), scatter(opt[t]['nu'][n], v)
     new_opt[t] = {'mu': mu, 'nu': nu, 'last_step': scatter(opt[t]['last_step'], jnp.broadcast_to(step, ids_U.shape))}
   return new_bank, new_opt

@@ -14,6 +14,9 @@ concatenate them, so no bank-sized buffer ever exists.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -84,7 +87,7 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
   clip, frozen = cfg.train.clip_norm, cfg.train.freeze_anchor
   base_key = jax.random.key(cfg.train.seed)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, tables):
     key = jax.random.fold_in(base_key, state.step)
     batch = dict(batch)
     leaf_B = batch.pop('leaf_id')
@@ -119,7 +122,7 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
       new = new.replace(params=params, opt_state=opt_state)
     if state.bank:
       bank, bank_opt = memory_optimizer.update(cfg, state.bank, state.bank_opt, row_ids, scaled(row_grads),
-                                               state.step + 1, finite)
+                                               state.step + 1, finite, tables['log_decay'])
       new = new.replace(bank=bank, bank_opt=bank_opt)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': count,
                'finite': finite}
@@ -129,8 +132,29 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
       metrics['generic_fraction'] = jnp.mean(use_generic_B.astype(jnp.float32))
     return new, metrics
 
-  return jax.jit(train_step, in_shardings=(spec.shardings, sharding.data_shardings(mesh)),
-                 out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
+  jitted = jax.jit(train_step, in_shardings=(spec.shardings, sharding.data_shardings(mesh), sharding.replicated(mesh)),
+                   out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
+  tables = {'log_decay': memory_optimizer.log_decay_table(cfg)} if memory_bank.tables(cfg) else {}
+  return TrainStep(jitted, jax.device_put(tables, sharding.replicated(mesh)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """The jitted step `(state, batch) -> (state, metrics)`. Tables as long as the schedule
+  (the bank's log weight decay per step) are arguments of the program, not constants
+  compiled into it: 4 bytes a step would put megabytes into the program of a 2^19-step run."""
+  fn: Callable
+  tables: Any
+
+  def __call__(self, state, batch):
+    return self.fn(state, batch, self.tables)
+
+  def lower(self, state, batch):
+    return self.fn.lower(state, batch, self.tables)
+
+  def compile(self, state, batch) -> TrainStep:
+    """The same step, compiled ahead of time for these shapes."""
+    return dataclasses.replace(self, fn=self.lower(state, batch).compile())
 
 
 def fresh_train_step(cfg, mesh, init: bool = True):
