@@ -1,6 +1,6 @@
 """Fact capacity: how many facts a dense model and anchor + memory store, as N grows.
 
-  python benchmarks/knowledge.py [--quick] [--entities 500 1000 2000 4000] [--config configs/facts.py]
+  python benchmarks/knowledge.py [--quick] [--entities 100 200 400] [--config configs/facts.py]
                                  [--workdir runs/knowledge] [--probes 512] [--config.KEY=VALUE ...]
 
 For each N: `hmem.data.facts` writes N synthetic biographies (4 facts each, 16 candidate
@@ -20,8 +20,8 @@ biographies. Prints one table per N as it finishes, the accuracy table (N x mode
 accuracy against N as WORKDIR/knowledge.png, and last one JSON object.
 
 Every stage is reused when rerun (runs resume, evaluations are cached per checkpoint), so
-an interrupted run picks up where it stopped. --quick: 200 entities, 8 + 8 epochs, 128
-probes. Steps follow the corpus: an epoch is ceil(sequences / batch_size) steps.
+an interrupted run picks up where it stopped. --quick: 64 entities, 2 + 4 epochs, 64
+probes (a smoke test of every stage; its accuracies mean little). Steps follow the corpus: an epoch is ceil(sequences / batch_size) steps.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def run_n(cfg, root: str, n: int, args) -> dict:
 
 
 def table(results: list[dict]) -> str:
-  head = f'{"":<30}' + ''.join(f'{m:>11}' for m in MODES)
+  head = f'{"":<30}' + ''.join(f'{m:>12}' for m in MODES)
   lines = [head]
   for r in results:
     for s, label in (('probes', 'acc, trained phrasing'), ('probes_heldout', 'acc, held-out phrasing'),
@@ -106,7 +106,7 @@ def table(results: list[dict]) -> str:
       key = 'ppl' if s == 'heldout' else 'acc'
       name = f'N={r["entities"]} {label}'
       lines.append(f'{name:<30}'
-                   + ''.join(f'{r[f"{key}_{s}_{m}"]:>11.3f}' for m in MODES))
+                   + ''.join(f'{r[f"{key}_{s}_{m}"]:>12{".3f" if key == "acc" else ".1f"}}' for m in MODES))
   return '\n'.join(lines)
 
 
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
   p.add_argument('--quick', action='store_true')
   p.add_argument('--config', default=os.path.join(os.path.dirname(__file__), '..', 'configs', 'facts.py'))
   p.add_argument('--workdir', default='runs/knowledge')
-  p.add_argument('--entities', type=int, nargs='+', default=[500, 1000, 2000, 4000])
+  p.add_argument('--entities', type=int, nargs='+', default=[100, 200, 400])
   p.add_argument('--anchor-epochs', type=float, default=None, help='default: the config module\'s ANCHOR_EPOCHS')
   p.add_argument('--epochs', type=float, default=None, help='extra epochs; default: the config module\'s EPOCHS')
   p.add_argument('--probes', type=int, default=512, help='probed (entity, attribute) pairs per N')
@@ -144,8 +144,8 @@ def main(argv=None) -> dict:
   args, overrides = p.parse_known_args(argv)
   cfg = load_config(args.config, overrides)
   if args.quick:
-    args.entities, args.probes = [200], 128
-    args.anchor_epochs = args.epochs = 8
+    args.entities, args.probes = [64], 64
+    args.anchor_epochs, args.epochs = 2, 4
   defaults = _epochs(args.config)
   args.anchor_epochs = defaults[0] if args.anchor_epochs is None else args.anchor_epochs
   args.epochs = defaults[1] if args.epochs is None else args.epochs
