@@ -1,6 +1,7 @@
 """The synthetic-biography fact corpus (hmem.data.facts)."""
 
 import json
+import os
 import re
 
 from hmem.data import facts
@@ -20,6 +21,9 @@ def test_same_seed_same_bytes_other_seed_other_corpus(tmp_path):
     with open(a[stem], 'rb') as fa, open(b[stem], 'rb') as fb:
       assert fa.read() == fb.read(), stem
   assert _read(a['train']) != _read(c['train'])
+  mtimes = {stem: os.stat(path).st_mtime_ns for stem, path in a.items()}
+  facts.write_facts(str(tmp_path / 'a'), 60, seed=3, probes=50)  # same corpus: files left as they are
+  assert {stem: os.stat(path).st_mtime_ns for stem, path in a.items()} == mtimes
 
 
 def test_each_probe_is_answered_in_its_entity_document_only(tmp_path):

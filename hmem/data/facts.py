@@ -128,6 +128,14 @@ def write_facts(out_dir: str, n_entities: int, seed: int = 0, probes: int = 0) -
   for name in FILES:
     stem = name.removesuffix('.jsonl')
     paths[stem] = os.path.join(out_dir, name)
-    with atomic_write(paths[stem], encoding='utf-8') as f:
-      f.writelines(json.dumps(r) + '\n' for r in records[stem])
+    content = ''.join(json.dumps(r) + '\n' for r in records[stem]).encode()
+    if os.path.exists(paths[stem]) and _read_bytes(paths[stem]) == content:
+      continue  # left untouched, so a dataset prepared from it stays valid (prepare keys on mtime)
+    with atomic_write(paths[stem], 'wb') as f:
+      f.write(content)
   return paths
+
+
+def _read_bytes(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
