@@ -122,6 +122,8 @@ def plot(results: list[dict], path: str) -> None:
     ax.plot(ns, [r[f'acc_probes_heldout_{mode}'] for r in results], 'x--', color=f'C{j}', alpha=0.6)
   ax.axhline(1 / 16, color='grey', lw=0.8, ls=':', label='chance (1/16)')
   ax.set_xscale('log', base=2)
+  ax.set_xticks(ns, [str(n) for n in ns])
+  ax.minorticks_off()
   ax.set_xlabel('entities N (4 facts each)')
   ax.set_ylabel('probe accuracy')
   ax.set_title('facts stored vs facts shown (solid: trained phrasing, dashed: held-out)', fontsize=9)
