@@ -69,7 +69,7 @@ def _eval_files(corpus: str, out_dir: str, text_field: str, eval_fraction: float
   return paths
 
 
-def _latest_step(workdir: str) -> int:
+def latest_step(workdir: str) -> int:
   ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'), async_save=False, read_only=True)
   try:
     return ckpt.latest_step()
@@ -77,16 +77,16 @@ def _latest_step(workdir: str) -> int:
     ckpt.close()
 
 
-def _export(run: str, out: str, progress: bool) -> None:
+def export_latest(run: str, out: str, progress: bool) -> None:
   """Exports the run's latest checkpoint unless `out` already holds that step's bundle."""
-  step = _latest_step(run)
+  step = latest_step(run)
   if os.path.exists(os.path.join(out, MANIFEST)) and read_manifest(out)['step'] == step:
     return
   shutil.rmtree(out, ignore_errors=True)
   export(run, out, dtype='float32', progress=progress)
 
 
-def _evaluate(open_model, step: int, data: str, out: str, block_best: bool, progress: bool) -> dict:
+def evaluate_cached(open_model, step: int, data: str, out: str, block_best: bool, progress: bool) -> dict:
   """`hmem eval` of a model on a file, cached in `out` for this checkpoint step."""
   if os.path.exists(out):
     with open(out) as f:
@@ -168,15 +168,15 @@ def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, pr
 
   print('stage 4/5: exporting the memory model')
   bundle = os.path.join(workdir, 'bundle')
-  _export(runs['memory'], bundle, progress)
+  export_latest(runs['memory'], bundle, progress)
 
   print('stage 5/5: evaluating on training and held-out documents')
-  memory_step, dense_step = read_manifest(bundle)['step'], _latest_step(runs['dense'])
+  memory_step, dense_step = read_manifest(bundle)['step'], latest_step(runs['dense'])
   figures, documents = {}, {}
   for split, path in files.items():
-    mem = _evaluate(lambda: open_bundle(bundle), memory_step, path,
+    mem = evaluate_cached(lambda: open_bundle(bundle), memory_step, path,
                     os.path.join(workdir, f'eval_memory_{split}.json'), True, progress)
-    dense = _evaluate(lambda: open_source(workdir=runs['dense']), dense_step, path,
+    dense = evaluate_cached(lambda: open_source(workdir=runs['dense']), dense_step, path,
                       os.path.join(workdir, f'eval_dense_{split}.json'), False, progress)
     documents[split] = mem['documents']
     figures.update({f'ppl_{split}_dense': dense['ppl_none'], f'ppl_{split}_generic': mem['ppl_generic'],
