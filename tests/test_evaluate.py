@@ -1,5 +1,7 @@
 """`hmem eval`: per-mode perplexity and accuracy equal a direct computation with the model;
-blocking; bad records counted; a file with nothing usable is one clear error."""
+blocking; bad records counted; fields eval does not use ignored and counted; a file with
+nothing usable is one clear error; a run without memory or tree (imported) evaluates and
+generates in mode none."""
 
 import json
 import math
@@ -43,7 +45,7 @@ def eval_file(tmp_path_factory):
                {'prompt': 'One, two,', 'candidates': ['three', 'seven'], 'answer': 1}]
   lines = [json.dumps({'text': t}) for t in texts[:4]] + [json.dumps({'text': texts[4], 'context': texts[1]})]
   lines += [json.dumps(q) for q in questions]
-  lines += ['', '{"text": "unterminated', json.dumps({'text': 'x', 'title': 'y'}),
+  lines += ['', '{"text": "unterminated', json.dumps({'title': 'y'}),
             json.dumps({'prompt': 'p', 'candidates': [], 'answer': 0}), '[1, 2]']
   path = tmp_path_factory.mktemp('eval') / 'eval.jsonl'
   path.write_text('\n'.join(lines) + '\n')
@@ -91,7 +93,7 @@ def test_eval_equals_a_direct_computation_per_mode(source, eval_file, tmp_path):
   assert len(source.router.tokenizer.encode([texts[0]])[0]) > 2 * source.config.data.seq_len  # windows
   result = evaluate(source, str(path), block_best=True, batch_size=4, progress=False)
   assert result['documents'] == 5 and result['examples'] == 3
-  assert result['skipped'] == {'empty line': 1, 'malformed JSON': 1, 'unknown fields': 1,
+  assert result['skipped'] == {'empty line': 1, 'malformed JSON': 1, 'no text or prompt field': 1,
                                'empty or non-string candidates': 1, 'not a JSON object': 1}
 
   routed = texts[:4] + [texts[1]] + [q.get('context', q['prompt']) for q in questions]
