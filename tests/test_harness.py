@@ -5,6 +5,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')  # the tasks read local JSONL; no hub here
 
@@ -16,6 +18,7 @@ from hmem.errors import UserError  # noqa: E402
 from hmem.infer.decoder import complete  # noqa: E402
 from hmem.infer.evaluate import evaluate  # noqa: E402
 from hmem.infer.harness import HarnessLM  # noqa: E402
+from hmem.infer.source import open_source  # noqa: E402
 
 lm_eval = pytest.importorskip('lm_eval')  # the `eval` extra (the test extra includes it)
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -45,7 +48,7 @@ def tasks(tmp_path_factory):
       'hmem_ppl': [{'text': t} for t in texts[:4]],  # the first is longer than seq_len: windows
       'hmem_mc': [{'prompt': t[:60].rsplit(' ', 1)[0], 'candidates': [t[60:].split()[0], 'the', 'music'],
                    'answer': 0} for t in texts[:16]],
-      'hmem_gen': [{'prompt': t[:40].rsplit(' ', 1)[0], 'target': t[40:].split()[0]} for t in texts[4:12]],
+      'hmem_gen': [{'prompt': t[:40].rsplit(' ', 1)[0], 'target': t[40:].split()[0]} for t in texts[4:8]],
   }
   for name, config in TASKS.items():
     data = root / f'{name}.jsonl'
@@ -120,10 +123,10 @@ def test_each_request_is_routed_by_its_own_context(lm):
 def test_generation_equals_hmem_generate(memory_run, tasks, capsys):
   records, task_manager, _ = tasks
   bundle = memory_run[3]
-  results = lm_eval.simple_evaluate(model='hmem', model_args=f'workdir={bundle},memory=fetched', batch_size=3,
+  results = lm_eval.simple_evaluate(model='hmem', model_args=f'workdir={bundle},memory=fetched', batch_size=4,
                                     tasks=['hmem_gen'], task_manager=task_manager, log_samples=True,
                                     verbosity='WARNING')
-  source = HarnessLM(workdir=str(bundle), progress=False).source
+  source = open_source(workdir=str(bundle))
   samples = sorted(results['samples']['hmem_gen'], key=lambda s: s['doc_id'])
   correct = []
   for record, sample in zip(records['hmem_gen'], samples):
@@ -142,3 +145,20 @@ def test_bad_model_args_are_one_clear_error(memory_run):
     HarnessLM(workdir=run, memory='none', block_best=True)
   with pytest.raises(UserError, match='batch_size=.auto.: give a positive integer'):
     HarnessLM(workdir=run, batch_size='auto')
+
+
+def test_lm_eval_finds_hmem_through_the_startup_hook(repo):
+  """What hmem-lm-eval.pth runs at interpreter start: once lm-eval 0.4.13 loads its registry,
+  `hmem` is in it as a lazy placeholder for HarnessLM (nothing of hmem's inference code is
+  imported), and lm-eval's own models are still there. A fresh interpreter, as `lm_eval` is;
+  the class itself resolving by name is test_generation_equals_hmem_generate."""
+  code = ('import sys, hmem.lm_eval_plugin as p; p.install(); '
+          'from lm_eval.api.registry import get_model, model_registry; '
+          'assert get_model("dummy").__name__ == "DummyLM"; '
+          'assert dict(model_registry.items())["hmem"] == "hmem.infer.harness:HarnessLM"; '
+          'assert "hmem.infer" not in sys.modules; print(len(model_registry))')
+  out = subprocess.run([sys.executable, '-c', code], cwd=repo, capture_output=True, text=True,
+                       env={**os.environ, 'PYTHONPATH': str(repo)})
+  assert out.returncode == 0, out.stderr
+  assert int(out.stdout) > 30  # lm-eval's built-in models are all still there
+  assert (repo / 'hmem-lm-eval.pth').read_text().strip() == 'import hmem.lm_eval_plugin; hmem.lm_eval_plugin.install()'
