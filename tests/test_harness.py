@@ -162,3 +162,23 @@ def test_lm_eval_finds_hmem_through_the_startup_hook(repo):
   assert out.returncode == 0, out.stderr
   assert int(out.stdout) > 30  # lm-eval's built-in models are all still there
   assert (repo / 'hmem-lm-eval.pth').read_text().strip() == 'import hmem.lm_eval_plugin; hmem.lm_eval_plugin.install()'
+
+
+def test_memory_none_and_a_zero_bank_score_as_the_anchor(memory_run, tasks, tmp_path):
+  """On a bundle whose bank is all zeros, fetched rows add nothing: the harness through the
+  registered name gives the anchor's numbers with memory=fetched and memory=none alike,
+  and they are `hmem eval`'s anchor (ppl_none) numbers."""
+  from hmem.cli import main
+  records, task_manager, _ = tasks
+  bundle = tmp_path / 'bundle'
+  assert main(['export', '--workdir', str(memory_run[3]), '--out', str(bundle), '--dtype', 'float32',
+               '--no-progress']) == 0
+  assert main(['bank', 'drop', '--bundle', str(bundle), '--node', '1:0', '1:1', '1:2', '1:3']) == 0
+  expected = evaluate(open_source(bundle=str(bundle)), _jsonl(tmp_path, 'eval', records['hmem_ppl']),
+                      progress=False)
+  assert expected['ppl_fetched'] == pytest.approx(expected['ppl_none'], rel=1e-6)
+  words = sum(len(re.split(r'\s+', r['text'])) for r in records['hmem_ppl'])
+  anchor = math.exp(math.log(expected['ppl_none']) * expected['tokens'] / words)
+  for memory in ('none', 'fetched'):
+    got = _run('hmem', task_manager, ['hmem_ppl'], model_args=f'bundle={bundle},memory={memory}', batch_size=4)
+    np.testing.assert_allclose(got['hmem_ppl']['word_perplexity,none'], anchor, rtol=1e-6, err_msg=memory)

@@ -6,7 +6,8 @@ jitted prefill fills the KV cache, then one jitted step per token samples the ne
 of every row and feeds it back. A row stops at EOT; the loop stops when every row has, or
 after `max_new_tokens`. The memory block stays fixed for the whole generation (it is
 routed by the prompt). Prompt and cache lengths are rounded up to a few buckets, so new
-prompts rarely compile anew.
+prompts rarely compile anew. `complete_all` routes and decodes many text prompts, batched
+by leaf (`hmem generate` and the lm-evaluation-harness model use it).
 """
 
 from __future__ import annotations

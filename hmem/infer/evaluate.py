@@ -18,7 +18,8 @@ A text longer than the model's `data.seq_len` is scored in windows of seq_len to
 overlap by one token, so each window starts from fresh context and every token is still
 predicted exactly once; a multiple-choice sequence longer than seq_len keeps the prompt's
 last tokens. Sequences are scored in batches of fixed shape (a few bucket lengths), so a
-file compiles a handful of programs whatever its size.
+file compiles a handful of programs whatever its size. `score` is that batcher on its own;
+the lm-evaluation-harness model (hmem/infer/harness.py) scores its requests with it.
 """
 
 from __future__ import annotations
