@@ -143,7 +143,7 @@ def test_bad_model_args_are_one_clear_error(memory_run):
     HarnessLM(workdir=run, memory='blocked')
   with pytest.raises(UserError, match='need memory=fetched'):
     HarnessLM(workdir=run, memory='none', block_best=True)
-  with pytest.raises(UserError, match='batch_size=.auto.: give a positive integer'):
+  with pytest.raises(UserError, match='batch_size=.auto.: give an integer >= 1'):
     HarnessLM(workdir=run, batch_size='auto')
 
 
@@ -182,3 +182,17 @@ def test_memory_none_and_a_zero_bank_score_as_the_anchor(memory_run, tasks, tmp_
   for memory in ('none', 'fetched'):
     got = _run('hmem', task_manager, ['hmem_ppl'], model_args=f'bundle={bundle},memory={memory}', batch_size=4)
     np.testing.assert_allclose(got['hmem_ppl']['word_perplexity,none'], anchor, rtol=1e-6, err_msg=memory)
+
+
+def test_a_run_without_memory_or_tree_is_a_harness_model(imported_run, tmp_path):
+  """A run made by `hmem import` (no memory, no tree; its checkpoint is step 0) scores with
+  its own tokenizer in mode none, as `hmem eval` does; asking it for memory is an error."""
+  from lm_eval.api.instance import Instance
+  text = _texts()[0][:200]
+  lm = HarnessLM(workdir=str(imported_run), step='0', progress=False)
+  assert lm.memory == 'none'
+  expected = evaluate(lm.source, _jsonl(tmp_path, 'one', [{'text': text}]), progress=False)
+  (got,) = lm.loglikelihood_rolling([Instance('loglikelihood_rolling', {}, (text,), 0)])
+  assert got == pytest.approx(-math.log(expected['ppl_none']) * expected['tokens'], rel=1e-6)
+  with pytest.raises(UserError, match='this run has no memory; use memory=none'):
+    HarnessLM(workdir=str(imported_run), memory='fetched')

@@ -43,11 +43,11 @@ from hmem.infer.source import MODES, open_source
 _SAMPLING = ('until', 'max_gen_toks', 'do_sample', 'temperature', 'top_p', 'seed')
 
 
-def _as_int(name: str, value) -> int:
+def _as_int(name: str, value, least: int = 1) -> int:
   if isinstance(value, str) and value.strip().isdigit():
     value = int(value)
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise UserError(f'{name}={value!r}: give a positive integer (hmem batches by leaf and length itself, so '
+  if not isinstance(value, int) or isinstance(value, bool) or value < least:
+    raise UserError(f'{name}={value!r}: give an integer >= {least} (hmem batches by leaf and length itself, so '
                     'there is no "auto")')
   return value
 
@@ -62,7 +62,7 @@ class HarnessLM(LM):
                progress: bool = True):
     super().__init__()
     del max_batch_size, device  # harness-wide options: batches are fixed here, JAX picks the device
-    self.source = open_source(bundle=bundle, workdir=workdir, step=None if step is None else _as_int('step', step))
+    self.source = open_source(bundle=bundle, workdir=workdir, step=None if step is None else _as_int('step', step, 0))
     memory = memory or ('fetched' if self.source.has_memory else 'none')
     if memory not in MODES:
       raise UserError(f'memory={memory!r}; choose one of {", ".join(MODES)}')
