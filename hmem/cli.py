@@ -1,7 +1,7 @@
-"""The `hmem` command: train, sizes, config, prepare, import, export, bank, generate, eval.
+"""The `hmem` command: train, sizes, config, prepare, import, export, bank, generate, eval, serve.
 
 Subcommands that build something take `--config FILE` plus any number of `--config.a.b=value`
-overrides; those that read a run, a bundle or outside weights (import, export, bank, generate,
+overrides; those that read a run, a bundle or outside weights (import, export, bank, generate, serve,
 eval) use its saved config and take none.
 User errors (bad config, missing file, bad data, unusable checkpoint) print one line
 starting with `hmem: error:` and exit 2; a diverged run prints one line and exits 1.
@@ -78,6 +78,10 @@ def _cmd_import(args, cfg):
 
 def _cmd_export(args, cfg):
   if args.format == 'hf':
+    if args.subtree is not None:
+      from hmem.errors import ConfigError
+      raise ConfigError('--subtree picks bank rows, and --format hf exports the anchor alone (no bank); drop '
+                        '--subtree, or export a bundle (--format bundle) to ship subtrees')
     from hmem.imports import export_run
     written = export_run(args.workdir, args.out, step=args.step, dtype=args.dtype)
     print(json.dumps({'out': args.out, 'format': 'hf', 'files': written}))
@@ -113,7 +117,8 @@ def _open(args):
 
 
 def _cmd_generate(args, cfg):
-  from hmem.infer.decoder import complete
+  from hmem.infer.decoder import check_prompt, complete
+  check_prompt(args.prompt)  # before the model loads
   source, block = _open(args)
   path, text = complete(source, args.prompt, mode=args.memory, block=block, block_best=args.block_best,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -133,6 +138,19 @@ def _cmd_eval(args, cfg):
   if args.plot:
     evaluate.plot(result, args.plot)
   print(json.dumps(result))
+
+
+def _cmd_serve(args, cfg):
+  import os
+
+  from hmem.errors import UserError
+  try:
+    from hmem.infer.server import serve
+  except ImportError as e:
+    raise UserError(f'hmem serve needs the serve extra ({e}); install it with pip install "hmem[serve]"') from None
+  source, _ = _open(args)
+  name = args.name or os.path.basename(str(args.bundle or args.workdir).rstrip('/'))
+  serve(source, host=args.host, port=args.port, name=name, slots=args.slots)
 
 
 def _cmd_plan(args, cfg):
@@ -239,6 +257,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--temperature', type=float, default=0.0, help='0: greedy')
   p.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling mass')
   p.add_argument('--seed', type=int, default=0)
+  p = sub.add_parser('serve', help='an OpenAI-compatible completions server (continuous batching)')
+  p.set_defaults(fn=_cmd_serve, config=None, block=[])
+  g = p.add_mutually_exclusive_group(required=True)
+  g.add_argument('--bundle', help='a bundle written by hmem export (a local path, gs:// or s3://)')
+  g.add_argument('--workdir', help='a run directory (hmem train --workdir)')
+  p.add_argument('--step', type=int, default=None, help='with --workdir: checkpoint step (default: the latest)')
+  p.add_argument('--host', default='127.0.0.1', help='address to listen on (0.0.0.0: every interface)')
+  p.add_argument('--port', type=int, default=8000)
+  p.add_argument('--slots', type=int, default=16, help='sequences decoded together (the batch of the decode step)')
+  p.add_argument('--name', default='', help='the model id clients ask for (default: the bundle or run directory name)')
   p = add('plan', _cmd_plan, 'per-device memory, collectives and FLOPs of a train step on N devices')
   p.add_argument('--devices', type=int, required=True, help='devices to plan for (fake CPU devices by default)')
   p.add_argument('--platform', default='cpu', help='cpu (fake devices) or the platform of the devices present')

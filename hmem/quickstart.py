@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from hmem.data import inputs
 from hmem.data.corpora import wiki_offline, write_jsonl
 from hmem.data.prepare import held_out, prepare
 from hmem.errors import DataError
@@ -39,25 +40,32 @@ MODES = ('dense', 'generic', 'fetched', 'blocked')
 _LABELS = {'train': 'training docs', 'heldout': 'held-out docs'}
 
 
-def _eval_files(corpus: str, out_dir: str, eval_fraction: float, train_docs: int, seed: int) -> dict[str, str]:
+def _eval_files(corpus: str, out_dir: str, text_field: str, eval_fraction: float, train_docs: int,
+                seed: int) -> dict[str, str]:
   """{split: JSONL of {"text"}}: every held-out document of the corpus, and `train_docs`
-  training documents drawn uniformly (seeded). The split is prepare's: a document (file 0,
-  line i) is held out by the hash of its key."""
-  with open(corpus, encoding='utf-8') as f:
-    texts = [json.loads(line)['text'] for line in f]
-  is_held_out_N = held_out(0, np.arange(len(texts)), eval_fraction)
+  training documents drawn uniformly (seeded). The documents are those prepare keeps (read
+  by the same reader: the same skips, `data.text_field`), and the split is prepare's: a
+  document (file 0, line i) is held out by the hash of its key. Run before any training, so
+  a corpus with nothing to evaluate stops in seconds."""
+  stats = inputs.ReadStats()
+  docs = list(inputs.read_documents(inputs.list_files(corpus)[0][0], 0, text_field, stats))
+  if not docs:
+    skipped = ', '.join(f'{n} {reason}' for reason, n in stats.skipped.most_common()) or 'the file is empty'
+    raise DataError(f'corpus {corpus}: no usable document ({skipped}); write one JSON object a line with the text '
+                    f'in {text_field!r} (data.text_field)')
+  is_held_out_N = held_out(0, np.array([doc.index for doc in docs]), eval_fraction)
   train_idx = np.flatnonzero(~is_held_out_N)
   sample = np.sort(np.random.default_rng(seed).choice(train_idx, min(train_docs, len(train_idx)), replace=False))
   chosen = {'train': sample, 'heldout': np.flatnonzero(is_held_out_N)}
   if not len(chosen['heldout']):
-    raise DataError(f'no held-out document among the {len(texts)} of {corpus}; raise data.eval_fraction')
+    raise DataError(f'no held-out document among the {len(docs)} of {corpus}; raise data.eval_fraction')
   paths = {}
   for split, idx in chosen.items():
     paths[split] = os.path.join(out_dir, f'{split}_docs.jsonl')
     if not os.path.exists(paths[split]):
       with atomic_write(paths[split], encoding='utf-8') as f:
         for i in idx:
-          f.write(json.dumps({'text': texts[i]}, ensure_ascii=False) + '\n')
+          f.write(json.dumps({'text': docs[i].text}, ensure_ascii=False) + '\n')
   return paths
 
 
@@ -132,7 +140,8 @@ def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, pr
     if not os.path.exists(corpus):
       write_jsonl(wiki_offline(include_uncategorized=True), corpus)
   elif not os.path.isfile(corpus):
-    raise DataError(f'corpus {corpus!r} is not a file; pass one JSONL file of {{"text": ...}} records')
+    raise DataError(f'corpus {corpus!r} is not a file; pass one JSONL, Parquet or text file of documents')
+  files = _eval_files(corpus, workdir, cfg.data.text_field, cfg.data.eval_fraction, train_docs, cfg.train.seed)
   data = os.path.join(workdir, 'data')
   manifest = prepare(cfg, corpus, data, progress=progress)
   print(f"prepared {manifest['documents_kept']:,} documents into {manifest['sequences']:,} sequences "
@@ -162,7 +171,6 @@ def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, pr
   _export(runs['memory'], bundle, progress)
 
   print('stage 5/5: evaluating on training and held-out documents')
-  files = _eval_files(corpus, workdir, cfg.data.eval_fraction, train_docs, cfg.train.seed)
   memory_step, dense_step = read_manifest(bundle)['step'], _latest_step(runs['dense'])
   figures, documents = {}, {}
   for split, path in files.items():

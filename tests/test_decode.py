@@ -57,7 +57,7 @@ def test_cached_logits_equal_the_full_forward_pass(make_config, name):
     step_logits, cache = model(continuation[:, t:t + 1], jnp.ones((B, 1), jnp.int32), memory, cache)
     cached.append(step_logits)
   cached = np.asarray(jnp.concatenate(cached, axis=1))
-  assert int(cache.index) == P + new
+  np.testing.assert_array_equal(cache.index, P + new)
   np.testing.assert_array_equal(cache.lengths, np.asarray(PROMPT_LENGTHS) + new)
   for b, p in enumerate(prompts):
     # Each row alone, unpadded, through the full (uncached) forward pass.
@@ -90,11 +90,28 @@ def test_generation_stops_at_eot(make_config):
 
 
 def test_sampling_top_p_and_seed():
-  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
-  draws = np.asarray(sample(logits, jax.random.key(0), 1.0, 0.7))
+  B = 4000
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * B))
+  keys = lambda seed: jax.random.split(jax.random.key(seed), B)
+  full = lambda value: jnp.full((B,), value)
+  draws = np.asarray(sample(logits, keys(0), full(1.0), full(0.7)))
   # top_p=0.7 keeps the two most likely tokens (0.5 < 0.7 <= 0.8), renormalised 5:3.
   assert set(np.unique(draws)) == {0, 1}
   assert abs((draws == 0).mean() - 0.625) < 0.03
-  np.testing.assert_array_equal(draws, sample(logits, jax.random.key(0), 1.0, 0.7))
-  assert set(np.unique(np.asarray(sample(logits, jax.random.key(1), 1.0, 1.0)))) == {0, 1, 2, 3}
-  np.testing.assert_array_equal(sample(logits, jax.random.key(1), 0.0, 1.0), 0)
+  np.testing.assert_array_equal(draws, sample(logits, keys(0), full(1.0), full(0.7)))
+  assert set(np.unique(np.asarray(sample(logits, keys(1), full(1.0), full(1.0))))) == {0, 1, 2, 3}
+  np.testing.assert_array_equal(sample(logits, keys(1), full(0.0), full(1.0)), 0)
+  # Rows keep their own settings in one batch: greedy rows stay greedy beside sampled ones.
+  mixed = np.asarray(sample(logits, keys(2), jnp.where(jnp.arange(B) % 2 == 0, 0.0, 1.0), full(1.0)))
+  np.testing.assert_array_equal(mixed[::2], 0)
+  assert set(np.unique(mixed[1::2])) == {0, 1, 2, 3}
+
+
+def test_sampled_generation_draws_the_same_alone_or_in_a_batch(make_config):
+  """A prompt's draws depend on its seed and its index among the prompts, not on the batch."""
+  cfg, model, _, prompts = _setup(make_config, 'none')
+  kw = dict(eot_id=-1, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5)
+  batch = generate(model, prompts[:2], None, **kw)
+  alone = generate(model, prompts[:1], None, **kw)
+  np.testing.assert_array_equal(batch[0], alone[0])
+  assert len(batch[0]) == 6 and not np.array_equal(batch[0], generate(model, prompts[:1], None, **{**kw, 'seed': 6})[0])

@@ -47,8 +47,12 @@ def eval_file(tmp_path_factory):
   lines += [json.dumps(q) for q in questions]
   lines += ['', '{"text": "unterminated', json.dumps({'title': 'y'}),
             json.dumps({'prompt': 'p', 'candidates': [], 'answer': 0}), '[1, 2]']
+  # What prepare skips: a lone surrogate (JSON-escaped) in a text and in a prompt, a blank
+  # text, and bytes that are not UTF-8.
+  lines += ['{"text": "a\\ud800b"}', json.dumps({'prompt': 'p\ud800', 'candidates': ['a'], 'answer': 0}),
+            json.dumps({'text': ' \n'})]
   path = tmp_path_factory.mktemp('eval') / 'eval.jsonl'
-  path.write_text('\n'.join(lines) + '\n')
+  path.write_bytes(('\n'.join(lines) + '\n').encode() + b'{"text": "x\xff"}\n')
   return path, texts, questions
 
 
@@ -81,7 +85,7 @@ def _direct(source, texts, questions, leaves, mode):
   correct = []
   for q, leaf in zip(questions, leaves[len(texts):]):
     prompt = tok.encode([q['prompt']])[0]
-    scores = [-_nll(source.model, np.concatenate([prompt, tok.encode([' ' + c])[0]]), memory(leaf), L)
+    scores = [-_nll(source.model, np.concatenate([prompt, tok.encode([' ' + c], start=False)[0]]), memory(leaf), L)
               + _nll(source.model, prompt, memory(leaf), L) for c in q['candidates']]
     answer = q['answer'] if isinstance(q['answer'], int) else q['candidates'].index(q['answer'])
     correct.append(int(np.argmax(scores)) == answer)
@@ -93,8 +97,8 @@ def test_eval_equals_a_direct_computation_per_mode(source, eval_file, tmp_path):
   assert len(source.router.tokenizer.encode([texts[0]])[0]) > 2 * source.config.data.seq_len  # windows
   result = evaluate(source, str(path), block_best=True, batch_size=4, progress=False)
   assert result['documents'] == 5 and result['examples'] == 3
-  assert result['skipped'] == {'empty line': 1, 'malformed JSON': 1, 'no text or prompt field': 1,
-                               'empty or non-string candidates': 1, 'not a JSON object': 1}
+  assert result['skipped'] == {'blank_line': 1, 'malformed_json': 1, 'missing_field': 1, 'bad_candidates': 1,
+                               'not_an_object': 1, 'invalid_unicode': 2, 'empty': 1, 'non_utf8': 1}
 
   routed = texts[:4] + [texts[1]] + [q.get('context', q['prompt']) for q in questions]
   plain, blocked = source.router.route(routed), source.router.route(routed, block_best=True)
@@ -112,7 +116,7 @@ def test_eval_equals_a_direct_computation_per_mode(source, eval_file, tmp_path):
 def test_eval_of_a_file_with_nothing_usable_names_it(source, tmp_path):
   path = tmp_path / 'bad.jsonl'
   path.write_text('\n{"text": ""}\nnot json\n')
-  with pytest.raises(DataError, match=r'bad\.jsonl: no usable record \(1 empty line, 1 empty text, 1 malformed'):
+  with pytest.raises(DataError, match=r'bad\.jsonl: no usable record \(1 blank_line, 1 empty, 1 malformed_json'):
     evaluate(source, str(path), progress=False)
 
 
@@ -124,7 +128,7 @@ def test_eval_data_and_plot_on_an_object_store(source, tmp_path, gcs):
   as_path('gs://bucket/eval.jsonl').write_text(lines)
   result = evaluate(source, 'gs://bucket/eval.jsonl', progress=False)
   assert result == evaluate(source, str(tmp_path / 'eval.jsonl'), progress=False)
-  assert result['documents'] == 2 and result['skipped'] == {'malformed JSON': 1}
+  assert result['documents'] == 2 and result['skipped'] == {'malformed_json': 1}
   plot(result, 'gs://bucket/out/eval.png')
   plot(result, str(tmp_path / 'eval.png'))
   png = (gcs / 'bucket' / 'out' / 'eval.png').read_bytes()
@@ -173,6 +177,15 @@ def test_generate_prints_the_routed_path_then_the_text(memory_run, capsys):
   assert capsys.readouterr().out.splitlines()[0].split()[1] != f'1:{expected[0]}'
   assert main(args + ['--memory', 'none', '--block-best']) == 2
   assert 'need --memory fetched' in capsys.readouterr().err
+
+
+def test_generate_refuses_a_prompt_prepare_would_skip_in_one_line(memory_run, capsys):
+  """`hmem generate --prompt $'x\\xff'`: the shell's byte reaches Python as a lone surrogate."""
+  for prompt, reason in (('x\udcff', 'invalid_unicode'), ('  ', 'empty')):
+    assert main(['generate', '--workdir', str(memory_run[3]), '--prompt', prompt, '--no-progress']) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f'hmem: error: the prompt cannot be used ({reason}') and not captured.out
+    assert captured.err.count('\n') == 1
 
 
 def test_eval_and_generate_use_the_persistent_compile_cache(memory_run, tmp_path, monkeypatch, capsys):

@@ -137,6 +137,127 @@ def test_tiny_hf_checkpoints_match_reference_logits(tmp_path, name):
   np.testing.assert_allclose(_logits(model, ref['ids']), ref['logits'], atol=1e-4)
 
 
+BOS, EOT = '<|begin_of_text|>', '<|end_of_text|>'
+
+
+def _llama3_with_tokenizer(folder, template: bool, add_bos: bool | None):
+  """tiny_hf/llama3 with a word-level tokenizer of its 96 ids: 'w{i}' is id i, except the
+  BOS (id 5, the first of the reference ids) and the EOT (id 95). `template`: tokenizer.json
+  adds the BOS itself (Llama 3's layout); `add_bos`: tokenizer_config.json's add_bos_token
+  (Llama 2's and Mistral's layout; None: no such file)."""
+  import tokenizers
+  from tokenizers import AddedToken, models, pre_tokenizers, processors
+  shutil.copytree(os.path.join(DATA, 'tiny_hf', 'llama3'), folder)
+  vocab = {f'w{i}': i for i in range(96)} | {BOS: 5, EOT: 95}
+  del vocab['w5'], vocab['w95']
+  tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab))
+  tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS, EOT)])
+  if template:
+    tokenizer.post_processor = processors.TemplateProcessing(single=f'{BOS} $A', special_tokens=[(BOS, 5)])
+  tokenizer.save(str(folder / 'tokenizer.json'))
+  if add_bos is not None:
+    (folder / 'tokenizer_config.json').write_text(json.dumps({
+        'add_bos_token': add_bos, 'bos_token': {'__type': 'AddedToken', 'content': BOS}, 'eos_token': EOT}))
+  return folder
+
+
+@pytest.mark.parametrize('template, add_bos, with_bos', [(False, True, True), (True, None, True),
+                                                         (True, False, False)])
+def test_bos_policy_of_a_llama3_checkpoint_gives_the_reference_logits(tmp_path, template, add_bos, with_bos):
+  """The checkpoint's BOS policy (tokenizer_config.json's add_bos_token, else tokenizer.json's
+  own template) is recorded in the run's tokenizer, which puts the BOS before a text: the
+  logits then equal transformers' on the ids with the BOS, and differ without it."""
+  ref = REFERENCE['tiny']['llama3']
+  source = _llama3_with_tokenizer(tmp_path / 'hf', template, add_bos)
+  summary = import_checkpoint(str(source), str(tmp_path / 'run'), progress=False)
+  assert summary['bos_id'] == (5 if with_bos else None)
+  cfg, model = _load_run(str(tmp_path / 'run'))
+  tokenizer = Tokenizer.load(cfg.data.tokenizer)
+  text = ' '.join(f'w{i}' for i in ref['ids'][1:])
+  ids = tokenizer.encode([text])[0]
+  assert tokenizer.encode([text], start=False)[0].tolist() == ref['ids'][1:]  # a continuation: no BOS
+  logits = _logits(model, ids)
+  if with_bos:
+    assert ids.tolist() == ref['ids']
+    np.testing.assert_allclose(logits, ref['logits'], atol=1e-4)
+  else:
+    assert ids.tolist() == ref['ids'][1:]
+    assert np.abs(logits - np.asarray(ref['logits'])[1:]).max() > 0.1
+
+
+def test_prepare_packs_each_document_after_the_recorded_bos(tmp_path):
+  from hmem.cli import main
+  from hmem.data import make_source
+  import_checkpoint(str(_llama3_with_tokenizer(tmp_path / 'hf', False, True)), str(tmp_path / 'run'), progress=False)
+  rng = np.random.default_rng(0)
+  words = [i for i in range(95) if i != 5]
+  with open(tmp_path / 'corpus.jsonl', 'w') as f:
+    for _ in range(64):
+      f.write(json.dumps({'text': ' '.join(f'w{i}' for i in rng.choice(words, rng.integers(3, 12)))}) + '\n')
+  small = ['--config.memory.k=2', '--config.memory.depth=1', '--config.data.seq_len=32',
+           '--config.data.kmeans_samples=32', '--config.data.kmeans_steps=2', '--config.data.tfidf_dim=8']
+  data = str(tmp_path / 'data')
+  assert main(['prepare', '--config', str(tmp_path / 'run' / 'config.py'), '--input', str(tmp_path / 'corpus.jsonl'),
+               '--out', data, '--no-progress', *small]) == 0
+  cfg = load_config(str(tmp_path / 'run' / 'config.py'), [a[len('--config.'):] for a in small])
+  cfg.data.update(source='prepared', path=data)
+  tokens = np.asarray(make_source(cfg, 'train').batch(Position(), slice(0, 4))['tokens']).ravel()
+  after_eot = tokens[1:][tokens[:-1] == 95]
+  starts = after_eot[after_eot != 95]  # the EOT pads a window's end too
+  assert len(starts) > 4 and (starts == 5).all()  # every document: the BOS first
+
+
+def test_gguf_bos_policy_is_recorded(tmp_path):
+  summary = import_checkpoint(_tiny_gguf(tmp_path / 'bos.gguf', bos_id=3), str(tmp_path / 'bos'), progress=False)
+  assert summary['bos_id'] == 3 == Tokenizer.load(tmp_path / 'bos' / 'tokenizer.json').bos_id
+  summary = import_checkpoint(_tiny_gguf(tmp_path / 'm.gguf'), str(tmp_path / 'plain'), progress=False)
+  assert summary['bos_id'] is None
+
+
+def test_a_post_processor_adding_more_than_a_bos_is_refused(tmp_path):
+  import tokenizers
+  from tokenizers import processors
+  tokenizer = tokenizers.Tokenizer.from_file(str(_llama3_with_tokenizer(tmp_path / 'hf', True, None) /
+                                                 'tokenizer.json'))
+  tokenizer.post_processor = processors.TemplateProcessing(single=f'$A {EOT}', special_tokens=[(EOT, 95)])
+  tokenizer.save(str(tmp_path / 'eos.json'))
+  with pytest.raises(DataError, match=r"post-processor adds \['<\|end_of_text\|>'\] at positions \[1\]"):
+    Tokenizer.load(tmp_path / 'eos.json')
+
+
+def test_hf_export_writes_generation_metadata_that_imports_back(tmp_path, capsys):
+  """`hmem export --format hf` names the BOS and the EOT (the EOS generation stops at) and the
+  context length; importing the export gives the same BOS policy and tokenizer."""
+  from hmem.cli import main
+  import_checkpoint(str(_llama3_with_tokenizer(tmp_path / 'hf', False, True)), str(tmp_path / 'run'), progress=False)
+  out = tmp_path / 'out'
+  assert main(['export', '--workdir', str(tmp_path / 'run'), '--out', str(out), '--format', 'hf',
+               '--dtype', 'float32']) == 0
+  files = {p.name: p for p in out.iterdir()}
+  assert set(files) == {'model.safetensors', 'config.json', 'tokenizer.json', 'tokenizer_config.json',
+                        'special_tokens_map.json', 'generation_config.json'}
+  read = lambda name: json.loads(files[name].read_text())
+  seq_len = load_config(str(tmp_path / 'run' / 'config.py')).data.seq_len
+  config = read('config.json')
+  assert (config['bos_token_id'], config['eos_token_id'], config['max_position_embeddings']) == (5, 95, seq_len)
+  assert read('generation_config.json') == {'bos_token_id': 5, 'eos_token_id': 95, 'pad_token_id': 95}
+  assert read('special_tokens_map.json') == {'bos_token': BOS, 'eos_token': EOT}
+  tokenizer_config = read('tokenizer_config.json')
+  assert tokenizer_config['add_bos_token'] is True and not tokenizer_config['add_eos_token']
+  assert (tokenizer_config['bos_token'], tokenizer_config['eos_token']) == (BOS, EOT)
+  assert tokenizer_config['model_max_length'] == seq_len
+  again = import_checkpoint(str(out), str(tmp_path / 'again'), progress=False)
+  assert again['bos_id'] == 5
+  assert (tmp_path / 'again' / 'tokenizer.json').read_bytes() == (tmp_path / 'run' / 'tokenizer.json').read_bytes()
+
+  capsys.readouterr()
+  assert main(['export', '--workdir', str(tmp_path / 'run'), '--out', str(tmp_path / 'sub'), '--format', 'hf',
+               '--subtree', '0']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('hmem: error: --subtree') and err.count('\n') == 1 and not (tmp_path / 'sub').exists()
+
+
 def test_hf_export_round_trip_is_exact(tmp_path):
   source = os.path.join(DATA, 'tiny_hf', 'qwen2')
   model, params, _ = hf.load(source, np.float32, progress=False)
@@ -217,7 +338,8 @@ def test_hf_export_to_an_object_store(tmp_path, gcs):
   assert main(['export', '--workdir', str(tmp_path / 'run'), '--out', 'gs://bucket/hf', '--format', 'hf',
                '--dtype', 'float32']) == 0
   written = {p.name: p.read_bytes() for p in (gcs / 'bucket' / 'hf').iterdir()}
-  assert set(written) == {'model.safetensors', 'config.json', 'tokenizer.json'}
+  assert set(written) == {'model.safetensors', 'config.json', 'tokenizer.json', 'tokenizer_config.json',
+                          'special_tokens_map.json', 'generation_config.json'}
   original, exported = load_file(os.path.join(source, 'model.safetensors')), safetensors.numpy.load(
       written['model.safetensors'])
   assert exported.keys() == original.keys()
@@ -278,8 +400,9 @@ def test_missing_tensor_is_named(tmp_path):
     import_checkpoint(str(folder), str(tmp_path / 'run'), progress=False)
 
 
-def _tiny_gguf(path, arch='llama', qtype=gguf.GGMLQuantizationType.F32):
-  """A 1-layer GGUF written with the gguf package; `qtype` is the type of attn_q's bytes."""
+def _tiny_gguf(path, arch='llama', qtype=gguf.GGMLQuantizationType.F32, bos_id=None):
+  """A 1-layer GGUF written with the gguf package; `qtype` is the type of attn_q's bytes;
+  with `bos_id`, add_bos_token is set and names that token."""
   w = gguf.GGUFWriter(str(path), arch)
   d, f, V = 32, 64, 40
   w.add_block_count(1)
@@ -290,6 +413,9 @@ def _tiny_gguf(path, arch='llama', qtype=gguf.GGMLQuantizationType.F32):
   w.add_layer_norm_rms_eps(1e-5)
   w.add_tokenizer_model('gpt2')
   w.add_token_list([f't{i}' for i in range(V)])
+  if bos_id is not None:
+    w.add_add_bos_token(True)
+    w.add_bos_token_id(bos_id)
   rng = np.random.default_rng(0)
   tensors = {'token_embd.weight': (V, d), 'output_norm.weight': (d,), 'blk.0.attn_norm.weight': (d,),
              'blk.0.ffn_norm.weight': (d,), 'blk.0.attn_k.weight': (16, d), 'blk.0.attn_v.weight': (16, d),

@@ -5,10 +5,15 @@ import json
 import math
 import os
 
+import numpy as np
+import pytest
 from conftest import REPO, WIKI
 
 from hmem.cli import main
-from hmem.quickstart import MODES, SPLITS
+from hmem.config import load_config
+from hmem.data.prepare import held_out
+from hmem.errors import DataError
+from hmem.quickstart import MODES, SPLITS, _eval_files, quickstart
 
 TINY = ('model.vocab_size=512', 'model.d_model=64', 'model.head_dim=16', 'model.ffn=128', 'memory.levels=(8, 4)',
         'data.seq_len=64', 'data.tokenizer_sample=400', 'data.tree_sample=400', 'data.kmeans_samples=256',
@@ -16,9 +21,57 @@ TINY = ('model.vocab_size=512', 'model.d_model=64', 'model.head_dim=16', 'model.
         'train.checkpoint_every=4', 'train.eval_every=0', 'train.log_every=4', 'train.warmup_steps=2')
 
 
+def _corpus(path, texts, bad_lines: dict[int, str]) -> dict[int, str]:
+  """A JSONL corpus with the text under "body" and `bad_lines` (line -> content) among the
+  records; returns the kept documents by line, as prepare reads them."""
+  lines, kept = [], {}
+  for text in texts:
+    while len(lines) in bad_lines:
+      lines.append(bad_lines[len(lines)])
+    kept[len(lines)] = text
+    lines.append(json.dumps({'body': text, 'text': 'not this field'}))
+  path.write_text('\n'.join(lines) + '\n')
+  return kept
+
+
+def _wiki(n=None):
+  with open(WIKI) as f:
+    return [json.loads(line)['text'] for line in f][:n]
+
+
+BAD_LINES = {3: '', 7: '{"body": "unterminated', 8: '{"text": "no body"}', 12: '{"body": "a\\ud800b"}'}
+
+
+def test_eval_documents_are_read_as_prepare_reads_them(tmp_path):
+  """A blank line, malformed JSON, a record without data.text_field and a lone surrogate are
+  skipped as prepare skips them; the held-out documents are prepare's by line number."""
+  kept = _corpus(tmp_path / 'corpus.jsonl', _wiki(60), BAD_LINES)
+  paths = _eval_files(str(tmp_path / 'corpus.jsonl'), str(tmp_path), 'body', 0.2, 10, seed=0)
+  read = {split: [json.loads(line)['text'] for line in open(path)] for split, path in paths.items()}
+  lines = np.array(sorted(kept))
+  is_held_out = held_out(0, lines, 0.2)
+  assert read['heldout'] == [kept[i] for i in lines[is_held_out]] and read['heldout']
+  assert len(read['train']) == 10 and set(read['train']) <= {kept[i] for i in lines[~is_held_out]}
+
+
+def test_a_corpus_with_nothing_usable_stops_before_any_work(tmp_path):
+  (tmp_path / 'bad.jsonl').write_text('\n{"text": "unterminated\n{"title": "x"}\n')
+  cfg = load_config(str(REPO / 'configs' / 'quickstart.py'))
+  with pytest.raises(DataError, match=r'bad\.jsonl: no usable document \(1 blank_line, 1 malformed_json, '
+                                      r"1 missing_field\); .* in 'text' \(data.text_field\)"):
+    quickstart(cfg, str(tmp_path / 'work'), corpus=str(tmp_path / 'bad.jsonl'), progress=False)
+  assert sorted(os.listdir(tmp_path / 'work')) == []
+
+
 def _run(workdir, capsys) -> dict:
+  """The quickstart on the wiki sample with bad lines among the records and the text under
+  another field (data.text_field)."""
+  corpus = workdir / 'corpus_with_bad_lines.jsonl'
+  if not corpus.exists():
+    _corpus(corpus, _wiki(), BAD_LINES)
   argv = ['quickstart', '--config', str(REPO / 'configs' / 'quickstart.py'), '--workdir', str(workdir),
-          '--corpus', str(WIKI), '--train-docs', '40', '--no-progress', *(f'--config.{o}' for o in TINY)]
+          '--corpus', str(corpus), '--train-docs', '40', '--no-progress', '--config.data.text_field=body',
+          *(f'--config.{o}' for o in TINY)]
   assert main(argv) == 0
   out = capsys.readouterr().out
   return json.loads(out.strip().splitlines()[-1]), out

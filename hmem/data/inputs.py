@@ -164,8 +164,9 @@ def read_documents(path: str, file_index: int, text_field: str, stats: ReadStats
     raise DataError(f'cannot read {path} ({type(e).__name__}: {e}); fix or remove the file') from None
 
 
-def _skip_reason(text) -> str | None:
-  """Why a document's text cannot be used, or None to keep it."""
+def skip_reason(text) -> str | None:
+  """Why a document's text cannot be used, or None to keep it (also the check of eval's and
+  generate's texts: what prepare would skip, they skip or refuse for the same reason)."""
   if text is None:
     return 'missing_field'
   if not isinstance(text, str):
@@ -195,25 +196,27 @@ def _open(path: str) -> Iterator[BinaryIO]:
       yield raw
 
 
+def jsonl_record(line: bytes) -> tuple[str | None, dict | None]:
+  """(why the line cannot be used, None) or (None, the JSON object it holds)."""
+  if not line.strip():
+    return 'blank_line', None
+  try:
+    record = json.loads(line.decode('utf-8'))
+  except UnicodeDecodeError:
+    return 'non_utf8', None
+  except json.JSONDecodeError:
+    return 'malformed_json', None
+  if not isinstance(record, dict):
+    return 'not_an_object', None
+  return None, record
+
+
 def _read_jsonl(path, file_index, text_field, stats):
   with _open(path) as f:
     for line_index, line in enumerate(f):
-      if not line.strip():
-        stats.skip('blank_line')
-        continue
-      try:
-        record = json.loads(line.decode('utf-8'))
-      except UnicodeDecodeError:
-        stats.skip('non_utf8')
-        continue
-      except json.JSONDecodeError:
-        stats.skip('malformed_json')
-        continue
-      if not isinstance(record, dict):
-        stats.skip('not_an_object')
-        continue
-      text = record.get(text_field)
-      if reason := _skip_reason(text):
+      reason, record = jsonl_record(line)
+      text = record.get(text_field) if record is not None else None
+      if reason := reason or skip_reason(text):
         stats.skip(reason)
         continue
       stats.keep()
@@ -229,7 +232,7 @@ def _read_text(path, file_index, text_field, stats):
   except UnicodeDecodeError:
     stats.skip('non_utf8')
     return
-  if reason := _skip_reason(text):
+  if reason := skip_reason(text):
     stats.skip(reason)
     return
   stats.keep()
@@ -262,7 +265,7 @@ def _read_parquet_file(pf, file_index, text_field, stats):
           stats.skip('non_utf8')
           row += 1
           continue
-      if reason := _skip_reason(value):
+      if reason := skip_reason(value):
         stats.skip(reason)
       else:
         stats.keep()

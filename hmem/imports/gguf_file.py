@@ -146,6 +146,18 @@ class GGUFFile:
     params = llama.to_params(model, names, lambda n: self.read(n, model, permuted), dtype, self.path, progress)
     return model, params
 
+  def bos(self) -> tuple[bool, str | None]:
+    """(whether the file states its BOS policy, the token put before every text or None):
+    `tokenizer.ggml.add_bos_token`, and `bos_token_id` when it is true."""
+    add = self.field('tokenizer.ggml.add_bos_token')
+    if add is None or not add:
+      return add is not None, None
+    bos_id, tokens = self.field('tokenizer.ggml.bos_token_id'), self.field('tokenizer.ggml.tokens') or []
+    if bos_id is None or not 0 <= bos_id < len(tokens):
+      raise WeightsError(f'{self.path}: tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id='
+                         f'{bos_id} names no token of the {len(tokens)}; the file is incomplete')
+    return True, tokens[bos_id]
+
   def tokenizer(self) -> tokenizers.Tokenizer:
     """The embedded tokenizer (a byte-level BPE) as a `tokenizers` tokenizer."""
     kind = self.field('tokenizer.ggml.model')

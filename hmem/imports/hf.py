@@ -15,6 +15,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
+from hmem.data.tokenizer import Tokenizer
 from hmem.errors import WeightsError
 from hmem.files import as_path, copy, is_remote
 from hmem.imports import llama
@@ -87,16 +88,39 @@ def load(path: str, dtype, progress: bool = True, layers: int | None = None) -> 
   return model, params, tokenizer if os.path.isfile(tokenizer) else None
 
 
+def bos(path: str) -> tuple[bool, str | None]:
+  """(whether the checkpoint states its BOS policy, the token put before every text or
+  None): `add_bos_token` and `bos_token` of tokenizer_config.json (transformers' slow and
+  Llama/Mistral fast tokenizers). Without them the tokenizer.json's own post-processor is
+  the policy, as transformers' fast tokenizers apply it (Llama 3's adds <|begin_of_text|>)."""
+  file = os.path.join(path, 'tokenizer_config.json')
+  config = _read_json(file) if os.path.isfile(file) else {}
+  if 'add_bos_token' not in config:
+    return False, None
+  if not config['add_bos_token']:
+    return True, None
+  token = config.get('bos_token')
+  token = token.get('content') if isinstance(token, dict) else token  # an AddedToken's fields
+  if not isinstance(token, str):
+    raise WeightsError(f'{file}: add_bos_token is true but bos_token={token!r} names no token; set bos_token')
+  return True, token
+
+
 def export_hf(model: dict, params: dict, out_dir: str | os.PathLike, tokenizer: str | None = None,
-              max_shard_bytes: int = 4 << 30) -> list[str]:
+              max_positions: int | None = None, max_shard_bytes: int = 4 << 30) -> list[str]:
   """Writes the anchor as a Hugging Face checkpoint (config.json, safetensors shards with an
-  index when there is more than one, tokenizer.json if given) to a directory on any
-  filesystem; returns the files written. `model` is `cfg.model` as a dict; tensors keep
-  their dtype. config.json is written last, so a directory cut short is no checkpoint."""
+  index when there is more than one) to a directory on any filesystem; returns the files
+  written. `model` is `cfg.model` as a dict; tensors keep their dtype. With a `tokenizer`
+  (a tokenizer.json) also its files and generation_config.json, and config.json names the
+  BOS and EOS ids, so generation stops at the EOT; `max_positions` (the context the model
+  ran at) becomes max_position_embeddings. config.json is written last, so a directory cut
+  short is no checkpoint."""
   out_dir = as_path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   tensors = llama.from_params(model, params)
   config = {**llama.hf_config(model), 'torch_dtype': str(tensors['model.embed_tokens.weight'].dtype)}
+  if max_positions:
+    config['max_position_embeddings'] = int(max_positions)
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name in sorted(tensors):
@@ -119,9 +143,29 @@ def export_hf(model: dict, params: dict, out_dir: str | os.PathLike, tokenizer: 
   if tokenizer:
     copy(tokenizer, out_dir / 'tokenizer.json')
     written.append('tokenizer.json')
+    files = _tokenizer_metadata(Tokenizer.load(tokenizer), max_positions)
+    for name, content in files.items():
+      (out_dir / name).write_text(json.dumps(content, indent=2))
+    written += list(files)
+    config.update(files['generation_config.json'])
   (out_dir / 'config.json').write_text(json.dumps(config, indent=2))
   written.append('config.json')
   return written
+
+
+def _tokenizer_metadata(tokenizer: Tokenizer, max_positions: int | None) -> dict[str, dict]:
+  """What transformers reads beside tokenizer.json: the special tokens (the BOS only when the
+  model takes one; the EOT is the EOS, which ends generation)."""
+  bos = None if tokenizer.bos_id is None else tokenizer.token(tokenizer.bos_id)
+  special = {**({'bos_token': bos} if bos else {}), 'eos_token': tokenizer.token(tokenizer.eot_id)}
+  limit = {'model_max_length': int(max_positions)} if max_positions else {}
+  return {
+      'tokenizer_config.json': {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_bos_token': bos is not None,
+                                'add_eos_token': False, **special, **limit, 'clean_up_tokenization_spaces': False},
+      'special_tokens_map.json': special,
+      'generation_config.json': {'bos_token_id': tokenizer.bos_id, 'eos_token_id': tokenizer.eot_id,
+                                 'pad_token_id': tokenizer.eot_id},
+  }
 
 
 def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> list[str]:
@@ -132,4 +176,4 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str |
   candidates = [cfg.data.tokenizer, str(as_path(cfg.data.path) / 'tokenizer.json') if cfg.data.path else '']
   tokenizer = next((path for path in candidates if path and as_path(path).is_file()), None)
   cast = (lambda x: np.asarray(x)) if dtype is None else (lambda x: np.asarray(x).astype(jnp.dtype(dtype)))
-  return export_hf(cfg.model.to_dict(), jax.tree.map(cast, params), out_dir, tokenizer)
+  return export_hf(cfg.model.to_dict(), jax.tree.map(cast, params), out_dir, tokenizer, cfg.data.seq_len)

@@ -6,7 +6,8 @@ RUN/
   config.py        `get_config()` reproducing the architecture (pass it as --config); it
                    points data.tokenizer and train.init_from at RUN
   config.json      the same config resolved, as `hmem train` writes it
-  tokenizer.json   the model's tokenizer (GGUF: converted from the embedded one)
+  tokenizer.json   the model's tokenizer (GGUF: converted from the embedded one), set to
+                   put the checkpoint's BOS before every text when its metadata says so
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from hmem.config import default_config
 from hmem.data.source import Position
+from hmem.data.tokenizer import Tokenizer, set_bos
 from hmem.errors import WeightsError
 from hmem.files import as_path, atomic_write, copy, is_remote
 from hmem.imports import gguf_file, hf
@@ -68,8 +70,10 @@ def import_checkpoint(source: str, out: str, dtype: str = 'float32', tokenizer: 
     f = gguf_file.GGUFFile(source)
     f.hf_config()  # every unsupported field stops here, before the tokenizer or any tensor
     embedded = None if tokenizer else f.tokenizer()
+    stated, bos = f.bos()
     model, params = f.load(np_dtype, progress, layers)
   elif hf.is_hf_dir(source):
+    stated, bos = hf.bos(source)
     model, params, found = hf.load(source, np_dtype, progress, layers)
     tokenizer, embedded = tokenizer or found, None
   else:
@@ -86,7 +90,11 @@ def import_checkpoint(source: str, out: str, dtype: str = 'float32', tokenizer: 
     tokenizer_path.write_text(embedded.to_str(pretty=True))
   elif tokenizer:
     copy(tokenizer, tokenizer_path)
-  cfg.data.tokenizer = str(tokenizer_path) if tokenizer_path.is_file() else ''
+  has_tokenizer = tokenizer_path.is_file()
+  if stated and has_tokenizer:  # the checkpoint's BOS policy, kept in the tokenizer file
+    set_bos(tokenizer_path, bos)
+  bos_id = Tokenizer.load(tokenizer_path).bos_id if has_tokenizer else None
+  cfg.data.tokenizer = str(tokenizer_path) if has_tokenizer else ''
   cfg.train.init_from = str(run)
 
   state = TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.asarray, params),
@@ -105,7 +113,7 @@ def import_checkpoint(source: str, out: str, dtype: str = 'float32', tokenizer: 
   with atomic_write(run / 'config.json') as f:
     f.write(cfg.to_json_best_effort(indent=2))
   return {'run': str(run), 'params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
-          'dtype': dtype, 'tokenizer': cfg.data.tokenizer or None,
+          'dtype': dtype, 'tokenizer': cfg.data.tokenizer or None, 'bos_id': bos_id,
           **{k: cfg.model[k] for k in ('layers', 'd_model', 'heads', 'kv_heads', 'vocab_size')}}
 
 

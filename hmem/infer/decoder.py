@@ -6,8 +6,9 @@ jitted prefill fills the KV cache, then one jitted step per token samples the ne
 of every row and feeds it back. A row stops at EOT; the loop stops when every row has, or
 after `max_new_tokens`. The memory block stays fixed for the whole generation (it is
 routed by the prompt). Prompt and cache lengths are rounded up to a few buckets, so new
-prompts rarely compile anew. `complete_all` routes and decodes many text prompts, batched
-by leaf (`hmem generate` and the lm-evaluation-harness model use it).
+prompts rarely compile anew. `step` and `prefill_row` are also what the server's
+continuous batching (hmem.infer.batcher) decodes with. `complete_all` routes and decodes
+many text prompts, batched by leaf (`hmem generate` and the lm-evaluation-harness model).
 """
 
 from __future__ import annotations
@@ -15,35 +16,70 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from hmem.errors import UserError
+from hmem.data.inputs import skip_reason
+from hmem.errors import DataError, UserError
 
-_BUCKET = 32  # prompt and cache lengths are multiples of this
+BUCKET = 32  # prompt and cache lengths are multiples of this
+_REASONS = {'empty': 'it is empty or blank', 'invalid_unicode': 'it holds bytes that are not UTF-8 or a lone surrogate'}
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
-  """Greedy when temperature == 0; else a draw at `temperature` from the smallest set of
-  most likely tokens whose probability reaches `top_p` (nucleus sampling)."""
-  if temperature == 0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits_BxV = logits_BxV / temperature
-  if top_p < 1:
-    sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
+def sample(logits_BxV: jax.Array, key_B: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+  """Row b's next token: greedy when temperature_B[b] == 0; else a draw with key_B[b] at its
+  temperature from the smallest set of most likely tokens whose probability reaches its
+  top_p (nucleus sampling). Rows differ, so one batch serves requests with different settings."""
+  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  def draw():
+    hot_B = temperature_B > 0
+    logits = logits_BxV / jnp.where(hot_B, temperature_B, 1.0)[:, None]
+    sorted_BxV = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
     probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
     # A token is kept when the tokens more likely than it hold less than top_p.
-    kept_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p
+    kept_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p_B[:, None]) | (top_p_B[:, None] >= 1)
     cutoff_B = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1)
-    logits_BxV = jnp.where(logits_BxV >= cutoff_B[:, None], logits_BxV, -jnp.inf)
-  return jax.random.categorical(key, logits_BxV).astype(jnp.int32)
+    logits = jnp.where(logits >= cutoff_B[:, None], logits, -jnp.inf)
+    drawn_B = jax.vmap(jax.random.categorical)(key_B, logits).astype(jnp.int32)
+    return jnp.where(hot_B, drawn_B, greedy_B)
+
+  # All-greedy batches (the common case) skip the sort.
+  return jax.lax.cond(jnp.any(temperature_B > 0), draw, lambda: greedy_B)
+
+
+@flax.struct.dataclass
+class Sampling:
+  """Each row's sampling settings. Row b's t-th new token is drawn with the key
+  fold_in(fold_in(key(seed[b]), prompt[b]), t): `prompt` is the row's index among the
+  prompts of its call, so a prompt sampled alone, in a batch or by the server draws the same."""
+
+  seed: jax.Array         # [B] uint32
+  prompt: jax.Array       # [B] int32
+  temperature: jax.Array  # [B] float32
+  top_p: jax.Array        # [B] float32
+
+  @classmethod
+  def rows(cls, seed, prompt, temperature, top_p) -> Sampling:
+    return cls(np.asarray(seed, np.uint32), np.asarray(prompt, np.int32), np.asarray(temperature, np.float32),
+               np.asarray(top_p, np.float32))
+
+  def keys(self, count_B: jax.Array) -> jax.Array:
+    fold = lambda s, p, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), p), t)
+    return jax.vmap(fold)(self.seed, self.prompt, count_B)
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+  if not temperature >= 0 or not 0 < top_p <= 1:
+    raise UserError(f'temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1')
 
 
 @functools.partial(jax.jit, static_argnames='graphdef', donate_argnames='cache')
@@ -52,13 +88,39 @@ def _prefill(graphdef, params, tokens_BxT, segment_ids_BxT, memory, cache):
   return logits_BxTxV[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'temperature', 'top_p', 'eot_id'), donate_argnames='cache')
-def _step(graphdef, params, logits_BxV, memory, cache, done_B, key, *, temperature, top_p, eot_id):
-  """Samples each row's next token from `logits` and runs it through the model."""
-  token_B = jnp.where(done_B, eot_id, sample(logits_BxV, key, temperature, top_p))
+@functools.partial(jax.jit, static_argnames=('graphdef', 'eot_id'), donate_argnames='cache')
+def step(graphdef, params, logits_BxV, memory, cache, done_B, sampling: Sampling, count_B, *, eot_id):
+  """One decode step of a batch: samples each row's next token from `logits` (rows already
+  `done` get EOT) and runs it through the model. `count_B`: tokens each row has made so
+  far. Returns (token_B, done_B, next logits, cache). `hmem generate` and the server's
+  continuous batching both decode with it."""
+  token_B = jnp.where(done_B, eot_id, sample(logits_BxV, sampling.keys(count_B), sampling.temperature,
+                                             sampling.top_p))
   done_B = done_B | (token_B == eot_id)
   logits_Bx1xV, cache = nnx.merge(graphdef, params)(token_B[:, None], jnp.ones_like(token_B)[:, None], memory, cache)
   return token_B, done_B, logits_Bx1xV[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames='graphdef', donate_argnames=('cache', 'memory', 'logits_BxV'))
+def prefill_row(graphdef, params, tokens_1xP, segment_ids_1xP, row_memory, cache, memory, logits_BxV, b):
+  """Starts a new sequence in row `b` of a running batch: prefills its (left-padded) prompt
+  in that row alone, and sets the row's memory (from `row_memory`, [1, ...]) and next-token
+  logits. The other rows are untouched, so they go on decoding at the next step."""
+  logits_1xV, row = _prefill(graphdef, params, tokens_1xP, segment_ids_1xP, row_memory, cache.row(b))
+  if memory is not None:
+    memory = jax.tree.map(lambda all_B, one: jax.lax.dynamic_update_slice_in_dim(all_B, one, b, 0), memory, row_memory)
+  return cache.put_row(b, row), memory, jax.lax.dynamic_update_slice_in_dim(logits_BxV, logits_1xV, b, 0)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, segment ids) [B, length]: each prompt right-aligned after padding of segment 0,
+  so no token attends to the padding and RoPE positions start at each prompt's first token."""
+  tokens_BxP = np.full((len(prompts), length), pad_id, np.int32)
+  segment_ids_BxP = np.zeros((len(prompts), length), np.int32)
+  for b, prompt in enumerate(prompts):
+    tokens_BxP[b, length - len(prompt):] = prompt
+    segment_ids_BxP[b, length - len(prompt):] = 1
+  return tokens_BxP, segment_ids_BxP
 
 
 def generate(model, prompts: Sequence[Sequence[int]], memory: dict | None = None, *, eot_id: int,
@@ -70,30 +132,30 @@ def generate(model, prompts: Sequence[Sequence[int]], memory: dict | None = None
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise UserError('every prompt needs at least one token; got an empty prompt')
-  if temperature < 0 or not 0 < top_p <= 1:
-    raise UserError(f'temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1')
-  B, P = len(prompts), _round_up(max(map(len, prompts)), _BUCKET)
-  tokens_BxP = np.full((B, P), eot_id, np.int32)
-  segment_ids_BxP = np.zeros((B, P), np.int32)
-  for b, prompt in enumerate(prompts):
-    tokens_BxP[b, P - len(prompt):] = prompt
-    segment_ids_BxP[b, P - len(prompt):] = 1
-
+  check_sampling(temperature, top_p)
+  B, P = len(prompts), round_up(max(map(len, prompts)), BUCKET)
+  tokens_BxP, segment_ids_BxP = left_pad(prompts, P, eot_id)
   graphdef, params = nnx.split(model)
-  cache = model.init_cache(B, P + _round_up(max_new_tokens, _BUCKET))
+  cache = model.init_cache(B, P + round_up(max_new_tokens, BUCKET))
   logits_BxV, cache = _prefill(graphdef, params, tokens_BxP, segment_ids_BxP, memory, cache)
   done_B = jnp.zeros((B,), bool)
-  key = jax.random.key(seed)
+  sampling = Sampling.rows(np.full(B, seed), np.arange(B), np.full(B, temperature), np.full(B, top_p))
   out = []
   for i in tqdm(range(max_new_tokens), desc='generate', unit='tok', leave=False, disable=not progress):
-    token_B, done_B, logits_BxV, cache = _step(graphdef, params, logits_BxV, memory, cache, done_B,
-                                               jax.random.fold_in(key, i), temperature=float(temperature),
-                                               top_p=float(top_p), eot_id=int(eot_id))
+    token_B, done_B, logits_BxV, cache = step(graphdef, params, logits_BxV, memory, cache, done_B, sampling,
+                                              np.full(B, i, np.int32), eot_id=int(eot_id))
     out.append(token_B)
     if bool(jnp.all(done_B)):
       break
   tokens_BxN = np.asarray(jnp.stack(out, axis=1)) if out else np.zeros((B, 0), np.int32)
   return [row[:np.argmax(row == eot_id)] if (row == eot_id).any() else row for row in tokens_BxN]
+
+
+def check_prompt(prompt: str) -> None:
+  """Refuses a prompt `hmem prepare` would skip as a document (for the same reason): such
+  text cannot be tokenized, or holds nothing to continue."""
+  if reason := skip_reason(prompt):
+    raise DataError(f'the prompt cannot be used ({reason}: {_REASONS.get(reason, reason)}); pass UTF-8 text')
 
 
 def complete(source, prompt: str, *, mode: str = 'fetched', block=(), block_best: bool = False,
@@ -116,6 +178,8 @@ def complete_all(source, prompts: Sequence[str], *, mode: str = 'fetched', block
   if tokenizer is None:
     raise UserError('this run trained on synthetic tokens: it has no tokenizer for a text prompt; generate from '
                     'a run trained on a prepared dataset (data.source=prepared) or one made by hmem import')
+  for prompt in prompts:
+    check_prompt(prompt)
   if (block or block_best) and mode != 'fetched':
     raise UserError(f'--block / --block-best route around nodes, so they need --memory fetched (got {mode})')
   new, context = sampling.get('max_new_tokens', 64), context or source.config.data.seq_len

@@ -1,7 +1,8 @@
 """Scoring a JSONL file of new texts and multiple-choice questions under each memory mode.
 
 Records (one JSON object a line; other fields, such as a corpus's id or title, are ignored
-and counted by name):
+and counted by name; the lines and texts `hmem prepare` would skip are skipped, counted by
+the same reasons):
   {"text": ..., "context": ...?}  perplexity: the text's tokens followed by EOT, as in
       training; every token after the first is predicted. Token-weighted over the file.
   {"prompt": ..., "candidates": [...], "answer": ..., "context": ...?}  multiple choice:
@@ -27,9 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import io
 import itertools
-import json
 import math
 import os
 
@@ -39,6 +38,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from hmem.data import inputs
 from hmem.errors import DataError, UserError
 from hmem.files import as_path, atomic_write
 
@@ -60,33 +60,28 @@ class Records:
   ignored: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # field -> records
 
 
-def _parse(line: str) -> tuple[str, dict | None]:
-  """(skip reason or '', the record as (kind, fields))."""
-  if not line.strip():
-    return 'empty line', None
-  try:
-    record = json.loads(line)
-  except json.JSONDecodeError:
-    return 'malformed JSON', None
-  if not isinstance(record, dict):
-    return 'not a JSON object', None
+def _parse(line: bytes) -> tuple[str | None, tuple[str, dict] | None]:
+  """(skip reason, None) or (None, the record as (kind, fields)). A line or a text that
+  `hmem prepare` would skip is skipped here for the same reason (`inputs.skip_reason`)."""
+  reason, record = inputs.jsonl_record(line)
+  if reason:
+    return reason, None
   kind = 'text' if 'text' in record else 'choice' if 'prompt' in record else None
   if kind is None:
-    return 'no text or prompt field', None
-  if not all(isinstance(record.get(f, ''), str) for f in ('text', 'prompt', 'context')):
-    return 'text, prompt or context not a string', None
-  if not (record.get('text') or record.get('prompt', '')).strip():
-    return f'empty {"text" if kind == "text" else "prompt"}', None
+    return 'missing_field', None
+  for field in ('text' if kind == 'text' else 'prompt', 'context'):
+    if field in record and (reason := inputs.skip_reason(record[field])):
+      return reason, None
   if kind == 'choice':
     candidates = record.get('candidates')
-    if not isinstance(candidates, list) or not candidates or not all(isinstance(c, str) for c in candidates):
-      return 'empty or non-string candidates', None
+    if not isinstance(candidates, list) or not candidates or any(inputs.skip_reason(c) for c in candidates):
+      return 'bad_candidates', None
     answer = record.get('answer')
     if isinstance(answer, str) and answer in candidates:
       record['answer'] = candidates.index(answer)
     elif not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(candidates)):
-      return 'answer not a candidate or its index', None
-  return '', (kind, record)
+      return 'bad_answer', None
+  return None, (kind, record)
 
 
 def read_records(path: str | os.PathLike) -> Records:
@@ -95,7 +90,7 @@ def read_records(path: str | os.PathLike) -> Records:
     raise DataError(f'eval data {str(path)!r} not found; pass a JSONL file of {{"text": ...}} and '
                     '{"prompt": ..., "candidates": [...], "answer": ...} records')
   out = Records()
-  with as_path(path).open('rb') as raw, io.TextIOWrapper(raw, encoding='utf-8', errors='replace') as f:
+  with as_path(path).open('rb') as f:
     for line in f:
       reason, parsed = _parse(line)
       if reason:
@@ -255,7 +250,7 @@ def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_siz
   seqs = []  # (tokens, weights, routed record)
   for i, ids in enumerate(tokenizer.encode(records.texts)):
     seqs += [(t, w, i) for t, w in text_windows(np.append(ids, tokenizer.eot_id).astype(np.int32), seq_len)]
-  answers = iter(tokenizer.encode([' ' + c for cands in records.candidates for c in cands]))
+  answers = iter(tokenizer.encode([' ' + c for cands in records.candidates for c in cands], start=False))
   for j, (prompt, cands) in enumerate(zip(tokenizer.encode(records.prompts), records.candidates)):
     seqs += [(*choice_sequence(prompt, next(answers), seq_len), n_text + j) for _ in cands]
   nll = {mode: nll_S for mode, (nll_S, _) in

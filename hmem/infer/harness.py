@@ -102,8 +102,8 @@ class HarnessLM(LM):
       continuations.append(context[len(context) - spaces:] + continuation)
     leaves, routes = self._leaves([c if c.strip() else d for c, d in zip(contexts, continuations)])
     seqs = []
-    for context, continuation, route in zip(self.tokenizer.encode(contexts), self.tokenizer.encode(continuations),
-                                            routes):
+    for context, continuation, route in zip(self.tokenizer.encode(contexts),
+                                            self.tokenizer.encode(continuations, start=False), routes):
       if len(continuation) >= self.max_length:
         raise UserError(f'a continuation of {len(continuation)} tokens does not fit max_length={self.max_length} '
                         'with any context; raise max_length')
