@@ -124,7 +124,7 @@ def _cmd_generate(args, cfg):
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed, progress=not args.no_progress)
   nodes = ' '.join(f'{level}:{node}' for level, node in enumerate(path, start=1)) if path is not None else None
-  print(f'path: {nodes or f"none (memory: {args.memory})"}')
+  print(f'path: {nodes or (f"none (memory: {args.memory})" if source.has_memory else "none (the run has no memory)")}')
   print(args.prompt + text)
 
 

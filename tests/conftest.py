@@ -99,3 +99,24 @@ def gcs(tmp_path, monkeypatch):
   (root / 'bucket').mkdir(parents=True)
   with fake_gcs(root, monkeypatch):
     yield root
+
+
+
+@pytest.fixture(scope='session')
+def imported_run(tmp_path_factory):
+  """tests/data/tiny_hf/llama3 through `hmem import` with a character-level tokenizer of
+  its 96-token vocabulary: a run without memory or tree that has its own tokenizer."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers
+
+  from hmem.cli import main
+  root = tmp_path_factory.mktemp('imported')
+  chars = sorted(set(WIKI.read_text(encoding='utf-8')))[:94]
+  vocab = {'<unk>': 0, '<|endoftext|>': 1, **{c: i + 2 for i, c in enumerate(chars)}}
+  tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+  tokenizer.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex('.'), 'isolated')
+  tokenizer.decoder = decoders.Fuse()
+  tokenizer.save(str(root / 'tokenizer.json'))
+  assert main(['import', '--from', str(REPO / 'tests' / 'data' / 'tiny_hf' / 'llama3'), '--out', str(root / 'run'),
+               '--tokenizer', str(root / 'tokenizer.json'), '--no-progress']) == 0
+  return root / 'run'

@@ -1,5 +1,7 @@
 """`hmem eval`: per-mode perplexity and accuracy equal a direct computation with the model;
-blocking; bad records counted; a file with nothing usable is one clear error."""
+blocking; bad records counted; fields eval does not use ignored and counted; a file with
+nothing usable is one clear error; a run without memory or tree (imported) evaluates and
+generates in mode none."""
 
 import json
 import math
@@ -43,7 +45,7 @@ def eval_file(tmp_path_factory):
                {'prompt': 'One, two,', 'candidates': ['three', 'seven'], 'answer': 1}]
   lines = [json.dumps({'text': t}) for t in texts[:4]] + [json.dumps({'text': texts[4], 'context': texts[1]})]
   lines += [json.dumps(q) for q in questions]
-  lines += ['', '{"text": "unterminated', json.dumps({'text': 'x', 'title': 'y'}),
+  lines += ['', '{"text": "unterminated', json.dumps({'title': 'y'}),
             json.dumps({'prompt': 'p', 'candidates': [], 'answer': 0}), '[1, 2]']
   # What prepare skips: a lone surrogate (JSON-escaped) in a text and in a prompt, a blank
   # text, and bytes that are not UTF-8.
@@ -71,7 +73,7 @@ def _nll(model, tokens, memory, T):
 
 def _direct(source, texts, questions, leaves, mode):
   """Perplexity and accuracy computed one sequence at a time, independently of evaluate."""
-  tok, L = source.router.tokenizer, source.config.data.seq_len
+  tok, L = source.tokenizer, source.config.data.seq_len
   memory = lambda leaf: source.memory(np.array([leaf]), mode)
   nll = count = 0
   for text, leaf in zip(texts, leaves):
@@ -87,7 +89,7 @@ def _direct(source, texts, questions, leaves, mode):
               + _nll(source.model, prompt, memory(leaf), L) for c in q['candidates']]
     answer = q['answer'] if isinstance(q['answer'], int) else q['candidates'].index(q['answer'])
     correct.append(int(np.argmax(scores)) == answer)
-  return math.exp(nll / count), float(np.mean(correct))
+  return math.exp(nll / count), float(np.mean(correct)) if correct else None
 
 
 def test_eval_equals_a_direct_computation_per_mode(source, eval_file, tmp_path):
@@ -95,7 +97,7 @@ def test_eval_equals_a_direct_computation_per_mode(source, eval_file, tmp_path):
   assert len(source.router.tokenizer.encode([texts[0]])[0]) > 2 * source.config.data.seq_len  # windows
   result = evaluate(source, str(path), block_best=True, batch_size=4, progress=False)
   assert result['documents'] == 5 and result['examples'] == 3
-  assert result['skipped'] == {'blank_line': 1, 'malformed_json': 1, 'unknown_fields': 1, 'bad_candidates': 1,
+  assert result['skipped'] == {'blank_line': 1, 'malformed_json': 1, 'missing_field': 1, 'bad_candidates': 1,
                                'not_an_object': 1, 'invalid_unicode': 2, 'empty': 1, 'non_utf8': 1}
 
   routed = texts[:4] + [texts[1]] + [q.get('context', q['prompt']) for q in questions]
@@ -200,3 +202,45 @@ def test_eval_and_generate_use_the_persistent_compile_cache(memory_run, tmp_path
   finally:
     jax.config.update('jax_compilation_cache_dir', before)
   capsys.readouterr()
+
+
+def test_eval_reads_a_training_corpus_with_metadata_fields(memory_run, tmp_path, capsys):
+  """Fields eval does not use (an id, a title, the sample's label) are ignored and counted,
+  and the records score as without them."""
+  with open(WIKI) as f:
+    records = [json.loads(line) for line in f][:3]
+  corpus, plain = tmp_path / 'corpus.jsonl', tmp_path / 'plain.jsonl'
+  corpus.write_text(''.join(json.dumps({'id': i, 'title': f't{i}', **r}) + '\n' for i, r in enumerate(records)))
+  plain.write_text(''.join(json.dumps({'text': r['text']}) + '\n' for r in records))
+  results = []
+  for path in (corpus, plain):
+    assert main(['eval', '--workdir', str(memory_run[3]), '--data', str(path), '--json', '--no-progress']) == 0
+    results.append(_last_json(capsys))
+  with_fields, without = results
+  assert with_fields['documents'] == 3 and with_fields['skipped'] == {}
+  assert with_fields['ignored_fields'] == {'id': 3, 'title': 3, 'label': 3} and without['ignored_fields'] == {}
+  assert {k: v for k, v in with_fields.items() if k != 'ignored_fields'} == \
+      {k: v for k, v in without.items() if k != 'ignored_fields'}
+
+
+def test_an_imported_run_evaluates_and_generates_without_memory(imported_run, tmp_path, capsys):
+  """A run made by `hmem import` (no memory, no tree) reads text with its own tokenizer:
+  eval scores it in mode none as a direct computation does, generate continues a prompt."""
+  from hmem.infer.decoder import generate
+  texts = [t[:300] for t in _texts(3)]
+  path = tmp_path / 'eval.jsonl'
+  path.write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+  assert main(['eval', '--workdir', str(imported_run), '--data', str(path), '--json', '--no-progress']) == 0
+  result = _last_json(capsys)
+  assert set(result) == {'documents', 'tokens', 'ppl_none', 'skipped', 'ignored_fields'}
+  source = open_source(workdir=str(imported_run))
+  assert source.router is None and source.tokenizer.vocab_size == 96
+  ppl, _ = _direct(source, texts, [], np.zeros(len(texts), np.int64), 'none')
+  np.testing.assert_allclose(result['ppl_none'], ppl, rtol=1e-5)
+  prompt = 'Classical music of the'
+  assert main(['generate', '--workdir', str(imported_run), '--prompt', prompt, '--max-new-tokens', '5',
+               '--no-progress']) == 0
+  path_line, text = capsys.readouterr().out.splitlines()[:2]
+  ids = source.tokenizer.encode([prompt])
+  new = generate(source.model, ids, None, eot_id=source.tokenizer.eot_id, max_new_tokens=5)[0]
+  assert path_line == 'path: none (the run has no memory)' and text == prompt + source.tokenizer.decode(new)

@@ -239,3 +239,11 @@ def test_a_port_in_use_is_one_clear_error(bundle, capsys):
     port = taken.getsockname()[1]
     assert main(['serve', '--bundle', str(bundle), '--port', str(port)]) == 2
   assert f'cannot listen on 127.0.0.1:{port}' in capsys.readouterr().err
+
+
+def test_a_run_without_memory_or_tree_can_be_served(imported_run):
+  """A run made by `hmem import` (no memory, no tree) is served with its own tokenizer
+  (it was refused as having no tokenizer)."""
+  source = open_source(workdir=str(imported_run))
+  server = CompletionServer(source, name=NAME, slots=1)
+  assert source.router is None and server.tokenizer is source.tokenizer

@@ -7,7 +7,8 @@ of every row and feeds it back. A row stops at EOT; the loop stops when every ro
 after `max_new_tokens`. The memory block stays fixed for the whole generation (it is
 routed by the prompt). Prompt and cache lengths are rounded up to a few buckets, so new
 prompts rarely compile anew. `step` and `prefill_row` are also what the server's
-continuous batching (hmem.infer.batcher) decodes with.
+continuous batching (hmem.infer.batcher) decodes with. `complete_all` routes and decodes
+many text prompts, batched by leaf (`hmem generate` and the lm-evaluation-harness model).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from hmem.data.inputs import skip_reason
 from hmem.errors import DataError, UserError
@@ -139,11 +141,7 @@ def generate(model, prompts: Sequence[Sequence[int]], memory: dict | None = None
   done_B = jnp.zeros((B,), bool)
   sampling = Sampling.rows(np.full(B, seed), np.arange(B), np.full(B, temperature), np.full(B, top_p))
   out = []
-  steps = range(max_new_tokens)
-  if progress:
-    from tqdm import tqdm
-    steps = tqdm(steps, desc='generate', unit='tok', leave=False)
-  for i in steps:
+  for i in tqdm(range(max_new_tokens), desc='generate', unit='tok', leave=False, disable=not progress):
     token_B, done_B, logits_BxV, cache = step(graphdef, params, logits_BxV, memory, cache, done_B, sampling,
                                               np.full(B, i, np.int32), eot_id=int(eot_id))
     out.append(token_B)
@@ -163,24 +161,47 @@ def check_prompt(prompt: str) -> None:
 def complete(source, prompt: str, *, mode: str = 'fetched', block=(), block_best: bool = False,
              **sampling) -> tuple[np.ndarray | None, str]:
   """Routes `prompt` (around `block`ed nodes), fetches its memory in `mode` and continues
-  it; returns (the routed path [depth] or None when nothing was routed, the new text).
-  A prompt longer than the model's seq_len minus the new tokens keeps its last tokens."""
-  router = source.router
-  if router is None:
-    raise UserError('this run trained on synthetic data: it has no tokenizer or tree for a text prompt; '
-                    'generate from a run trained on a prepared dataset (data.source=prepared)')
-  check_prompt(prompt)
+  it; returns (the routed path [depth] or None when nothing was routed, the new text)."""
+  paths, texts = complete_all(source, [prompt], mode=mode, block=block, block_best=block_best, **sampling)
+  return None if paths is None else paths[0], texts[0]
+
+
+def complete_all(source, prompts: Sequence[str], *, mode: str = 'fetched', block=(), block_best: bool = False,
+                 batch_size: int = 16, context: int | None = None, progress: bool = False,
+                 **sampling) -> tuple[np.ndarray | None, list[str]]:
+  """`complete` for many prompts, decoded `batch_size` at a time in batches sorted by leaf
+  (a batch shares its path rows); returns (the routed paths [N, depth] or None, the new
+  texts in prompt order). A prompt longer than `context` (default: the model's seq_len)
+  minus the new tokens keeps its last tokens. A run without memory decodes with the anchor
+  alone, untouched by `mode`."""
+  tokenizer = source.tokenizer
+  if tokenizer is None:
+    raise UserError('this run trained on synthetic tokens: it has no tokenizer for a text prompt; generate from '
+                    'a run trained on a prepared dataset (data.source=prepared) or one made by hmem import')
+  for prompt in prompts:
+    check_prompt(prompt)
   if (block or block_best) and mode != 'fetched':
     raise UserError(f'--block / --block-best route around nodes, so they need --memory fetched (got {mode})')
-  path, leaf = None, np.zeros(1, np.int64)
-  if mode == 'fetched' and source.has_memory:
-    routes = router.route([prompt], block, block_best)
-    path, leaf = routes.path[0], routes.leaf
-  ids = router.tokenizer.encode([prompt])[0]
-  new = sampling.get('max_new_tokens', 64)
-  keep = source.config.data.seq_len - new
+  new, context = sampling.get('max_new_tokens', 64), context or source.config.data.seq_len
+  keep = context - new
   if keep < 1:
-    raise UserError(f'max_new_tokens={new} leaves no room for the prompt in the model\'s '
-                    f'{source.config.data.seq_len}-token context; ask for fewer tokens')
-  out = generate(source.model, [ids[-keep:]], source.memory(leaf, mode), eot_id=router.tokenizer.eot_id, **sampling)
-  return path, router.tokenizer.decode(out[0])
+    raise UserError(f'max_new_tokens={new} leaves no room for the prompt in the {context}-token context; '
+                    'ask for fewer tokens')
+  paths, leaf_N = None, np.zeros(len(prompts), np.int64)
+  if mode == 'fetched' and source.has_memory:
+    if source.router is None:
+      raise UserError('this run trained its memory on synthetic data: it has no tree to route a text prompt; '
+                      'use --memory generic or none, or a run trained on a prepared dataset')
+    routes = source.router.route(prompts, block, block_best)
+    paths, leaf_N = routes.path, routes.leaf
+  ids = [p[-keep:] for p in tokenizer.encode(prompts)]
+  order = np.argsort(leaf_N, kind='stable')
+  B = min(batch_size, len(prompts))
+  texts = [''] * len(prompts)
+  for lo in tqdm(range(0, len(prompts), B), desc='generate', unit='batch', disable=not progress or B == len(prompts)):
+    batch = np.resize(order[lo:lo + B], B)  # the last batch repeats rows: one shape, one compile
+    out = generate(source.model, [ids[i] for i in batch], source.memory(leaf_N[batch], mode),
+                   eot_id=tokenizer.eot_id, progress=progress and B == len(prompts), **sampling)
+    for i, row in zip(order[lo:lo + B], out):
+      texts[i] = tokenizer.decode(row)
+  return paths, texts

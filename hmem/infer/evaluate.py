@@ -1,7 +1,8 @@
 """Scoring a JSONL file of new texts and multiple-choice questions under each memory mode.
 
-Records (one JSON object a line; other fields are an error, counted as a skip, as are the
-lines and texts `hmem prepare` would skip, by the same reasons):
+Records (one JSON object a line; other fields, such as a corpus's id or title, are ignored
+and counted by name; the lines and texts `hmem prepare` would skip are skipped, counted by
+the same reasons):
   {"text": ..., "context": ...?}  perplexity: the text's tokens followed by EOT, as in
       training; every token after the first is predicted. Token-weighted over the file.
   {"prompt": ..., "candidates": [...], "answer": ..., "context": ...?}  multiple choice:
@@ -18,7 +19,8 @@ A text longer than the model's `data.seq_len` is scored in windows of seq_len to
 overlap by one token, so each window starts from fresh context and every token is still
 predicted exactly once; a multiple-choice sequence longer than seq_len keeps the prompt's
 last tokens. Sequences are scored in batches of fixed shape (a few bucket lengths), so a
-file compiles a handful of programs whatever its size.
+file compiles a handful of programs whatever its size. `score` is that batcher on its own;
+the lm-evaluation-harness model (hmem/infer/harness.py) scores its requests with it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Records:
   answers: list[int] = dataclasses.field(default_factory=list)
   choice_routes: list[str] = dataclasses.field(default_factory=list)
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  ignored: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # field -> records
 
 
 def _parse(line: bytes) -> tuple[str | None, tuple[str, dict] | None]:
@@ -66,8 +69,6 @@ def _parse(line: bytes) -> tuple[str | None, tuple[str, dict] | None]:
   kind = 'text' if 'text' in record else 'choice' if 'prompt' in record else None
   if kind is None:
     return 'missing_field', None
-  if set(record) - (TEXT_FIELDS if kind == 'text' else CHOICE_FIELDS):
-    return 'unknown_fields', None
   for field in ('text' if kind == 'text' else 'prompt', 'context'):
     if field in record and (reason := inputs.skip_reason(record[field])):
       return reason, None
@@ -96,6 +97,7 @@ def read_records(path: str | os.PathLike) -> Records:
         out.skipped[reason] += 1
         continue
       kind, r = parsed
+      out.ignored.update(set(r) - (TEXT_FIELDS if kind == 'text' else CHOICE_FIELDS))
       if kind == 'text':
         out.texts.append(r['text'])
         out.text_routes.append(r.get('context') or r['text'])
@@ -136,14 +138,17 @@ def choice_sequence(prompt: np.ndarray, answer: np.ndarray, seq_len: int) -> tup
 
 @functools.partial(jax.jit, static_argnames='graphdef')
 def _nll(graphdef, params, tokens_BxT, weights_BxT, memory):
-  """Per row, the summed negative log-likelihood of the weighted tokens. Rows are
-  right-padded with token -1, which becomes segment 0: no real token attends to it."""
+  """Per row, the summed negative log-likelihood of the weighted tokens and whether each of
+  them is the argmax. Rows are right-padded with token -1, which becomes segment 0: no real
+  token attends to it."""
   segment_ids_BxT = (tokens_BxT >= 0).astype(jnp.int32)
   tokens_BxT = jnp.maximum(tokens_BxT, 0)
   logits_BxTxV = nnx.merge(graphdef, params)(tokens_BxT, segment_ids_BxT, memory)[:, :-1]
   lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
   target_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum((lse_BxT - target_BxT) * weights_BxT[:, 1:], axis=1)
+  scored_BxT = weights_BxT[:, 1:] > 0
+  greedy_B = jnp.all((jnp.argmax(logits_BxTxV, axis=-1) == tokens_BxT[:, 1:]) | ~scored_BxT, axis=1)
+  return jnp.sum((lse_BxT - target_BxT) * weights_BxT[:, 1:], axis=1), greedy_B
 
 
 def _bucket(n: int, seq_len: int) -> int:
@@ -160,57 +165,48 @@ def _modes(source, blocking: bool) -> list[str]:
   return modes + (['blocked'] if blocking else [])
 
 
-def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_size: int = 16,
-             progress: bool = True) -> dict:
-  """Scores the file's records under every mode (see the module docstring). Returns
-  {documents, tokens, ppl_<mode>} for text records, {examples, acc_<mode>} for
-  multiple-choice records (keys of an absent kind omitted), and `skipped` by reason."""
-  records = read_records(path)
-  blocking = bool(block) or block_best
-  modes = _modes(source, blocking)
-  if source.router is None:
-    raise UserError('this run trained on synthetic data: it has no tokenizer or tree to read and route new '
-                    'text; evaluate a run trained on a prepared dataset (data.source=prepared)')
-  router, seq_len = source.router, source.config.data.seq_len
-  n_text, n_choice = len(records.texts), len(records.prompts)
+def check_source(source, routed: bool) -> None:
+  """Scoring text needs a tokenizer, and routing it (`routed`: a mode that fetches) a tree."""
+  if source.tokenizer is None:
+    raise UserError('this run trained on synthetic tokens and has no tokenizer to read new text; evaluate a run '
+                    'trained on a prepared dataset (data.source=prepared) or one made by hmem import')
+  if routed and source.router is None:
+    raise UserError('this run trained its memory on synthetic data: it has no tree to route new text; evaluate '
+                    'a run trained on a prepared dataset (data.source=prepared)')
 
-  leaves, fallbacks = {}, 0
-  if source.has_memory:
-    emb_NxD = router.embed(records.text_routes + records.choice_routes)
-    routes = router.route_embeddings(emb_NxD)
-    leaves['fetched'], fallbacks = routes.leaf, routes.fallbacks
-    if blocking:
-      leaves['blocked'] = router.route_embeddings(emb_NxD, block, block_best).leaf
 
-  tokenizer = router.tokenizer
-  seqs = []  # (tokens, weights, routed record)
-  for i, ids in enumerate(tokenizer.encode(records.texts)):
-    seqs += [(t, w, i) for t, w in text_windows(np.append(ids, tokenizer.eot_id).astype(np.int32), seq_len)]
-  answers = iter(tokenizer.encode([' ' + c for cands in records.candidates for c in cands], start=False))
-  for j, (prompt, cands) in enumerate(zip(tokenizer.encode(records.prompts), records.candidates)):
-    seqs += [(*choice_sequence(prompt, next(answers), seq_len), n_text + j) for _ in cands]
+def score(source, seqs, leaves: dict, *, seq_len: int, batch_size: int = 16, progress: bool = True,
+          desc: str = 'eval') -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Scores token sequences under memory modes.
 
+  seqs: [(tokens [T], weights [T], route)], T <= seq_len; a token's weight says whether it
+  is scored (the first never is). leaves: {mode: leaf per route, or None for `generic` and
+  `none`}; `blocked` is scored like `fetched`, on its own leaves. Returns {mode: (summed NLL
+  of each sequence's weighted tokens [S], whether each of them was the argmax [S])}.
+  """
   # Batches of one bucket length; rows sorted by leaf, so a batch shares its path rows.
-  fetched_S = leaves['fetched'][[r for _, _, r in seqs]] if leaves else np.zeros(len(seqs), np.int64)
-  order = sorted(range(len(seqs)), key=lambda s: (_bucket(len(seqs[s][0]), seq_len), fetched_S[s]))
+  fetched = leaves.get('fetched')
+  leaf_S = fetched[[r for _, _, r in seqs]] if fetched is not None else np.zeros(len(seqs), np.int64)
+  bucket = lambda s: _bucket(len(seqs[s][0]), seq_len)
+  order = sorted(range(len(seqs)), key=lambda s: (bucket(s), leaf_S[s]))
   batches = []
-  for _, group in itertools.groupby(order, key=lambda s: _bucket(len(seqs[s][0]), seq_len)):
+  for _, group in itertools.groupby(order, key=bucket):
     group = list(group)
     batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
 
   graphdef, params = nnx.split(source.model)
-  nll = {mode: np.zeros(len(seqs)) for mode in modes}
-  weight_S = np.array([w.sum() for _, w, _ in seqs])
-  generic = source.memory(np.zeros(batch_size, np.int64), 'generic') if 'generic' in modes else None
-  with tqdm(total=len(seqs), desc='eval', unit='seq', disable=not progress) as bar:
+  out = {mode: (np.zeros(len(seqs)), np.zeros(len(seqs), bool)) for mode in leaves}
+  generic = source.memory(np.zeros(batch_size, np.int64), 'generic') if 'generic' in leaves else None
+  with tqdm(total=len(seqs), desc=desc, unit='seq', disable=not progress) as bar:
     def collect(batch, outs):
-      for mode, nll_B in outs:
-        nll[mode][batch] = np.asarray(nll_B)[:len(batch)]
+      for mode, (nll_B, greedy_B) in outs:
+        out[mode][0][batch] = np.asarray(nll_B)[:len(batch)]
+        out[mode][1][batch] = np.asarray(greedy_B)[:len(batch)]
       bar.update(len(batch))
 
     previous = None
     for batch in batches:
-      T = _bucket(len(seqs[batch[0]][0]), seq_len)
+      T = bucket(batch[0])
       tokens_BxT = np.full((batch_size, T), -1, np.int32)
       weights_BxT = np.zeros((batch_size, T), np.float32)
       for b, s in enumerate(batch):
@@ -219,14 +215,47 @@ def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_siz
       route_B = np.array([seqs[s][2] for s in batch])
       memories = {'none': None, 'generic': generic}
       for mode in ('fetched', 'blocked'):
-        if mode in modes:  # padding rows repeat real rows' leaves: no extra reads
+        if mode in leaves:  # padding rows repeat real rows' leaves: no extra reads
           memories[mode] = source.memory(np.resize(leaves[mode][route_B], batch_size), 'fetched')
-      outs = [(m, _nll(graphdef, params, tokens_BxT, weights_BxT, memories[m])) for m in modes]
+      outs = [(m, _nll(graphdef, params, tokens_BxT, weights_BxT, memories[m])) for m in leaves]
       if previous:  # collected one batch late: the next batch is prepared while this one runs
         collect(*previous)
       previous = batch, outs
     if previous:
       collect(*previous)
+  return out
+
+
+def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_size: int = 16,
+             progress: bool = True) -> dict:
+  """Scores the file's records under every mode (see the module docstring). Returns
+  {documents, tokens, ppl_<mode>} for text records, {examples, acc_<mode>} for
+  multiple-choice records (keys of an absent kind omitted), `skipped` by reason and
+  `ignored_fields` (records carrying each field eval does not use)."""
+  records = read_records(path)
+  blocking = bool(block) or block_best
+  modes = _modes(source, blocking)
+  check_source(source, source.has_memory)
+  router, tokenizer, seq_len = source.router, source.tokenizer, source.config.data.seq_len
+  n_text, n_choice = len(records.texts), len(records.prompts)
+
+  leaves, fallbacks = dict.fromkeys(modes), 0
+  if source.has_memory:
+    emb_NxD = router.embed(records.text_routes + records.choice_routes)
+    routes = router.route_embeddings(emb_NxD)
+    leaves['fetched'], fallbacks = routes.leaf, routes.fallbacks
+    if blocking:
+      leaves['blocked'] = router.route_embeddings(emb_NxD, block, block_best).leaf
+
+  seqs = []  # (tokens, weights, routed record)
+  for i, ids in enumerate(tokenizer.encode(records.texts)):
+    seqs += [(t, w, i) for t, w in text_windows(np.append(ids, tokenizer.eot_id).astype(np.int32), seq_len)]
+  answers = iter(tokenizer.encode([' ' + c for cands in records.candidates for c in cands], start=False))
+  for j, (prompt, cands) in enumerate(zip(tokenizer.encode(records.prompts), records.candidates)):
+    seqs += [(*choice_sequence(prompt, next(answers), seq_len), n_text + j) for _ in cands]
+  nll = {mode: nll_S for mode, (nll_S, _) in
+         score(source, seqs, leaves, seq_len=seq_len, batch_size=batch_size, progress=progress).items()}
+  weight_S = np.array([w.sum() for _, w, _ in seqs])
 
   result = {}
   is_text_S = np.array([r < n_text for _, _, r in seqs], bool)
@@ -244,6 +273,7 @@ def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_siz
   if fallbacks:
     result['fallbacks'] = fallbacks
   result['skipped'] = dict(records.skipped.most_common())
+  result['ignored_fields'] = dict(records.ignored.most_common())
   return result
 
 
@@ -259,6 +289,9 @@ def table(result: dict) -> str:
     lines.append(f'{m:<9}' + ''.join(f'{result[f"{key}_{m}"]:>28{fmt}}' for _, key, fmt in columns))
   skipped = result['skipped']
   lines.append('skipped: ' + (', '.join(f'{n} {reason}' for reason, n in skipped.items()) if skipped else 'none'))
+  if result.get('ignored_fields'):
+    ignored = result['ignored_fields'].items()
+    lines.append('ignored fields: ' + ', '.join(f'{name} ({n} records)' for name, n in ignored))
   return '\n'.join(lines)
 
 

@@ -99,11 +99,11 @@ class CompletionServer:
   """The server's state: the source, its batcher, and the request handling (no HTTP here)."""
 
   def __init__(self, source: MemorySource, *, name: str, slots: int = 16):
-    if source.router is None:
+    if source.tokenizer is None or (source.has_memory and source.router is None):
       raise BundleError('this run has no tokenizer or tree to read and route text (it trained on synthetic data); '
-                        'serve a run trained on a prepared dataset, or a bundle')
+                        'serve a run trained on a prepared dataset, one made by hmem import, or a bundle')
     self.source, self.name = source, name
-    self.tokenizer = source.router.tokenizer
+    self.tokenizer = source.tokenizer  # a run without memory (hmem import) has no tree: it serves in mode none
     self.context = source.config.data.seq_len
     memory_row = None
     if source.has_memory:  # a row of zeros: no memory (the shapes of a fetched block)

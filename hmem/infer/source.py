@@ -2,7 +2,8 @@
 
 `open_source(workdir=RUN)` restores the anchor parameters and the bank from the run's
 latest (or a given) checkpoint onto one device and routes with the tree of the dataset
-the run trained on (`data.path`); `open_source(bundle=DIR)` reads an exported bundle (the
+the run trained on (`data.path`), or, for a run without a tree (made by `hmem import`),
+with no router and the run's own tokenizer; `open_source(bundle=DIR)` reads an exported bundle (the
 bank stays on disk and rows are read as paths need them). Either way the caller gets the
 same `MemorySource`: the model, the router, and the rows of any leaf's path assembled into
 the model's `memory` argument.
@@ -20,9 +21,10 @@ import numpy as np
 from flax import nnx
 
 from hmem.config import config_from_json
+from hmem.data.tokenizer import Tokenizer
 from hmem.errors import BundleError, CheckpointError
 from hmem.files import as_path
-from hmem.infer.router import Router
+from hmem.infer.router import TOKENIZER, Router
 from hmem.memory import bank as memory_bank
 from hmem.memory import config as memory_config
 from hmem.model import build_model
@@ -54,13 +56,15 @@ class MemorySource:
 
   config: the run's ConfigDict. model: the anchor (nnx Transformer, parameters loaded),
   called as `model(tokens, segment_ids, memory)`. router: a Router over the run's tree, or
-  None for a run on synthetic data (no tree: pass leaf ids yourself). step: the checkpoint
-  step the parameters come from.
+  None for a run on synthetic data or without a tree (pass leaf ids yourself). tokenizer:
+  the router's, or, for a run without a tree (one made by `hmem import`), the run's own;
+  None when the run has none. step: the checkpoint step the parameters come from.
   """
 
   def __init__(self, config, model, router: Router | None, rows: BankRows | None, step: int,
-               manifest: dict | None = None):
+               manifest: dict | None = None, tokenizer: Tokenizer | None = None):
     self.config, self.model, self.router, self.rows, self.step = config, model, router, rows, step
+    self.tokenizer = router.tokenizer if router is not None else tokenizer
     self.manifest = manifest  # a bundle's manifest.json; None for a run directory
     self.dtype = dtype_of(config.model.dtype)
     self.tables = memory_bank.tables(config)
@@ -156,9 +160,24 @@ def check_router(router: Router, cfg, where: str) -> None:
   if memory_config.enabled(cfg) and (router.k, router.depth) != (m.k, m.depth):
     raise BundleError(f'{where}: its tree has k={router.k}, depth={router.depth} but the run was trained with '
                       f'memory.k={m.k}, memory.depth={m.depth}; route with the tree the run was trained on')
-  if router.tokenizer.vocab_size > cfg.model.vocab_size:
-    raise BundleError(f'{where}: its tokenizer has {router.tokenizer.vocab_size} tokens but the model embeds '
+  check_tokenizer(router.tokenizer, cfg, where)
+
+
+def check_tokenizer(tokenizer: Tokenizer, cfg, where: str) -> None:
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise BundleError(f'{where}: its tokenizer has {tokenizer.vocab_size} tokens but the model embeds '
                       f'{cfg.model.vocab_size}: it is not the tokenizer the run was trained with')
+
+
+def run_tokenizer(workdir: str, cfg) -> Tokenizer | None:
+  """The tokenizer of a run without a tree: its own tokenizer.json (written by `hmem import`),
+  else data.tokenizer; None when it has neither (a run on synthetic tokens)."""
+  for path in (as_path(workdir) / TOKENIZER, cfg.data.tokenizer and as_path(cfg.data.tokenizer)):
+    if path and path.is_file():
+      tokenizer = Tokenizer.load(path)
+      check_tokenizer(tokenizer, cfg, str(path))
+      return tokenizer
+  return None
 
 
 def open_source(*, bundle: str | None = None, workdir: str | None = None, step: int | None = None) -> MemorySource:
@@ -171,8 +190,11 @@ def open_source(*, bundle: str | None = None, workdir: str | None = None, step: 
     from hmem.infer.bundle import open_bundle
     return open_bundle(bundle)
   cfg, graphdef, params, bank, step = restore_run(workdir, step)
-  router = None
+  router = tokenizer = None
   if cfg.data.source == 'prepared':
     router = Router.load(cfg.data.path)
     check_router(router, cfg, cfg.data.path)
-  return MemorySource(cfg, nnx.merge(graphdef, params), router, ArrayBank(bank) if bank else None, step)
+  else:
+    tokenizer = run_tokenizer(workdir, cfg)
+  return MemorySource(cfg, nnx.merge(graphdef, params), router, ArrayBank(bank) if bank else None, step,
+                      tokenizer=tokenizer)
