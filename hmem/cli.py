@@ -26,10 +26,18 @@ def _init_distributed(args) -> None:
 
 def _cmd_train(args, cfg):
   from hmem import compile_cache
+  from hmem.files import as_path
   from hmem.train.trainer import train
   _init_distributed(args)
   compile_cache.enable(cfg, args.workdir)
-  summary = train(cfg, args.workdir, progress=not args.no_progress)
+  workdir = as_path(args.workdir)
+  new = not workdir.exists()
+  try:
+    summary = train(cfg, args.workdir, progress=not args.no_progress)
+  except Exception:
+    if new and workdir.is_dir() and not any(workdir.iterdir()):  # a run stopped before it wrote anything
+      workdir.rmdir()
+    raise
   import jax
   if jax.process_index() == 0:
     print(json.dumps(summary))
@@ -48,7 +56,11 @@ def _cmd_sizes(args, cfg):
 
 
 def _cmd_config(args, cfg):
-  print(cfg)
+  from hmem.config import as_overrides
+  if args.json:
+    print(cfg.to_json_best_effort(indent=2))
+  else:
+    print('\n'.join(as_overrides(cfg)))
 
 
 def _cmd_prepare(args, cfg):
@@ -140,9 +152,13 @@ def _cmd_plan(args, cfg):
   plan.use_fake_devices(args.devices, args.platform)
   compile_cache.enable(cfg)
   import jax
-  devices = jax.devices()
+  from hmem.errors import ConfigError
+  try:
+    devices = jax.devices()
+  except RuntimeError as e:  # no backend for --platform on this machine
+    raise ConfigError(f'--platform {args.platform}: no such devices here ({str(e).splitlines()[0]}); '
+                      'use --platform cpu to plan on fake devices') from None
   if len(devices) < args.devices:
-    from hmem.errors import ConfigError
     raise ConfigError(f'--devices={args.devices} but {len(devices)} {args.platform} devices are present; '
                       'use --platform cpu to plan on fake devices')
   out = plan.plan(cfg, devices[:args.devices])
@@ -159,8 +175,32 @@ def _cmd_sweep(args, cfg):
   commands.run_command(args) if args.action == 'run' else commands.collect_command(args)
 
 
+def _version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version('hmem')
+  except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    return 'unknown (not installed)'
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(other arguments, `--config.KEY=VALUE` overrides); `--config.KEY VALUE` (a space, as
+  absl's config flags accept) is one override."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.') and '=' not in arg and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+      overrides.append(f'{arg}={argv[i + 1]}')
+      i += 2
+      continue
+    (overrides if arg.startswith('--config.') else rest).append(arg)
+    i += 1
+  return rest, overrides
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='hmem', description=__doc__.splitlines()[0])
+  parser.add_argument('--version', action='version', version=f'%(prog)s {_version()}')
   sub = parser.add_subparsers(dest='command', required=True)
 
   def add(name, fn, help_text, config=True):
@@ -184,7 +224,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--train-docs', type=int, default=500, help='training documents sampled for evaluation')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
   add('sizes', _cmd_sizes, 'print parameter counts and FLOPs per token')
-  add('config', _cmd_config, 'print the resolved config')
+  p = add('config', _cmd_config, 'print the resolved config as --config.KEY=VALUE lines (paste them back)')
+  p.add_argument('--json', action='store_true', help='print it as JSON instead')
   p = add('prepare', _cmd_prepare, 'build a clustered, packed dataset from raw documents')
   p.add_argument('--input', required=True, help='file, directory or glob of JSONL / Parquet / .txt')
   p.add_argument('--out', required=True, help='output dataset directory')
@@ -259,8 +300,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  overrides = [a for a in argv if a.startswith('--config.')]
-  args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
+  rest, overrides = _split_overrides(argv)
+  args = _parser().parse_args(rest)
   args.overrides = tuple(overrides)
 
   from hmem.config import load_config
