@@ -161,13 +161,34 @@ def _cmd_plan(args, cfg):
   if len(devices) < args.devices:
     raise ConfigError(f'--devices={args.devices} but {len(devices)} {args.platform} devices are present; '
                       'use --platform cpu to plan on fake devices')
-  out = plan.plan(cfg, devices[:args.devices])
+  devices, budget = devices[:args.devices], int(args.memory_gb * 1e9)
+  if not args.search:
+    out = plan.plan(cfg, devices, budget)
+    _print_plan(out)
+    if out['fits']:
+      print(json.dumps(out))
+      return
+    print(f'hmem: {out["bytes_per_device"]["total"] / 1e9:.1f} GB per device does not fit --memory-gb='
+          f'{args.memory_gb:g}; searching layouts', file=sys.stderr)
+  best, tried = plan.search(cfg, devices, budget, progress=lambda flags: print(f'hmem: trying {flags}',
+                                                                              file=sys.stderr))
+  if best is None:
+    smallest = min((t['total'] for t in tried if 'total' in t), default=None)
+    least = f' (the least: {smallest / 1e9:.1f} GB)' if smallest else ''
+    raise ConfigError(f'no data/fsdp layout and remat policy fits {args.memory_gb:g} GB per device on '
+                      f'{args.devices} devices{least}; add devices, or lower train.batch_size and raise '
+                      'train.grad_accum')
+  _print_plan(best)
+  print(f'fits {args.memory_gb:g} GB per device with: {" ".join(best["flags"])}')
+  print(json.dumps({**best, 'searched': tried}))
+
+
+def _print_plan(out: dict) -> None:
   for part, nbytes in out['bytes_per_device'].items():
     print(f'{part + " per device":<28} {nbytes / 2**30:12.4f} GiB')
   for kind, nbytes in sorted(out['collective_bytes'].items()):
     print(f'{kind + " per step":<28} {nbytes / 2**30:12.4f} GiB')
   print(f'{"FLOPs per step":<28} {out["flops_per_step"]:.4e}')
-  print(json.dumps(out))
 
 
 def _cmd_sweep(args, cfg):
@@ -283,6 +304,9 @@ def _parser() -> argparse.ArgumentParser:
   p = add('plan', _cmd_plan, 'per-device memory, collectives and FLOPs of a train step on N devices')
   p.add_argument('--devices', type=int, required=True, help='devices to plan for (fake CPU devices by default)')
   p.add_argument('--platform', default='cpu', help='cpu (fake devices) or the platform of the devices present')
+  p.add_argument('--memory-gb', type=float, default=80.0, help='memory per device to fit in (GB, 1e9 bytes)')
+  p.add_argument('--search', action='store_true', help='find the cheapest data/fsdp layout and remat policy that '
+                 'fits --memory-gb (also done when the given layout does not fit) and print its flags')
   p = sub.add_parser('sweep', help='run a sweep file (one workdir per run), or collect, fit and plot it')
   p.set_defaults(fn=_cmd_sweep, config=None)
   p.add_argument('action', choices=('run', 'collect'))

@@ -151,6 +151,10 @@ def default_config() -> ml_collections.ConfigDict:
       peak_flops=0.0,      # per device, for MFU; 0 looks the device up (see hardware.py)
       freeze_anchor=False, # train the memory only (post-hoc regime)
       init_from='',        # a run's workdir: start from its anchor parameters (latest checkpoint)
+      trackers='tensorboard,jsonl',  # where rows go: metrics.jsonl (always), 'tensorboard', 'wandb'
+      # Weights & Biases (with 'wandb' in trackers): '' = its defaults / environment; mode
+      # 'offline' writes WORKDIR/wandb for `wandb sync`.
+      wandb=ml_collections.ConfigDict(dict(project='hmem', entity='', name='', mode='online')),
       compile_cache='',    # persistent compilation cache directory; '' = $HMEM_CACHE, else
                            # $JAX_COMPILATION_CACHE_DIR, else WORKDIR/../jax_cache; 'off' disables
   ))
@@ -170,6 +174,11 @@ def paper_anchor_config(*, layers: int, d_model: int, heads: int, head_dim: int,
   c.data.update(source='prepared', path='', seq_len=2048)
   c.train.update(batch_size=512, lr=5e-3, min_lr=5e-5, warmup_steps=10_000, weight_decay=0.05,
                  steps=1_048_576, log_every=100, checkpoint_every=2000, eval_every=2000)
+  # A layout that fits 80 GB devices at the paper's scale (the 1.4B anchor with its memory:
+  # 27 GB per device on 64 devices; data parallel without remat needed 287 GB): every device
+  # an FSDP shard, layers recomputed. `hmem plan --search` finds a cheaper one for a cluster.
+  c.mesh.update(data=1, fsdp=-1)
+  c.model.remat = 'full'
   return c
 
 
@@ -274,6 +283,17 @@ def literal(value, top: bool = True) -> str:
 def as_overrides(cfg: ml_collections.ConfigDict) -> list[str]:
   """`--config.KEY=VALUE` for every key, shell-quoted: pasted back, they give `cfg` again."""
   return [shlex.quote(f'--config.{key}={literal(_get(cfg, key))}') for key in flat_keys(cfg)]
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}, lists as tuples (JSON has no tuples)."""
+  out = {}
+  for name, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f'{prefix}{name}.'))
+    else:
+      out[f'{prefix}{name}'] = tuple(value) if isinstance(value, list) else value
+  return out
 
 
 def _parse_value(text: str):

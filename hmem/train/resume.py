@@ -16,7 +16,7 @@ import json
 
 import jax
 
-from hmem.config import config_from_json, default_config, flat_keys
+from hmem.config import config_from_json, default_config, flat_keys, flatten
 from hmem.errors import ConfigError
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.state import abstract_state
@@ -54,17 +54,6 @@ def _structure_change(saved: dict, cfg) -> str:
   shown = '; '.join(f'{p}: {old.get(p, "absent")} -> {new.get(p, "absent")}' for p in differ[:3])
   more = f' and {len(differ) - 3} more' if len(differ) > 3 else ''
   return f'the train state would change ({len(differ)} arrays: {shown}{more})' if differ else ''
-
-
-def flatten(tree: dict, prefix: str = '') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}, lists as tuples (JSON has no tuples)."""
-  out = {}
-  for name, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten(value, f'{prefix}{name}.'))
-    else:
-      out[f'{prefix}{name}'] = tuple(value) if isinstance(value, list) else value
-  return out
 
 
 def _flat_json(cfg) -> dict:
