@@ -1,12 +1,16 @@
-"""setup.cfg holds the metadata; this installs hmem-lm-eval.pth into site-packages, for
-regular and editable installs alike, which lets lm-eval 0.4.13 and earlier find the `hmem`
-harness model (hmem/lm_eval_plugin.py says how)."""
+"""setup.cfg holds the metadata. This file adds two things setup.cfg cannot say:
+- configs/ and launch/ stay at the repository root, where users name them (configs/tiny.py,
+  launch/slurm.sbatch); a wheel ships them inside the package as hmem/configs and
+  hmem/launch, where `hmem.resources` finds them (`--config 160m` from any directory);
+- hmem-lm-eval.pth goes into site-packages, for regular and editable installs alike, which
+  lets lm-eval 0.4.13 and earlier find the `hmem` harness model (hmem/lm_eval_plugin.py
+  says how)."""
 
 import os
 import sys
 import sysconfig
 
-from setuptools import setup
+import setuptools
 from setuptools.command.editable_wheel import editable_wheel
 
 PTH = 'hmem-lm-eval.pth'
@@ -40,4 +44,11 @@ class EditableWithPth(editable_wheel):
     return _WithPth(super()._select_strategy(*args, **kwargs))
 
 
-setup(data_files=[(SITE_PACKAGES, [PTH])], cmdclass={'editable_wheel': EditableWithPth})
+setuptools.setup(
+    packages=[*setuptools.find_packages(include=['hmem', 'hmem.*']), 'hmem.configs', 'hmem.launch'],
+    package_dir={'hmem.configs': 'configs', 'hmem.launch': 'launch'},
+    package_data={'hmem.configs': ['*.py', 'paper/*.py', 'sweeps/*.py'],
+                  'hmem.launch': ['*.sh', '*.sbatch', 'gke/*']},
+    data_files=[(SITE_PACKAGES, [PTH])],
+    cmdclass={'editable_wheel': EditableWithPth},
+)

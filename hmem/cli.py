@@ -26,10 +26,18 @@ def _init_distributed(args) -> None:
 
 def _cmd_train(args, cfg):
   from hmem import compile_cache
+  from hmem.files import as_path
   from hmem.train.trainer import train
   _init_distributed(args)
   compile_cache.enable(cfg, args.workdir)
-  summary = train(cfg, args.workdir, progress=not args.no_progress)
+  workdir = as_path(args.workdir)
+  new = not workdir.exists()
+  try:
+    summary = train(cfg, args.workdir, progress=not args.no_progress)
+  except Exception:
+    if new and workdir.is_dir() and not any(workdir.iterdir()):  # a run stopped before it wrote anything
+      workdir.rmdir()
+    raise
   import jax
   if jax.process_index() == 0:
     print(json.dumps(summary))
@@ -48,7 +56,11 @@ def _cmd_sizes(args, cfg):
 
 
 def _cmd_config(args, cfg):
-  print(cfg)
+  from hmem.config import as_overrides
+  if args.json:
+    print(cfg.to_json_best_effort(indent=2))
+  else:
+    print('\n'.join(as_overrides(cfg)))
 
 
 def _cmd_prepare(args, cfg):
@@ -158,18 +170,43 @@ def _cmd_plan(args, cfg):
   plan.use_fake_devices(args.devices, args.platform)
   compile_cache.enable(cfg)
   import jax
-  devices = jax.devices()
+  from hmem.errors import ConfigError
+  try:
+    devices = jax.devices()
+  except RuntimeError as e:  # no backend for --platform on this machine
+    raise ConfigError(f'--platform {args.platform}: no such devices here ({str(e).splitlines()[0]}); '
+                      'use --platform cpu to plan on fake devices') from None
   if len(devices) < args.devices:
-    from hmem.errors import ConfigError
     raise ConfigError(f'--devices={args.devices} but {len(devices)} {args.platform} devices are present; '
                       'use --platform cpu to plan on fake devices')
-  out = plan.plan(cfg, devices[:args.devices])
+  devices, budget = devices[:args.devices], int(args.memory_gb * 1e9)
+  if not args.search:
+    out = plan.plan(cfg, devices, budget)
+    _print_plan(out)
+    if out['fits']:
+      print(json.dumps(out))
+      return
+    print(f'hmem: {out["bytes_per_device"]["total"] / 1e9:.1f} GB per device does not fit --memory-gb='
+          f'{args.memory_gb:g}; searching layouts', file=sys.stderr)
+  best, tried = plan.search(cfg, devices, budget, progress=lambda flags: print(f'hmem: trying {flags}',
+                                                                              file=sys.stderr))
+  if best is None:
+    smallest = min((t['total'] for t in tried if 'total' in t), default=None)
+    least = f' (the least: {smallest / 1e9:.1f} GB)' if smallest else ''
+    raise ConfigError(f'no data/fsdp layout and remat policy fits {args.memory_gb:g} GB per device on '
+                      f'{args.devices} devices{least}; add devices, or lower train.batch_size and raise '
+                      'train.grad_accum')
+  _print_plan(best)
+  print(f'fits {args.memory_gb:g} GB per device with: {" ".join(best["flags"])}')
+  print(json.dumps({**best, 'searched': tried}))
+
+
+def _print_plan(out: dict) -> None:
   for part, nbytes in out['bytes_per_device'].items():
     print(f'{part + " per device":<28} {nbytes / 2**30:12.4f} GiB')
   for kind, nbytes in sorted(out['collective_bytes'].items()):
     print(f'{kind + " per step":<28} {nbytes / 2**30:12.4f} GiB')
   print(f'{"FLOPs per step":<28} {out["flops_per_step"]:.4e}')
-  print(json.dumps(out))
 
 
 def _cmd_sweep(args, cfg):
@@ -177,8 +214,32 @@ def _cmd_sweep(args, cfg):
   commands.run_command(args) if args.action == 'run' else commands.collect_command(args)
 
 
+def _version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version('hmem')
+  except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    return 'unknown (not installed)'
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(other arguments, `--config.KEY=VALUE` overrides); `--config.KEY VALUE` (a space, as
+  absl's config flags accept) is one override."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.') and '=' not in arg and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+      overrides.append(f'{arg}={argv[i + 1]}')
+      i += 2
+      continue
+    (overrides if arg.startswith('--config.') else rest).append(arg)
+    i += 1
+  return rest, overrides
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='hmem', description=__doc__.splitlines()[0])
+  parser.add_argument('--version', action='version', version=f'%(prog)s {_version()}')
   sub = parser.add_subparsers(dest='command', required=True)
 
   def add(name, fn, help_text, config=True):
@@ -202,7 +263,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--train-docs', type=int, default=500, help='training documents sampled for evaluation')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
   add('sizes', _cmd_sizes, 'print parameter counts and FLOPs per token')
-  add('config', _cmd_config, 'print the resolved config')
+  p = add('config', _cmd_config, 'print the resolved config as --config.KEY=VALUE lines (paste them back)')
+  p.add_argument('--json', action='store_true', help='print it as JSON instead')
   p = add('prepare', _cmd_prepare, 'build a clustered, packed dataset from raw documents')
   p.add_argument('--input', required=True, help='file, directory or glob of JSONL / Parquet / .txt')
   p.add_argument('--out', required=True, help='output dataset directory')
@@ -268,6 +330,9 @@ def _parser() -> argparse.ArgumentParser:
   p = add('plan', _cmd_plan, 'per-device memory, collectives and FLOPs of a train step on N devices')
   p.add_argument('--devices', type=int, required=True, help='devices to plan for (fake CPU devices by default)')
   p.add_argument('--platform', default='cpu', help='cpu (fake devices) or the platform of the devices present')
+  p.add_argument('--memory-gb', type=float, default=80.0, help='memory per device to fit in (GB, 1e9 bytes)')
+  p.add_argument('--search', action='store_true', help='find the cheapest data/fsdp layout and remat policy that '
+                 'fits --memory-gb (also done when the given layout does not fit) and print its flags')
   p = sub.add_parser('sweep', help='run a sweep file (one workdir per run), or collect, fit and plot it')
   p.set_defaults(fn=_cmd_sweep, config=None)
   p.add_argument('action', choices=('run', 'collect'))
@@ -287,8 +352,8 @@ def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   # After `--`: Beam pipeline options for `hmem prepare --runner ...`, passed on untouched.
   argv, passed = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
-  overrides = [a for a in argv if a.startswith('--config.')]
-  args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
+  rest, overrides = _split_overrides(argv)
+  args = _parser().parse_args(rest)
   args.overrides, args.pipeline_args = tuple(overrides), passed
 
   from hmem.config import load_config

@@ -8,16 +8,20 @@ silently ignored setting.
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import inspect
+import json
 import math
 import os
+import shlex
 import traceback
 from collections.abc import Iterable, Sequence
 
 import ml_collections
 
+from hmem import resources
 from hmem.errors import ConfigError
 
 
@@ -147,6 +151,10 @@ def default_config() -> ml_collections.ConfigDict:
       peak_flops=0.0,      # per device, for MFU; 0 looks the device up (see hardware.py)
       freeze_anchor=False, # train the memory only (post-hoc regime)
       init_from='',        # a run's workdir: start from its anchor parameters (latest checkpoint)
+      trackers='tensorboard,jsonl',  # where rows go: metrics.jsonl (always), 'tensorboard', 'wandb'
+      # Weights & Biases (with 'wandb' in trackers): '' = its defaults / environment; mode
+      # 'offline' writes WORKDIR/wandb for `wandb sync`.
+      wandb=ml_collections.ConfigDict(dict(project='hmem', entity='', name='', mode='online')),
       compile_cache='',    # persistent compilation cache directory; '' = $HMEM_CACHE, else
                            # $JAX_COMPILATION_CACHE_DIR, else WORKDIR/../jax_cache; 'off' disables
   ))
@@ -166,7 +174,28 @@ def paper_anchor_config(*, layers: int, d_model: int, heads: int, head_dim: int,
   c.data.update(source='prepared', path='', seq_len=2048)
   c.train.update(batch_size=512, lr=5e-3, min_lr=5e-5, warmup_steps=10_000, weight_decay=0.05,
                  steps=1_048_576, log_every=100, checkpoint_every=2000, eval_every=2000)
+  # A layout that fits 80 GB devices at the paper's scale (the 1.4B anchor with its memory:
+  # 27 GB per device on 64 devices; data parallel without remat needed 287 GB): every device
+  # an FSDP shard, layers recomputed. `hmem plan --search` finds a cheaper one for a cluster.
+  c.mesh.update(data=1, fsdp=-1)
+  c.model.remat = 'full'
   return c
+
+
+@contextlib.contextmanager
+def user_code(what: str, path: str):
+  """Runs a config or sweep file's code: a SyntaxError or an exception it raises becomes one
+  ConfigError naming the file's line, not a traceback."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except SyntaxError as e:
+    raise ConfigError(f'{what} line {e.lineno}: {e.msg}; fix the Python syntax there') from None
+  except Exception as e:
+    line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                 if os.path.abspath(f.filename) == os.path.abspath(path)), '?')
+    raise ConfigError(f'{what} line {line} raised {type(e).__name__}: {e}') from None
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -176,32 +205,29 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   configs/paper/a2.py:160m.
   """
   arg = None
-  if not os.path.isfile(path) and ':' in path:
+  found = resources.config_file(path)
+  if found is None and ':' in path:
     path, arg = path.rsplit(':', 1)
-  if not os.path.isfile(path):
-    raise ConfigError(f'config file {path!r} not found; pass an existing file such as configs/tiny.py')
+    found = resources.config_file(path)
+  if found is None:
+    raise ConfigError(f'config file {path!r} not found; pass a file, or the name of one that ships with hmem '
+                      'such as tiny, 160m or paper/a2:160m (configs/ in the repository)')
+  path = found
   spec = importlib.util.spec_from_file_location(f'hmem_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(spec)
-  try:
+  with user_code(f'config file {path!r}', path):
     spec.loader.exec_module(module)
-  except SyntaxError as e:
-    raise ConfigError(f'config file {path!r} line {e.lineno}: {e.msg}; fix the Python syntax there') from None
-  except Exception as e:  # the file runs user code: name the line that failed, not a traceback
-    line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
-                 if os.path.abspath(f.filename) == os.path.abspath(path)), '?')
-    raise ConfigError(f'config file {path!r} line {line} raised {type(e).__name__}: {e}') from None
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} defines no get_config(); add one returning a ConfigDict')
-  if arg is None:
-    cfg = module.get_config()
-  else:
+  if arg is not None:
     try:
       takes_arg = len(inspect.signature(module.get_config).parameters) > 0
     except (TypeError, ValueError):
       takes_arg = True
     if not takes_arg:
       raise ConfigError(f'config file {path!r} takes no argument; pass {path} without ":{arg}"')
-    cfg = module.get_config(arg)
+  with user_code(f'config file {path!r}', path):
+    cfg = module.get_config() if arg is None else module.get_config(arg)
   apply_overrides(cfg, overrides)
   check_values(cfg)
   return cfg
@@ -241,6 +267,33 @@ def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
     else:
       keys.append(key)
   return keys
+
+
+def literal(value, top: bool = True) -> str:
+  """The override text of a value (what `_parse_value` reads back): tuples without spaces,
+  a string bare where it reads back as itself, else in double quotes (which a shell's
+  single quotes keep as they are)."""
+  if isinstance(value, (tuple, list)):
+    return '(' + ','.join(literal(v, top=False) for v in value) + (',)' if len(value) == 1 else ')')
+  if isinstance(value, str):
+    return value if top and _parse_value(value) == value else json.dumps(value)
+  return repr(value)
+
+
+def as_overrides(cfg: ml_collections.ConfigDict) -> list[str]:
+  """`--config.KEY=VALUE` for every key, shell-quoted: pasted back, they give `cfg` again."""
+  return [shlex.quote(f'--config.{key}={literal(_get(cfg, key))}') for key in flat_keys(cfg)]
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}, lists as tuples (JSON has no tuples)."""
+  out = {}
+  for name, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f'{prefix}{name}.'))
+    else:
+      out[f'{prefix}{name}'] = tuple(value) if isinstance(value, list) else value
+  return out
 
 
 def _parse_value(text: str):

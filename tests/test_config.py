@@ -1,13 +1,18 @@
 """Config files, overrides and the CLI's one-line errors."""
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
+from hmem.cli import main
 from hmem.config import apply_overrides, default_config, load_config
 from hmem.errors import ConfigError
+from hmem.sweep import spec
 
 
 def test_overrides_parse_to_the_field_types():
@@ -70,3 +75,83 @@ def test_cli_reports_a_config_syntax_error_in_one_line(tmp_path):
   assert out.returncode == 2
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('hmem: error: config file') and 'line 3' in lines[0], lines
+
+
+# --- CLI conventions an absl / ml_collections user expects
+
+TINY = str(REPO / 'configs' / 'tiny.py')
+
+
+def _main(capsys, *argv) -> tuple[int, list[str], list[str]]:
+  code = main(list(argv))
+  out = capsys.readouterr()
+  return code, out.out.splitlines(), out.err.splitlines()
+
+
+def test_a_space_separated_override_is_one_override(capsys):
+  code, out, _ = _main(capsys, 'config', '--config', TINY, '--config.model.layers', '4', '--config.memory.levels',
+                       '(8, 4)', '--json')
+  cfg = json.loads('\n'.join(out))
+  assert code == 0 and cfg['model']['layers'] == 4 and cfg['memory']['levels'] == [8, 4]
+
+
+def test_hmem_config_prints_overrides_that_paste_back(capsys):
+  code, out, _ = _main(capsys, 'config', '--config', TINY, '--config.data.text_field=body text',
+                       '--config.memory.levels=(8,4)', '--config.data.path=2024', '--config.model.norm=rmsnorm')
+  assert code == 0 and all(line.startswith(("--config.", "'--config.")) for line in out)
+  pasted = [arg for line in out for arg in shlex.split(line)]
+  assert len(pasted) == len(out)
+  again = load_config(TINY, pasted)
+  assert again.to_dict() == load_config(TINY, ['data.text_field=body text', 'memory.levels=(8,4)',
+                                               'data.path=2024', 'model.norm=rmsnorm']).to_dict()
+  assert again.data.path == '2024' and again.mesh.rules == default_config().mesh.rules
+
+
+def test_hmem_version(capsys):
+  with pytest.raises(SystemExit) as info:
+    main(['--version'])
+  assert info.value.code == 0 and re.fullmatch(r'hmem \S+', capsys.readouterr().out.strip())
+
+
+@pytest.mark.parametrize('body, message', [
+    ('def get_config():\n  raise ValueError("no such anchor")\n',
+     r"hmem: error: config file '.*bad.py' line 2 raised ValueError: no such anchor"),
+])
+def test_a_config_whose_get_config_raises_is_one_line(capsys, tmp_path, body, message):
+  (tmp_path / 'bad.py').write_text(body)
+  code, _, err = _main(capsys, 'sizes', '--config', str(tmp_path / 'bad.py'))
+  assert code == 2 and len(err) == 1 and re.fullmatch(message, err[0]), err
+
+
+def test_a_sweep_file_with_a_syntax_error_is_one_line(capsys, tmp_path):
+  (tmp_path / 'bad.py').write_text('def sweep(:\n  yield {}\n')
+  code, _, err = _main(capsys, 'sweep', 'run', str(tmp_path / 'bad.py'), '--dry-run')
+  assert code == 2 and len(err) == 1 and re.fullmatch(r"hmem: error: sweep file '.*bad.py' line 1: .*", err[0]), err
+
+
+def test_plan_on_a_platform_that_is_absent_is_one_line():
+  out = subprocess.run([sys.executable, '-m', 'hmem.cli', 'plan', '--config', TINY, '--devices', '2', '--platform',
+                        'gpu'], capture_output=True, text=True)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith('hmem: error: --platform gpu: no such '), lines
+
+
+def test_train_stopped_by_a_config_error_leaves_no_workdir(capsys, tmp_path):
+  code, _, err = _main(capsys, 'train', '--config', TINY, '--workdir', str(tmp_path / 'run'),
+                       '--config.data.source=prepared')
+  assert code == 2 and 'data.path' in err[0]
+  assert not (tmp_path / 'run').exists()
+
+
+def test_sweep_dry_run_prints_commands_that_run_as_printed(capsys, tmp_path):
+  sweep = tmp_path / 'grid.py'
+  sweep.write_text("from hmem.config import default_config\nget_config = default_config\n"
+                   "def sweep():\n  yield {'memory.levels': (8, 4), 'data.text_field': \"it's\"}\n")
+  root = tmp_path / 'runs with space'
+  code, out, _ = _main(capsys, 'sweep', 'run', str(sweep), '--dry-run', '--root', str(root))
+  workdir, state, command = out[0].split('  ', 2)
+  argv = shlex.split(command)
+  run = spec.expand(str(sweep), str(root))[0]
+  assert code == 0 and state == '[not started]'
+  assert argv == ['hmem', 'train', '--config', str(sweep), '--workdir', run.workdir, '--no-progress', *run.args()]
+  assert workdir == run.workdir and load_config(argv[3], argv[7:]).data.text_field == "it's"

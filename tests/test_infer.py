@@ -1,6 +1,7 @@
 """Inference: routing equals `prepare`'s, sources and bundles reproduce the trained model,
 blocking, partial bundles, bank edits, every bad input of a bundle, and bundles on an object store."""
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import grain
 import jax
@@ -438,3 +440,45 @@ def test_a_run_trained_on_an_object_store_exports_the_same_bundle(memory_run, bu
   remote = open_source(workdir='gs://bucket/run')
   leaf_B = remote.router.route(TEXTS).leaf
   np.testing.assert_array_equal(leaf_B, open_source(bundle='gs://bucket/b').router.route(TEXTS).leaf)
+
+
+def test_concurrent_edits_wait_for_each_other_and_both_land(bundles, tmp_path, repo, monkeypatch):
+  """Edit A (here, in a thread) is held just before its commit while edit B (another
+  process) starts. Without a lock B removed A's new version as abandoned and both wrote
+  version 1: one edit was lost."""
+  from hmem.infer import bundle as bundle_module
+  edited = tmp_path / 'edited'
+  shutil.copytree(bundles / 'f32', edited)
+  paused, go = threading.Event(), threading.Event()
+  write_json = bundle_module.write_json
+
+  def held_commit(path, obj):
+    if str(path).endswith('manifest.json'):
+      paused.set()
+      go.wait(timeout=300)
+    write_json(path, obj)
+
+  monkeypatch.setattr(bundle_module, 'write_json', held_commit)
+  a = concurrent.futures.ThreadPoolExecutor(1).submit(main, ['bank', 'drop', '--bundle', str(edited), '--node', '1:1'])
+  try:
+    assert paused.wait(timeout=300), a.result()
+    b = subprocess.Popen([sys.executable, '-m', 'hmem.cli', 'bank', 'drop', '--bundle', str(edited), '--node', '1:2'],
+                         env={**os.environ, 'PYTHONPATH': str(repo)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    first = b.stderr.readline()  # B says it waits (unlocked, it finished and closed stderr)
+    assert 'waiting for another edit' in first, first + b.stderr.read()
+    assert b.poll() is None
+  finally:
+    go.set()
+  assert a.result(timeout=120) == 0
+  assert b.wait(timeout=120) == 0, b.stderr.read()[-2000:]
+  after = open_source(bundle=str(edited))  # every checksum verified against the last manifest
+  assert [e['nodes'] for e in after.manifest['edits']] == [['1:1'], ['1:2']]
+  leaf = np.arange(16)
+  before, blocks = open_source(bundle=str(bundles / 'f32')).blocks(leaf), after.blocks(leaf)
+  dropped = np.isin(leaf // 4, [1, 2])
+  for table, rows in blocks.items():
+    for name, x in rows.items():
+      assert not x[dropped].any()
+      np.testing.assert_array_equal(x[~dropped], before[table][name][~dropped])
+  assert sorted(os.listdir(edited / 'bank' / 'level1')) == ['ffn_down.v2', 'ffn_gate.v2', 'ffn_up.v2']

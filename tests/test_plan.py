@@ -9,11 +9,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hmem import compile_cache, hlo, sizes
+from hmem import compile_cache, hlo, plan, sizes
 from hmem.config import load_config
+from hmem.errors import ConfigError
 
 
 def test_collectives_in_a_loop_count_once_per_trip():
@@ -71,3 +73,48 @@ def test_plan_on_fake_devices_fills_the_compile_cache(repo, tmp_path):
   assert plan['flops_per_step'] == sizes.flops_per_token(cfg, counts) * 8 * 64
   assert plan['collective_bytes'].get('all-gather', 0) + plan['collective_bytes'].get('all-reduce', 0) > 0
   assert os.listdir(tmp_path / 'cache')
+
+
+@pytest.fixture
+def fake_plans(monkeypatch):
+  """plan.plan without compiling: a state of 96 units split by FSDP plus temporaries each
+  remat policy shrinks; a layout whose batch does not split is a ConfigError. Records each
+  call's (fsdp, remat)."""
+  calls = []
+
+  def fake(cfg, devices, budget_bytes):
+    calls.append((cfg.mesh.fsdp, cfg.model.remat))
+    assert cfg.mesh.data * cfg.mesh.fsdp == len(devices)
+    if cfg.mesh.fsdp == 2:
+      raise ConfigError('train.batch_size does not split')
+    total = 96 // cfg.mesh.fsdp + {'none': 40, 'dots': 20, 'full': 4}[cfg.model.remat]
+    return {'mesh': {'data': cfg.mesh.data, 'fsdp': cfg.mesh.fsdp}, 'remat': cfg.model.remat,
+            'bytes_per_device': {'total': total}, 'fits': total <= budget_bytes}
+
+  monkeypatch.setattr(plan, 'plan', fake)
+  return calls
+
+
+@pytest.mark.parametrize('budget, fsdp, remat', [
+    (200, 1, 'none'),   # data parallel fits
+    (64, 4, 'none'),    # 96/4 + 40; fsdp 2 is refused, 1 is too big
+    (50, 4, 'dots'),    # no FSDP fits without remat (12 + 40 > 50); 'dots' at 4: 24 + 20
+    (29, 4, 'full'),    # only 'full' fits at 8 (12 + 4); fewer shards: 4 (24 + 4), not 2 (refused)
+])
+def test_search_prefers_less_remat_then_fewer_shards(make_config, fake_plans, budget, fsdp, remat):
+  best, tried = plan.search(make_config(), jax.devices()[:8], budget)
+  assert (best['mesh']['fsdp'], best['remat']) == (fsdp, remat)
+  assert best['flags'] == [f'--config.mesh.data={8 // fsdp}', f'--config.mesh.fsdp={fsdp}',
+                           f'--config.model.remat={remat}']
+  # Brute force over every layout agrees: no cheaper policy fits, nor fewer shards with it.
+  totals = {(f, r): 96 // f + {'none': 40, 'dots': 20, 'full': 4}[r] for f in (1, 4, 8) for r in plan.REMATS}
+  cheaper = [(f, r) for (f, r), t in totals.items() if t <= budget
+             and (plan.REMATS.index(r), f) < (plan.REMATS.index(remat), fsdp)]
+  assert cheaper == []
+  assert len(fake_plans) <= 3 * 3 and len(tried) == len(fake_plans)
+
+
+def test_search_with_no_fit_tries_each_policy_once(make_config, fake_plans):
+  best, tried = plan.search(make_config(), jax.devices()[:8], 1)
+  assert best is None and fake_plans == [(8, 'none'), (8, 'dots'), (8, 'full')]
+  assert [t['total'] for t in tried] == [52, 32, 16]

@@ -9,6 +9,7 @@ import pytest
 
 from hmem.errors import CheckpointError, ConfigError
 from hmem.files import as_path
+from hmem.train import resume
 from hmem.train.metrics import MetricsWriter
 from hmem.train.trainer import train
 
@@ -161,3 +162,80 @@ def test_read_errors_split_into_transient_and_damage(error, transient):
   wrapped = CheckpointError('restore failed')
   wrapped.__cause__ = error
   assert transient_read_error(error) is transient and transient_read_error(wrapped) is transient
+
+
+# --- which changes stop a resume: derived from the schema and the state, not hand-kept
+
+def _saved(cfg) -> dict:
+  return json.loads(cfg.to_json_best_effort())
+
+
+@pytest.mark.parametrize('override, shown', [
+    ('model.rope_scaling.type=linear', "model.rope_scaling.type 'none' -> 'linear'"),
+    ('model.rope_scaling.factor=4.0', 'model.rope_scaling.factor 1.0 -> 4.0'),
+    ('model.qkv_bias=True', 'model.qkv_bias False -> True'),
+    ('memory.generic_prob=0.0', 'memory.generic_prob -1.0 -> 0.0'),
+])
+def test_function_and_structure_changes_stop_a_resume(make_config, override, shown):
+  """Each of these once resumed (another function) or failed late in orbax's restore."""
+  saved = _saved(make_config('memory.levels=(8, 4)'))
+  with pytest.raises(ConfigError, match='cannot resume') as info:
+    resume.config_changes(saved, make_config('memory.levels=(8, 4)', override), step=10)
+  assert shown in str(info.value)
+
+
+def test_generic_prob_to_zero_names_the_state_change(make_config):
+  saved = _saved(make_config('memory.levels=(8, 4)'))
+  with pytest.raises(ConfigError, match=r'the train state would change \(\d+ arrays: .*generic.*-> absent'):
+    resume.config_changes(saved, make_config('memory.levels=(8, 4)', 'memory.generic_prob=0.0'), step=10)
+
+
+def test_a_safe_key_that_changes_the_state_still_stops_a_resume(make_config, monkeypatch):
+  """The structure check does not trust the safe list: declaring the layer count safe
+  still refuses a change to it, by the state's shapes."""
+  monkeypatch.setattr(resume, 'SAFE', resume.SAFE | {'model.layers'})
+  with pytest.raises(ConfigError, match=r'the train state would change') as info:
+    resume.config_changes(_saved(make_config()), make_config('model.layers=3'), step=10)
+  assert 'model.layers' not in str(info.value)
+
+
+def test_a_key_new_to_the_model_section_is_fixed_without_being_listed(make_config, monkeypatch):
+  import hmem.config
+  schema = hmem.config.default_config
+
+  def with_knob():
+    c = schema()
+    c.model.new_knob = 1.0
+    return c
+
+  monkeypatch.setattr(hmem.config, 'default_config', with_knob)
+  monkeypatch.setattr(resume, 'default_config', with_knob)
+  saved, cfg = _saved(make_config()), make_config()
+  saved['model']['new_knob'] = 1.0
+  cfg.model.new_knob = 2.0
+  with pytest.raises(ConfigError, match='model.new_knob 1.0 -> 2.0'):
+    resume.config_changes(saved, cfg, step=10)
+
+
+def test_safe_and_cadence_changes_resume(make_config):
+  saved = _saved(make_config('memory.levels=(8, 4)'))
+  cfg = make_config('memory.levels=(8, 4)', 'model.remat=full', 'memory.lr=3e-4', 'train.steps=40', 'mesh.data=2')
+  assert resume.config_changes(saved, cfg, step=10) == {
+      'memory.lr': (1e-4, 3e-4), 'mesh.data': (-1, 2), 'model.remat': ('none', 'full'), 'train.steps': (20, 40)}
+
+
+def test_a_key_added_since_the_checkpoint_counts_as_its_default(make_config):
+  saved = _saved(make_config())
+  del saved['model']['qkv_bias']
+  assert resume.config_changes(saved, make_config(), step=10) == {}
+  with pytest.raises(ConfigError, match='model.qkv_bias False -> True'):
+    resume.config_changes(saved, make_config('model.qkv_bias=True'), step=10)
+
+
+def test_resume_refuses_a_rope_scaling_change(make_config, tiny_run, tmp_path):
+  """End to end: this resumed silently, a different function under the same parameters."""
+  workdir = _copy_run(tiny_run, tmp_path)
+  cfg = make_config('model.rope_scaling.type=linear', 'model.rope_scaling.factor=2.0', 'train.steps=22')
+  with pytest.raises(ConfigError, match="model.rope_scaling.factor 1.0 -> 2.0, model.rope_scaling.type 'none'"):
+    train(cfg, str(workdir), progress=False)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']

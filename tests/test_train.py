@@ -15,6 +15,7 @@ from flax import nnx
 
 from hmem.errors import TrainingError
 from hmem.train.trainer import train
+from hmem import sizes
 
 
 def _rows(workdir):
@@ -153,3 +154,62 @@ def test_non_finite_loss_stops_the_run_and_no_bad_checkpoint(make_config, tmp_pa
   assert saved and max(saved) < bad_step
   for step in saved:
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_params(tmp_path, step)))
+
+
+# --- trackers: the same rows, the config and the sizes in TensorBoard and W&B (offline)
+
+def _wandb_records(run_dir):
+  """The records of an offline W&B run: its .wandb file is a LevelDB-style log (32 KiB
+  blocks; 7-byte record headers: crc32c, length, type) of protobuf Records after a 7-byte
+  file header."""
+  from wandb.proto import wandb_internal_pb2
+  data = next(run_dir.glob('*.wandb')).read_bytes()
+  records, pos, chunk = [], 7, b''
+  while pos + 7 <= len(data):
+    if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+      pos += 32768 - pos % 32768
+      continue
+    length, kind = int.from_bytes(data[pos + 4:pos + 6], 'little'), data[pos + 6]
+    if kind == 0:
+      break
+    chunk += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):  # a whole record, or the last piece of one
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(chunk)
+      records.append(record)
+      chunk = b''
+  return records
+
+
+def _key(item) -> str:
+  return item.key or '.'.join(item.nested_key)
+
+
+def test_trackers_get_the_rows_config_and_sizes(make_config, tmp_path, monkeypatch):
+  from test_workdir_remote import _events
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  cfg = make_config('train.steps=4', 'train.log_every=2', 'train.eval_every=0', 'train.checkpoint_every=4',
+                    'train.trackers=tensorboard,jsonl,wandb', 'train.wandb.mode=offline', 'train.wandb.name=t')
+  train(cfg, str(tmp_path), progress=False)
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  logged = [r for r in rows if 'loss' in r]
+  records = _wandb_records(next((tmp_path / 'wandb').glob('offline-run-*')))
+  history = [{_key(i): json.loads(i.value_json) for i in r.history.item} for r in records
+             if r.WhichOneof('record_type') == 'history']
+  assert [(h['_step'], h['loss']) for h in history] == [(r['step'], r['loss']) for r in logged]
+  config, summary = {}, {}
+  for r in records:
+    if r.WhichOneof('record_type') == 'config':
+      config.update({_key(i): json.loads(i.value_json) for i in r.config.update})
+    if r.WhichOneof('record_type') == 'summary':
+      summary.update({_key(i): json.loads(i.value_json) for i in r.summary.update})
+  assert config['model']['d_model'] == 64 and config['sizes']['anchor_params'] == sizes.sizes(cfg)['anchor_params']
+  assert summary['anchor_params'] == sizes.sizes(cfg)['anchor_params']
+  events = _events(tmp_path / 'tensorboard')
+  assert [(step, value) for tag, step, value in events if tag == 'loss'] == [
+      (r['step'], pytest.approx(r['loss'])) for r in logged]
+  tags = {tag for tag, _, _ in events}
+  assert {'config/text_summary', '_hparams_/experiment', '_hparams_/session_start_info'} <= tags
+  runs = [r.run.run_id for r in records if r.WhichOneof('record_type') == 'run']
+  assert runs and set(runs) == {(tmp_path / 'wandb_id').read_text()}

@@ -14,14 +14,23 @@ The manifest is the commit point: it is replaced whole (a rename on a local disk
 object write on an object store); until then readers see the old version whole, after it
 the new one. Old and abandoned versions are removed after the commit and at the start of
 the next edit.
+
+Concurrency: on a local disk an edit holds an exclusive lock (`flock` on BUNDLE/.edit.lock,
+released by the kernel if the process dies, so a crash leaves no stale lock); a second edit
+waits for it, then starts from the manifest the first committed, so both edits land. On an
+object store there is no such lock: run one edit of a bundle at a time there (two at once
+can lose one edit, or remove the other's new version as abandoned).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import errno
+import fcntl
 import os
+import sys
 
 import numpy as np
 from etils import epath
@@ -99,8 +108,35 @@ def _remove_unreferenced(root: epath.Path, manifest: dict) -> None:
       path.rmtree(missing_ok=True)
 
 
+LOCK = '.edit.lock'
+
+
+@contextlib.contextmanager
+def _exclusive(root: epath.Path):
+  """Holds the bundle's edit lock (local disks; see the module docstring for object stores)."""
+  if is_remote(root):
+    yield
+    return
+  with open(root / LOCK, 'a') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f'hmem: waiting for another edit of {root} to finish', file=sys.stderr, flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _edit(root: str, nodes, record: dict, new_rows) -> dict:
   root = as_path(root)
+  bundle.read_manifest(root)  # a directory that is no bundle is refused before a lock file is left in it
+  with _exclusive(root):
+    return _edit_locked(root, nodes, record, new_rows)
+
+
+def _edit_locked(root: epath.Path, nodes, record: dict, new_rows) -> dict:
   manifest = bundle.read_manifest(root)
   bundle.verify(root, manifest)
   _remove_unreferenced(root, manifest)  # left by an edit that crashed

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from hmem.sweep import collect, launch, spec
 
 
 def run_command(args) -> None:
+  args.file = spec.sweep_file(args.file)  # a path, or a sweep that ships with hmem: what the runs load
   runs = spec.expand(args.file, args.root, args.steps_scale, args.overrides)
   states = {r.name: launch.run_state(r, spec.run_config(args.file, r).train.steps) for r in runs}
   pending = [r for r in runs if states[r.name] != 'finished']
@@ -15,7 +17,7 @@ def run_command(args) -> None:
              'root': args.root or spec.default_root(args.file), 'launcher': args.launcher}
   if args.dry_run:
     for r in runs:
-      print(f'{r.workdir}  [{states[r.name]}]  {" ".join(r.args())}')
+      print(f'{r.workdir}  [{states[r.name]}]  {shlex.join(launch.train_command(args.file, r, prog=("hmem",)))}')
     print(json.dumps(summary))
     return
   if args.launcher == 'local':

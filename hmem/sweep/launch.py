@@ -19,17 +19,17 @@ import sys
 from etils import epath
 from tqdm import tqdm
 
+from hmem import resources
 from hmem.errors import ConfigError
 from hmem.files import open_append
 from hmem.sweep.spec import Run
 from hmem.train.storage import committed_steps
 
 STATUS_FILE = 'sweep_status.json'
-SBATCH_SCRIPT = os.path.join(os.path.dirname(__file__), '..', '..', 'launch', 'slurm.sbatch')
 
 
-def train_command(sweep_file: str, run: Run, python: str = sys.executable) -> list[str]:
-  return [python, '-m', 'hmem.cli', 'train', '--config', sweep_file, '--workdir', run.workdir, '--no-progress',
+def train_command(sweep_file: str, run: Run, prog: tuple[str, ...] = (sys.executable, '-m', 'hmem.cli')) -> list[str]:
+  return [*prog, 'train', '--config', sweep_file, '--workdir', run.workdir, '--no-progress',
           *run.args()]
 
 
@@ -89,9 +89,10 @@ def _job_alive(job_id: str) -> bool:
                                                         'SUSPENDED', 'COMPLETING')
 
 
-def run_slurm(sweep_file: str, runs: list[Run], sbatch_script: str = SBATCH_SCRIPT,
+def run_slurm(sweep_file: str, runs: list[Run], sbatch_script: str | None = None,
               sbatch_args: tuple[str, ...] = ()) -> dict[str, str]:
   """Submits one `sbatch launch/slurm.sbatch` job per run; returns {name: job id or 'queued'}."""
+  sbatch_script = sbatch_script or resources.launcher_file('slurm.sbatch')
   if not shutil.which('sbatch'):
     raise ConfigError('--launcher slurm needs `sbatch` on PATH; run on a SLURM login node, or use --launcher local')
   jobs = {}

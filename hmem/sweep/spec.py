@@ -9,6 +9,7 @@ runs the same command and a run can be reproduced by hand.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import os
@@ -16,7 +17,8 @@ import re
 
 from etils import epath
 
-from hmem.config import apply_overrides, load_config
+from hmem import resources
+from hmem.config import apply_overrides, literal, load_config, user_code
 from hmem.errors import ConfigError
 
 # Keys --steps-scale multiplies with train.steps, so a shortened run keeps its shape
@@ -33,17 +35,11 @@ class Run:
 
   def args(self) -> list[str]:
     """`--config.KEY=VALUE` arguments of `hmem train` for this run."""
-    return [f'--config.{k}={_literal(v)}' for k, v in self.overrides.items()] + list(self.common)
-
-
-def _literal(value) -> str:
-  if isinstance(value, (tuple, list)):
-    return '(' + ','.join(_literal(v) for v in value) + (',)' if len(value) == 1 else ')')
-  return repr(value) if isinstance(value, str) else str(value)
+    return [f'--config.{k}={literal(v)}' for k, v in self.overrides.items()] + list(self.common)
 
 
 def _slug(key: str, value) -> str:
-  text = _literal(value).strip('()\'"').replace(',', '-') or 'none'
+  text = literal(value).strip('()\'"').replace(',', '-') or 'none'
   return f'{key.rsplit(".", 1)[-1]}_{re.sub(r"[^A-Za-z0-9.-]+", "-", text)}'
 
 
@@ -56,12 +52,21 @@ def default_root(sweep_file: str) -> str:
   return os.path.join('runs', 'sweeps', os.path.splitext(os.path.basename(sweep_file))[0])
 
 
+def sweep_file(name: str) -> str:
+  """The sweep file `name` names: a path, or one that ships with hmem (`sweeps/tiny`)."""
+  path = resources.config_file(name)
+  if path is None:
+    raise ConfigError(f'sweep file {name!r} not found; pass a file, or one that ships with hmem such as '
+                      'sweeps/tiny or sweeps/paper_table7')
+  return path
+
+
 def _load_module(path: str):
-  if not os.path.isfile(path):
-    raise ConfigError(f'sweep file {path!r} not found; pass one such as configs/sweeps/tiny.py')
+  path = sweep_file(path)
   spec = importlib.util.spec_from_file_location(f'hmem_sweep_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  with user_code(f'sweep file {path!r}', path):
+    spec.loader.exec_module(module)
   for fn in ('get_config', 'sweep'):
     if not callable(getattr(module, fn, None)):
       raise ConfigError(f'sweep file {path!r} defines no {fn}(); a sweep file has get_config() (the base '
@@ -90,11 +95,13 @@ def expand(sweep_file: str, root: str | None = None, steps_scale: float = 1.0,
   module = _load_module(sweep_file)
   root = root or default_root(sweep_file)
   runs, seen = [], {}
-  for i, overrides in enumerate(module.sweep()):
+  with user_code(f'sweep file {sweep_file!r}', module.__file__):
+    items, base = list(module.sweep()), module.get_config()
+  for i, overrides in enumerate(items):
     if not isinstance(overrides, dict):
       raise ConfigError(f'{sweep_file}: sweep() item {i} is {type(overrides).__name__}; yield dicts of '
                         "config overrides such as {'memory.levels': (8, 4)}")
-    cfg = module.get_config()
+    cfg = copy.deepcopy(base)
     name = run_name(overrides)
     if steps_scale != 1.0:  # a shortened run is another run: its own workdir
       overrides, name = _scale_steps(cfg, overrides, steps_scale), f'{name}.steps-x{steps_scale:g}'

@@ -1,5 +1,7 @@
-"""Metrics to WORKDIR/metrics.jsonl (one exact JSON object per logged step) and TensorBoard,
-on any filesystem (hmem.files): on an object store both files are rewritten on each flush."""
+"""Metrics to WORKDIR/metrics.jsonl (one exact JSON object per logged step), TensorBoard and
+Weights & Biases (`train.trackers`), on any filesystem (hmem.files): on an object store the
+local files are rewritten on each flush. Each tracker also gets the run's resolved config
+and sizes (`describe_run`)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,14 @@ import io
 import json
 import math
 import time
+import uuid
 
 from absl import logging
 from tensorboardX import SummaryWriter, record_writer
+from tensorboardX.summary import hparams
 
-from hmem.errors import CheckpointError
+from hmem.config import flatten
+from hmem.errors import CheckpointError, ConfigError
 from hmem.files import as_path, atomic_write, is_remote, open_append
 
 
@@ -46,6 +51,46 @@ def _plain(value):
   return value
 
 
+TRACKERS = ('jsonl', 'tensorboard', 'wandb')
+
+
+def trackers(train_cfg) -> tuple[str, ...]:
+  """The trackers `train.trackers` names, checked."""
+  names = tuple(n.strip() for n in train_cfg.trackers.split(',') if n.strip())
+  unknown = [n for n in names if n not in TRACKERS]
+  if unknown or 'jsonl' not in names:
+    raise ConfigError(f'train.trackers={train_cfg.trackers!r}: name some of {", ".join(TRACKERS)}, jsonl included '
+                      '(resume and `hmem sweep collect` read metrics.jsonl), e.g. --config.train.trackers='
+                      'tensorboard,jsonl,wandb')
+  if 'wandb' in names and train_cfg.wandb.mode not in ('online', 'offline'):
+    raise ConfigError(f"train.wandb.mode={train_cfg.wandb.mode!r}: use 'online' or 'offline'")
+  return names
+
+
+class _Wandb:
+  """One Weights & Biases run per workdir: its id is kept in WORKDIR/wandb_id, so a resumed
+  run continues it (rows after the checkpoint are rewritten, as in metrics.jsonl)."""
+
+  def __init__(self, workdir, cfg):
+    import wandb  # pip install 'hmem[wandb]'
+    id_file = as_path(workdir) / 'wandb_id'
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    self.run = wandb.init(project=cfg.project or None, entity=cfg.entity or None, name=cfg.name or None,
+                          mode=cfg.mode, id=run_id, resume='allow',
+                          dir=None if is_remote(workdir) else str(workdir))
+
+  def describe(self, config: dict, sizes: dict) -> None:
+    self.run.config.update({**config, 'sizes': sizes}, allow_val_change=True)
+    self.run.summary.update(sizes)
+
+  def log(self, step: int, row: dict) -> None:
+    self.run.log({k: v for k, v in row.items() if k != 'step'}, step=step)
+
+  def close(self) -> None:
+    self.run.finish()
+
+
 OBJECT_STORE_FLUSH_S = 30.0  # an object store rewrites the whole file per flush: not every row
 
 
@@ -58,8 +103,10 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True,
-               flush_every_s: float | None = None):
+               flush_every_s: float | None = None, train_cfg=None):
+    """`train_cfg`: the config's `train` section, for its trackers (default: jsonl and TensorBoard)."""
     self.enabled = enabled
+    names = trackers(train_cfg) if train_cfg is not None else ('tensorboard', 'jsonl')
     self.path = as_path(workdir) / 'metrics.jsonl'
     if flush_every_s is None:
       flush_every_s = OBJECT_STORE_FLUSH_S if is_remote(self.path) else 0.0
@@ -72,8 +119,23 @@ class MetricsWriter:
       self.path.unlink(missing_ok=True)
     # purge_step makes TensorBoard discard events a killed run wrote past the checkpoint.
     purge = None if resume_step is None else resume_step + 1
-    self.tb = SummaryWriter(str(as_path(workdir) / 'tensorboard'), purge_step=purge)
+    self.tb = SummaryWriter(str(as_path(workdir) / 'tensorboard'), purge_step=purge) if 'tensorboard' in names else None
+    self.wandb = _Wandb(workdir, train_cfg.wandb) if 'wandb' in names else None
     self.file = open_append(self.path)
+
+  def describe_run(self, config: dict, sizes: dict) -> None:
+    """Gives the trackers the resolved config (a JSON dict) and the run's sizes: TensorBoard
+    as text and as hparams, W&B as the run's config and summary."""
+    if not self.enabled:
+      return
+    if self.tb is not None:
+      self.tb.add_text('config', '```\n' + json.dumps(config, indent=2) + '\n```')
+      flat = flatten({**config, 'sizes': sizes})  # hparams take scalars and text
+      for summary in hparams({k: str(v) if isinstance(v, tuple) else v for k, v in flat.items() if v is not None},
+                             {'loss': 0.0, 'eval_loss': 0.0}):
+        self.tb.file_writer.add_summary(summary)
+    if self.wandb is not None:
+      self.wandb.describe(config, sizes)
 
   def _truncate_after(self, step: int) -> None:
     """Keeps the rows up to `step`. A killed run may have left its last line half
@@ -107,9 +169,12 @@ class MetricsWriter:
     self.pending.append(json.dumps(row) + '\n')
     if time.monotonic() - self.flushed_at >= self.flush_every_s:
       self.flush()
-    for name, value in row.items():
-      if name != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
-        self.tb.add_scalar(name, value, step)
+    if self.tb is not None:
+      for name, value in row.items():
+        if name != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self.tb.add_scalar(name, value, step)
+    if self.wandb is not None:
+      self.wandb.log(step, row)
 
   def flush(self) -> None:
     """Writes the rows not yet in the file."""
@@ -123,4 +188,6 @@ class MetricsWriter:
     if self.enabled:
       self.flush()
       self.file.close()
-      self.tb.close()
+      for tracker in (self.tb, self.wandb):
+        if tracker is not None:
+          tracker.close()

@@ -64,20 +64,30 @@ def shard_like(tree_abstract, like_abstract, like_shardings, mesh):
   return walk(tree_abstract)
 
 
-def state_spec(cfg, tx, mesh) -> StateSpec:
-  rules = cfg.mesh.rules
+def _abstract(cfg, tx):
+  """(graphdef, abstract variables, TrainState of unsharded ShapeDtypeStructs)."""
   abstract_model = nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed, memory_config.memory_layers(cfg)))
   graphdef, abstract_vars = nnx.split(abstract_model)
   abstract_params = nnx.to_pure_dict(abstract_vars)
-  param_shardings = _param_shardings(abstract_vars, mesh, rules)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_shardings = shard_like(abstract_opt, abstract_params, param_shardings, mesh)
-  bank_shardings = memory_bank.bank_shardings(cfg, mesh)
   abstract_bank = jax.eval_shape(lambda: memory_bank.init_bank(cfg, jax.random.key(0)))
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                        opt_state=jax.eval_shape(tx.init, abstract_params),
+                        bank=abstract_bank, bank_opt=jax.eval_shape(memory_optimizer.init, abstract_bank))
+  return graphdef, abstract_vars, abstract
+
+
+def abstract_state(cfg, tx) -> TrainState:
+  """The state `cfg` trains, as ShapeDtypeStructs without shardings (nothing is allocated)."""
+  return _abstract(cfg, tx)[2]
+
+
+def state_spec(cfg, tx, mesh) -> StateSpec:
+  graphdef, abstract_vars, abstract = _abstract(cfg, tx)
+  param_shardings = _param_shardings(abstract_vars, mesh, cfg.mesh.rules)
+  opt_shardings = shard_like(abstract.opt_state, abstract.params, param_shardings, mesh)
+  bank_shardings = memory_bank.bank_shardings(cfg, mesh)
   shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings,
                          bank=bank_shardings, bank_opt=memory_optimizer.opt_shardings(bank_shardings, mesh))
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt,
-                        bank=abstract_bank, bank_opt=jax.eval_shape(memory_optimizer.init, abstract_bank))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings)
 

@@ -27,7 +27,7 @@ from hmem.memory import config as memory_config
 from hmem.train import resume
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.hardware import peak_flops_per_device
-from hmem.train.metrics import MetricsWriter
+from hmem.train.metrics import MetricsWriter, trackers
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.preemption import Preemption
 from hmem.train.state import init_state, state_spec
@@ -179,7 +179,8 @@ class _Log:
     self.tokens_per_step = t.batch_size * cfg.data.seq_len
     self.flops_per_step = sizes.flops_per_token(cfg) * self.tokens_per_step
     self.peak = peak_flops_per_device(t.peak_flops)
-    self.writer = MetricsWriter(workdir, resume_step, enabled=lead)
+    self.writer = MetricsWriter(workdir, resume_step, enabled=lead, train_cfg=t)
+    self.writer.describe_run(json.loads(cfg.to_json_best_effort()), sizes.sizes(cfg))
     self.bar = tqdm(total=t.steps, initial=step, disable=not (progress and lead), desc='train', unit='step')
     self.window_start, self.window_steps = time.perf_counter(), 0
 
@@ -239,6 +240,7 @@ def _setup(cfg, workdir: str, mesh) -> _Run:
   """Checks the config, workdir and data (cheap, first), then restores or builds the state.
   Call under `sharding.use_mesh(mesh, ...)`."""
   memory_config.check(cfg)
+  trackers(cfg.train)
   _check_workdir(workdir)
   check_batching(cfg, mesh)
   source, eval_source = _sources(cfg)
