@@ -107,7 +107,7 @@ def abstract_params(cfg, device=None):
   """(graphdef, ShapeDtypeStructs of the anchor parameters on one device)."""
   layers = memory_config.memory_layers(cfg)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, memory_layers=layers)))
-  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+  sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])  # this process's
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         nnx.to_pure_dict(abstract))
   return graphdef, params
