@@ -125,8 +125,8 @@ def _measure(root: str, mode: str, samples: int, seed: int) -> list[float]:
     return {t: np.array([bottom // K**(len(tables) - int(t.removeprefix('level')))]) for t in tables}
 
   def chunks(rows, which):
-    return [f'{paths[t][n]}/c/{int(rows[t][0])}/0/0/0' for paths in (arrays, scales or {}) for t in which
-            for n in paths[t]]
+    stored = [arrays, scales] if scales else [arrays]
+    return [f'{paths[t][n]}/c/{int(rows[t][0])}/0/0/0' for paths in stored for t in which for n in paths[t]]
 
   if mode == 'warm':  # the cache holds every top-level row the samples can meet
     reader.read({t: np.arange(deepest // K**(len(tables) - int(t.removeprefix('level')))) for t in tables[:-1]})
