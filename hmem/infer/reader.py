@@ -5,7 +5,9 @@ are read as one chunk per (table, array), all issued at once and awaited togethe
 cached whole ({name: array} per (table, row)) in a least-recently-used cache bounded in
 bytes: the top levels (few, often shared rows) stay warm, deep rows come and go.
 tensorstore's own cache is off, so `reads` counts exactly the rows fetched from storage
-(tests use it to prove a blocked node is never read).
+(tests use it to prove a blocked node is never read). The cache and the counts live in
+`RowCache`; `Reader` fetches from a bundle (dequantizing an int8 bank's rows with their
+scales), `hmem.infer.stored.StoredRows` from a run's checkpoint.
 
 The arrays are opened through tensorstore kvstore specs relative to the bundle's root, so
 any tensorstore kvstore works (a local directory, gs://, s3://, ...). Every chunk carries a
