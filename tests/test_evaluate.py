@@ -14,6 +14,7 @@ from hmem.cli import main
 from hmem.errors import DataError
 from hmem.infer.evaluate import evaluate
 from hmem.infer.source import open_source
+from hmem.memory import bank as memory_bank
 
 
 def _texts(n, skip=0):
@@ -27,9 +28,14 @@ def source(memory_run):
   no-op, and the modes must differ for the comparison to mean something."""
   source = open_source(workdir=str(memory_run[3]))
   rng = np.random.default_rng(0)
-  for arrays in source.rows.bank.values():
-    for name, a in arrays.items():
-      arrays[name] = rng.normal(0, 0.3, a.shape).astype(a.dtype)
+  bank = {t: {name: rng.normal(0, 0.3, shape).astype(np.float32) for name, shape in named.items()}
+          for t, named in memory_bank.bank_shapes(source.config).items()}
+
+  class Rows:  # the BankRows interface over the randomised bank
+    def read(self, requests):
+      return {t: {name: a[ids_U] for name, a in bank[t].items()} for t, ids_U in requests.items()}
+
+  source.rows = Rows()
   return source
 
 
