@@ -54,14 +54,16 @@ def _bank_shapes(quick: bool):
   return {t: named for t, named in bank_shapes(cfg).items()}, ([0] if quick else list(range(K)))
 
 
-def _write_bank(root: str, quick: bool) -> dict:
-  """The bank's arrays under root (once; reused when root/bank.json matches)."""
+def _write_bank(root: str, quick: bool, dtype: str) -> dict:
+  """The bank's arrays under root (once; reused when root/bank.json matches); int8 as
+  `hmem export --dtype int8` writes it (values and a scale array)."""
   import ml_dtypes
   from tqdm import tqdm
 
-  from hmem.infer.bundle import array_path, create_array, present_rows, true_runs, write_rows
+  from hmem.infer.bundle import array_path, create_array, present_rows, quantize, scale_path, true_runs, write_rows
   shapes, subtrees = _bank_shapes(quick)
-  meta = {'shapes': {t: {n: list(s) for n, s in named.items()} for t, named in shapes.items()}, 'subtrees': subtrees}
+  meta = {'shapes': {t: {n: list(s) for n, s in named.items()} for t, named in shapes.items()}, 'subtrees': subtrees,
+          'dtype': dtype}
   index = os.path.join(root, 'bank.json')
   if os.path.exists(index):
     with open(index) as f:
@@ -73,14 +75,20 @@ def _write_bank(root: str, quick: bool) -> dict:
   with tqdm(total=total, unit='B', unit_scale=True, desc='write bank') as bar:
     for table, named in shapes.items():
       for name, shape in named.items():
-        array = create_array(root, array_path(table, name), shape, 'bfloat16')
         # Rows differ only by a scale: content does not change read latency, and drawing
         # 4.6B random numbers would dominate the run.
-        row = (0.02 * rng.standard_normal(shape[1:], np.float32)).astype(ml_dtypes.bfloat16)
-        for lo, hi in true_runs(masks[table]):
-          slab = np.broadcast_to(row, (min(hi - lo, 64), *shape[1:]))
-          for start in range(lo, hi, slab.shape[0]):
-            write_rows(array, start, np.ascontiguousarray(slab[:min(slab.shape[0], hi - start)]), bar)
+        row = 0.02 * rng.standard_normal(shape[1:], np.float32)
+        if dtype == 'int8':
+          parts = [(create_array(root, array_path(table, name), shape, 'int8'), None),
+                   (create_array(root, scale_path(table, name), (*shape[:-1], 1), 'float32'), None)]
+          parts = [(a, r[0]) for (a, _), r in zip(parts, quantize(row[None]))]
+        else:
+          parts = [(create_array(root, array_path(table, name), shape, 'bfloat16'), row.astype(ml_dtypes.bfloat16))]
+        for array, part in parts:
+          for lo, hi in true_runs(masks[table]):
+            slab = np.broadcast_to(part, (min(hi - lo, 64), *part.shape))
+            for start in range(lo, hi, slab.shape[0]):
+              write_rows(array, start, np.ascontiguousarray(slab[:min(slab.shape[0], hi - start)]), bar)
   with open(index, 'w') as f:
     json.dump(meta, f)
   return meta
@@ -98,14 +106,16 @@ def _evict(root: str, files: list[str]) -> None:
 
 def _measure(root: str, mode: str, samples: int, seed: int) -> list[float]:
   """Latencies (ms) of `samples` random paths; runs in its own process."""
-  from hmem.infer.bundle import array_path
+  from hmem.infer.bundle import array_path, scale_path
   from hmem.infer.reader import Reader
   with open(os.path.join(root, 'bank.json')) as f:
     meta = json.load(f)
   tables = [t for t in meta['shapes'] if t != 'generic']
   arrays = {t: {n: array_path(t, n) for n in meta['shapes'][t]} for t in tables}
   present = {t: np.ones(next(iter(meta['shapes'][t].values()))[0], bool) for t in tables}
-  reader = Reader(root, arrays, present, cache_bytes=4 << 30)
+  int8 = meta.get('dtype') == 'int8'
+  scales = {t: {n: scale_path(t, n) for n in meta['shapes'][t]} for t in tables} if int8 else None
+  reader = Reader(root, arrays, present, cache_bytes=4 << 30, scales=scales)
   # Paths through distinct deepest rows of the subtrees written, so no sample finds its
   # deepest row cached.
   deepest = K**(len(tables) - 1) * len(meta['subtrees'])
@@ -115,7 +125,8 @@ def _measure(root: str, mode: str, samples: int, seed: int) -> list[float]:
     return {t: np.array([bottom // K**(len(tables) - int(t.removeprefix('level')))]) for t in tables}
 
   def chunks(rows, which):
-    return [f'{arrays[t][n]}/c/{int(rows[t][0])}/0/0/0' for t in which for n in arrays[t]]
+    stored = [arrays, scales] if scales else [arrays]
+    return [f'{paths[t][n]}/c/{int(rows[t][0])}/0/0/0' for paths in stored for t in which for n in paths[t]]
 
   if mode == 'warm':  # the cache holds every top-level row the samples can meet
     reader.read({t: np.arange(deepest // K**(len(tables) - int(t.removeprefix('level')))) for t in tables[:-1]})
@@ -171,12 +182,14 @@ def main() -> None:
   parser.add_argument('--quick', action='store_true', help='a 1 GB partial bank, fewer samples (< 60 s)')
   parser.add_argument('--dir', default=None, help='where the bank is written and kept (default: /tmp)')
   parser.add_argument('--samples', type=int, default=None)
+  parser.add_argument('--dtype', choices=('bfloat16', 'int8'), default='bfloat16', help='bank dtype of the bundle')
   parser.add_argument('--decode-tokens', type=int, default=None, help='tokens per decode run (default 64; quick 16)')
   parser.add_argument('--repeats', type=int, default=None, help='decode runs per mode (default 7; quick 3)')
   parser.add_argument('--measure', choices=('cold', 'warm', 'decode'), help=argparse.SUPPRESS)  # the worker process
   parser.add_argument('--seed', type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  root = args.dir or os.path.join('/tmp', 'hmem-fetch-bench' + ('-quick' if args.quick else ''))
+  root = args.dir or os.path.join('/tmp', 'hmem-fetch-bench' + ('-quick' if args.quick else '') +
+                                  ('-int8' if args.dtype == 'int8' else ''))
   samples = args.samples or (30 if args.quick else 200)
   tokens, repeats = args.decode_tokens or (16 if args.quick else 64), args.repeats or (3 if args.quick else 7)
   if args.measure == 'decode':
@@ -186,16 +199,19 @@ def main() -> None:
     print(json.dumps(_measure(root, args.measure, samples, args.seed)))
     return
   os.makedirs(root, exist_ok=True)
-  meta = _write_bank(root, args.quick)
+  meta = _write_bank(root, args.quick, args.dtype)
   latency = {}
   for mode in ('cold', 'warm'):
     out = subprocess.run([sys.executable, __file__, '--dir', root, '--samples', str(samples), '--measure', mode,
                           '--seed', '1'], check=True, capture_output=True, text=True).stdout
     latency[mode] = json.loads(out.strip().splitlines()[-1])
   shapes = meta['shapes']
-  path_bytes = sum(int(np.prod(s[1:])) * 2 for t, named in shapes.items() if t != 'generic' for s in named.values())
+  # bf16: 2 bytes an entry; int8: 1, and a float32 scale per `features` entries.
+  entry = (lambda s: 1 + 4 / s[-1]) if args.dtype == 'int8' else (lambda s: 2)
+  path_bytes = sum(int(np.prod(s[1:]) * entry(s)) for t, named in shapes.items() if t != 'generic'
+                   for s in named.values())
   bank_bytes = sum(int(np.prod(s)) * 2 for named in shapes.values() for s in named.values())
-  written = sum(int(np.prod(s[1:])) * 2 * (s[0] if t == 'level1' else s[0] * len(meta['subtrees']) // K)
+  written = sum(int(np.prod(s[1:]) * entry(s)) * (s[0] if t == 'level1' else s[0] * len(meta['subtrees']) // K)
                 for t, named in shapes.items() for s in named.values())
   print(f'bank: {bank_bytes / 1e9:.2f} GB in bf16 ({bank_bytes // 2 / 1e9:.2f}B parameters), '
         f'{written / 1e9:.2f} GB written (level-1 subtrees {meta["subtrees"] if args.quick else "all"}); '
@@ -204,7 +220,8 @@ def main() -> None:
   result = {}
   for mode, times in latency.items():
     p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
-    moved = path_bytes if mode == 'cold' else int(np.prod(shapes['level3']['ffn_up'][1:])) * 2 * 3
+    deepest = shapes['level3']['ffn_up']
+    moved = path_bytes if mode == 'cold' else int(np.prod(deepest[1:]) * entry(deepest)) * 3
     print(f'{mode:<6} {p50:8.2f} {p99:8.2f} {max(times):8.2f} {moved / 1e3 / p50:12.0f}')
     result[f'fetch_p50_{mode}_ms'] = round(float(p50), 3)
     result[f'fetch_p99_{mode}_ms'] = round(float(p99), 3)
@@ -225,6 +242,7 @@ def main() -> None:
   result['decode_cpu_ratio'] = round(float(np.median(cpu['fetched'] / cpu['none'])), 4)
   print(f'decode_ratio (wall time with the block / without, median of pairs): {result["decode_ratio"]:.3f}; '
         f'CPU time: {result["decode_cpu_ratio"]:.3f}')
+  result.update(dtype=args.dtype)
   result.update(decode_layers=decode['layers'], bank_gb=round(bank_bytes / 1e9, 2), written_gb=round(written / 1e9, 2),
                 path_mb=round(path_bytes / 1e6, 1), samples=samples, page_cache='evicted per file (fadvise)')
   print(json.dumps(result))

@@ -24,6 +24,14 @@ def _init_distributed(args) -> None:
     jax.distributed.initialize()
 
 
+def _distributed_args(p) -> None:
+  g = p.add_argument_group('multi-host (see BUILD.md)')
+  g.add_argument('--distributed', action='store_true', help='jax.distributed.initialize() from the environment')
+  g.add_argument('--coordinator', default='', help='HOST:PORT of process 0')
+  g.add_argument('--num-processes', type=int, default=1)
+  g.add_argument('--process-id', type=int, default=0)
+
+
 def _cmd_train(args, cfg):
   from hmem import compile_cache
   from hmem.files import as_path
@@ -99,8 +107,12 @@ def _cmd_export(args, cfg):
     print(json.dumps({'out': args.out, 'format': 'hf', 'files': written}))
     return
   from hmem.infer.bundle import export
+  _init_distributed(args)
   m = export(args.workdir, args.out, step=args.step, dtype=args.dtype, subtrees=args.subtree,
-             progress=not args.no_progress)
+             buffer_mb=args.buffer_mb, progress=not args.no_progress)
+  import jax
+  if jax.process_index():
+    return
   print(json.dumps({'out': args.out, 'step': m['step'], 'dtype': m['dtype'], 'subtrees': m['subtrees'], **m['sizes']}))
 
 
@@ -252,11 +264,7 @@ def _parser() -> argparse.ArgumentParser:
   p = add('train', _cmd_train, 'train (or resume) a run in --workdir')
   p.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
-  g = p.add_argument_group('multi-host (see BUILD.md)')
-  g.add_argument('--distributed', action='store_true', help='jax.distributed.initialize() from the environment')
-  g.add_argument('--coordinator', default='', help='HOST:PORT of process 0')
-  g.add_argument('--num-processes', type=int, default=1)
-  g.add_argument('--process-id', type=int, default=0)
+  _distributed_args(p)
   p = add('quickstart', _cmd_quickstart, 'anchor, anchor + memory and a dense baseline on Wikipedia, compared')
   p.add_argument('--workdir', required=True, help='directory for the corpus, dataset, runs, bundle and results')
   p.add_argument('--corpus', default='', help='a JSONL file of {"text"} records (default: offline Wikipedia)')
@@ -288,9 +296,13 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--format', choices=('bundle', 'hf'), default='bundle',
                  help='bundle: anchor + bank for hmem generate/eval; hf: the anchor alone as a Hugging Face '
                  'checkpoint (config.json, safetensors, tokenizer.json)')
-  p.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16', help='anchor and bank dtype')
+  p.add_argument('--dtype', default='bfloat16', help='bank dtype: bfloat16, float32 or int8 (a scale per row, '
+                 'layer and unit; the anchor then bfloat16); the anchor takes it too (hf: bfloat16 or float32)')
   p.add_argument('--subtree', type=int, nargs='+', default=None, help='level-1 subtrees to ship (default: all)')
+  p.add_argument('--buffer-mb', type=float, default=1024,
+                 help='host memory for the bank while it streams out of the checkpoint, in MB (any bank size)')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  _distributed_args(p)
   p = add('bank', _cmd_bank, "edit a bundle's bank: drop or replace the rows of subtrees (atomic)", config=False)
   p.add_argument('action', choices=('drop', 'replace'), help='drop: zero the rows; replace: copy them from --from')
   p.add_argument('--bundle', required=True, help='the bundle to edit')

@@ -15,7 +15,8 @@ from flax import nnx
 from hmem.cli import main
 from hmem.errors import DataError
 from hmem.infer.evaluate import evaluate
-from hmem.infer.source import open_source
+from hmem.infer.source import ArrayBank, open_source
+from hmem.memory import bank as memory_bank
 
 
 def _texts(n, skip=0):
@@ -29,9 +30,9 @@ def source(memory_run):
   no-op, and the modes must differ for the comparison to mean something."""
   source = open_source(workdir=str(memory_run[3]))
   rng = np.random.default_rng(0)
-  for arrays in source.rows.bank.values():
-    for name, a in arrays.items():
-      arrays[name] = rng.normal(0, 0.3, a.shape).astype(a.dtype)
+  bank = {t: {name: rng.normal(0, 0.3, shape).astype(np.float32) for name, shape in named.items()}
+          for t, named in memory_bank.bank_shapes(source.config).items()}
+  source.rows = ArrayBank(bank)
   return source
 
 

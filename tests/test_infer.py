@@ -30,6 +30,7 @@ from hmem.infer.reader import Reader
 from hmem.infer.router import Router, parse_node
 from hmem.infer.source import open_source
 from hmem.memory import bank as memory_bank
+from hmem.memory import optimizer as memory_optimizer
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.state import state_spec
@@ -100,7 +101,8 @@ def _logits(model, tokens_BxT, segment_ids_BxT, memory):
 
 
 def _trained(cfg, workdir):
-  """The run's last state as the trainer restores it, and its jitted eval-time memory."""
+  """The run's last state as the trainer restores it (whole), its bank caught up to the last
+  step (as dense AdamW holds it), and its jitted eval-time memory."""
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   with sharding.use_mesh(mesh, cfg.mesh.rules):
     spec = state_spec(cfg, anchor_optimizer(cfg.train)[0], mesh)
@@ -108,6 +110,8 @@ def _trained(cfg, workdir):
     state, _, _ = ckpt.restore(ckpt.latest_step(), spec.abstract)
     ckpt.close()
   model = nnx.merge(spec.graphdef, state.params)
+  caught_up = jax.jit(lambda w, o, step: memory_optimizer.caught_up(cfg, w, o['mu'], o['nu'], o['last_step'], step))
+  state = state.replace(bank={t: caught_up(w, state.bank_opt[t], state.step) for t, w in state.bank.items()})
 
   def memory(leaf_B, mode):
     blocks = memory_bank.gather_levels(cfg, state.bank, jnp.asarray(leaf_B))

@@ -171,8 +171,10 @@ def _tokenizer_metadata(tokenizer: Tokenizer, max_positions: int | None) -> dict
 def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> list[str]:
   """`export_hf` of a run's anchor (latest checkpoint, or `step`) cast to `dtype` (None: as
   stored), with the tokenizer it trained with (data.tokenizer, else the prepared dataset's)."""
-  from hmem.infer.source import restore_run
-  cfg, _, params, _, _ = restore_run(workdir, step)
+  from hmem.infer.source import restore_params
+  if dtype not in (None, 'bfloat16', 'float32'):
+    raise WeightsError(f'--dtype {dtype!r} for --format hf; choose bfloat16 or float32 (int8 is for bundles)')
+  cfg, _, params, _, _ = restore_params(workdir, step)  # the anchor alone: the bank is never read
   candidates = [cfg.data.tokenizer, str(as_path(cfg.data.path) / 'tokenizer.json') if cfg.data.path else '']
   tokenizer = next((path for path in candidates if path and as_path(path).is_file()), None)
   cast = (lambda x: np.asarray(x)) if dtype is None else (lambda x: np.asarray(x).astype(jnp.dtype(dtype)))

@@ -7,7 +7,8 @@
   anchor.safetensors  the anchor parameters, named by their paths ('blocks/attn/q/kernel')
   tokenizer.json, embedder.json (+ the embedder's files), tree.npz   the router's files
   bank/{table}/{name}.v{N}/   one zarr v3 array per table and named array, one chunk per
-                      row (tree node), each chunk checksummed (crc32c)
+                      row (tree node), each chunk checksummed (crc32c); an int8 bundle adds
+                      bank/{table}/{name}.scale/ (float32, a scale per row, layer and unit)
 
 Nothing in a bundle executes on load: JSON, safetensors, zarr chunks and
 np.load(allow_pickle=False). A partial bundle (`subtrees`) holds every level-1 row, the
@@ -17,10 +18,14 @@ s3://). Export writes a local bundle to a temporary directory renamed into place
 end; an object store has no rename, so there the manifest, written last, marks the bundle
 complete (one without a manifest is refused). `open_bundle` checks the format version and
 every checksum before any other work, then serves rows through a Reader.
+
+The bank is streamed from the checkpoint in row ranges (never restored whole): host memory
+for it stays within `buffer_mb` whatever its size (docs/BUNDLE.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -41,18 +46,25 @@ from hmem.errors import BundleError, ConfigError
 from hmem.files import as_path, atomic_path, atomic_write, copy, sha256
 from hmem.infer.reader import Reader, kvstore
 from hmem.infer.router import TOKENIZER, TREE, Router, check_node
-from hmem.infer.source import MemorySource, abstract_params, check_router, restore_run
+from hmem.infer.source import MemorySource, abstract_params, check_router, restore_params
+from hmem.infer.stored import ROW_COPIES, StoredBank
 from hmem.memory import bank as memory_bank
 
 FORMAT, VERSION = 'hmem-bundle', 1
 MANIFEST, ANCHOR = 'manifest.json', 'anchor.safetensors'
-DTYPES = ('bfloat16', 'float32')
-_SAFETENSORS_DTYPES = {'BF16': np.dtype(jax.numpy.bfloat16), 'F32': np.dtype(np.float32)}  # of DTYPES
+DTYPES = ('bfloat16', 'float32', 'int8')
+ANCHOR_DTYPE = {'int8': 'bfloat16'}  # the anchor's dtype in a bundle of a quantized bank (else the bank's)
+_SAFETENSORS_DTYPES = {'BF16': np.dtype(jax.numpy.bfloat16), 'F32': np.dtype(np.float32)}  # anchor dtypes
 _SLAB_BYTES = 64 << 20  # rows written per tensorstore call (and progress-bar step)
 
 
 def array_path(table: str, name: str, version: int = 0) -> str:
   return f'bank/{table}/{name}.v{version}'
+
+
+def scale_path(table: str, name: str) -> str:
+  """An int8 array's scales (never edited: `hmem bank` refuses int8 bundles)."""
+  return f'bank/{table}/{name}.scale'
 
 
 def present_rows(k: int, depth: int, table: str, rows: int, subtrees: list[int]) -> np.ndarray:
@@ -137,16 +149,43 @@ def _save_router(router: Router, out: epath.Path, data_path: str) -> None:
     write_config(str(out), {**json.loads((out / CONFIG_FILE).read_text()), 'path': 'minilm'})
 
 
+def quantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """fp32 rows [R, layers_m, width, features] -> (int8 rows, float32 scales [R, layers_m, width, 1]):
+  symmetric, one scale per row, layer and unit (the unit's feature vector: the output
+  feature of gate/up, LoRA A and KV keys), so one large unit does not coarsen the others."""
+  scale = np.abs(rows).max(axis=-1, keepdims=True) / 127
+  q = np.divide(rows, scale, out=np.zeros_like(rows), where=scale > 0)
+  return np.rint(q).astype(np.int8), scale.astype(np.float32)
+
+
+def row_ranges(lo: int, hi: int, per_range: int) -> list[tuple[int, int]]:
+  return [(start, min(start + per_range, hi)) for start in range(lo, hi, per_range)]
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfloat16',
-           subtrees: list[int] | None = None, progress: bool = True) -> dict:
-  """Writes the bundle of a run's checkpoint (latest, or `step`) to `out`; returns its manifest."""
+           subtrees: list[int] | None = None, buffer_mb: float = 1024, progress: bool = True) -> dict:
+  """Writes the bundle of a run's checkpoint (latest, or `step`) to `out`; returns its manifest.
+
+  The bank is streamed: read from the checkpoint in row ranges (hmem.infer.stored), caught
+  up to the checkpoint's step, cast and written, one range at a time; a range holds at most
+  `buffer_mb` MB of bank data however large the bank. On several processes (jax.distributed)
+  each writes every process_count-th range and process 0 writes the rest and, last, the
+  manifest; the bundle is then written in place (the manifest marks it complete)."""
   if dtype not in DTYPES:
     raise BundleError(f'--dtype {dtype!r}; choose one of {", ".join(DTYPES)}')
+  if not buffer_mb > 0:
+    raise BundleError(f'--buffer-mb {buffer_mb}: give a positive size in MB')
   out = as_path(out)
   if out.exists():
     raise BundleError(f'{out} already exists; remove it or choose another --out')
   kvstore(str(out), 'bank')  # the bank is written through tensorstore: fail here if it cannot reach `out`
-  cfg, _, params, bank, step = restore_run(workdir, step)
+  cfg, _, params, step, step_dir = restore_params(workdir, step)
   if cfg.data.source != 'prepared':
     raise BundleError(f'{workdir} was trained on synthetic data: a bundle needs the tokenizer and tree of a '
                       'prepared dataset (hmem prepare, data.source=prepared)')
@@ -156,40 +195,71 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
   subtrees = sorted({int(s) for s in subtrees}) if subtrees else list(range(k))
   for s in subtrees:
     check_node(1, s, k, depth)
-  np_dtype = np.dtype(jax.numpy.dtype(dtype))
+  tables = memory_bank.tables(cfg)
+  stored = StoredBank(cfg, step_dir, step) if tables else None
+  anchor_dtype = ANCHOR_DTYPE.get(dtype, dtype)
+  out_itemsize = 2 if dtype == 'int8' else np.dtype(jax.numpy.dtype(dtype)).itemsize  # a cast copy (int8: + fp32 work)
+  ranges = []  # (table, lo, hi): every range of present rows, each within the buffer
+  for table, (rows, _) in tables.items():
+    row_cost = stored.row_bytes(table) * (ROW_COPIES + out_itemsize / 4)
+    per_range = int(buffer_mb * 2**20 // row_cost)
+    if per_range < 1:
+      raise BundleError(f'--buffer-mb {buffer_mb} holds no row of bank table {table} (one row needs '
+                        f'{row_cost / 2**20:.1f} MB while it is caught up and cast); raise --buffer-mb')
+    for lo, hi in true_runs(present_rows(k, depth, table, rows, subtrees)):
+      ranges += [(table, a, b) for a, b in row_ranges(lo, hi, per_range)]
+  mine = ranges[jax.process_index()::jax.process_count()]
 
-  # Local: the bundle appears whole (a renamed directory) or not at all. Object store: the
-  # manifest, written last, is what makes the files present a bundle.
-  with atomic_path(out) as tmp:
-    tmp.mkdir(parents=True)
-    flat = traverse_util.flatten_dict(jax.tree.map(lambda a: np.asarray(a).astype(np_dtype), params), sep='/')
-    (tmp / ANCHOR).write_bytes(safetensors.numpy.save(flat, metadata={'format': FORMAT}))
-    _save_router(router, tmp, cfg.data.path)
-    masks = {t: present_rows(k, depth, t, rows, subtrees) for t, (rows, _) in memory_bank.tables(cfg).items()}
-    total = sum(a[0].size * np_dtype.itemsize * int(masks[t].sum()) for t, named in bank.items()
-                for a in named.values())
-    arrays = {}
+  # Local, one process: the bundle appears whole (a renamed directory) or not at all. Object
+  # store or several processes: written in place, and the manifest, written last, is what
+  # makes the files present a bundle.
+  with (atomic_path(out) if jax.process_count() == 1 else contextlib.nullcontext(out)) as tmp:
+    arrays, meta = {}, {}
+    for table, named in (stored.shapes if stored else {}).items():
+      for name, shape in named.items():
+        arrays[table, name] = (array_path(table, name), *((scale_path(table, name),) if dtype == 'int8' else ()))
+        meta[f'{table}/{name}'] = {
+            'path': arrays[table, name][0], 'shape': list(shape), 'dtype': dtype, 'chunk_shape': [1, *shape[1:]],
+            'codecs': ['bytes', 'crc32c'], 'rows_present': int(present_rows(k, depth, table, shape[0], subtrees).sum()),
+            **({'scale': {'path': arrays[table, name][1], 'shape': [*shape[:-1], 1], 'dtype': 'float32'}}
+               if dtype == 'int8' else {})}
+    if jax.process_index() == 0:
+      tmp.mkdir(parents=True)
+      np_dtype = np.dtype(jax.numpy.dtype(anchor_dtype))
+      flat = traverse_util.flatten_dict(jax.tree.map(lambda a: np.asarray(a).astype(np_dtype), params), sep='/')
+      (tmp / ANCHOR).write_bytes(safetensors.numpy.save(flat, metadata={'format': FORMAT}))
+      _save_router(router, tmp, cfg.data.path)
+      for key, m in meta.items():
+        create_array(tmp, m['path'], m['shape'], dtype)
+        if 'scale' in m:
+          create_array(tmp, m['scale']['path'], m['scale']['shape'], 'float32')
+    _sync('hmem-export-created')
+    opened = {key: tuple(open_array(tmp, path) for path in paths) for key, paths in arrays.items()}
+    total = sum(stored.row_bytes(t) * (b - a) for t, a, b in mine)
     with tqdm(total=total, unit='B', unit_scale=True, desc='export bank', disable=not progress) as bar:
-      for table, named in bank.items():
-        for name, a in named.items():
-          path = array_path(table, name)
-          array = create_array(tmp, path, a.shape, dtype)
-          for lo, hi in true_runs(masks[table]):
-            write_rows(array, lo, a[lo:hi].astype(np_dtype), bar)
-          arrays[f'{table}/{name}'] = {'path': path, 'shape': list(a.shape), 'dtype': dtype,
-                                       'chunk_shape': [1, *a.shape[1:]], 'codecs': ['bytes', 'crc32c'],
-                                       'rows_present': int(masks[table].sum())}
-    data_manifest = json.loads((as_path(cfg.data.path) / 'manifest.json').read_text())
-    manifest = {
-        'format': FORMAT, 'version': VERSION, 'step': int(step), 'dtype': dtype,
-        'config': json.loads(cfg.to_json_best_effort()), 'sizes': sizes.sizes(cfg),
-        'k': k, 'depth': depth, 'subtrees': subtrees,
-        'tokenizer': {'vocab_size': data_manifest['vocab_size'], 'eot_id': data_manifest['eot_id'],
-                      'identity': data_manifest.get('tokenizer_sha256') or router.tokenizer.identity},
-        'files': file_checksums(tmp), 'bank': arrays,
-    }
-    write_json(tmp / MANIFEST, manifest)  # last: the commit point
-  return manifest
+      for table, lo, hi in mine:
+        for name, rows in stored.rows(table, slice(lo, hi)).items():
+          if dtype == 'int8':
+            for array, part in zip(opened[table, name], quantize(rows)):
+              write_rows(array, lo, part)
+          else:
+            write_rows(opened[table, name][0], lo, rows.astype(jax.numpy.dtype(dtype)))
+        bar.update(stored.row_bytes(table) * (hi - lo))
+    _sync('hmem-export-written')
+    manifest = None
+    if jax.process_index() == 0:
+      data_manifest = json.loads((as_path(cfg.data.path) / 'manifest.json').read_text())
+      manifest = {
+          'format': FORMAT, 'version': VERSION, 'step': int(step), 'dtype': dtype, 'anchor_dtype': anchor_dtype,
+          'config': json.loads(cfg.to_json_best_effort()), 'sizes': sizes.sizes(cfg),
+          'k': k, 'depth': depth, 'subtrees': subtrees,
+          'tokenizer': {'vocab_size': data_manifest['vocab_size'], 'eot_id': data_manifest['eot_id'],
+                        'identity': data_manifest.get('tokenizer_sha256') or router.tokenizer.identity},
+          'files': file_checksums(tmp), 'bank': meta,
+      }
+      write_json(tmp / MANIFEST, manifest)  # last: the commit point
+    _sync('hmem-export-done')
+  return manifest if manifest is not None else read_manifest(out)
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
@@ -230,7 +300,7 @@ def _load_params(root: epath.Path, cfg, dtype: str):
   flat = {}
   for name, t in tensors:  # safetensors.numpy.load knows no bfloat16
     if t['dtype'] not in _SAFETENSORS_DTYPES:
-      raise BundleError(f'{path}: {name} is {t["dtype"]}, not one of {", ".join(DTYPES)}; export the bundle again')
+      raise BundleError(f'{path}: {name} is {t["dtype"]}, not BF16 or F32; export the bundle again')
     flat[name] = np.frombuffer(t['data'], _SAFETENSORS_DTYPES[t['dtype']]).reshape(t['shape'])
   graphdef, abstract = abstract_params(cfg)
   expected = traverse_util.flatten_dict(abstract, sep='/')
@@ -258,15 +328,17 @@ def open_bundle(root: str | os.PathLike, *, check: bool = True, cache_bytes: int
   k, subtrees = manifest['k'], manifest['subtrees']
   router = Router.load(root, present=subtrees if len(subtrees) < k else None)
   check_router(router, cfg, str(root))
-  graphdef, params = _load_params(root, cfg, manifest['dtype'])
-  arrays, present = {}, {}
+  graphdef, params = _load_params(root, cfg, manifest.get('anchor_dtype', manifest['dtype']))
+  arrays, scales, present = {}, {}, {}
   for key, meta in manifest['bank'].items():
     table, name = key.split('/')
     arrays.setdefault(table, {})[name] = meta['path']
+    if 'scale' in meta:
+      scales.setdefault(table, {})[name] = meta['scale']['path']
     present[table] = present_rows(k, manifest['depth'], table, meta['shape'][0], subtrees)
   expected = {f'{t}/{name}': list(shape) for t, named in memory_bank.bank_shapes(cfg).items()
               for name, shape in named.items()}
   if {key: meta['shape'] for key, meta in manifest['bank'].items()} != expected:
     raise BundleError(f'bundle {root}: its bank arrays {sorted(manifest["bank"])} do not match the run config')
-  reader = Reader(str(root), arrays, present, cache_bytes) if arrays else None
+  reader = Reader(str(root), arrays, present, cache_bytes, scales=scales) if arrays else None
   return MemorySource(cfg, nnx.merge(graphdef, params), router, reader, manifest['step'], manifest=manifest)

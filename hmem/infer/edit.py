@@ -138,6 +138,9 @@ def _edit(root: str, nodes, record: dict, new_rows) -> dict:
 
 def _edit_locked(root: epath.Path, nodes, record: dict, new_rows) -> dict:
   manifest = bundle.read_manifest(root)
+  if manifest['dtype'] not in ('bfloat16', 'float32'):
+    raise BundleError(f'bundle {root} has an {manifest["dtype"]} bank (rows share per-row scales): edit a '
+                      'bfloat16 or float32 export of the run instead')
   bundle.verify(root, manifest)
   _remove_unreferenced(root, manifest)  # left by an edit that crashed
   k, depth = manifest['k'], manifest['depth']

@@ -5,7 +5,9 @@ are read as one chunk per (table, array), all issued at once and awaited togethe
 cached whole ({name: array} per (table, row)) in a least-recently-used cache bounded in
 bytes: the top levels (few, often shared rows) stay warm, deep rows come and go.
 tensorstore's own cache is off, so `reads` counts exactly the rows fetched from storage
-(tests use it to prove a blocked node is never read).
+(tests use it to prove a blocked node is never read). The cache and the counts live in
+`RowCache`; `Reader` fetches from a bundle (dequantizing an int8 bank's rows with their
+scales), `hmem.infer.stored.StoredRows` from a run's checkpoint.
 
 The arrays are opened through tensorstore kvstore specs relative to the bundle's root, so
 any tensorstore kvstore works (a local directory, gs://, s3://, ...). Every chunk carries a
@@ -19,6 +21,7 @@ import collections
 import re
 import threading
 
+import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
@@ -41,28 +44,21 @@ def kvstore(root: str, path: str) -> dict | str:
   return url
 
 
-class Reader:
-  """Rows of a bundle's bank. `arrays`: {table: {name: array path under root}};
-  `present`: {table: bool [rows]} which rows a (partial) bundle holds."""
+class RowCache:
+  """Bank rows read from storage by `_fetch`, behind an LRU cache bounded in bytes, with read
+  counts. `names`: {table: [array names]}; `present`: {table: bool [rows]} which rows the
+  storage holds (a partial bundle holds some)."""
 
-  def __init__(self, root: str, arrays: dict[str, dict[str, str]], present: dict[str, np.ndarray],
-               cache_bytes: int = 256 << 20):
-    self.root, self.present, self.cache_bytes = root, present, cache_bytes
-    context = ts.Context({'cache_pool': {'total_bytes_limit': 0}})
-    self._arrays, futures = {}, {}
-    for table, names in arrays.items():
-      for name, path in names.items():
-        spec = {'driver': 'zarr3', 'kvstore': kvstore(root, path), 'fill_missing_data_reads': False}
-        futures[table, name] = (path, ts.open(spec, read=True, context=context))
-    for (table, name), (path, future) in futures.items():
-      try:
-        self._arrays.setdefault(table, {})[name] = future.result()
-      except (ValueError, RuntimeError, OSError) as e:
-        raise BundleError(f'bundle {root}: bank array {path} cannot be opened ({e}); export the bundle again') from None
+  def __init__(self, root: str, names: dict[str, list[str]], present: dict[str, np.ndarray], cache_bytes: int):
+    self.root, self.names, self.present, self.cache_bytes = root, names, present, cache_bytes
     self.reads: collections.Counter = collections.Counter()  # (table, row) -> reads from storage
     self._cache: collections.OrderedDict = collections.OrderedDict()  # (table, row) -> {name: array}
     self._cached_bytes = 0
     self._lock = threading.Lock()
+
+  def _fetch(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """{(table, row): {name: [layers_m, width, features]}} of rows not cached, read from storage."""
+    raise NotImplementedError
 
   def read(self, requests: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     """{table: row ids [U]} -> {table: {name: [U, layers_m, width, features]}}; rows not cached
@@ -77,17 +73,10 @@ class Reader:
       hits = {key: self._cache[key] for key in wanted if key in self._cache}
       for key in hits:
         self._cache.move_to_end(key)
-    pending = {(table, row, name): arr[row].read()
-               for table, row in sorted(wanted - hits.keys()) for name, arr in self._arrays[table].items()}
-    fetched: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    for (table, row, name), future in pending.items():
-      try:
-        rows = future.result()
-        rows.flags.writeable = False  # shared with the cache and handed out as views
-        fetched.setdefault((table, row), {})[name] = rows
-      except (ValueError, RuntimeError, OSError) as e:
-        raise BundleError(f'bundle {self.root}: row {row} of bank array {table}/{name} cannot be read ({e}); '
-                          'the bundle is damaged: export it again') from None
+    fetched = self._fetch(sorted(wanted - hits.keys()))
+    for rows in fetched.values():
+      for a in rows.values():
+        a.flags.writeable = False  # shared with the cache and handed out as views
     with self._lock:
       for key, rows in fetched.items():
         self.reads[key] += 1
@@ -95,7 +84,7 @@ class Reader:
     found = {**hits, **fetched}
     # One row (a single path) is handed out as a view of the cached row: no copy.
     stack = lambda rows: rows[0][None] if len(rows) == 1 else np.stack(rows)
-    return {table: {name: stack([found[table, int(i)][name] for i in ids_U]) for name in self._arrays[table]}
+    return {table: {name: stack([found[table, int(i)][name] for i in ids_U]) for name in self.names[table]}
             for table, ids_U in requests.items()}
 
   def _insert(self, key, rows) -> None:
@@ -112,3 +101,45 @@ class Reader:
     with self._lock:
       self._cache.clear()
       self._cached_bytes = 0
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+  """int8 rows and their scales (hmem.infer.bundle.quantize) -> bfloat16 rows."""
+  return (q.astype(np.float32) * scale).astype(ml_dtypes.bfloat16)
+
+
+class Reader(RowCache):
+  """Rows of a bundle's bank. `arrays`: {table: {name: array path under root}};
+  `present`: {table: bool [rows]} which rows a (partial) bundle holds; `scales`: for an
+  int8 bundle, {table: {name: path of the array's scales}}, applied on fetch."""
+
+  def __init__(self, root: str, arrays: dict[str, dict[str, str]], present: dict[str, np.ndarray],
+               cache_bytes: int = 256 << 20, scales: dict[str, dict[str, str]] | None = None):
+    super().__init__(root, {t: list(names) for t, names in arrays.items()}, present, cache_bytes)
+    context = ts.Context({'cache_pool': {'total_bytes_limit': 0}})
+    paths = {(t, name): path for t, names in arrays.items() for name, path in names.items()}
+    paths.update({(t, name, 'scale'): path for t, names in (scales or {}).items() for name, path in names.items()})
+    futures = {key: (path, ts.open({'driver': 'zarr3', 'kvstore': kvstore(root, path),
+                                    'fill_missing_data_reads': False}, read=True, context=context))
+               for key, path in paths.items()}
+    self._arrays = {}
+    for key, (path, future) in futures.items():
+      try:
+        self._arrays[key] = future.result()
+      except (ValueError, RuntimeError, OSError) as e:
+        raise BundleError(f'bundle {root}: bank array {path} cannot be opened ({e}); export the bundle again') from None
+    self.quantized = bool(scales)
+
+  def _fetch(self, keys):
+    parts = ('', 'scale') if self.quantized else ('',)
+    pending = {(table, row, name, part): self._arrays[(table, name, part) if part else (table, name)][row].read()
+               for table, row in keys for name in self.names[table] for part in parts}
+    got = {}
+    for (table, row, name, part), future in pending.items():
+      try:
+        got[table, row, name, part] = future.result()
+      except (ValueError, RuntimeError, OSError) as e:
+        raise BundleError(f'bundle {self.root}: row {row} of bank array {table}/{name} cannot be read ({e}); '
+                          'the bundle is damaged: export it again') from None
+    row = lambda t, r, n: dequantize(got[t, r, n, ''], got[t, r, n, 'scale']) if self.quantized else got[t, r, n, '']
+    return {(t, r): {n: row(t, r, n) for n in self.names[t]} for t, r in keys}

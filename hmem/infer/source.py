@@ -1,12 +1,13 @@
 """A trained model ready for inference: anchor, bank rows and router, from a run or a bundle.
 
-`open_source(workdir=RUN)` restores the anchor parameters and the bank from the run's
-latest (or a given) checkpoint onto one device and routes with the tree of the dataset
-the run trained on (`data.path`), or, for a run without a tree (made by `hmem import`),
-with no router and the run's own tokenizer; `open_source(bundle=DIR)` reads an exported bundle (the
-bank stays on disk and rows are read as paths need them). Either way the caller gets the
-same `MemorySource`: the model, the router, and the rows of any leaf's path assembled into
-the model's `memory` argument.
+`open_source(workdir=RUN)` restores the anchor parameters of the run's latest (or a given)
+checkpoint onto one device, reads the bank rows a batch needs from the checkpoint on
+demand (caught up to its step: hmem.infer.stored; the bank is never restored whole) and
+routes with the tree of the dataset the run trained on (`data.path`), or, for a run without
+a tree (made by `hmem import`), with no router and the run's own tokenizer;
+`open_source(bundle=DIR)` reads an exported bundle (rows read as paths need them).
+Either way the caller gets the same `MemorySource`: the model, the router, and the rows of
+any leaf's path assembled into the model's `memory` argument.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hmem.data.tokenizer import Tokenizer
 from hmem.errors import BundleError, CheckpointError
 from hmem.files import as_path
 from hmem.infer.router import TOKENIZER, Router
+from hmem.infer.stored import StoredBank, StoredRows
 from hmem.memory import bank as memory_bank
 from hmem.memory import config as memory_config
 from hmem.model import build_model
@@ -34,7 +36,7 @@ MODES = ('fetched', 'generic', 'none')
 
 
 class BankRows(Protocol):
-  """Where a source reads bank rows from: the restored bank in memory, or a bundle's Reader."""
+  """Where a source reads bank rows from: a bundle's Reader or a checkpoint's StoredRows."""
 
   def read(self, requests: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     """{table: row ids [U]} -> {table: {name: [U, layers_m, width, features]}}."""
@@ -42,7 +44,8 @@ class BankRows(Protocol):
 
 
 class ArrayBank:
-  """A bank held in memory as numpy arrays ({table: {name: [rows, ...]}})."""
+  """A bank held in memory as numpy arrays ({table: {name: [rows, ...]}}): for benchmarks
+  and tests that set rows by hand."""
 
   def __init__(self, bank: dict):
     self.bank = bank
@@ -119,15 +122,16 @@ def abstract_params(cfg, device=None):
   """(graphdef, ShapeDtypeStructs of the anchor parameters on one device)."""
   layers = memory_config.memory_layers(cfg)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, memory_layers=layers)))
-  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+  sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])  # this process's
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         nnx.to_pure_dict(abstract))
   return graphdef, params
 
 
-def restore_run(workdir: str, step: int | None = None):
-  """(config, graphdef, params on one device, bank as numpy {table: {name: array}}, step) from
-  a run's checkpoint: only the anchor parameters and the bank are read."""
+def restore_params(workdir: str, step: int | None = None):
+  """(config, graphdef, anchor params on one device, step, the step's checkpoint directory)
+  of a run's checkpoint (latest, or `step`): only the anchor parameters are read; the bank,
+  however large, is left in place (hmem.infer.stored reads its rows)."""
   from hmem.train.checkpoint import Checkpoints
   from hmem.train.state import TrainState
   cfg = run_config(workdir)
@@ -142,16 +146,11 @@ def restore_run(workdir: str, step: int | None = None):
     if step is None or step not in steps:
       raise CheckpointError(f'{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}')
     graphdef, params = abstract_params(cfg)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    bank = jax.eval_shape(lambda: memory_bank.init_bank(cfg, jax.random.key(0)))
-    bank = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), bank)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=None, bank=bank)
-    items = ('params', 'bank') if bank else ('params',)
-    state, _, _ = ckpt.restore(step, abstract, items=items)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=None)
+    state, _, _ = ckpt.restore(step, abstract, items=('params',))
   finally:
     ckpt.close()
-  bank = jax.tree.map(np.asarray, state.bank) if bank else {}
-  return cfg, graphdef, state.params, bank, step
+  return cfg, graphdef, state.params, step, str(directory / str(step))
 
 
 def check_router(router: Router, cfg, where: str) -> None:
@@ -189,12 +188,12 @@ def open_source(*, bundle: str | None = None, workdir: str | None = None, step: 
       raise BundleError('--step applies to a run directory; a bundle holds one step')
     from hmem.infer.bundle import open_bundle
     return open_bundle(bundle)
-  cfg, graphdef, params, bank, step = restore_run(workdir, step)
+  cfg, graphdef, params, step, step_dir = restore_params(workdir, step)
+  rows = StoredRows(StoredBank(cfg, step_dir, step)) if memory_bank.tables(cfg) else None
   router = tokenizer = None
   if cfg.data.source == 'prepared':
     router = Router.load(cfg.data.path)
     check_router(router, cfg, cfg.data.path)
   else:
     tokenizer = run_tokenizer(workdir, cfg)
-  return MemorySource(cfg, nnx.merge(graphdef, params), router, ArrayBank(bank) if bank else None, step,
-                      tokenizer=tokenizer)
+  return MemorySource(cfg, nnx.merge(graphdef, params), router, rows, step, tokenizer=tokenizer)

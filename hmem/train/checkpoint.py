@@ -51,6 +51,14 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _save_args(item: str, tree):
+  """The bank and its moments are stored one row per chunk, so that export and inference read
+  any rows of them alone (hmem.infer.stored) however large the bank; the rest as orbax chooses."""
+  if item not in ('bank', 'bank_opt'):
+    return None
+  return jax.tree.map(lambda a: ocp.SaveArgs(shard_axes=(0,) if a.ndim > 1 else ()), tree)
+
+
 class Checkpoints:
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True, read_only: bool = False):
@@ -78,7 +86,8 @@ class Checkpoints:
     step = int(state.step)
     if not bool(_all_finite(state)):
       raise CheckpointError(f'refusing to save step {step}: the state holds NaN or Inf values')
-    args = {name: ocp.args.StandardSave(getattr(state, name)) for name in state_items(state)}
+    args = {name: ocp.args.StandardSave(getattr(state, name), save_args=_save_args(name, getattr(state, name)))
+            for name in state_items(state)}
     args['data'] = ocp.args.JsonSave(position.to_json())
     args['meta'] = ocp.args.JsonSave({**meta, 'step': step})
     with checkpoint_writes(self.directory):  # this save, or the previous one still being written
