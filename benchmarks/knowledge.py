@@ -21,7 +21,8 @@ accuracy against N as WORKDIR/knowledge.png, and last one JSON object.
 
 Every stage is reused when rerun (runs resume, evaluations are cached per checkpoint), so
 an interrupted run picks up where it stopped. --quick: 64 entities, 2 + 4 epochs, 64
-probes (a smoke test of every stage; its accuracies mean little). Steps follow the corpus: an epoch is ceil(sequences / batch_size) steps.
+probes (a smoke test of every stage; its accuracies mean little). Steps follow the
+corpus: an epoch is ceil(sequences / batch_size) steps.
 """
 
 from __future__ import annotations

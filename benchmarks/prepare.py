@@ -74,8 +74,8 @@ def main():
   parser.add_argument('--workers', type=int, default=0, help='DirectRunner workers (0 = the cores)')
   args = parser.parse_args()
   sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(',')]
-  rows, results = [], {'machine': f'{os.cpu_count()}-core CPU', 'workers': args.workers or os.cpu_count(),
-                       'runs': {}}
+  results = {'machine': f'{os.cpu_count()}-core CPU', 'workers': args.workers or os.cpu_count(),
+             'runs': {}}
   print(f'{"documents":>10} {"seconds":>8} {"docs/s":>8} {"launcher GB":>12} {"worker GB":>10} '
         f'{"sequences":>10} {"largest leaf":>13}')
   with tempfile.TemporaryDirectory() as tmp:

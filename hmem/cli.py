@@ -182,6 +182,7 @@ def _cmd_plan(args, cfg):
   plan.use_fake_devices(args.devices, args.platform)
   compile_cache.enable(cfg)
   import jax
+
   from hmem.errors import ConfigError
   try:
     devices = jax.devices()

@@ -16,7 +16,7 @@ import pytest
 from hmem import resources, sizes
 from hmem.cli import main
 from hmem.errors import ConfigError
-from hmem.sweep import collect, launch, spec
+from hmem.sweep import collect, spec
 
 
 def _cli(*argv) -> tuple[int, list[str]]:
@@ -104,7 +104,8 @@ def test_slurm_launcher_submits_one_job_per_unfinished_run(repo, tmp_path, monke
   logs = os.path.abspath(runs[1].workdir)
   assert submitted[0].split() == ['--parsable', f'--job-name=hmem-{runs[1].name}', f'--output={logs}/slurm-%j.log',
                                   f'--export=ALL,HMEM_LOGS={logs}/logs', '--nodes=2',
-                                  resources.launcher_file('slurm.sbatch'), '--config', sweep_file, '--workdir', runs[1].workdir,
+                                  resources.launcher_file('slurm.sbatch'), '--config', sweep_file,
+                                  '--workdir', runs[1].workdir,
                                   *runs[1].args()]
   assert runs[1].args()[-1] == '--config.data.path=/data/dclm'
 

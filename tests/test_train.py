@@ -13,9 +13,9 @@ import pytest
 from conftest import assert_trees_close, saved_items
 from flax import nnx
 
+from hmem import sizes
 from hmem.errors import TrainingError
 from hmem.train.trainer import train
-from hmem import sizes
 
 
 def _rows(workdir):
