@@ -48,7 +48,7 @@ setuptools.setup(
     packages=[*setuptools.find_packages(include=['hmem', 'hmem.*']), 'hmem.configs', 'hmem.launch'],
     package_dir={'hmem.configs': 'configs', 'hmem.launch': 'launch'},
     package_data={'hmem.configs': ['*.py', 'paper/*.py', 'sweeps/*.py'],
-                  'hmem.launch': ['*.sh', '*.sbatch', 'gke/*']},
+                  'hmem.launch': ['*.sh', '*.sbatch', 'gke/*', 'beam/*']},
     data_files=[(SITE_PACKAGES, [PTH])],
     cmdclass={'editable_wheel': EditableWithPth},
 )

@@ -18,9 +18,10 @@ from hmem.errors import UserError  # noqa: E402
 from hmem.infer.decoder import complete  # noqa: E402
 from hmem.infer.evaluate import evaluate  # noqa: E402
 from hmem.infer.harness import HarnessLM  # noqa: E402
-from hmem.infer.source import open_source  # noqa: E402
+from hmem.infer.source import ArrayBank, open_source  # noqa: E402
+from hmem.memory import bank as memory_bank  # noqa: E402
 
-lm_eval = pytest.importorskip('lm_eval')  # the `eval` extra (the test extra includes it)
+import lm_eval  # noqa: E402  (the `eval` extra; the test extra includes it)
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 TASKS = {
@@ -65,9 +66,8 @@ def lm(memory_run):
   training steps leave the memory almost a no-op, and modes must differ to mean something."""
   lm = HarnessLM(workdir=str(memory_run[3]), batch_size=4, progress=False)
   rng = np.random.default_rng(0)
-  for arrays in lm.source.rows.bank.values():
-    for name, a in arrays.items():
-      arrays[name] = rng.normal(0, 0.3, a.shape).astype(a.dtype)
+  lm.source.rows = ArrayBank({t: {name: rng.normal(0, 0.3, shape).astype(np.float32) for name, shape in named.items()}
+                              for t, named in memory_bank.bank_shapes(lm.source.config).items()})
   return lm
 
 

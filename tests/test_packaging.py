@@ -34,7 +34,7 @@ def installed(repo, tmp_path_factory):
   tmp = tmp_path_factory.mktemp('wheel')
   src = tmp / 'src'
   src.mkdir()
-  for name in ('setup.py', 'setup.cfg', 'pyproject.toml', 'README.md'):
+  for name in ('setup.py', 'setup.cfg', 'pyproject.toml', 'README.md', 'hmem-lm-eval.pth'):
     shutil.copy(repo / name, src / name)
   for name in ('hmem', 'configs', 'launch'):
     shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns('__pycache__'))

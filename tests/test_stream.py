@@ -162,7 +162,8 @@ def test_export_catches_every_row_up_to_dense_adamw(memory_run, tmp_path):
   tx = optax.adamw(memory_optimizer.memory_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
                    weight_decay=cfg.memory.weight_decay)
   ours, opt, theirs, their_opt = bank, memory_optimizer.init(bank), bank, tx.init(bank)
-  update = jax.jit(lambda b, o, ids, g, s: memory_optimizer.update(cfg, b, o, ids, g, s, True))
+  table = jnp.asarray(memory_optimizer.log_decay_table(cfg))
+  update = jax.jit(lambda b, o, ids, g, s: memory_optimizer.update(cfg, b, o, ids, g, s, True, table))
   dense = jax.jit(lambda p, o, g: (lambda u, o: (optax.apply_updates(p, u), o))(*tx.update(g, o, p)))
   for step in range(1, 301):
     touched = {tab: (rng.random(r.shape) < r) | (step <= 5) for tab, r in rate.items()}
