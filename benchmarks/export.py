@@ -10,7 +10,8 @@ almost all level 2, 256 rows), then, each in a fresh process:
 
 - export: `hmem export --buffer-mb B` (256; --quick 16) to a bfloat16 bundle;
 - eval: `hmem eval --workdir RUN` of 8 texts in mode fetched (rows read from the
-  checkpoint on demand).
+  checkpoint on demand);
+- generate: `hmem generate --workdir RUN` of 16 tokens from one prompt (the same reads).
 
 Reported per size: bank bytes (fp32), the peak RSS of each process (whole-process,
 ru_maxrss), export MB/s (fp32 bytes read over the export's wall time, process start
@@ -69,9 +70,13 @@ def run(root: str, width: int, buffer_mb: float, data: str) -> dict:
                                '--buffer-mb', str(buffer_mb), '--no-progress'])
   texts = os.path.join(root, 'texts.jsonl')
   evaluated, eval_s = _child(['eval', '--workdir', workdir, '--data', texts, '--json', '--no-progress'])
+  generated, generate_s = _child(['generate', '--workdir', workdir, '--prompt', 'The history of the city',
+                                  '--max-new-tokens', '16', '--no-progress'])
   return {'bank_bytes': bank, 'buffer_mb': buffer_mb, 'export_peak_rss': exported['peak_rss'], 'export_s': export_s,
           'export_mb_s': bank / 2**20 / export_s, 'export_rss_over_bank': exported['peak_rss'] / bank,
-          'eval_peak_rss': evaluated['peak_rss'], 'eval_s': eval_s, 'eval_rss_over_bank': evaluated['peak_rss'] / bank}
+          'eval_peak_rss': evaluated['peak_rss'], 'eval_s': eval_s, 'eval_rss_over_bank': evaluated['peak_rss'] / bank,
+          'generate_peak_rss': generated['peak_rss'], 'generate_s': generate_s,
+          'generate_rss_over_bank': generated['peak_rss'] / bank}
 
 
 def main():
@@ -91,16 +96,17 @@ def main():
         out.write(json.dumps({'text': json.loads(line)['text']}) + '\n')
     rows = {w: run(root, w, buffer_mb, data) for w in widths}
   print(f'{"bank GB":>8} {"buffer MB":>9} {"export RSS GB":>13} {"MB/s":>6} {"RSS/bank":>8} '
-        f'{"eval RSS GB":>11} {"RSS/bank":>8}')
+        f'{"eval RSS GB":>11} {"RSS/bank":>8} {"generate RSS GB":>15} {"RSS/bank":>8}')
   for r in rows.values():
     print(f'{r["bank_bytes"] / 1e9:8.2f} {r["buffer_mb"]:9.0f} {r["export_peak_rss"] / 1e9:13.2f} '
           f'{r["export_mb_s"]:6.0f} {r["export_rss_over_bank"]:8.2f} {r["eval_peak_rss"] / 1e9:11.2f} '
-          f'{r["eval_rss_over_bank"]:8.2f}')
+          f'{r["eval_rss_over_bank"]:8.2f} {r["generate_peak_rss"] / 1e9:15.2f} {r["generate_rss_over_bank"]:8.2f}')
   big, small = (rows[w] for w in widths)
   summary = {'quick': args.quick, 'runs': list(rows.values()),
              'bank_growth': big['bank_bytes'] / small['bank_bytes'],
              'export_rss_growth': big['export_peak_rss'] / small['export_peak_rss'],
-             'eval_rss_growth': big['eval_peak_rss'] / small['eval_peak_rss']}
+             'eval_rss_growth': big['eval_peak_rss'] / small['eval_peak_rss'],
+             'generate_rss_growth': big['generate_peak_rss'] / small['generate_peak_rss']}
   print(json.dumps(summary))
 
 

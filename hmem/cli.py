@@ -87,7 +87,7 @@ def _cmd_quickstart(args, cfg):
   from hmem.quickstart import quickstart
   compile_cache.enable(cfg, args.workdir)
   print(json.dumps(quickstart(cfg, args.workdir, corpus=args.corpus, train_docs=args.train_docs,
-                              progress=not args.no_progress)))
+                              probes=args.probes, progress=not args.no_progress)))
 
 
 def _cmd_import(args, cfg):
@@ -270,6 +270,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--workdir', required=True, help='directory for the corpus, dataset, runs, bundle and results')
   p.add_argument('--corpus', default='', help='a JSONL file of {"text"} records (default: offline Wikipedia)')
   p.add_argument('--train-docs', type=int, default=500, help='training documents sampled for evaluation')
+  p.add_argument('--probes', default='', help='a JSONL file of multiple-choice probes ("prompt", "candidates", '
+                 '"answer"): adds a probe-accuracy row per mode')
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
   add('sizes', _cmd_sizes, 'print parameter counts and FLOPs per token')
   p = add('config', _cmd_config, 'print the resolved config as --config.KEY=VALUE lines (paste them back)')

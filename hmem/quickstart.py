@@ -8,7 +8,9 @@ corpus -> `hmem prepare` (tokenizer, embeddings, tree, packed shards) -> three r
 -> `hmem export` of the memory run -> `hmem eval` on a seeded sample of training documents
 and on the held-out documents: perplexity of the dense baseline, and of the anchor with
 the generic block, the fetched memory, and the fetched memory with each document's own
-level-1 subtree blocked (`--block-best`).
+level-1 subtree blocked (`--block-best`). With `--probes FILE` (multiple-choice records,
+as `hmem eval` reads them; `hmem.data.facts` writes such files) every model is also scored
+on the probes: one accuracy row per mode, each question routed by its prompt.
 
 Every stage skips work a previous invocation finished (the trainer resumes; an export or
 evaluation of the same checkpoint is reused), so a rerun picks up where one stopped.
@@ -69,6 +71,16 @@ def _eval_files(corpus: str, out_dir: str, text_field: str, eval_fraction: float
   return paths
 
 
+def _check_probes(path: str) -> int:
+  """The number of multiple-choice records in the probe file; stops with one line when it
+  has none (run before any training)."""
+  records = evaluate.read_records(path)
+  if not records.prompts:
+    raise DataError(f'probes {path}: no multiple-choice record ({len(records.texts)} text records); write one '
+                    'JSON object a line with "prompt", "candidates" and "answer"')
+  return len(records.prompts)
+
+
 def latest_step(workdir: str) -> int:
   ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'), async_save=False, read_only=True)
   try:
@@ -87,13 +99,15 @@ def export_latest(run: str, out: str, progress: bool) -> None:
 
 
 def evaluate_cached(open_model, step: int, data: str, out: str, block_best: bool, progress: bool) -> dict:
-  """`hmem eval` of a model on a file, cached in `out` for this checkpoint step."""
+  """`hmem eval` of a model on a file, cached in `out` for this checkpoint step and this
+  version of the file (path and modification time)."""
+  key = {'step': step, 'data': os.path.abspath(data), 'data_mtime_ns': os.stat(data).st_mtime_ns}
   if os.path.exists(out):
     with open(out) as f:
       cached = json.load(f)
-    if cached.get('step') == step:
+    if all(cached.get(k) == v for k, v in key.items()):
       return cached
-  result = {'step': step, **evaluate.evaluate(open_model(), data, block_best=block_best, progress=progress)}
+  result = {**key, **evaluate.evaluate(open_model(), data, block_best=block_best, progress=progress)}
   with atomic_write(out) as f:
     json.dump(result, f)
   return result
@@ -104,33 +118,44 @@ def table(figures: dict, documents: dict) -> str:
   for split in SPLITS:
     lines.append(f'{f"{_LABELS[split]} ({documents[split]})":<24}'
                  + ''.join(f'{figures[f"ppl_{split}_{m}"]:>10.2f}' for m in MODES))
+  if 'probes' in documents:
+    label = f'probe accuracy ({documents["probes"]})'
+    lines.append(f'{label:<24}'
+                 + ''.join(f'{figures[f"acc_probes_{m}"]:>10.1%}' for m in MODES))
   return '\n'.join(lines)
 
 
 def plot(figures: dict, documents: dict, path: str) -> None:
-  """Grouped bars: per document set, the perplexity of each model/memory mode."""
+  """Grouped bars: per document set, the perplexity of each model/memory mode (and, with
+  probes, a second panel of probe accuracy)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 3.8))
+  panels = [('ppl', SPLITS, 'perplexity (lower is better)', '%.1f')]
+  if 'probes' in documents:
+    panels.append(('acc', ('probes',), 'probe accuracy', '%.3f'))
+  fig, axes = plt.subplots(1, len(panels), figsize=(7 + 2.5 * (len(panels) - 1), 3.8),
+                           width_ratios=[len(sets) for _, sets, _, _ in panels], squeeze=False)
   width = 0.8 / len(MODES)
-  for j, mode in enumerate(MODES):
-    xs = np.arange(len(SPLITS)) + (j - (len(MODES) - 1) / 2) * width
-    values = [figures[f'ppl_{split}_{mode}'] for split in SPLITS]
-    bars = ax.bar(xs, values, width, label=mode, color=f'C{j}')
-    ax.bar_label(bars, fmt='%.1f', fontsize=8)
-  ax.set_xticks(np.arange(len(SPLITS)), [f'{_LABELS[s]} ({documents[s]})' for s in SPLITS])
-  ax.set_ylabel('perplexity (lower is better)')
-  ax.set_title('dense baseline vs anchor + memory (generic, fetched, own subtree blocked)', fontsize=9)
-  ax.legend(fontsize=8, ncols=len(MODES), loc='lower center')
+  for ax, (kind, sets, ylabel, fmt) in zip(axes[0], panels):
+    for j, mode in enumerate(MODES):
+      xs = np.arange(len(sets)) + (j - (len(MODES) - 1) / 2) * width
+      bars = ax.bar(xs, [figures[f'{kind}_{s}_{mode}'] for s in sets], width, label=mode, color=f'C{j}')
+      ax.bar_label(bars, fmt=fmt, fontsize=8)
+    ax.set_xticks(np.arange(len(sets)), [f'{_LABELS.get(s, s)} ({documents[s]})' for s in sets])
+    ax.set_ylabel(ylabel)
+  axes[0, 0].set_title('dense baseline vs anchor + memory (generic, fetched, own subtree blocked)', fontsize=9)
+  axes[0, 0].legend(fontsize=8, ncols=len(MODES), loc='lower center')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, progress: bool = True) -> dict:
+def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, probes: str = '',
+               progress: bool = True) -> dict:
   """Runs every stage (see the module docstring) in `workdir`; returns the figures:
-  ppl_{train,heldout}_{dense,generic,fetched,blocked}, the document counts and minutes
+  ppl_{train,heldout}_{dense,generic,fetched,blocked} (and acc_probes_<mode> with
+  `probes`), the document counts and minutes
   (wall and this process's CPU time). A SIGTERM during training checkpoints the run and
   returns {stopped_by_signal: True, stage} without starting the next stage."""
   start, cpu_start = time.perf_counter(), time.process_time()
@@ -142,6 +167,8 @@ def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, pr
   elif not os.path.isfile(corpus):
     raise DataError(f'corpus {corpus!r} is not a file; pass one JSONL, Parquet or text file of documents')
   files = _eval_files(corpus, workdir, cfg.data.text_field, cfg.data.eval_fraction, train_docs, cfg.train.seed)
+  if probes:
+    _check_probes(probes)
   data = os.path.join(workdir, 'data')
   manifest = prepare(cfg, corpus, data, progress=progress)
   print(f"prepared {manifest['documents_kept']:,} documents into {manifest['sequences']:,} sequences "
@@ -181,11 +208,18 @@ def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, pr
     documents[split] = mem['documents']
     figures.update({f'ppl_{split}_dense': dense['ppl_none'], f'ppl_{split}_generic': mem['ppl_generic'],
                     f'ppl_{split}_fetched': mem['ppl_fetched'], f'ppl_{split}_blocked': mem['ppl_blocked']})
+  if probes:
+    mem = evaluate_cached(lambda: open_bundle(bundle), memory_step, probes,
+                          os.path.join(workdir, 'eval_memory_probes.json'), True, progress)
+    dense = evaluate_cached(lambda: open_source(workdir=runs['dense']), dense_step, probes,
+                            os.path.join(workdir, 'eval_dense_probes.json'), False, progress)
+    documents['probes'] = mem['examples']
+    figures.update(acc_probes_dense=dense['acc_none'], **{f'acc_probes_{m}': mem[f'acc_{m}'] for m in MODES[1:]})
 
   print(table(figures, documents))
   png = os.path.join(workdir, 'quickstart.png')
   plot(figures, documents, png)
   print(f'plot: {png}')
-  figures.update(documents_train=documents['train'], documents_heldout=documents['heldout'],
+  figures.update({f'documents_{s}': n for s, n in documents.items()},
                  minutes=(time.perf_counter() - start) / 60, cpu_minutes=(time.process_time() - cpu_start) / 60)
   return figures

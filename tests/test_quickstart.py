@@ -63,15 +63,37 @@ def test_a_corpus_with_nothing_usable_stops_before_any_work(tmp_path):
   assert sorted(os.listdir(tmp_path / 'work')) == []
 
 
+def test_a_probe_file_without_questions_stops_before_any_work(tmp_path):
+  kept = _corpus(tmp_path / 'corpus.jsonl', _wiki(60), {})
+  (tmp_path / 'probes.jsonl').write_text(json.dumps({'text': kept[0]}) + '\n')
+  cfg = load_config(str(REPO / 'configs' / 'quickstart.py'))
+  cfg.data.text_field = 'body'
+  with pytest.raises(DataError, match=r'probes .*probes\.jsonl: no multiple-choice record \(1 text records\)'):
+    quickstart(cfg, str(tmp_path / 'work'), corpus=str(tmp_path / 'corpus.jsonl'),
+               probes=str(tmp_path / 'probes.jsonl'), progress=False)
+  assert not (tmp_path / 'work' / 'data').exists()
+
+
+def _probes(path, texts, n=12):
+  """Cloze questions on training texts: the first 6 words, then the 7th word among 4."""
+  words = [t.split() for t in texts if len(t.split()) > 8][:n + 3]
+  with open(path, 'w') as f:
+    for i in range(n):
+      candidates = [words[i + j][6] for j in range(4)]
+      f.write(json.dumps({'prompt': ' '.join(words[i][:6]), 'candidates': candidates, 'answer': candidates[0]})
+              + '\n')
+
+
 def _run(workdir, capsys) -> dict:
-  """The quickstart on the wiki sample with bad lines among the records and the text under
-  another field (data.text_field)."""
+  """The quickstart on the wiki sample with bad lines among the records, the text under
+  another field (data.text_field), and 12 probe questions."""
   corpus = workdir / 'corpus_with_bad_lines.jsonl'
   if not corpus.exists():
     _corpus(corpus, _wiki(), BAD_LINES)
+    _probes(workdir / 'probes.jsonl', _wiki())
   argv = ['quickstart', '--config', str(REPO / 'configs' / 'quickstart.py'), '--workdir', str(workdir),
           '--corpus', str(corpus), '--train-docs', '40', '--no-progress', '--config.data.text_field=body',
-          *(f'--config.{o}' for o in TINY)]
+          '--probes', str(workdir / 'probes.jsonl'), *(f'--config.{o}' for o in TINY)]
   assert main(argv) == 0
   out = capsys.readouterr().out
   return json.loads(out.strip().splitlines()[-1]), out
@@ -83,7 +105,9 @@ def test_quickstart_end_to_end_and_rerun(tmp_path, capsys):
     for mode in MODES:
       value = figures[f'ppl_{split}_{mode}']
       assert math.isfinite(value) and 1 < value < 512 * 2, (split, mode, value)
-  assert figures['documents_train'] == 40
+  for mode in MODES:  # a whole number of the 12 questions
+    assert 0 <= figures[f'acc_probes_{mode}'] <= 1 and (figures[f'acc_probes_{mode}'] * 12) % 1 == 0, mode
+  assert figures['documents_train'] == 40 and figures['documents_probes'] == 12
   assert 0 < figures['documents_heldout'] < 100  # ~10% of the 400 documents
   assert figures['minutes'] > 0
   for name in ('anchor', 'memory', 'dense'):
@@ -91,6 +115,7 @@ def test_quickstart_end_to_end_and_rerun(tmp_path, capsys):
   assert (tmp_path / 'bundle' / 'manifest.json').is_file()
   assert (tmp_path / 'quickstart.png').stat().st_size > 1000
   assert 'training docs (40)' in out and 'blocked' in out
+  assert 'probe accuracy (12)' in out
   # The dense baseline saw the memory run's batches: equal tokens, no memory.
   dense = json.loads((tmp_path / 'dense' / 'config.json').read_text())
   memory = json.loads((tmp_path / 'memory' / 'config.json').read_text())
@@ -103,3 +128,11 @@ def test_quickstart_end_to_end_and_rerun(tmp_path, capsys):
   assert {k: v for k, v in again.items() if 'minutes' not in k} == \
       {k: v for k, v in figures.items() if 'minutes' not in k}
   assert {p: os.path.getmtime(tmp_path / p) for p in mtimes} == mtimes  # nothing exported or scored again
+  # A changed probe file is scored again; nothing else is.
+  probes_scored = os.path.getmtime(tmp_path / 'eval_memory_probes.json')
+  os.utime(tmp_path / 'probes.jsonl', ns=(1, 1))
+  third, _ = _run(tmp_path, capsys)
+  assert os.path.getmtime(tmp_path / 'eval_memory_probes.json') > probes_scored
+  assert {p: os.path.getmtime(tmp_path / p) for p in mtimes} == mtimes
+  assert {k: v for k, v in third.items() if 'minutes' not in k} == \
+      {k: v for k, v in figures.items() if 'minutes' not in k}
