@@ -10,9 +10,11 @@ import sys
 
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')  # the tasks read local JSONL; no hub here
 
+import lm_eval  # noqa: E402  (the `eval` extra; the test extra includes it)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from conftest import WIKI  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
 
 from hmem.errors import UserError  # noqa: E402
 from hmem.infer.decoder import complete  # noqa: E402
@@ -20,9 +22,6 @@ from hmem.infer.evaluate import evaluate  # noqa: E402
 from hmem.infer.harness import HarnessLM  # noqa: E402
 from hmem.infer.source import ArrayBank, open_source  # noqa: E402
 from hmem.memory import bank as memory_bank  # noqa: E402
-
-import lm_eval  # noqa: E402  (the `eval` extra; the test extra includes it)
-from lm_eval.tasks import TaskManager  # noqa: E402
 
 TASKS = {
     'hmem_mc': {'output_type': 'multiple_choice', 'doc_to_text': '{{prompt}}', 'doc_to_choice': 'candidates',
