@@ -1,9 +1,9 @@
 """`hmem prepare` (the Beam pipeline, DirectRunner) on synthetic corpora of short documents.
 
-  python benchmarks/prepare.py [--quick] [--sizes 10000,100000,1000000] [--workers N]
+  python benchmarks/prepare.py [--quick] [--sizes 10000,100000,1000000] [--workers N] [--files F]
 
 Writes corpora of N short documents (15-40 words drawn from one of 64 topics of 80 words;
-16 JSONL files) and runs `hmem prepare --config configs/quickstart.py` at k=16, depth 2
+F JSONL files, default 16) and runs `hmem prepare --config configs/quickstart.py` at k=16, depth 2
 (TF-IDF) on each as a subprocess, sampling the RSS of the launcher and of each worker
 process (psutil) every 0.2 s. Prints a table, then one JSON object as its last line.
 --quick: 10k documents only (well under a minute on two cores).
@@ -25,15 +25,12 @@ import numpy as np
 import psutil
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FILES = 16
-
-
-def write_corpus(root: pathlib.Path, n: int, seed: int = 0) -> None:
+def write_corpus(root: pathlib.Path, n: int, seed: int = 0, files: int = 16) -> None:
   rng = np.random.default_rng(seed)
   topics_TxW = rng.integers(0, 5000, (64, 80))
   root.mkdir(parents=True)
-  per = -(-n // FILES)
-  for f in range(FILES):
+  per = -(-n // files)
+  for f in range(files):
     count = max(0, min(per, n - f * per))
     topic_N = rng.integers(0, 64, count)
     words_N = rng.integers(15, 40, count)
@@ -72,16 +69,17 @@ def main():
   parser.add_argument('--quick', action='store_true', help='10k documents only')
   parser.add_argument('--sizes', default='10000,100000,1000000', help='corpus sizes, comma-separated')
   parser.add_argument('--workers', type=int, default=0, help='DirectRunner workers (0 = the cores)')
+  parser.add_argument('--files', type=int, default=16, help='JSONL files a corpus is split into')
   args = parser.parse_args()
   sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(',')]
   results = {'machine': f'{os.cpu_count()}-core CPU', 'workers': args.workers or os.cpu_count(),
-             'runs': {}}
+             'files': args.files, 'runs': {}}
   print(f'{"documents":>10} {"seconds":>8} {"docs/s":>8} {"launcher GB":>12} {"worker GB":>10} '
         f'{"sequences":>10} {"largest leaf":>13}')
   with tempfile.TemporaryDirectory() as tmp:
     for n in sizes:
       corpus, out = pathlib.Path(tmp) / f'corpus-{n}', pathlib.Path(tmp) / f'out-{n}'
-      write_corpus(corpus, n)
+      write_corpus(corpus, n, files=args.files)
       r = run_prepare(corpus, out, args.workers)
       m = r.pop('manifest')
       largest = m['occupancy'][str(m['depth'])]['largest']
