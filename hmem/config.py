@@ -117,6 +117,9 @@ def default_config() -> ml_collections.ConfigDict:
                              # runs to prepare the same corpus again (another tree) without
                              # embedding it again
       tfidf_dim=128,
+      tfidf_min_df=0,        # a word is kept when in this many fit documents; 0 = 2 (1 on a
+                             # sample under 100 documents). 1 keeps words unique to one
+                             # document, e.g. the names of configs/facts.py
       tree_sample=1_000_000,  # training documents, drawn uniformly from the corpus, that the
                               # hierarchical k-means is fit on (a copy on every local device)
       kmeans_samples=6400,   # a node's points per EM step: fresh while the node has enough

@@ -138,6 +138,17 @@ def test_tfidf_dim_clipped_to_sample():
   assert embedder.dim == 3 and embedder.embed(['red sky']).shape == (1, 3)
 
 
+def test_tfidf_min_df_one_keeps_words_of_a_single_document():
+  """On a sample of 100+ documents a word in one document is dropped (min_df 2), unless
+  data.tfidf_min_df=1: then a text holding only that word is nearest to its document."""
+  texts = [f'topic{i % 10} place{i % 7} name{i}' for i in range(120)]
+  assert 'name7' not in TfidfEmbedder.fit(texts, dim=16).vocabulary
+  kept = make_embedder(_data_cfg(embedder='tfidf', tfidf_dim=120, tfidf_min_df=1), fit_texts=texts)
+  assert 'name7' in kept.vocabulary
+  nearest_N = np.argmax(kept.embed([f'name{i}' for i in range(120)]) @ kept.embed(texts).T, axis=1)
+  np.testing.assert_array_equal(nearest_N, np.arange(120))
+
+
 def test_tfidf_save_load_identical(tmp_path):
   texts, _ = _corpus(seed=1)
   embedder = make_embedder(_data_cfg(embedder='tfidf', tfidf_dim=8), fit_texts=texts)

@@ -285,6 +285,20 @@ def test_rerun_returns_the_dataset_and_refuses_other_settings(prepared, corpus):
     prepare(small_config('data.seq_len=64'), str(corpus), str(out), progress=False)
 
 
+def test_a_key_added_later_keeps_earlier_datasets_at_its_default(prepared, corpus):
+  """data.tfidf_min_df came after datasets were prepared: at its default (0, what was done
+  before it) the fingerprint is the one a config without the key gives, so those datasets
+  are still done; any other value is another dataset."""
+  cfg, out, manifest = prepared
+  files, unsupported = list_files(str(corpus))
+  without = small_config()
+  with without.unlocked():
+    del without.data['tfidf_min_df']
+  assert prepare_lib._fingerprint(without, str(corpus), files, unsupported) == manifest['fingerprint']
+  with pytest.raises(DataError, match='already holds a dataset'):
+    prepare(small_config('data.tfidf_min_df=1'), str(corpus), str(out), progress=False)
+
+
 def test_an_output_inside_the_input_is_not_read_back(corpus, tmp_path):
   shutil.copytree(corpus, tmp_path / 'in')
   cfg, out = small_config(), tmp_path / 'in' / 'prepared'

@@ -86,18 +86,21 @@ class TfidfEmbedder:
         lowercase=True, token_pattern=_TOKEN_PATTERN, dtype=np.float32)
 
   @classmethod
-  def fit(cls, texts: Sequence[str], dim: int) -> 'TfidfEmbedder':
+  def fit(cls, texts: Sequence[str], dim: int, min_df: int = 0) -> 'TfidfEmbedder':
     """Fits vocabulary, idf and a `dim`-d SVD basis on a sample of the corpus.
 
     `dim` is clipped to the rank the sample allows (fewer documents or terms than `dim`).
+    `min_df`: the fewest sample documents a word must occur in to be kept; 0 = 2 on a
+    sample of 100 documents or more, else 1.
     """
     texts = list(texts)
     # On a real sample, words seen once are mostly noise and words in most documents
-    # carry no topic; a tiny sample (tests, toy corpora) keeps every word it has.
+    # carry no topic; a tiny sample (tests, toy corpora) keeps every word it has. A corpus
+    # whose key words are each in one document (a name per entity) asks for min_df 1.
     big = len(texts) >= 100
     vectorizer = TfidfVectorizer(
         sublinear_tf=True, lowercase=True, token_pattern=_TOKEN_PATTERN, dtype=np.float32,
-        min_df=2 if big else 1, max_df=0.5 if big else 1.0, max_features=_MAX_VOCAB)
+        min_df=min_df or (2 if big else 1), max_df=0.5 if big else 1.0, max_features=_MAX_VOCAB)
     try:
       tfidf_NxV = vectorizer.fit_transform(texts)
     except ValueError as e:  # sklearn's "empty vocabulary"
@@ -172,7 +175,7 @@ def make_embedder(data_cfg, fit_texts: Sequence[str] | None = None) -> Embedder:
     if fit_texts is None:
       raise ConfigError('data.embedder=tfidf is fit on a sample of the corpus: pass fit_texts '
                        '(or use data.embedder=minilm, which needs no fitting)')
-    return TfidfEmbedder.fit(fit_texts, data_cfg.tfidf_dim)
+    return TfidfEmbedder.fit(fit_texts, data_cfg.tfidf_dim, data_cfg.tfidf_min_df)
   if kind == 'minilm':
     from hmem.data.minilm import MiniLMEmbedder
     return MiniLMEmbedder(data_cfg.embedder_path, batch_size=data_cfg.embed_batch,

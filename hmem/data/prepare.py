@@ -482,10 +482,17 @@ def write_manifest(shards: list, job: _Job, *, stats, fit, tree, lookups, relook
     f.write('\n')
 
 
+# Data keys added after datasets were prepared, with the value that does what was done
+# before them: at that value a key stays out of the fingerprint, so those datasets are
+# still recognised as done.
+_ADDED_KEYS = {'tfidf_min_df': 0}
+
+
 def _fingerprint(cfg, input_path, files, unsupported) -> str:
   """A hash of everything the output depends on: a rerun with the same one is done."""
   # Where the embedding cache lives does not change the output.
-  data = {k: v for k, v in cfg.data.items() if k not in ('source', 'path', 'embed_cache')}
+  data = {k: v for k, v in cfg.data.items()
+          if k not in ('source', 'path', 'embed_cache') and not (k in _ADDED_KEYS and v == _ADDED_KEYS[k])}
   stamps = [(p, st.size, st.mtime) for p, st in zip(files, map(stamp, files))]
   key = json.dumps([input_path, stamps, unsupported, data, cfg.memory.k, cfg.memory.depth,
                     cfg.model.vocab_size, cfg.train.seed], sort_keys=True, default=str)
