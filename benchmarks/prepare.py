@@ -25,6 +25,8 @@ import numpy as np
 import psutil
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
 def write_corpus(root: pathlib.Path, n: int, seed: int = 0, files: int = 16) -> None:
   rng = np.random.default_rng(seed)
   topics_TxW = rng.integers(0, 5000, (64, 80))

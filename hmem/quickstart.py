@@ -71,14 +71,13 @@ def _eval_files(corpus: str, out_dir: str, text_field: str, eval_fraction: float
   return paths
 
 
-def _check_probes(path: str) -> int:
-  """The number of multiple-choice records in the probe file; stops with one line when it
-  has none (run before any training)."""
+def _check_probes(path: str) -> None:
+  """Stops with one line when the probe file holds no multiple-choice record (run before
+  any training)."""
   records = evaluate.read_records(path)
   if not records.prompts:
     raise DataError(f'probes {path}: no multiple-choice record ({len(records.texts)} text records); write one '
                     'JSON object a line with "prompt", "candidates" and "answer"')
-  return len(records.prompts)
 
 
 def latest_step(workdir: str) -> int:
@@ -200,21 +199,15 @@ def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, pr
   print('stage 5/5: evaluating on training and held-out documents')
   memory_step, dense_step = read_manifest(bundle)['step'], latest_step(runs['dense'])
   figures, documents = {}, {}
-  for split, path in files.items():
+  for name, path in {**files, **({'probes': probes} if probes else {})}.items():
     mem = evaluate_cached(lambda: open_bundle(bundle), memory_step, path,
-                    os.path.join(workdir, f'eval_memory_{split}.json'), True, progress)
+                          os.path.join(workdir, f'eval_memory_{name}.json'), True, progress)
     dense = evaluate_cached(lambda: open_source(workdir=runs['dense']), dense_step, path,
-                      os.path.join(workdir, f'eval_dense_{split}.json'), False, progress)
-    documents[split] = mem['documents']
-    figures.update({f'ppl_{split}_dense': dense['ppl_none'], f'ppl_{split}_generic': mem['ppl_generic'],
-                    f'ppl_{split}_fetched': mem['ppl_fetched'], f'ppl_{split}_blocked': mem['ppl_blocked']})
-  if probes:
-    mem = evaluate_cached(lambda: open_bundle(bundle), memory_step, probes,
-                          os.path.join(workdir, 'eval_memory_probes.json'), True, progress)
-    dense = evaluate_cached(lambda: open_source(workdir=runs['dense']), dense_step, probes,
-                            os.path.join(workdir, 'eval_dense_probes.json'), False, progress)
-    documents['probes'] = mem['examples']
-    figures.update(acc_probes_dense=dense['acc_none'], **{f'acc_probes_{m}': mem[f'acc_{m}'] for m in MODES[1:]})
+                            os.path.join(workdir, f'eval_dense_{name}.json'), False, progress)
+    kind = 'acc' if name == 'probes' else 'ppl'  # probes are questions; the splits are documents
+    documents[name] = mem['examples' if kind == 'acc' else 'documents']
+    figures.update({f'{kind}_{name}_dense': dense[f'{kind}_none'],
+                    **{f'{kind}_{name}_{m}': mem[f'{kind}_{m}'] for m in MODES[1:]}})
 
   print(table(figures, documents))
   png = os.path.join(workdir, 'quickstart.png')
