@@ -125,6 +125,10 @@ def default_config() -> ml_collections.ConfigDict:
       kmeans_samples=6400,   # a node's points per EM step: fresh while the node has enough
       kmeans_steps=20,
       balance=1.5,           # a cluster may hold at most balance/k of its parent's points
+      tree_metric='l2',      # 'l2': centroids are cluster means, a document goes to the nearest;
+                             # 'cosine': spherical k-means, unit centroids, the most similar.
+                             # Cosine routes short queries (a name alone) to their document's
+                             # subtree where L2 favours small-norm centroids (configs/facts.py)
       eval_fraction=0.01,    # documents held out for evaluation (by a hash of their key)
   ))
 

@@ -22,7 +22,7 @@ from hmem.data.loader import PreparedSource
 from hmem.data.packing import pack
 from hmem.data.tokenizer import EOT, Tokenizer
 from hmem.data.tree import Tree, route
-from hmem.errors import DataError
+from hmem.errors import ConfigError, DataError
 
 WIKI = pathlib.Path(__file__).parent / 'data' / 'wiki_sample.jsonl'
 SMALL = ('memory.k=4', 'memory.depth=2', 'model.vocab_size=512', 'data.seq_len=128',
@@ -285,18 +285,29 @@ def test_rerun_returns_the_dataset_and_refuses_other_settings(prepared, corpus):
     prepare(small_config('data.seq_len=64'), str(corpus), str(out), progress=False)
 
 
-def test_a_key_added_later_keeps_earlier_datasets_at_its_default(prepared, corpus):
-  """data.tfidf_min_df came after datasets were prepared: at its default (0, what was done
-  before it) the fingerprint is the one a config without the key gives, so those datasets
-  are still done; any other value is another dataset."""
+@pytest.mark.parametrize('key, other', [('tfidf_min_df', 1), ('tree_metric', "'cosine'")])
+def test_a_key_added_later_keeps_earlier_datasets_at_its_default(prepared, corpus, key, other):
+  """Keys that came after datasets were prepared: at the default (what was done before
+  them) the fingerprint is the one a config without the key gives, so those datasets are
+  still done; any other value is another dataset."""
   cfg, out, manifest = prepared
   files, unsupported = list_files(str(corpus))
   without = small_config()
   with without.unlocked():
-    del without.data['tfidf_min_df']
+    del without.data[key]
   assert prepare_lib._fingerprint(without, str(corpus), files, unsupported) == manifest['fingerprint']
   with pytest.raises(DataError, match='already holds a dataset'):
-    prepare(small_config('data.tfidf_min_df=1'), str(corpus), str(out), progress=False)
+    prepare(small_config(f'data.{key}={other}'), str(corpus), str(out), progress=False)
+
+
+def test_cosine_tree_has_unit_centroids_and_a_wrong_metric_stops_before_any_work(corpus, tmp_path):
+  out = tmp_path / 'cosine'
+  prepare(small_config("data.tree_metric='cosine'"), str(corpus), str(out), progress=False)
+  for c_MxD in Tree.load(out / 'tree.npz').centroids:
+    np.testing.assert_allclose(np.linalg.norm(c_MxD, axis=1), 1.0, atol=1e-5)
+  with pytest.raises(ConfigError, match="tree_metric='dot'; use 'l2' or 'cosine'"):
+    prepare(small_config("data.tree_metric='dot'"), str(corpus), str(tmp_path / 'bad'), progress=False)
+  assert not (tmp_path / 'bad').exists()
 
 
 def test_an_output_inside_the_input_is_not_read_back(corpus, tmp_path):

@@ -84,7 +84,7 @@ def test_balance_rule_holds_on_skewed_samples():
 
   def last_step_sizes(balance):
     fit = jax.jit(functools.partial(tree_lib._fit_node, k=k, samples=samples, steps=6,
-                                    balance=balance))
+                                    balance=balance, spherical=False))
     all_points = np.arange(len(x), dtype=np.int32)
     _, size_K = fit(x, all_points, 0, len(x), np.zeros(x.shape[1], np.float32), jax.random.key(0))
     return np.asarray(size_K)
@@ -158,9 +158,10 @@ def hierarchical_blobs(rng, n_per=150, d=32):
   return x, sub // 4, sub
 
 
-def test_level1_nmi_and_children_numbering_on_separated_blobs():
+@pytest.mark.parametrize('spherical', [False, True])
+def test_level1_nmi_and_children_numbering_on_separated_blobs(spherical):
   x, super_labels, sub_labels = hierarchical_blobs(np.random.default_rng(0))
-  tree = fit_tree(x, 4, 2, seed=0, **FIT)
+  tree = fit_tree(x, 4, 2, seed=0, spherical=spherical, **FIT)
   leaves = route(tree, x)
   level1 = route(Tree(4, 1, tree.centroids[:1]), x)
   # The level-1 ancestor of a leaf is leaf // k: children of node j are j*k .. j*k+k-1.
@@ -180,6 +181,26 @@ def test_fitted_tree_routes_like_brute_force_and_ancestors_are_prefixes():
   for level in range(1, depth + 1):
     prefix = Tree(k, level, tree.centroids[:level])
     np.testing.assert_array_equal(route(prefix, x), leaves // k**(depth - level))
+
+
+def test_spherical_centroids_are_unit_vectors_so_the_descent_picks_the_most_similar():
+  """spherical=True (data.tree_metric=cosine): every centroid, empty nodes' copies too, has
+  norm 1, so the unchanged L2 descent (and inference's) is the descent by cosine."""
+  rng = np.random.default_rng(6)
+  x = normalise(rng.normal(size=(400, 8)))
+  k, depth = 4, 3
+  tree = fit_tree(x, k, depth, seed=0, spherical=True, **FIT)
+  for c_MxD in tree.centroids:
+    np.testing.assert_allclose(np.linalg.norm(c_MxD, axis=1), 1.0, atol=1e-5)
+  leaves = []
+  for x_D in x:
+    node = 0
+    for c_MxD in tree.centroids:
+      node = node * k + int(np.argmax(c_MxD[node * k:(node + 1) * k] @ x_D))
+    leaves.append(node)
+  np.testing.assert_array_equal(route(tree, x), leaves)
+  plain = fit_tree(x, k, depth, seed=0, **FIT)
+  assert np.linalg.norm(plain.centroids[0], axis=1).max() < 0.9  # means of spread points: shorter
 
 
 def test_empty_nodes_keep_the_tree_complete():

@@ -1,7 +1,7 @@
 """A controlled fact corpus: synthetic biographies of N made-up people, and probes.
 
 The "synthetic biographies" setting for measuring knowledge storage: every entity has a
-unique name and one value per attribute (birth year, birth city, employer, field), drawn
+name whose two words no other entity uses, and one value per attribute (birth year, birth city, employer, field), drawn
 uniformly from a fixed list of 16. Each attribute is stated by one of several paraphrase
 templates; the first TRAIN_TEMPLATES are written into the training corpus, the rest are
 never trained on and make the held-out paraphrase split.
@@ -32,14 +32,15 @@ import numpy as np
 from hmem.errors import DataError
 from hmem.files import atomic_write
 
-FIRST_NAMES = (
-    'Ada', 'Bruno', 'Clara', 'Dario', 'Elena', 'Felix', 'Greta', 'Hugo', 'Irene', 'Jonas', 'Karla', 'Lukas',
-    'Mira', 'Nils', 'Olga', 'Pavel', 'Rosa', 'Simon', 'Tilda', 'Umberto', 'Vera', 'Walter', 'Xenia', 'Yusuf',
-    'Zora', 'Anton', 'Bianca', 'Cyril', 'Dora', 'Emil', 'Frida', 'Gustav')
-# Surnames are made of two or three of these syllables: unique per entity, and words no
-# real text or attribute value uses, so a name routes to its own entity's document.
+# Names are made of syllables: first names of two or three of FIRST_SYLLABLES, surnames of
+# SYLLABLES (disjoint sets, so no word is both). Both parts are unique per entity and words
+# no real text or attribute value uses: a probe holds no word another entity's document has,
+# so a name routes to its own entity's document (a first name shared by N/32 entities made
+# the level-1 centroids of its holders pull a quarter of the probes into other subtrees).
+FIRST_SYLLABLES = ('an', 'be', 'co', 'di', 'el', 'fa', 'gi', 'ha', 'jo', 'ku', 'ly', 'mo', 'no', 'pu', 'ra',
+                   'se', 'ti', 'vo', 'wi', 'xe', 'zu')
 SYLLABLES = ('ka', 'lo', 'mi', 'ren', 'tas', 'vel', 'dor', 'bri', 'sun', 'mar', 'pel', 'ith', 'gor', 'zan',
-             'qua', 'fen', 'hol', 'wes')
+             'qua', 'fen', 'hol', 'wes', 'nus', 'tor', 'bek')
 
 VALUES = {
     'birth year': tuple(str(y) for y in range(1950, 1998, 3)),
@@ -70,18 +71,25 @@ HELDOUT_PROBE_TEMPLATE = 4
 FILES = ('train.jsonl', 'heldout.jsonl', 'probes.jsonl', 'probes_heldout.jsonl')
 
 
+def _words(syllables: tuple[str, ...], n: int) -> list[str]:
+  """Capitalised words of two syllables (no syllable twice in a row), then of three when
+  two give fewer than n."""
+  pairs = [(a, b) for a in syllables for b in syllables if a != b]
+  words = [''.join(p) for p in pairs]
+  if len(words) < n:
+    words += [''.join((a, b, c)) for a, b in pairs for c in syllables if c != b]
+  return [w.capitalize() for w in words]
+
+
 def names(n_entities: int, seed: int) -> list[str]:
-  """n distinct "First Surname" names, seeded."""
-  rng = np.random.default_rng([seed, 0])
-  pairs = [(a, b) for a in SYLLABLES for b in SYLLABLES if a != b]
-  surnames = [''.join(p).capitalize() for p in pairs]
-  if len(FIRST_NAMES) * len(surnames) < n_entities:  # three syllables only when two run out
-    surnames += [''.join((a, b, c)).capitalize() for a, b in pairs for c in SYLLABLES if c != b]
-  capacity = len(FIRST_NAMES) * len(surnames)
+  """n "First Surname" names, seeded; no first name or surname is used twice."""
+  firsts, surnames = _words(FIRST_SYLLABLES, n_entities), _words(SYLLABLES, n_entities)
+  capacity = min(len(firsts), len(surnames))
   if n_entities > capacity:
     raise DataError(f'{n_entities} entities asked; the name lists give at most {capacity}')
-  chosen = rng.choice(capacity, n_entities, replace=False)
-  return [f'{FIRST_NAMES[i % len(FIRST_NAMES)]} {surnames[i // len(FIRST_NAMES)]}' for i in chosen]
+  rng = np.random.default_rng([seed, 0])
+  first_N, last_N = (rng.choice(len(words), n_entities, replace=False) for words in (firsts, surnames))
+  return [f'{firsts[i]} {surnames[j]}' for i, j in zip(first_N, last_N)]
 
 
 def entities(n_entities: int, seed: int) -> list[dict]:

@@ -71,7 +71,7 @@ from hmem.data.inputs import ReadStats, list_files, read_documents, stamp
 from hmem.data.packing import write_shard
 from hmem.data.tokenizer import Tokenizer
 from hmem.data.tree import Tree, fit_tree, route, tree_stats
-from hmem.errors import DataError
+from hmem.errors import ConfigError, DataError
 from hmem.files import atomic_write
 
 _CHUNK = 1024  # documents embedded, tokenized and routed together
@@ -80,6 +80,7 @@ _CHUNK = 1024  # documents embedded, tokenized and routed together
 _FIT_STREAM, _TREE_STREAM = 0x666974, 0x74726565
 RUNNERS = {'direct': 'DirectRunner', 'dataflow': 'DataflowRunner', 'flink': 'FlinkRunner',
            'spark': 'SparkRunner'}
+TREE_METRICS = ('l2', 'cosine')
 # What a failed run may have left in out_dir: removed before a run starts.
 _OUTPUTS = ('*.array_record', '*.tmp-*', 'tokenizer.json', 'tree.npz', 'embedder*')
 
@@ -96,6 +97,8 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, *, runner: str = 'direct
   d = cfg.data
   if not 0 <= d.eval_fraction < 1:
     raise DataError(f'data.eval_fraction={d.eval_fraction} must lie in [0, 1)')
+  if d.tree_metric not in TREE_METRICS:
+    raise ConfigError(f"data.tree_metric={d.tree_metric!r}; use 'l2' or 'cosine'")
   layout.check_posix(out_dir, '--out')
   layout.check_posix(d.embed_cache, 'data.embed_cache')
   out_dir = os.path.abspath(out_dir)
@@ -357,7 +360,7 @@ def fit_tree_on_sample(sample, job: _Job, fit: dict, lookups: list) -> dict:
     by_file[f].append(row)
   emb_NxD = np.concatenate([np.asarray(cache.rows(*entries[f])[sorted(rows)]) for f, rows in sorted(by_file.items())])
   tree = fit_tree(emb_NxD, job.k, job.depth, seed=job.seed, samples=d['kmeans_samples'], steps=d['kmeans_steps'],
-                  balance=d['balance'], progress=False)
+                  balance=d['balance'], spherical=d['tree_metric'] == 'cosine', progress=False)
   tree.save(job.path('tree.npz'))
   return {'tree_documents': len(sample)}
 
@@ -485,7 +488,7 @@ def write_manifest(shards: list, job: _Job, *, stats, fit, tree, lookups, relook
 # Data keys added after datasets were prepared, with the value that does what was done
 # before them: at that value a key stays out of the fingerprint, so those datasets are
 # still recognised as done.
-_ADDED_KEYS = {'tfidf_min_df': 0}
+_ADDED_KEYS = {'tfidf_min_df': 0, 'tree_metric': 'l2'}
 
 
 def _fingerprint(cfg, input_path, files, unsupported) -> str:

@@ -91,13 +91,15 @@ class Tree:
 
 
 def fit_tree(emb_NxD, k: int, depth: int, *, seed: int, samples: int = 6400, steps: int = 20,
-             balance: float = 1.5, devices=None, progress: bool = True) -> Tree:
+             balance: float = 1.5, spherical: bool = False, devices=None, progress: bool = True) -> Tree:
   """Fits a balanced hierarchical k-means tree to embeddings (L2-normalised rows), root to leaf.
 
   `emb_NxD` is the fit sample (numpy, possibly memory-mapped): a copy lives on every one of
   `devices` (default: the local devices) for the whole fit, then `route` places every
   document. `balance`: in every EM step no cluster may hold more than balance/k of a
-  node's samples. The result depends only on the inputs and `seed`: a node's document
+  node's samples. `spherical`: each centroid is its cluster's mean scaled to unit norm
+  (spherical k-means), so the L2 descent of `route` picks the child of highest cosine.
+  The result depends only on the inputs and `seed`: a node's document
   order and k-means++ draws come from (seed, level, node id), so neither the chunking nor
   the number of devices changes it beyond, at most, the device kernels' float rounding.
   """
@@ -117,7 +119,7 @@ def fit_tree(emb_NxD, k: int, depth: int, *, seed: int, samples: int = 6400, ste
   mesh = jax.sharding.Mesh(np.asarray(devices), ('nodes',))
   replicated, by_node = (jax.sharding.NamedSharding(mesh, P(*spec)) for spec in ((), ('nodes',)))
   x_dev = jax.device_put(x_NxD, replicated)
-  fit = _level_fitter(mesh, k=k, samples=samples, steps=steps, balance=balance)
+  fit = _level_fitter(mesh, k=k, samples=samples, steps=steps, balance=balance, spherical=spherical)
   # Nodes per call: a multiple of the device count within the working-set budget.
   per_device = max(1, _CHUNK_BYTES // (4 * samples * (d + 4 * k)))
   key = jax.random.key(seed)
@@ -153,9 +155,9 @@ def fit_tree(emb_NxD, k: int, depth: int, *, seed: int, samples: int = 6400, ste
 
 
 @functools.cache
-def _level_fitter(mesh, *, k, samples, steps, balance):
+def _level_fitter(mesh, *, k, samples, steps, balance, spherical):
   """The jitted fit of a chunk of nodes, its node axis split over the mesh's devices."""
-  fit = functools.partial(_fit_nodes, k=k, samples=samples, steps=steps, balance=balance)
+  fit = functools.partial(_fit_nodes, k=k, samples=samples, steps=steps, balance=balance, spherical=spherical)
   # No collective inside: each device runs the vmapped fit on its own nodes, so the
   # replication checks (vma) would only ask for casts on the loops' carries.
   return jax.jit(jax.shard_map(fit, mesh=mesh, in_specs=(P(), P(), P()) + (P('nodes'),) * 4,
@@ -163,14 +165,14 @@ def _level_fitter(mesh, *, k, samples, steps, balance):
 
 
 def _fit_nodes(x_NxD, perm_N, level_key, start_C, count_C, parent_CxD, node_C, *, k, samples,
-               steps, balance):
+               steps, balance, spherical):
   """`_fit_node` vmapped over a chunk of C nodes; each node's key depends on its id only."""
   key_C = jax.vmap(jax.random.fold_in, (None, 0))(level_key, node_C)
-  fit = functools.partial(_fit_node, k=k, samples=samples, steps=steps, balance=balance)
+  fit = functools.partial(_fit_node, k=k, samples=samples, steps=steps, balance=balance, spherical=spherical)
   return jax.vmap(fit, (None, None, 0, 0, 0, 0))(x_NxD, perm_N, start_C, count_C, parent_CxD, key_C)
 
 
-def _fit_node(x_NxD, perm_N, start, count, parent_D, key, *, k, samples, steps, balance):
+def _fit_node(x_NxD, perm_N, start, count, parent_D, key, *, k, samples, steps, balance, spherical):
   """Balanced k-means for one node whose points are x_NxD[perm_N[start:start + count]].
 
   Batch t (0 seeds k-means++, 1..steps are the EM steps) is the node's points at
@@ -194,7 +196,10 @@ def _fit_node(x_NxD, perm_N, start, count, parent_D, key, *, k, samples, steps, 
     size_K = onehot_SxK.sum(0).astype(jnp.int32)
     # A matmul, not a scatter-add: float atomics would make GPU fits non-deterministic.
     sum_KxD = jnp.dot(onehot_SxK.T, x_SxD, precision='highest')
-    c_KxD = jnp.where(size_K[:, None] > 0, sum_KxD / jnp.maximum(size_K, 1)[:, None], c_KxD)
+    mean_KxD = sum_KxD / jnp.maximum(size_K, 1)[:, None]
+    if spherical:
+      mean_KxD = mean_KxD / jnp.maximum(jnp.linalg.norm(mean_KxD, axis=1, keepdims=True), 1e-12)
+    c_KxD = jnp.where(size_K[:, None] > 0, mean_KxD, c_KxD)
     return c_KxD, size_K
 
   c_KxD = _kmeans_pp(jax.random.uniform(key, (k,)), draw(0))
