@@ -15,6 +15,7 @@ import pytest
 
 from hmem import resources, sizes
 from hmem.cli import main
+from hmem.config import load_config
 from hmem.errors import ConfigError
 from hmem.sweep import collect, spec
 
@@ -164,6 +165,55 @@ def test_tiny_sweep_runs_collects_fits_and_plots(repo, tmp_path):
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
+  # A sweep file's evaluate() adds its metrics to the finished runs' rows (the same runs,
+  # collected through a file that reuses tiny's grid).
+  scored = tmp_path / 'scored.py'
+  scored.write_text(
+      'import importlib.util, json, os\n'
+      f'spec = importlib.util.spec_from_file_location("tiny", {sweep_file!r})\n'
+      'tiny = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(tiny)\n'
+      'get_config, sweep = tiny.get_config, tiny.sweep\n'
+      'def evaluate(cfg, workdir):\n'
+      '  with open(os.path.join(workdir, "metrics.jsonl")) as f:\n'
+      '    evals = sum("eval_loss" in json.loads(line) for line in f)\n'
+      '  return {"evaluations": evals, "width": cfg.model.d_model}\n')
+  code, lines = _cli('sweep', 'collect', str(scored), *args)
+  assert code == 0 and json.loads(lines[-1])['metrics'] == ['evaluations', 'width']
+  with open(os.path.join(root, 'sweep.csv')) as f:
+    scored_rows = list(csv.DictReader(f))
+  for row, run in zip(scored_rows, runs):
+    cfg = spec.run_config(sweep_file, run)
+    if run is stale:
+      assert row['evaluations'] == row['width'] == ''  # not finished: not evaluated
+      continue
+    assert int(row['evaluations']) == cfg.train.steps // cfg.train.eval_every
+    assert int(row['width']) == cfg.model.d_model  # evaluate() got the run's own config
+  assert f'evaluations {int(scored_rows[0]["evaluations"])}' in lines[0]
+  with open(os.path.join(root, 'evaluate.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  scored.write_text(scored.read_text().replace('return {', 'return {"loss": 1, '))
+  with pytest.raises(ConfigError, match=r"returned \['loss'\], names the collected rows already use"):
+    collect.collect(str(scored), runs, root)
+
   # Re-running skips the finished runs and resumes the unfinished one.
   code, lines = _cli('sweep', 'run', sweep_file, '--dry-run', *args)
   assert json.loads(lines[-1])['to_run'] == 1
+
+
+def test_facts_sweep_needs_the_benchmark_run_and_counts_steps_in_epochs(repo, tmp_path, monkeypatch):
+  sweep_file = str(repo / 'configs/sweeps/facts.py')
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ConfigError, match='run `python benchmarks/knowledge.py --entities 400'):
+    spec.expand(sweep_file)
+  data = tmp_path / 'runs/knowledge/n400/data'
+  data.mkdir(parents=True)
+  (data / 'manifest.json').write_text(json.dumps({'sequences': 100}))
+  runs = {r.name: spec.run_config(sweep_file, r) for r in spec.expand(sweep_file)}
+  recipe = load_config(str(repo / 'configs/facts.py'))
+  assert len(runs) == 12 and runs['base'].memory == recipe.memory and runs['base'].model == recipe.model
+  assert runs['lr_0.03'].memory.lr == 3 * recipe.memory.lr
+  batch = runs['base'].train.batch_size
+  assert runs['base'].train.steps == -(-8 * 100 // batch)  # the recipe's 8 epochs
+  assert sorted(c.train.steps for n, c in runs.items() if n.startswith('steps_')) == [-(-4 * 100 // batch),
+                                                                                        -(-16 * 100 // batch)]
+  assert runs['base'].train.init_from == os.path.join('runs/knowledge/n400', 'anchor')

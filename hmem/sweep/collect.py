@@ -1,7 +1,8 @@
 """Collecting a sweep: one row per run, power-law fits, plots.
 
 Per run: its state, final train loss, last held-out losses (fetched, generic block,
-anchor alone), parameter counts (`hmem.sizes`) and training compute
+anchor alone), the sweep file's own metrics (`evaluate`, finished runs only), parameter
+counts (`hmem.sizes`) and training compute
 
     FLOPs = flops_per_token(cfg) * train.steps * train.batch_size * data.seq_len
 
@@ -24,11 +25,13 @@ import json
 
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from hmem import sizes
+from hmem.errors import ConfigError
 from hmem.memory import config as memory_config
 from hmem.sweep.launch import run_state
-from hmem.sweep.spec import Run, run_config
+from hmem.sweep.spec import Run, evaluate_hook, run_config
 
 LOSS_KEYS = ('loss', 'eval_loss', 'eval_loss_generic', 'eval_loss_anchor')
 MIN_FIT_POINTS = 4  # three parameters plus at least one residual degree of freedom
@@ -167,19 +170,52 @@ def plot(rows: list[dict], fitted: dict, root: str) -> list[str]:
   return paths
 
 
+def plot_metrics(rows: list[dict], metrics: list[str], root: str) -> str:
+  """evaluate.png: the sweep file's metrics, one group of bars per finished run."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  done = [r for r in rows if r['state'] == 'finished']
+  fig, ax = plt.subplots(figsize=(7, 0.5 + 0.3 * len(done) * max(1, len(metrics) / 2)))
+  height = 0.8 / max(1, len(metrics))
+  for j, metric in enumerate(metrics):
+    ax.barh(np.arange(len(done)) + j * height, [r.get(metric, np.nan) for r in done], height, label=metric)
+  ax.set_yticks(np.arange(len(done)) + 0.4 - height / 2, [r['name'] for r in done], fontsize=7)
+  ax.invert_yaxis()
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = _save(fig, epath.Path(root) / 'evaluate.png')
+  plt.close(fig)
+  return path
+
+
 def collect(sweep_file: str, runs: list[Run], root: str) -> dict:
   """Writes ROOT/sweep.csv, ROOT/sweep.json and the plots; returns the JSON summary."""
-  rows = [run_row(sweep_file, run) for run in runs]
+  evaluate = evaluate_hook(sweep_file)
+  rows, metrics = [], []
+  for run in tqdm(runs, desc='evaluate', unit='run', disable=evaluate is None):
+    row = run_row(sweep_file, run)
+    if evaluate is not None and row['state'] == 'finished':
+      values = evaluate(run_config(sweep_file, run), run.workdir)
+      if clash := sorted(set(values) & set(row)):
+        raise ConfigError(f'{sweep_file}: evaluate() returned {clash}, names the collected rows already use; '
+                          'rename those metrics')
+      row.update(values)
+      metrics += [k for k in values if k not in metrics]
+    rows.append(row)
+  columns = list(dict.fromkeys(k for r in rows for k in r))  # a metric only finished runs have: blank elsewhere
   epath.Path(root).mkdir(parents=True, exist_ok=True)
   with (epath.Path(root) / 'sweep.csv').open('w') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(f, fieldnames=columns, restval='')
     writer.writeheader()
     writer.writerows(rows)
   fitted = fits(rows)
+  plots = plot(rows, fitted, root) + ([plot_metrics(rows, metrics, root)] if metrics else [])
   summary = {'sweep': sweep_file, 'root': root, 'runs': len(rows),
              'finished': sum(r['state'] == 'finished' for r in rows),
              'incomplete': {r['name']: r['state'] for r in rows if r['state'] != 'finished'},
-             'fits': fitted, 'plots': plot(rows, fitted, root), 'rows': rows}
+             'metrics': metrics, 'fits': fitted, 'plots': plots, 'rows': rows}
   with (epath.Path(root) / 'sweep.json').open('w') as f:
     json.dump(summary, f, indent=2)
   return summary

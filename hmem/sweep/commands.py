@@ -37,8 +37,9 @@ def collect_command(args) -> None:
   summary = collect.collect(args.file, runs, root)
   for row in summary['rows']:
     loss = row['eval_loss'] if row['eval_loss'] is not None else row['loss']
+    extra = ''.join(f'  {m} {row[m]:.4g}' for m in summary['metrics'] if m in row)
     print(f"{row['name']:<48} {row['state']:<12} {row['flops']:.3e} FLOPs  "
-          f"loss {'-' if loss is None else f'{loss:.4f}'}")
+          f"loss {'-' if loss is None else f'{loss:.4f}'}{extra}")
   for levels, group in summary['fits'].items():
     for name in ('loss_vs_flops', 'loss_vs_params'):
       fit = group[name]

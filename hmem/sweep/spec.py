@@ -5,6 +5,11 @@ A sweep file is a config file (`get_config()` returns the base config) that also
 `{'model.layers': 4, 'memory.levels': (8, 4), 'train.steps': 200}`. Each run is exactly
 `hmem train --config FILE --workdir ROOT/NAME --config.KEY=VALUE ...`, so every launcher
 runs the same command and a run can be reproduced by hand.
+
+A sweep file may also define `evaluate(cfg, workdir)`, returning {metric: number} for one
+finished run (its resolved config and workdir): `hmem sweep collect` adds those to the run's
+row, e.g. probe accuracy (configs/sweeps/facts.py). It runs at every collect, so it should
+cache what is expensive in the workdir.
 """
 
 from __future__ import annotations
@@ -72,6 +77,26 @@ def _load_module(path: str):
       raise ConfigError(f'sweep file {path!r} defines no {fn}(); a sweep file has get_config() (the base '
                         'config) and sweep() (yielding one dict of config overrides per run)')
   return module
+
+
+def evaluate_hook(sweep_file: str):
+  """The sweep file's `evaluate` wrapped so its errors name the file and its result is
+  checked; None when the file defines none."""
+  module = _load_module(sweep_file)
+  evaluate = getattr(module, 'evaluate', None)
+  if evaluate is None:
+    return None
+  what = f'evaluate() of sweep file {sweep_file!r}'
+
+  def checked(cfg, workdir: str) -> dict:
+    with user_code(what, module.__file__):
+      metrics = evaluate(cfg, workdir)
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items()):
+      raise ConfigError(f'{what} returned {metrics!r}; return a dict of metric name -> number')
+    return metrics
+
+  return checked
 
 
 def _scale_steps(cfg, overrides: dict, scale: float) -> dict:
