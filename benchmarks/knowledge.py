@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -89,6 +90,7 @@ def run_n(cfg, root: str, n: int, args) -> dict:
   out = {'entities': n, 'sequences': manifest['sequences'], 'steps_anchor': configs['anchor'].train.steps,
          'steps_extra': configs['memory'].train.steps}
   for name, (open_model, step, block) in models.items():
+    open_model = functools.cache(open_model)  # opened (and compiled) once for its three sets, if not cached
     for s in SETS:
       r = evaluate_cached(open_model, step, files[s], os.path.join(d, f'eval_{name}_{s}.json'), block, False)
       key = 'ppl' if s == 'heldout' else 'acc'
