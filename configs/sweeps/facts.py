@@ -77,5 +77,6 @@ def evaluate(cfg, workdir: str) -> dict:
   trained, heldout = (evaluate_cached(lambda: open_bundle(bundle), step, probes.format(name),
                                       os.path.join(workdir, f'eval_{name}.json'), block, False)
                       for name, block in (('probes', True), ('probes_heldout', False)))
-  return {'acc_fetched': trained['acc_fetched'], 'acc_generic': trained['acc_generic'],
-          'acc_blocked': trained['acc_blocked'], 'acc_heldout_fetched': heldout['acc_fetched']}
+  # A run without a generic block (generic_prob 0) has no generic accuracy: left blank.
+  return {**{key: trained[key] for key in ('acc_fetched', 'acc_generic', 'acc_blocked') if key in trained},
+          'acc_heldout_fetched': heldout['acc_fetched']}

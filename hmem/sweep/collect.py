@@ -183,7 +183,7 @@ def plot_metrics(rows: list[dict], metrics: list[str], root: str) -> str:
     ax.barh(np.arange(len(done)) + j * height, [r.get(metric, np.nan) for r in done], height, label=metric)
   ax.set_yticks(np.arange(len(done)) + 0.4 - height / 2, [r['name'] for r in done], fontsize=7)
   ax.invert_yaxis()
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, ncol=min(4, len(metrics)), loc='lower left', bbox_to_anchor=(0, 1))  # above the bars
   fig.tight_layout()
   path = _save(fig, epath.Path(root) / 'evaluate.png')
   plt.close(fig)
