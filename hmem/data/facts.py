@@ -1,8 +1,8 @@
 """A controlled fact corpus: synthetic biographies of N made-up people, and probes.
 
 The "synthetic biographies" setting for measuring knowledge storage: every entity has a
-name whose two words no other entity uses, and one value per attribute (birth year, birth city, employer, field), drawn
-uniformly from a fixed list of 16. Each attribute is stated by one of several paraphrase
+name whose two words no other entity uses, and one value per attribute (birth year, birth
+city, employer, field), drawn uniformly from a fixed list of 16. Each attribute is stated by one of several paraphrase
 templates; the first TRAIN_TEMPLATES are written into the training corpus, the rest are
 never trained on and make the held-out paraphrase split.
 
