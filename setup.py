@@ -47,7 +47,7 @@ class EditableWithPth(editable_wheel):
 setuptools.setup(
     packages=[*setuptools.find_packages(include=['hmem', 'hmem.*']), 'hmem.configs', 'hmem.launch'],
     package_dir={'hmem.configs': 'configs', 'hmem.launch': 'launch'},
-    package_data={'hmem.configs': ['*.py', 'paper/*.py', 'sweeps/*.py'],
+    package_data={'hmem.configs': ['*.py', 'paper/*.py', 'sweeps/*.py'], 'hmem.tasks': ['*.yaml', 'data/*.jsonl'],
                   'hmem.launch': ['*.sh', '*.sbatch', 'gke/*', 'beam/*']},
     data_files=[(SITE_PACKAGES, [PTH])],
     cmdclass={'editable_wheel': EditableWithPth},

@@ -164,6 +164,18 @@ def default_config() -> ml_collections.ConfigDict:
       wandb=ml_collections.ConfigDict(dict(project='hmem', entity='', name='', mode='online')),
       compile_cache='',    # persistent compilation cache directory; '' = $HMEM_CACHE, else
                            # $JAX_COMPILATION_CACHE_DIR, else WORKDIR/../jax_cache; 'off' disables
+      # lm-evaluation-harness on the live parameters and bank (hmem/train/harness.py; the
+      # `eval` extra), logged as harness/TASK/METRIC/MODE with its cost in harness/seconds.
+      harness=ml_collections.ConfigDict(dict(
+          tasks='',         # comma-separated lm-eval task names or task YAML files, e.g.
+                            # hmem_knowledge,hmem_wiki_heldout (hmem/tasks); '' = off
+          every=0,          # steps between runs (and at none other); 0 = off
+          limit=0,          # documents per task; 0 = all
+          modes='',         # comma-separated among fetched,generic,none,blocked; '' = every
+                            # mode the run has
+          include_path='',  # comma-separated directories of task YAML to search too
+          batch_size=16,    # sequences scored at once
+      )),
   ))
   return c
 
@@ -363,7 +375,7 @@ _POSITIVE = frozenset({'model.vocab_size', 'model.d_model', 'model.layers', 'mod
                        'data.seq_len', 'data.synthetic_mean_doc_len', 'data.synthetic_leaves', 'data.embed_batch',
                        'data.embed_max_tokens', 'data.tfidf_dim', 'data.balance', 'train.batch_size',
                        'train.grad_accum', 'train.log_every', 'train.eval_steps', 'train.keep_checkpoints',
-                       'train.eps'})
+                       'train.eps', 'train.harness.batch_size'})
 _INT_TUPLES = ('memory.levels', 'memory.layers')
 
 

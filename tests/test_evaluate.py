@@ -85,9 +85,10 @@ def _direct(source, texts, questions, leaves, mode):
       count += len(window) - 1
   correct = []
   for q, leaf in zip(questions, leaves[len(texts):]):
-    prompt = tok.encode([q['prompt']])[0]
-    scores = [-_nll(source.model, np.concatenate([prompt, tok.encode([' ' + c], start=False)[0]]), memory(leaf), L)
-              + _nll(source.model, prompt, memory(leaf), L) for c in q['candidates']]
+    # lm-eval's encoding: prompt and candidate together, the candidate's tokens those after the prompt's count.
+    n = len(tok.encode([q['prompt']])[0])
+    wholes = [tok.encode([q['prompt'] + ' ' + c])[0] for c in q['candidates']]
+    scores = [_nll(source.model, w[:n], memory(leaf), L) - _nll(source.model, w, memory(leaf), L) for w in wholes]
     answer = q['answer'] if isinstance(q['answer'], int) else q['candidates'].index(q['answer'])
     correct.append(int(np.argmax(scores)) == answer)
   return math.exp(nll / count), float(np.mean(correct)) if correct else None
@@ -233,7 +234,7 @@ def test_an_imported_run_evaluates_and_generates_without_memory(imported_run, tm
   path.write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
   assert main(['eval', '--workdir', str(imported_run), '--data', str(path), '--json', '--no-progress']) == 0
   result = _last_json(capsys)
-  assert set(result) == {'documents', 'tokens', 'ppl_none', 'skipped', 'ignored_fields'}
+  assert set(result) == {'documents', 'tokens', 'ppl_none', 'windows', 'skipped', 'ignored_fields'}
   source = open_source(workdir=str(imported_run))
   assert source.router is None and source.tokenizer.vocab_size == 96
   ppl, _ = _direct(source, texts, [], np.zeros(len(texts), np.int64), 'none')

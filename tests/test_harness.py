@@ -86,7 +86,7 @@ def test_harness_scores_equal_hmem_eval_per_mode(lm, tasks, tmp_path):
   ppl_records, mc_records = records['hmem_ppl'], records['hmem_mc']
   assert len(lm.tokenizer.encode([ppl_records[0]['text']])[0]) > 2 * lm.max_length  # scored in windows
   expected = evaluate(lm.source, _jsonl(tmp_path, 'eval', ppl_records + mc_records), block_best=True,
-                      batch_size=4, progress=False)
+                      batch_size=4, windows='lm-eval', progress=False)
   words = sum(len(re.split(r'\s+', r['text'])) for r in ppl_records)
   nbytes = sum(len(r['text'].encode()) for r in ppl_records)
   nll = {m: math.log(expected[f'ppl_{m}']) * expected['tokens'] for m in ('fetched', 'generic', 'none', 'blocked')}
@@ -174,7 +174,7 @@ def test_memory_none_and_a_zero_bank_score_as_the_anchor(memory_run, tasks, tmp_
                '--no-progress']) == 0
   assert main(['bank', 'drop', '--bundle', str(bundle), '--node', '1:0', '1:1', '1:2', '1:3']) == 0
   expected = evaluate(open_source(bundle=str(bundle)), _jsonl(tmp_path, 'eval', records['hmem_ppl']),
-                      progress=False)
+                      windows='lm-eval', progress=False)
   assert expected['ppl_fetched'] == pytest.approx(expected['ppl_none'], rel=1e-6)
   words = sum(len(re.split(r'\s+', r['text'])) for r in records['hmem_ppl'])
   anchor = math.exp(math.log(expected['ppl_none']) * expected['tokens'] / words)
@@ -190,7 +190,7 @@ def test_a_run_without_memory_or_tree_is_a_harness_model(imported_run, tmp_path)
   text = _texts()[0][:200]
   lm = HarnessLM(workdir=str(imported_run), step='0', progress=False)
   assert lm.memory == 'none'
-  expected = evaluate(lm.source, _jsonl(tmp_path, 'one', [{'text': text}]), progress=False)
+  expected = evaluate(lm.source, _jsonl(tmp_path, 'one', [{'text': text}]), windows='lm-eval', progress=False)
   (got,) = lm.loglikelihood_rolling([Instance('loglikelihood_rolling', {}, (text,), 0)])
   assert got == pytest.approx(-math.log(expected['ppl_none']) * expected['tokens'], rel=1e-6)
   with pytest.raises(UserError, match='this run has no memory; use memory=none'):

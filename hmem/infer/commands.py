@@ -32,15 +32,51 @@ def _generate(args, cfg):
 
 
 def _eval(args, cfg):
+  from hmem.errors import UserError
+  flags = (('--modes', args.modes, 'tasks'), ('--include-path', args.include_path, 'tasks'),
+           ('--limit', args.limit, 'tasks'), ('--csv', args.csv, 'tasks'), ('--plot', args.plot, 'data'),
+           ('--windows', args.windows, 'data'))
+  misplaced = [flag for flag, given, kind in flags if given and not getattr(args, kind)]
+  if misplaced:
+    raise UserError(f'{", ".join(misplaced)} apply to --{"tasks" if args.data else "data"}; leave them out with '
+                    f'--{"data" if args.data else "tasks"}')
+  if args.tasks:
+    return _eval_tasks(args)
   from hmem.infer import evaluate
   source, block = _open(args)
-  result = evaluate.evaluate(source, args.data, block=block, block_best=args.block_best,
-                             progress=not args.no_progress)
+  result = evaluate.evaluate(source, args.data, block=block, block_best=args.block_best, batch_size=args.batch_size,
+                             windows=args.windows or 'training', progress=not args.no_progress)
   if not args.json:
     print(evaluate.table(result))
   if args.plot:
     evaluate.plot(result, args.plot)
   print(json.dumps(result))
+
+
+def _eval_tasks(args):
+  """`hmem eval --tasks`: the harness under each mode, tasks x modes (hmem.infer.table)."""
+  from hmem.errors import UserError
+  try:
+    import lm_eval  # noqa: F401
+  except ImportError as e:
+    raise UserError(f'hmem eval --tasks runs lm-evaluation-harness ({e}); install it with pip install "hmem[eval]"') \
+        from None
+  from hmem.infer import table
+  names = [t for t in args.tasks.split(',') if t]
+  manager = table.task_manager([*args.include_path, *table.task_dirs(names)])
+  tasks = table.resolve_tasks(manager, names)  # before the model loads
+  source, block = _open(args)
+  modes = table.check_modes(source.tables, args.modes.split(',') if args.modes else table.default_modes(source.tables),
+                            block)
+  result = table.run_modes(source, tasks, modes, manager=manager, block=block, limit=args.limit,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+  if not args.json:
+    print(table.format_table(result, modes))
+  if args.csv:
+    from hmem.files import atomic_write
+    with atomic_write(args.csv) as f:
+      f.write(table.to_csv(result))
+  print(json.dumps({'tasks': tasks, 'modes': modes, **result}))
 
 
 def _serve(args, cfg):
@@ -76,11 +112,25 @@ def register(sub) -> None:
   p.add_argument('--temperature', type=float, default=0.0, help='0: greedy')
   p.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling mass')
   p.add_argument('--seed', type=int, default=0)
-  p = command.add(sub, 'eval', _eval, 'perplexity and accuracy of a JSONL file per memory mode', config=False)
+  p = command.add(sub, 'eval', _eval, 'per memory mode: perplexity and accuracy of a JSONL file, or lm-eval tasks',
+                  config=False)
   _source_args(p)
-  p.add_argument('--data', required=True, help='JSONL of {"text"} and {"prompt", "candidates", "answer"} records')
+  what = p.add_mutually_exclusive_group(required=True)
+  what.add_argument('--data', help='JSONL of {"text"} and {"prompt", "candidates", "answer"} records')
+  what.add_argument('--tasks', help='comma-separated lm-eval task names or task YAML files: the harness under each '
+                    'mode, printed as tasks x modes (hmem\'s offline tasks: hmem_knowledge, hmem_wiki_heldout)')
+  p.add_argument('--modes', default='', help='with --tasks: comma-separated, among fetched,generic,none,blocked '
+                 '(default: every mode the run has; blocked routes around --block, else --block-best)')
+  p.add_argument('--include-path', action='append', default=[], metavar='DIR',
+                 help='with --tasks: a directory of task YAML to search too (repeatable)')
+  p.add_argument('--limit', type=int, default=None, help='with --tasks: at most this many documents per task')
+  p.add_argument('--csv', default='', metavar='FILE.csv', help='with --tasks: also write one row per table cell')
+  p.add_argument('--windows', choices=('training', 'lm-eval'), default=None,
+                 help="with --data: the perplexity's convention: training's (default: each text and its EOT, "
+                 "as packed) or lm-evaluation-harness's rolling windows")
+  p.add_argument('--batch-size', type=int, default=16, help='sequences scored at once')
   p.add_argument('--json', action='store_true', help='print only the JSON summary (no table)')
-  p.add_argument('--plot', default='', metavar='FILE.png', help='also draw the results as a bar chart')
+  p.add_argument('--plot', default='', metavar='FILE.png', help='with --data: also draw the results as a bar chart')
   p = command.add(sub, 'serve', _serve, 'an OpenAI-compatible completions server (continuous batching)',
                   config=False)
   _source_args(p, routing=False)

@@ -3,24 +3,26 @@
 Records (one JSON object a line; other fields, such as a corpus's id or title, are ignored
 and counted by name; the lines and texts `hmem prepare` would skip are skipped, counted by
 the same reasons):
-  {"text": ..., "context": ...?}  perplexity: the text's tokens followed by EOT, as in
-      training; every token after the first is predicted. Token-weighted over the file.
+  {"text": ..., "context": ...?}  perplexity, token-weighted over the file, by training's
+      convention (default): the text's tokens followed by EOT, as packed; every token after
+      the first is predicted; or, with windows='lm-eval', by lm-evaluation-harness's
+      rolling windows (every token predicted after the prefix token, no EOT).
   {"prompt": ..., "candidates": [...], "answer": ..., "context": ...?}  multiple choice:
       the candidate with the highest summed log-likelihood of " " + candidate after the
-      prompt wins; `answer` is the right candidate's index or text.
+      prompt wins, the pair encoded as lm-eval encodes it (so the harness model's `acc` on
+      the same items is this accuracy); `answer` is the right candidate's index or text.
 A record is routed by its `context` when it has one, else by its text or prompt.
+hmem.infer.sequences holds both conventions and the windows of a text longer than
+`data.seq_len`; a multiple-choice sequence longer than that keeps its last tokens.
 
 Modes: `fetched` (the routed leaf's path), `generic` (the generic block, when the run
 trained one), `none` (the dense anchor) and, when nodes are blocked, `blocked`: routed
 around the given nodes (`block`) and/or around each record's own level-1 subtree
 (`block_best`: the record is served by the best remaining subtree).
 
-A text longer than the model's `data.seq_len` is scored in windows of seq_len tokens that
-overlap by one token, so each window starts from fresh context and every token is still
-predicted exactly once; a multiple-choice sequence longer than seq_len keeps the prompt's
-last tokens. Sequences are scored in batches of fixed shape (a few bucket lengths), so a
-file compiles a handful of programs whatever its size. `score` is that batcher on its own;
-the lm-evaluation-harness model (hmem/infer/harness.py) scores its requests with it.
+Sequences are scored in batches of fixed shape (a few bucket lengths), so a file compiles
+a handful of programs whatever its size. `score` is that batcher on its own; the
+lm-evaluation-harness model (hmem/infer/harness.py) scores its requests with it.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ from tqdm import tqdm
 from hmem.data import inputs
 from hmem.errors import DataError, UserError
 from hmem.files import as_path, atomic_write
+from hmem.infer import sequences
 
 TEXT_FIELDS = {'text', 'context'}
 CHOICE_FIELDS = {'prompt', 'candidates', 'answer', 'context'}
 _MIN_BUCKET = 32
+WINDOWS = ('training', 'lm-eval')  # the perplexity's conventions (hmem.infer.sequences)
 
 
 @dataclasses.dataclass
@@ -114,47 +118,25 @@ def read_records(path: str | os.PathLike) -> Records:
   return out
 
 
-def text_windows(ids: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Windows of at most seq_len tokens overlapping by one; every token but the first is
-  scored exactly once."""
-  out, start = [], 0
-  while True:
-    window = ids[start:start + seq_len]
-    weights = np.ones(len(window), np.float32)
-    weights[0] = 0
-    out.append((window, weights))
-    if start + seq_len >= len(ids):
-      return out
-    start += seq_len - 1
-
-
-def choice_sequence(prompt: np.ndarray, answer: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """prompt + answer tokens, the prompt cut from the left to fit; only the answer scored."""
-  keep = max(seq_len - len(answer), 1)
-  tokens = np.concatenate([prompt[-keep:], answer])[:seq_len]
-  weights = np.zeros(len(tokens), np.float32)
-  weights[min(keep, len(prompt)):] = 1
-  return tokens, weights
-
-
 @functools.partial(jax.jit, static_argnames='graphdef')
 def _nll(graphdef, params, tokens_BxT, weights_BxT, memory):
   """Per row, the summed negative log-likelihood of the weighted tokens and whether each of
-  them is the argmax. Rows are right-padded with token -1, which becomes segment 0: no real
-  token attends to it."""
-  segment_ids_BxT = (tokens_BxT >= 0).astype(jnp.int32)
-  tokens_BxT = jnp.maximum(tokens_BxT, 0)
-  logits_BxTxV = nnx.merge(graphdef, params)(tokens_BxT, segment_ids_BxT, memory)[:, :-1]
+  them is the argmax. The model reads tokens[:, :-1]; rows are right-padded with token -1,
+  which becomes segment 0: no real token attends to it."""
+  inputs_BxT, targets_BxT = tokens_BxT[:, :-1], jnp.maximum(tokens_BxT[:, 1:], 0)
+  segment_ids_BxT = (inputs_BxT >= 0).astype(jnp.int32)
+  logits_BxTxV = nnx.merge(graphdef, params)(jnp.maximum(inputs_BxT, 0), segment_ids_BxT, memory)
   lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-  target_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+  target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
   scored_BxT = weights_BxT[:, 1:] > 0
-  greedy_B = jnp.all((jnp.argmax(logits_BxTxV, axis=-1) == tokens_BxT[:, 1:]) | ~scored_BxT, axis=1)
+  greedy_B = jnp.all((jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT) | ~scored_BxT, axis=1)
   return jnp.sum((lse_BxT - target_BxT) * weights_BxT[:, 1:], axis=1), greedy_B
 
 
-def _bucket(n: int, seq_len: int) -> int:
-  """The padded length of a sequence of n tokens: a power of two, at most seq_len."""
-  return min(seq_len, max(_MIN_BUCKET, 1 << (n - 1).bit_length()))
+def _bucket(n: int, max_length: int) -> int:
+  """The padded model input length of a sequence of n tokens (n - 1 read): a power of two,
+  at most max_length."""
+  return min(max_length, max(_MIN_BUCKET, 1 << (n - 2).bit_length()))
 
 
 def _modes(source, blocking: bool) -> list[str]:
@@ -176,19 +158,20 @@ def check_source(source, routed: bool) -> None:
                     'a run trained on a prepared dataset (data.source=prepared)')
 
 
-def score(source, seqs, leaves: dict, *, seq_len: int, batch_size: int = 16, progress: bool = True,
+def score(source, seqs, leaves: dict, *, max_length: int, batch_size: int = 16, progress: bool = True,
           desc: str = 'eval') -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Scores token sequences under memory modes.
 
-  seqs: [(tokens [T], weights [T], route)], T <= seq_len; a token's weight says whether it
-  is scored (the first never is). leaves: {mode: leaf per route, or None for `generic` and
-  `none`}; `blocked` is scored like `fetched`, on its own leaves. Returns {mode: (summed NLL
-  of each sequence's weighted tokens [S], whether each of them was the argmax [S])}.
+  seqs: [(tokens [T], weights [T], route)], 2 <= T <= max_length + 1 (hmem.infer.sequences:
+  the model reads tokens[:-1]; a token's weight says whether its prediction counts).
+  leaves: {mode: leaf per route, or None for `generic` and `none`}; `blocked` is scored
+  like `fetched`, on its own leaves. Returns {mode: (summed NLL of each sequence's weighted
+  tokens [S], whether each of them was the argmax [S])}.
   """
   # Batches of one bucket length; rows sorted by leaf, so a batch shares its path rows.
   fetched = leaves.get('fetched')
   leaf_S = fetched[[r for _, _, r in seqs]] if fetched is not None else np.zeros(len(seqs), np.int64)
-  bucket = lambda s: _bucket(len(seqs[s][0]), seq_len)
+  bucket = lambda s: _bucket(len(seqs[s][0]), max_length)
   order = sorted(range(len(seqs)), key=lambda s: (bucket(s), leaf_S[s]))
   batches = []
   for _, group in itertools.groupby(order, key=bucket):
@@ -207,7 +190,7 @@ def score(source, seqs, leaves: dict, *, seq_len: int, batch_size: int = 16, pro
 
     previous = None
     for batch in batches:
-      T = bucket(batch[0])
+      T = bucket(batch[0]) + 1  # the model reads T - 1 tokens
       tokens_BxT = np.full((batch_size, T), -1, np.int32)
       weights_BxT = np.zeros((batch_size, T), np.float32)
       for b, s in enumerate(batch):
@@ -228,11 +211,14 @@ def score(source, seqs, leaves: dict, *, seq_len: int, batch_size: int = 16, pro
 
 
 def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_size: int = 16,
-             progress: bool = True) -> dict:
+             windows: str = 'training', progress: bool = True) -> dict:
   """Scores the file's records under every mode (see the module docstring). Returns
-  {documents, tokens, ppl_<mode>} for text records, {examples, acc_<mode>} for
+  {documents, tokens, ppl_<mode>, windows} for text records, {examples, acc_<mode>} for
   multiple-choice records (keys of an absent kind omitted), `skipped` by reason and
-  `ignored_fields` (records carrying each field eval does not use)."""
+  `ignored_fields` (records carrying each field eval does not use). `windows`: the
+  perplexity's convention, 'training' or 'lm-eval' (hmem.infer.sequences)."""
+  if windows not in WINDOWS:
+    raise UserError(f'windows={windows!r}; choose one of {", ".join(WINDOWS)}')
   records = read_records(path)
   blocking = bool(block) or block_best
   modes = _modes(source, blocking)
@@ -250,19 +236,24 @@ def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_siz
 
   seqs = []  # (tokens, weights, routed record)
   for i, ids in enumerate(tokenizer.encode(records.texts)):
-    seqs += [(t, w, i) for t, w in text_windows(np.append(ids, tokenizer.eot_id).astype(np.int32), seq_len)]
-  answers = iter(tokenizer.encode([' ' + c for cands in records.candidates for c in cands], start=False))
-  for j, (prompt, cands) in enumerate(zip(tokenizer.encode(records.prompts), records.candidates)):
-    seqs += [(*choice_sequence(prompt, next(answers), seq_len), n_text + j) for _ in cands]
+    if windows == 'training':
+      seqs += [(t, w, i) for t, w in sequences.text_windows(np.append(ids, tokenizer.eot_id).astype(np.int32),
+                                                              seq_len)]
+    else:
+      seqs += [(t, w, i) for t, w in sequences.rolling_windows(ids, sequences.prefix_id(tokenizer), seq_len)]
+  owner = [n_text + j for j, cands in enumerate(records.candidates) for _ in cands]
+  pairs = sequences.encode_pairs(tokenizer, [records.prompts[r - n_text] for r in owner],
+                                 [' ' + c for cands in records.candidates for c in cands])
+  seqs += [(*sequences.pair_sequence(*pair, seq_len), r) for pair, r in zip(pairs, owner)]
   nll = {mode: nll_S for mode, (nll_S, _) in
-         score(source, seqs, leaves, seq_len=seq_len, batch_size=batch_size, progress=progress).items()}
+         score(source, seqs, leaves, max_length=seq_len, batch_size=batch_size, progress=progress).items()}
   weight_S = np.array([w.sum() for _, w, _ in seqs])
 
   result = {}
   is_text_S = np.array([r < n_text for _, _, r in seqs], bool)
   if n_text:
     tokens = weight_S[is_text_S].sum()
-    result.update(documents=n_text, tokens=int(tokens))
+    result.update(documents=n_text, tokens=int(tokens), windows=windows)
     result.update({f'ppl_{m}': math.exp(nll[m][is_text_S].sum() / tokens) for m in modes})
   if n_choice:
     bounds = np.cumsum([0] + [len(c) for c in records.candidates])

@@ -27,6 +27,7 @@ from hmem.memory import config as memory_config
 from hmem.train import resume
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.hardware import peak_flops_per_device
+from hmem.train.harness import Harness
 from hmem.train.metrics import MetricsWriter, trackers
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.preemption import Preemption
@@ -233,6 +234,7 @@ class _Run:
   eval_batches: _Batches | None
   train_step: Any
   eval_step: Any
+  harness: Harness | None
   meta: dict
 
 
@@ -244,6 +246,7 @@ def _setup(cfg, workdir: str, mesh) -> _Run:
   _check_workdir(workdir)
   check_batching(cfg, mesh)
   source, eval_source = _sources(cfg)
+  harness = Harness.create(cfg, mesh)
   fingerprint = _data_fingerprint(source)
   tx, schedule = anchor_optimizer(cfg.train)
   spec = state_spec(cfg, tx, mesh)
@@ -261,7 +264,7 @@ def _setup(cfg, workdir: str, mesh) -> _Run:
       steps_per_epoch=source.steps_per_epoch, batches=_Batches(source, mesh, rows),
       eval_batches=_Batches(eval_source, mesh, rows) if eval_source else None,
       train_step=make_train_step(cfg, spec, tx, schedule, mesh),
-      eval_step=make_eval_step(cfg, spec, mesh) if eval_source else None,
+      eval_step=make_eval_step(cfg, spec, mesh) if eval_source else None, harness=harness,
       meta={'config': json.loads(cfg.to_json_best_effort()), 'data_fingerprint': fingerprint, **sizes.sizes(cfg)})
 
 
@@ -318,6 +321,9 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
           with log.untimed(state):
             eval_row = _evaluate(run.eval_step, state, run.eval_batches, t.eval_steps)
           summary.update(eval_row)
+        if run.harness and step % t.harness.every == 0:
+          with log.untimed(state):
+            eval_row = {**eval_row, **run.harness(state)}
         if step % t.log_every == 0 or step == t.steps:
           check_finite()
           summary['loss'] = log.train_row(step, metrics, position, eval_row)['loss']
