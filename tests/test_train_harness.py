@@ -83,7 +83,7 @@ def test_live_numbers_are_the_checkpoints(runs):
   cfg, workdir = runs['harness']
   row = next(r for r in _rows(workdir) if r['step'] == 2)
   h = cfg.train.harness
-  manager = table.task_manager(table.task_dirs(h.tasks.split(',')))
+  manager = table.task_manager(h.tasks.split(','))
   result = table.run_modes(open_source(workdir=str(workdir), step=2), table.resolve_tasks(manager, h.tasks.split(',')),
                            MODES, manager=manager, limit=h.limit, batch_size=h.batch_size)
   cells = table.rows(result)
@@ -94,8 +94,8 @@ def test_live_numbers_are_the_checkpoints(runs):
 
 def test_a_bad_harness_config_stops_before_training(memory_run, tmp_path):
   for overrides, message in (
-      (('train.harness.every=2', 'train.harness.tasks=hmem_capitol'), r'unknown task\(s\): hmem_capitol \(did you '
-                                                                       r'mean hmem_capital'),
+      (('train.harness.every=2', f'train.harness.tasks=hmem_capital,{tmp_path}/no.yaml'),
+       f"train.harness: task file '{tmp_path}/no.yaml' not found"),
       (('train.harness.tasks=hmem_capital',), 'train.harness needs both tasks and every'),
       (('train.harness.every=2', 'train.harness.tasks=hmem_capital', 'train.harness.modes=fetched,dense'),
        "memory mode 'dense'; choose among fetched, generic, none, blocked")):

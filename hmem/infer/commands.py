@@ -63,7 +63,7 @@ def _eval_tasks(args):
         from None
   from hmem.infer import table
   names = [t for t in args.tasks.split(',') if t]
-  manager = table.task_manager([*args.include_path, *table.task_dirs(names)])
+  manager = table.task_manager(names, args.include_path)
   tasks = table.resolve_tasks(manager, names)  # before the model loads
   source, block = _open(args)
   modes = table.check_modes(source.tables, args.modes.split(',') if args.modes else table.default_modes(source.tables),

@@ -27,15 +27,25 @@ from hmem.errors import UserError
 MODES = ('fetched', 'generic', 'none', 'blocked')
 
 
-def task_manager(include_paths=()):
-  """lm-eval's TaskManager over its own tasks, hmem's offline tasks and `include_paths`."""
+def task_manager(tasks, include_paths=()):
+  """lm-eval's TaskManager over hmem's offline tasks, `include_paths` and the directories of
+  the task files among `tasks`; lm-eval's own tasks are added (indexing them takes tens of
+  seconds) only when a name in `tasks` is not found there."""
   from lm_eval.tasks import TaskManager
 
   from hmem.tasks import DIR
   for path in include_paths:
     if not os.path.isdir(path):
       raise UserError(f'include path {path!r} is not a directory; pass a directory of task YAML files')
-  return TaskManager(include_path=[str(DIR), *map(str, include_paths)])
+  files = [t for t in tasks if t.endswith(('.yaml', '.yml'))]
+  for path in files:
+    if not os.path.isfile(path):
+      raise UserError(f'task file {path!r} not found; pass the path of an lm-eval task YAML file')
+  paths = [str(DIR), *map(str, include_paths), *sorted({os.path.dirname(os.path.abspath(t)) for t in files})]
+  manager = TaskManager(include_path=paths, include_defaults=False)
+  if any(not manager.match_tasks([t]) for t in tasks if t not in files):
+    manager = TaskManager(include_path=paths)
+  return manager
 
 
 def resolve_tasks(manager, tasks) -> list[str]:
@@ -49,8 +59,8 @@ def resolve_tasks(manager, tasks) -> list[str]:
     if task.endswith(('.yaml', '.yml')):
       name = by_path.get(os.path.realpath(task))
       if name is None:
-        raise UserError(f'task file {task!r} is not among the tasks found: pass an existing YAML file (its '
-                        'directory is searched)')
+        raise UserError(f'task file {task!r} declares no task lm-eval can read (no `task:` key?); pass an lm-eval '
+                        'task YAML file')
       out.append(name)
     elif manager.match_tasks([task]):
       out.append(task)
@@ -63,11 +73,6 @@ def resolve_tasks(manager, tasks) -> list[str]:
                     'hmem_atomic_number, hmem_wiki_heldout, hmem_knowledge) or YAML files; --include-path adds '
                     'a directory of task YAML')
   return out
-
-
-def task_dirs(tasks) -> list[str]:
-  """The directories of the task YAML files among `tasks`."""
-  return sorted({os.path.dirname(os.path.abspath(t)) for t in tasks if t.endswith(('.yaml', '.yml'))})
 
 
 def check_modes(tables: dict, modes, block=()) -> list[str]:

@@ -87,7 +87,7 @@ class Harness:
                         'data.source=prepared (a run on synthetic tokens has none)')
     names = [t for t in h.tasks.split(',') if t]
     try:
-      manager = table.task_manager([*filter(None, h.include_path.split(',')), *table.task_dirs(names)])
+      manager = table.task_manager(names, [p for p in h.include_path.split(',') if p])
       tasks = table.resolve_tasks(manager, names)
       tables = memory_bank.tables(cfg)
       modes = table.check_modes(tables, h.modes.split(',') if h.modes else table.default_modes(tables))
