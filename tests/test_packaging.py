@@ -68,3 +68,11 @@ def test_an_installed_wheel_runs_outside_the_repository(installed, tmp_path):
   assert f'{installed.parent}/lib/' in lines[0] and '/site-packages/hmem/configs/sweeps/paper_table7.py' in lines[0]
   out = run('--version')
   assert out.stdout.strip() == 'hmem 0.1.0'
+  # The offline lm-eval tasks ship as package data: their YAML and records.
+  out = subprocess.run([str(installed / 'python'), '-m', 'hmem.tasks'], cwd=tmp_path, env=env, capture_output=True,
+                       text=True)
+  tasks = out.stdout.strip()
+  assert out.returncode == 0 and tasks.endswith('/site-packages/hmem/tasks'), out.stderr[-2000:]
+  assert sorted(os.listdir(f'{tasks}/data')) == ['atomic_number.jsonl', 'capital.jsonl', 'wiki_heldout.jsonl']
+  assert {'atomic_number.yaml', 'capital.yaml', 'knowledge.yaml', 'wiki_heldout.yaml', 'records.py'} <= \
+      set(os.listdir(tasks))
