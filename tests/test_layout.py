@@ -125,3 +125,12 @@ def test_design_md_lists_every_package():
   for path in sorted((REPO / 'hmem').iterdir()):
     if path.is_dir() and (path / '__init__.py').exists():
       assert f'{path.name}/' in layout, f'docs/DESIGN.md "Layout" does not describe hmem/{path.name}/'
+
+
+def test_every_package_is_a_regular_package():
+  """A directory without __init__.py imports from a source tree (a namespace package) but is
+  left out of the wheel (setuptools finds regular packages)."""
+  for path in (REPO / 'hmem').rglob('*.py'):
+    for parent in path.relative_to(REPO).parents:
+      if parent != pathlib.Path('.'):
+        assert (REPO / parent / '__init__.py').exists(), f'{parent}/ has no __init__.py'
