@@ -164,7 +164,7 @@ def default_config() -> ml_collections.ConfigDict:
       wandb=ml_collections.ConfigDict(dict(project='hmem', entity='', name='', mode='online')),
       compile_cache='',    # persistent compilation cache directory; '' = $HMEM_CACHE, else
                            # $JAX_COMPILATION_CACHE_DIR, else WORKDIR/../jax_cache; 'off' disables
-      # lm-evaluation-harness on the live parameters and bank (hmem/train/harness.py; the
+      # lm-evaluation-harness on the live parameters and bank (hmem/infer/live.py; the
       # `eval` extra), logged as harness/TASK/METRIC/MODE with its cost in harness/seconds.
       harness=ml_collections.ConfigDict(dict(
           tasks='',         # comma-separated lm-eval task names or task YAML files, e.g.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import MEMORY_RUN, WIKI, assert_trees_close, saved_items, tiny_config
 
+import hmem.infer.live  # noqa: F401  (registers train.harness's hook, as the hmem CLI does)
 from hmem.errors import ConfigError
 from hmem.train.trainer import train
 

@@ -6,6 +6,7 @@ import json
 import os
 
 from hmem import command
+from hmem.train import hooks
 
 
 def _open(args):
@@ -103,7 +104,14 @@ def _source_args(p, routing: bool = True) -> None:
     p.set_defaults(block=[])
 
 
+def _live_harness(cfg, mesh):
+  """`train.harness`'s hook (hmem.infer.live), imported only when a run trains."""
+  from hmem.infer.live import Harness
+  return Harness.create(cfg, mesh)
+
+
 def register(sub) -> None:
+  hooks.register('harness', _live_harness)  # `hmem train` runs lm-eval on the live state (train.harness)
   p = command.add(sub, 'generate', _generate, 'continue a prompt with its routed memory', config=False)
   _source_args(p)
   p.add_argument('--prompt', required=True, help='the text to continue')

@@ -3,7 +3,7 @@
 `run_modes` runs lm-eval's `simple_evaluate` once per memory mode with the harness model
 (hmem.infer.harness) over one open MemorySource, so the model is loaded once: `hmem eval
 --tasks` prints the result as a table (`format_table`) and the training callback
-(hmem.train.harness) logs it. Modes: `fetched`, `generic`, `none` (the harness model's
+(hmem.infer.live) logs it. Modes: `fetched`, `generic`, `none` (the harness model's
 memory) and `blocked` (fetched, routed around the given nodes or, when none are given,
 around each request's own level-1 subtree).
 

@@ -26,7 +26,7 @@ import jax
 
 from hmem import hlo, sharding, sizes
 from hmem.errors import ConfigError
-from hmem.memory import config as memory_config
+from hmem.memory.spec import memory_spec
 from hmem.train.step import fresh_train_step
 from hmem.train.trainer import check_batching
 
@@ -42,7 +42,7 @@ def _bytes_per_device(tree) -> int:
 def plan(cfg, devices=None, budget_bytes: int = DEVICE_BYTES) -> dict:
   """The per-device plan of one train step of `cfg` on `devices` (default: all); `fits`:
   its total is within `budget_bytes` per device."""
-  memory_config.check(cfg)
+  memory_spec(cfg)
   devices = list(devices if devices is not None else jax.devices())
   mesh = sharding.make_mesh(cfg.mesh, devices)
   check_batching(cfg, mesh)

@@ -23,11 +23,10 @@ from hmem.data import Position, check_batch, make_source
 from hmem.data.prefetch import Prefetcher
 from hmem.errors import CheckpointError, ConfigError, TrainingError
 from hmem.files import as_path, atomic_write, open_append
-from hmem.memory import config as memory_config
-from hmem.train import resume
+from hmem.memory.spec import memory_spec
+from hmem.train import hooks, resume
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.hardware import peak_flops_per_device
-from hmem.train.harness import Harness
 from hmem.train.metrics import MetricsWriter, trackers
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.preemption import Preemption
@@ -234,19 +233,19 @@ class _Run:
   eval_batches: _Batches | None
   train_step: Any
   eval_step: Any
-  harness: Harness | None
+  hooks: list  # hmem.train.hooks
   meta: dict
 
 
 def _setup(cfg, workdir: str, mesh) -> _Run:
   """Checks the config, workdir and data (cheap, first), then restores or builds the state.
   Call under `sharding.use_mesh(mesh, ...)`."""
-  memory_config.check(cfg)
+  memory_spec(cfg)  # a bad memory config fails here, before any work
   trackers(cfg.train)
   _check_workdir(workdir)
   check_batching(cfg, mesh)
   source, eval_source = _sources(cfg)
-  harness = Harness.create(cfg, mesh)
+  step_hooks = hooks.create(cfg, mesh)
   fingerprint = _data_fingerprint(source)
   tx, schedule = anchor_optimizer(cfg.train)
   spec = state_spec(cfg, tx, mesh)
@@ -264,7 +263,7 @@ def _setup(cfg, workdir: str, mesh) -> _Run:
       steps_per_epoch=source.steps_per_epoch, batches=_Batches(source, mesh, rows),
       eval_batches=_Batches(eval_source, mesh, rows) if eval_source else None,
       train_step=make_train_step(cfg, spec, tx, schedule, mesh),
-      eval_step=make_eval_step(cfg, spec, mesh) if eval_source else None, harness=harness,
+      eval_step=make_eval_step(cfg, spec, mesh) if eval_source else None, hooks=step_hooks,
       meta={'config': json.loads(cfg.to_json_best_effort()), 'data_fingerprint': fingerprint, **sizes.sizes(cfg)})
 
 
@@ -321,9 +320,10 @@ def train(cfg, workdir: str, progress: bool = True, devices=None) -> dict:
           with log.untimed(state):
             eval_row = _evaluate(run.eval_step, state, run.eval_batches, t.eval_steps)
           summary.update(eval_row)
-        if run.harness and step % t.harness.every == 0:
-          with log.untimed(state):
-            eval_row = {**eval_row, **run.harness(state)}
+        for hook in run.hooks:
+          if step % hook.every == 0:
+            with log.untimed(state):
+              eval_row = {**eval_row, **hook(state)}
         if step % t.log_every == 0 or step == t.steps:
           check_finite()
           summary['loss'] = log.train_row(step, metrics, position, eval_row)['loss']

@@ -1,6 +1,7 @@
 """lm-evaluation-harness inside training (`train.harness`): tasks scored on the live
 parameters and bank every `train.harness.every` steps, logged as harness/TASK/METRIC/MODE
-(metrics.jsonl, TensorBoard, W&B) with the call's cost in `harness/seconds`.
+(metrics.jsonl, TensorBoard, W&B) with the call's cost in `harness/seconds`. A trainer hook
+(hmem.train.hooks), registered on import.
 
 Nothing is written: no checkpoint, no bundle. Each call gathers the anchor parameters onto
 one device of every process (a collective all processes join) and reads the bank rows a
@@ -31,6 +32,7 @@ from hmem.infer import table
 from hmem.infer.source import MemorySource
 from hmem.memory import bank as memory_bank
 from hmem.memory import optimizer as memory_optimizer
+from hmem.train import hooks
 from hmem.train.params import abstract_params
 
 
@@ -65,7 +67,7 @@ class Harness:
   called with the state, returns the row to log."""
 
   def __init__(self, cfg, mesh, router: Router, manager, tasks: list[str], modes: list[str]):
-    self.cfg, self.mesh, self.router = cfg, mesh, router
+    self.cfg, self.mesh, self.router, self.every = cfg, mesh, router, cfg.train.harness.every
     self.manager, self.tasks, self.modes = manager, tasks, modes
     self.graphdef = abstract_params(cfg)[0]
 
@@ -119,3 +121,6 @@ class Harness:
     row = {f'harness/{task}/{metric}/{mode}': value for task, metric, mode, value, _ in table.rows(result)}
     row['harness/seconds'] = time.perf_counter() - start
     return row
+
+
+hooks.register('harness', Harness.create)
