@@ -30,8 +30,8 @@ from hmem.data.router import Router
 from hmem.errors import ConfigError, UserError
 from hmem.infer import table
 from hmem.infer.source import MemorySource
-from hmem.memory import bank as memory_bank
 from hmem.memory import optimizer as memory_optimizer
+from hmem.memory.spec import memory_spec
 from hmem.train import hooks
 from hmem.train.params import abstract_params
 
@@ -42,10 +42,11 @@ class LiveRows:
 
   def __init__(self, cfg, mesh, bank: dict, bank_opt: dict, step: int):
     self.mesh, self.rules, self.bank, self.bank_opt, self.step = mesh, cfg.mesh.rules, bank, bank_opt, step
+    spec = memory_spec(cfg)
 
     def rows(bank_t, opt_t, ids_U, step):
       take = lambda tree: jax.tree.map(lambda a: a[ids_U], tree)
-      return memory_optimizer.caught_up(cfg, take(bank_t), take(opt_t['mu']), take(opt_t['nu']),
+      return memory_optimizer.caught_up(spec, take(bank_t), take(opt_t['mu']), take(opt_t['nu']),
                                         opt_t['last_step'][ids_U], step)
 
     self._rows = jax.jit(rows, out_shardings=sharding.replicated(mesh))
@@ -91,7 +92,7 @@ class Harness:
     try:
       manager = table.task_manager(names, [p for p in h.include_path.split(',') if p])
       tasks = table.resolve_tasks(manager, names)
-      tables = memory_bank.tables(cfg)
+      tables = memory_spec(cfg).tables
       modes = table.check_modes(tables, h.modes.split(',') if h.modes else table.default_modes(tables))
     except UserError as e:
       raise ConfigError(f'train.harness: {e}') from None
