@@ -22,6 +22,8 @@ from conftest import WIKI
 from hmem.bundle.export import export
 from hmem.infer import table
 
+pytestmark = pytest.mark.slow  # an `hmem serve` process end to end
+
 NAME = 'tiny'
 MAX_LENGTH = 32  # tokens the model reads: rolling documents span several windows
 TIMEOUT = 120  # seconds: a hang guard, never a timing assertion
