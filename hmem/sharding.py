@@ -125,6 +125,21 @@ def use_mesh(mesh: Mesh, rules):
     _ACTIVE.pop()
 
 
+@contextlib.contextmanager
+def on_host():
+  """Eager jax work inside runs on this host's CPU, whatever mesh is active: what a step
+  is built from (schedule tables) must not need the mesh's devices, which may be
+  compile-only (`hmem plan --target`) or busy. Without a CPU backend (JAX_PLATFORMS
+  excludes it) the work stays where it was."""
+  try:
+    cpu = jax.local_devices(backend='cpu')[0]
+  except RuntimeError:
+    yield
+    return
+  with jax.set_mesh(Mesh(np.array([cpu]), ('host',))), jax.default_device(cpu):
+    yield
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names under `use_mesh`; identity otherwise."""
   if not _ACTIVE:
