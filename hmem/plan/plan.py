@@ -38,8 +38,9 @@ from hmem.train.trainer import check_batching
 DEVICE_BYTES = 80 * 10 ** 9  # an 80 GB accelerator (H100, A100-80GB): the budget on fake CPU devices
 STATE_PARTS = ('params', 'opt_state', 'bank', 'bank_opt')
 MODELED = "modeled by XLA's TPU cost model, not measured"
-# The TPU compiler refuses a program that does not fit: "... required for HLO temporaries
-# (512.00G) exceeds available HBM (15.75G)".
+# The TPU compiler refuses a program that does not fit: "RESOURCE_EXHAUSTED: Ran out of
+# memory on HBM, the total memory required for HLO temporaries (131.60G) exceeds available
+# HBM (15.75G)."
 _REQUIRED = re.compile(r'required for [^(]*\((\d+(?:\.\d+)?)([KMGT])\)')
 
 
@@ -100,8 +101,9 @@ def plan(cfg, devices=None, budget_bytes: int | None = None, model_time: bool = 
   if isinstance(compiled, Exception):  # the TPU compiler found it does not fit
     message = str(compiled).splitlines()[0]
     required = _REQUIRED.search(message)
-    if required:
-      per_device['total'] = int(float(required.group(1)) * 2 ** (10 * ' KMGT'.index(required.group(2))))
+    if required:  # the temporaries it needs, beside the state and batch it holds
+      per_device['temporaries'] = int(float(required.group(1)) * 2 ** (10 * ' KMGT'.index(required.group(2))))
+      per_device['total'] = sum(per_device.values())
     return {**out, 'fits': False, 'fits_80gb': False, 'compiler_error': message[:500], 'collective_bytes': {}}
   stats = compiled.memory_analysis()
   per_device['temporaries'] = int(stats.temp_size_in_bytes)

@@ -10,6 +10,7 @@ these devices, they only compile.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import jax
 
@@ -32,6 +33,8 @@ def tpu_devices(topology: str, slices: int = 1) -> list[jax.Device]:
   if kind not in known or not grid:
     raise ConfigError(f'--target {topology!r}: give a TPU kind ({", ".join(known)}) and its chip grid, e.g. '
                       f'{EXAMPLES}')
+  # Compiling only: no lock on the (absent) TPU, so that several plans and tests run at once.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies
   try:
     found = topologies.get_topology_desc(topology_name=topology, platform='tpu', num_slices=slices)
