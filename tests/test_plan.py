@@ -156,12 +156,11 @@ def test_tpu_collectives_in_a_loop_and_reduce_scatters_count_per_step():
 
 
 @needs_libtpu
-def test_plan_target_compiles_the_step_for_a_tpu_topology(repo, tmp_path):
+def test_plan_target_compiles_the_step_for_a_tpu_topology(repo):
   """`hmem plan --target v5e:2x2`: the tiny step with memory compiled by the TPU compiler for
   4 compile-only v5e chips (building it runs nothing on them), checked against the chip's
   HBM, with the TPU cost model's step time from a program whose loops are unrolled."""
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  env['HMEM_CACHE'] = str(tmp_path / 'cache')
   overrides = ['--config.memory.levels=(8,4)', '--config.mesh.fsdp=2']
   out = subprocess.run([sys.executable, '-m', 'hmem.cli', 'plan', '--target', 'v5e:2x2', '--config',
                         str(repo / 'configs/tiny.py'), *overrides], env=env, capture_output=True, text=True,
@@ -207,3 +206,20 @@ def test_target_errors_name_the_fix(monkeypatch):
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)
   with pytest.raises(ConfigError, match=r"libtpu\), which is not installed: pip install '.\[tpu\]'"):
     targets.tpu_devices('v5e:2x2')
+
+
+@needs_libtpu
+def test_meshes_on_tpu_topologies_split_physical_axes_and_join_slices_over_data(make_config):
+  """data 8 x fsdp 8 on a 4x4x4 v5p needs an axis split across physical ones; two v5e
+  slices are joined over the data axis only (each fsdp group stays within a slice)."""
+  from hmem import sharding
+  mesh = sharding.make_mesh(make_config('mesh.data=8', 'mesh.fsdp=8').mesh, targets.tpu_devices('v5p:4x4x4'))
+  assert dict(mesh.shape) == {'data': 8, 'fsdp': 8, 'tensor': 1, 'memory': 1}
+  devices = targets.tpu_devices('v5e:2x4', slices=2)
+  mesh = sharding.make_mesh(make_config('mesh.data=4', 'mesh.fsdp=4').mesh, devices)
+  slice_of = {d.id: d.slice_index for d in devices}
+  for row in mesh.devices.reshape(4, 4):  # an fsdp group per data index
+    assert len({slice_of[d.id] for d in row}) == 1
+  assert sorted(slice_of[row[0].id] for row in mesh.devices.reshape(4, 4)) == [0, 0, 1, 1]
+  with pytest.raises(ConfigError, match='give mesh.data a multiple of 2'):
+    sharding.make_mesh(make_config('mesh.data=1', 'mesh.fsdp=16').mesh, devices)

@@ -15,9 +15,11 @@ def _plan(args, cfg):
   if (args.devices is None) == (args.target is None):
     raise ConfigError('hmem plan: give --devices N (fake CPU devices, or --platform\'s) or --target TOPOLOGY '
                       f'(a TPU topology: {targets.EXAMPLES}), not both')
-  # The TPU compiler's devices are compile-only: jax keeps the CPU as its default backend.
+  # The TPU compiler's devices are compile-only: jax keeps the CPU as its default backend,
+  # and no persistent cache (jax cannot load a compile-only executable back from it).
   plan.use_fake_devices(args.devices or 1, 'cpu' if args.target else args.platform)
-  compile_cache.enable(cfg)
+  if not args.target:
+    compile_cache.enable(cfg)
   import jax
 
   if args.target:
