@@ -4,6 +4,7 @@ measured), each beside its FLOP-matched dense anchor on the same topology.
 
     pip install '.[tpu]'
     python benchmarks/pod.py [--quick] [--rows paper/a2.py:160m@v5p:4x4x4 ...]
+    python benchmarks/pod.py --rows paper/a2.py:160m@h100:64   # with jax[cuda13]: memory only
 
 Each row is a config as configs/ defines it (batch, sequence length, memory) on a TPU
 topology of the size such a run uses. Its layout is the config's own if that fits the
@@ -49,17 +50,18 @@ def flop_matched_dense(cfg):
 
 
 def _plan_row(cfg, devices, layout_from=None):
-  """(plan with `modeled`, layout config): `layout_from`'s layout, else `cfg`'s own, when it
+  """(plan, with `modeled` on a TPU, and its layout config): `layout_from`'s layout, else `cfg`'s own, when it
   fits; otherwise the cheapest fitting one."""
   from hmem.plan import plan
   if layout_from is not None:
     cfg = copy.deepcopy(cfg)
     cfg.mesh.update(data=layout_from.mesh.data, fsdp=layout_from.mesh.fsdp)
     cfg.model.remat = layout_from.model.remat
-  out = plan.plan(cfg, devices, model_time=True)
+  model_time = devices[0].platform == 'tpu'  # XLA has a cost model for TPUs only
+  out = plan.plan(cfg, devices, model_time=model_time)
   if out['fits']:
     return out, cfg
-  best, tried = plan.search(cfg, devices, model_time=True)
+  best, tried = plan.search(cfg, devices, model_time=model_time)
   if best is None:
     return {**out, 'searched': tried}, cfg
   found = copy.deepcopy(cfg)
@@ -94,7 +96,7 @@ def run(rows, overrides=()):
   results = []
   for row in rows:
     name, topology = row.split('@')
-    devices = targets.tpu_devices(topology)
+    devices = targets.devices(topology)
     cfg = load_config(name, [f'--config.{o}' for o in overrides])
     start = time.perf_counter()
     memory, layout = _plan_row(cfg, devices)

@@ -23,7 +23,7 @@ def _plan(args, cfg):
   import jax
 
   if args.target:
-    devices = targets.tpu_devices(args.target, args.slices)
+    devices = targets.devices(args.target, args.slices)
   else:
     try:
       devices = jax.devices()
@@ -35,7 +35,7 @@ def _plan(args, cfg):
                         'use --platform cpu to plan on fake devices')
     devices = devices[:args.devices]
   budget = int(args.memory_gb * 1e9) if args.memory_gb else None
-  model_time = args.target is not None
+  model_time = devices[0].platform == 'tpu'  # XLA has a cost model for TPUs only
   if not args.search:
     out = plan.plan(cfg, devices, budget, model_time=model_time)
     _print_plan(out)
@@ -90,7 +90,8 @@ def register(sub) -> None:
                  'devices present')
   p.add_argument('--target', help='a TPU topology to compile for with the TPU compiler, no TPU needed '
                  "(pip install '.[tpu]'): v5e:16x16, v5p:4x4x4, v6e:16x16, ...; adds the step time of XLA's "
-                 'TPU cost model (modeled, not measured)')
+                 "TPU cost model (modeled, not measured). Or GPUs with jax's CUDA plugin, no GPU needed: h100:8, "
+                 'h100:64 (8 a host)')
   p.add_argument('--slices', type=int, default=1, help='with --target: that many slices (multi-slice)')
   p.add_argument('--memory-gb', type=float, help='memory per device to fit in (GB, 1e9 bytes); default: the '
                  "target chip's memory, else 80")
