@@ -50,8 +50,8 @@ def _bytes_per_device(tree) -> int:
 
 
 def _compile(cfg, devices, unroll: bool = False):
-  """(state spec, abstract batch, the compiled train step or the compiler's out-of-memory
-  error, compile seconds) of `cfg` on `devices`."""
+  """(mesh, state spec, abstract batch, the compiled train step or the compiler's
+  out-of-memory error, compile seconds) of `cfg` on `devices`."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   check_batching(cfg, mesh)
   with sharding.use_mesh(mesh, cfg.mesh.rules):
@@ -64,7 +64,7 @@ def _compile(cfg, devices, unroll: bool = False):
       if 'RESOURCE_EXHAUSTED' not in str(e):
         raise
       compiled = e
-  return spec, batch, compiled, time.perf_counter() - start
+  return mesh, spec, batch, compiled, time.perf_counter() - start
 
 
 def device_budget(devices, budget_bytes: int | None = None) -> int:
@@ -80,7 +80,7 @@ def plan(cfg, devices=None, budget_bytes: int | None = None, model_time: bool = 
   memory_config.check(cfg)
   devices = list(devices if devices is not None else jax.devices())
   budget = device_budget(devices, budget_bytes)
-  spec, batch, compiled, compile_s = _compile(cfg, devices)
+  mesh, spec, batch, compiled, compile_s = _compile(cfg, devices)
   per_device = {part: _bytes_per_device(getattr(spec.abstract, part)) for part in STATE_PARTS}
   per_device['batch'] = _bytes_per_device(batch)
   counts = sizes.sizes(cfg)
@@ -89,7 +89,7 @@ def plan(cfg, devices=None, budget_bytes: int | None = None, model_time: bool = 
       'platform': devices[0].platform,
       'device_kind': devices[0].device_kind,
       'hosts': len({d.process_index for d in devices}),
-      'mesh': dict(sharding.make_mesh(cfg.mesh, devices).shape),
+      'mesh': dict(mesh.shape),
       'batch_size': cfg.train.batch_size, 'seq_len': cfg.data.seq_len, 'grad_accum': cfg.train.grad_accum,
       'remat': cfg.model.remat,
       'bytes_per_device': per_device,
@@ -131,7 +131,7 @@ def modeled(cfg, devices, planned: dict) -> dict:
     raise ConfigError('a modeled step time needs a TPU target (--target): XLA has a cost model for TPUs only')
   unrolled = copy.deepcopy(cfg)
   unrolled.model.scan_layers = False
-  _, _, compiled, compile_s = _compile(unrolled, devices, unroll=True)
+  *_, compiled, compile_s = _compile(unrolled, devices, unroll=True)
   if isinstance(compiled, Exception):
     return {'source': MODELED, 'error': 'the unrolled step (for the cost model) does not fit: '
             + str(compiled).splitlines()[0][:300]}
