@@ -223,3 +223,18 @@ def test_meshes_on_tpu_topologies_split_physical_axes_and_join_slices_over_data(
   assert sorted(slice_of[row[0].id] for row in mesh.devices.reshape(4, 4)) == [0, 0, 1, 1]
   with pytest.raises(ConfigError, match='give mesh.data a multiple of 2'):
     sharding.make_mesh(make_config('mesh.data=1', 'mesh.fsdp=16').mesh, devices)
+
+
+def test_chip_table_matches_device_kinds():
+  """jax calls a v5p "TPU v5" and a v5e "TPU v5 lite": a substring match gave a v5p the
+  v5e's peak. GPU kinds match by name, the 40 GB A100 before the 80 GB one."""
+  assert hardware.chip('NVIDIA H100 80GB HBM3').name == 'H100'
+  assert hardware.chip('NVIDIA A100-SXM4-40GB').hbm_bytes == 40 * 10 ** 9
+  assert hardware.chip('NVIDIA A100-SXM4-80GB').hbm_bytes == 80 * 10 ** 9
+  assert hardware.chip('cpu') is None and hardware.peak_flops_per_device(5.0) == 5.0
+  if importlib.util.find_spec('libtpu') is not None:  # the kinds as libtpu names its devices
+    kinds = {name: targets.tpu_devices(topology)[0].device_kind
+             for name, topology in (('v5e', 'v5e:2x2'), ('v5p', 'v5p:2x2x1'), ('v6e', 'v6e:2x2'))}
+    assert {name: hardware.chip(kind).name for name, kind in kinds.items()} == {'v5e': 'v5e', 'v5p': 'v5p',
+                                                                               'v6e': 'v6e'}
+    assert hardware.peak_flops_per_device(device=targets.tpu_devices('v5p:2x2x1')[0]) == 459e12
