@@ -1,7 +1,7 @@
 """benchmarks/accelerator.py: every accelerator benchmark in one call, one JSON with the
-device. Its --quick on this CPU (each benchmark in its smallest form) takes about 140
-CPU-seconds, most of it compiling: 1-2 minutes on 2 idle cores, far longer on a loaded
-machine (hence the generous timeout)."""
+device. Its --quick on this CPU runs each benchmark in its smallest form (step and serve:
+~30 CPU-seconds each, most of it compiling); a loaded machine stretches it far beyond its
+wall time on idle cores, hence the generous timeout."""
 
 import json
 import subprocess
