@@ -156,7 +156,7 @@ class Checkpoints:
     """The newest step any process lists below `below` (all steps when None); None when
     no process lists one."""
     listed = [s for s in self.manager.all_steps() if below is None or s < below]
-    newest = int(_all_processes(np.int64(max(listed, default=-1))).max())
+    newest = int(_all_processes(np.int32(max(listed, default=-1))).max())
     return None if newest < 0 else newest
 
   def _read_agreed(self, step: int, abstract_state, check_meta):
