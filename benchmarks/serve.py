@@ -55,18 +55,17 @@ def _source(name: str, layers: int | None):
   """A MemorySource of random weights and a random bank (no router: leaves are given)."""
   from hmem.config import load_config
   from hmem.infer.source import ArrayBank, MemorySource
-  from hmem.memory import bank as memory_bank
-  from hmem.memory import config as memory_config
+  from hmem.memory.spec import memory_spec
   from hmem.model import build_model
   file, overrides = MODELS[name]
   if name == '160m' and layers:
     overrides = overrides + [f'model.layers={layers}']
   cfg = load_config(os.path.join(CONFIGS, file), overrides)
-  model = build_model(cfg, seed=0, memory_layers=memory_config.memory_layers(cfg))
+  model = build_model(cfg, seed=0, memory_layers=memory_spec(cfg).layers)
   rng = np.random.default_rng(0)
   # float32 rows; the source casts a fetched block to the compute dtype, as from a bundle.
   bank = {t: {n: 0.02 * rng.standard_normal(shape, np.float32) for n, shape in named.items()}
-          for t, named in memory_bank.bank_shapes(cfg).items()}
+          for t, named in memory_spec(cfg).bank_shapes.items()}
   return MemorySource(cfg, model, None, ArrayBank(bank), step=0)
 
 

@@ -7,7 +7,7 @@ import math
 import jax
 from flax import nnx
 
-from hmem.memory import config as memory_config
+from hmem.memory.spec import memory_spec
 
 
 def anchor_param_counts(cfg) -> dict[str, int]:
@@ -23,17 +23,7 @@ def anchor_param_counts(cfg) -> dict[str, int]:
 
 def memory_param_counts(cfg) -> dict[str, int]:
   """fetch_params: what one sequence fetches (the root-to-leaf path); bank_params: all nodes."""
-  if not memory_config.enabled(cfg):
-    return {'fetch_params': 0, 'bank_params': 0}
-  from hmem.memory.bank import bank_shapes
-  fetch = bank = 0
-  for table, arrays in bank_shapes(cfg).items():
-    if table == 'generic':  # a training-time control, not part of the bank
-      continue
-    for shape in arrays.values():
-      bank += math.prod(shape)
-      fetch += math.prod(shape[1:])  # one node of the level
-  return {'fetch_params': fetch, 'bank_params': bank}
+  return dict(memory_spec(cfg).param_counts)
 
 
 def flops_per_token(cfg, counts: dict[str, int] | None = None) -> float:

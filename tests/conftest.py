@@ -1,10 +1,22 @@
 """Test setup: 8 fake CPU devices (set before jax is imported), a persistent compile cache,
-and shared fixtures."""
+and shared fixtures.
 
+The expensive fixtures (the tiny run, the memory run and its float32 bundle) are built
+once per test session, not once per xdist worker: the first worker to ask builds them in
+a directory every worker sees, under a lock, and the others wait and reuse it. Tests copy
+what they change (these directories are read by the other worker at the same time).
+"""
+
+import fcntl
+import json
 import os
 import pathlib
+import shutil
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+# LLVM at -O0: the tests' models are tiny, so compiling, not running, is most of their time,
+# and -O0 halves the CPU seconds of a compile (docs/PERFORMANCE.md, "The test suite").
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+                           ' --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WIKI = REPO / 'tests' / 'data' / 'wiki_sample.jsonl'
@@ -31,14 +43,33 @@ def make_config():
   return tiny_config
 
 
+def build_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """The directory `name`, shared by every xdist worker of this session, filled by
+  `build(directory)` the first time any worker asks; the others block until it is done.
+  A build that raised is tried again by the next to ask."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base  # workers' base dirs are siblings
+  target, done = root / 'shared' / name, root / 'shared' / f'{name}.done'
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with open(root / 'shared' / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(target, ignore_errors=True)
+      target.mkdir()
+      build(target)
+      done.touch()
+  return target
+
+
 @pytest.fixture(scope='session')
 def tiny_run(tmp_path_factory):
   """configs/tiny.py trained for its 20 steps once per test session: (config, workdir, summary)."""
-  from hmem.train.trainer import train
-  cfg = tiny_config()
-  workdir = tmp_path_factory.mktemp('tiny_run')
-  summary = train(cfg, str(workdir), progress=False)
-  return cfg, workdir, summary
+  def build(root):
+    from hmem.train.trainer import train
+    (root / 'summary.json').write_text(json.dumps(train(tiny_config(), str(root / 'run'), progress=False)))
+
+  root = build_once(tmp_path_factory, 'tiny_run', build)
+  return tiny_config(), root / 'run', json.loads((root / 'summary.json').read_text())
 
 
 # configs/tiny.py with FFN memory (and a generic block) on a k=4, depth-2 tree of the wiki sample.
@@ -52,14 +83,27 @@ MEMORY_RUN = ('model.vocab_size=512', 'memory.levels=(8, 4)', 'data.source=prepa
 def memory_run(tmp_path_factory):
   """(config, prepared dataset, manifest, run directory): a few steps of tiny + memory on the
   wiki sample, shared by the inference tests."""
-  from hmem.data.prepare import prepare
-  from hmem.train.trainer import train
-  data = tmp_path_factory.mktemp('infer_data')
-  cfg = tiny_config(*MEMORY_RUN, f'data.path={data}')
-  manifest = prepare(cfg, str(WIKI), str(data), workers=1, progress=False)  # in this process: fast
-  workdir = tmp_path_factory.mktemp('infer_run')
-  train(cfg, str(workdir), progress=False)
-  return cfg, data, manifest, workdir
+  def build(root):
+    from hmem.data.prepare import prepare
+    from hmem.train.trainer import train
+    cfg = tiny_config(*MEMORY_RUN, f'data.path={root / "data"}')
+    prepare(cfg, str(WIKI), str(root / 'data'), workers=1, progress=False)  # in this process: fast
+    train(cfg, str(root / 'run'), progress=False)
+
+  root = build_once(tmp_path_factory, 'memory_run', build)
+  manifest = json.loads((root / 'data' / 'manifest.json').read_text())
+  return tiny_config(*MEMORY_RUN, f'data.path={root / "data"}'), root / 'data', manifest, root / 'run'
+
+
+@pytest.fixture(scope='session')
+def memory_bundle(memory_run, tmp_path_factory):
+  """The memory run exported as a float32 bundle by the CLI (`hmem export`), once per session."""
+  def build(root):
+    from hmem.cli import main
+    assert main(['export', '--workdir', str(memory_run[3]), '--out', str(root / 'bundle'), '--dtype', 'float32',
+                 '--no-progress']) == 0
+
+  return build_once(tmp_path_factory, 'memory_bundle', build) / 'bundle'
 
 
 def saved_items(workdir, step=None, items=('params',)):
@@ -120,3 +164,29 @@ def imported_run(tmp_path_factory):
   assert main(['import', '--from', str(REPO / 'tests' / 'data' / 'tiny_hf' / 'llama3'), '--out', str(root / 'run'),
                '--tokenizer', str(root / 'tokenizer.json'), '--no-progress']) == 0
   return root / 'run'
+
+
+# --- Where the suite's time goes: with HMEM_TEST_DURATIONS=FILE (what .ci/run sets), every
+# test's seconds (setup + call + teardown, as its worker measured them) are written to FILE,
+# slowest first, with the total and the count of `slow` tests. Runs in the controller, which
+# receives every worker's reports.
+
+_DURATIONS: dict[str, list] = {}
+
+
+def pytest_runtest_logreport(report):
+  entry = _DURATIONS.setdefault(report.nodeid, [0.0, False])
+  entry[0] += report.duration
+  entry[1] = entry[1] or 'slow' in report.keywords
+
+
+def pytest_sessionfinish(session):
+  path = os.environ.get('HMEM_TEST_DURATIONS')
+  if not path or hasattr(session.config, 'workerinput'):  # a worker: the controller writes
+    return
+  rows = sorted(_DURATIONS.items(), key=lambda kv: -kv[1][0])
+  total, slow = sum(d for d, _ in _DURATIONS.values()), sum(d for d, s in _DURATIONS.values() if s)
+  with open(path, 'w') as f:
+    f.write(f'# {len(rows)} tests, {total:.0f} s of test time ({slow:.0f} s in tests marked slow), slowest first\n')
+    for nodeid, (seconds, is_slow) in rows:
+      f.write(f'{seconds:8.2f}  {"slow " if is_slow else "     "} {nodeid}\n')

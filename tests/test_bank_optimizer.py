@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from hmem.memory import optimizer as mopt
+from hmem.memory.spec import memory_spec
 
 ROWS = 8
 # Short: the schedule of test_memory's optimizer tests. Long: the A2 regime's memory
@@ -71,7 +72,8 @@ def _dense(schedule: str, b2: float):
   g_ExR = np.concatenate([g_ExR, np.zeros_like(g_ExR[:1])]).astype(np.float64)
   start = _start()
   with jax.enable_x64(True):
-    tx = optax.adamw(mopt.memory_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=cfg.memory.weight_decay)
+    tx = optax.adamw(mopt.memory_schedule(memory_spec(cfg)), b1=t.b1, b2=t.b2, eps=t.eps,
+                     weight_decay=cfg.memory.weight_decay)
 
     def run(scale):
       def body(carry, event):
@@ -95,10 +97,11 @@ def _sparse(cfg, schedule):
   steps_E, touched_ExR = _fetches(schedule, cfg.train.steps)
   scale_N = np.asarray(SCALES, np.float32)[:, None, None, None, None]
   g_ExNxR = _grads(touched_ExR)[:, None] * scale_N
+  spec = memory_spec(cfg)
   update = jax.jit(jax.vmap(
-      lambda b, o, ids, g, s, table: mopt.update(cfg, b, o, {'level1': ids}, {'level1': {'w': g}}, s, True, table),
+      lambda b, o, ids, g, s, table: mopt.update(spec, b, o, {'level1': ids}, {'level1': {'w': g}}, s, True, table),
       in_axes=(0, 0, None, 0, None, None)))
-  table = jnp.asarray(mopt.log_decay_table(cfg))
+  table = jnp.asarray(mopt.log_decay_table(spec))
   bank = {'level1': {'w': jnp.asarray(np.broadcast_to(_start(), (len(SCALES),) + _start().shape))}}
   opt = jax.vmap(mopt.init)(bank)
   for step, touched, g in zip(steps_E, touched_ExR, g_ExNxR):
@@ -106,7 +109,7 @@ def _sparse(cfg, schedule):
                          table)
   o = opt['level1']
   last_R = np.asarray(o['last_step'][0])
-  catch_up = lambda w, m, v: mopt.caught_up(cfg, {'w': w}, {'w': m}, {'w': v}, last_R, cfg.train.steps)['w']
+  catch_up = lambda w, m, v: mopt.caught_up(spec, {'w': w}, {'w': m}, {'w': v}, last_R, cfg.train.steps)['w']
   ours = jax.jit(jax.vmap(catch_up))(bank['level1']['w'], o['mu']['w'], o['nu']['w'])
   return np.asarray(ours), last_R, np.asarray(o['mu']['w']), np.asarray(o['nu']['w'])
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from hmem.infer.decoder import generate, sample
-from hmem.memory import bank as memory_bank
-from hmem.memory import config as memory_config
+from hmem.memory.spec import memory_spec
 from hmem.model import build_model
 
 PROMPT_LENGTHS = (5, 11, 2)
@@ -24,12 +23,12 @@ MEMORIES = {
 def _setup(make_config, name):
   overrides = () if name == 'none' else ('memory.levels=(4,2)', *MEMORIES[name])
   cfg = make_config('model.dtype=float32', *overrides)
-  model = build_model(cfg, seed=1, memory_layers=memory_config.memory_layers(cfg))
+  model = build_model(cfg, seed=1, memory_layers=memory_spec(cfg).layers)
   memory = None
   if name != 'none':
     # Random everywhere (zero-initialised arrays would make the memory a no-op).
     width = sum(cfg.memory.levels)
-    shapes = memory_bank.block_shapes(cfg, width)
+    shapes = memory_spec(cfg).block_shapes(width)
     keys = jax.random.split(jax.random.key(3), len(shapes))
     memory = {n: 0.3 * jax.random.normal(k, (len(PROMPT_LENGTHS), *s)) for k, (n, s) in zip(keys, shapes.items())}
   prompts = [np.asarray(jax.random.randint(jax.random.key(10 + i), (n,), 1, cfg.model.vocab_size))

@@ -17,6 +17,7 @@ def faults(repo):
   return module
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_bitwise_equal(faults, make_config, tmp_path):
   def resume(workdir):  # in-process: quicker than a fresh process
     assert train(make_config(*faults.OVERRIDES), workdir, progress=False)['step'] == faults.STEPS

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from hmem.infer.decoder import complete  # noqa: E402
 from hmem.infer.evaluate import evaluate  # noqa: E402
 from hmem.infer.harness import HarnessLM  # noqa: E402
 from hmem.infer.source import ArrayBank, open_source  # noqa: E402
-from hmem.memory import bank as memory_bank  # noqa: E402
+from hmem.memory.spec import memory_spec
 
 TASKS = {
     'hmem_mc': {'output_type': 'multiple_choice', 'doc_to_text': '{{prompt}}', 'doc_to_choice': 'candidates',
@@ -66,7 +67,7 @@ def lm(memory_run):
   lm = HarnessLM(workdir=str(memory_run[3]), batch_size=4, progress=False)
   rng = np.random.default_rng(0)
   lm.source.rows = ArrayBank({t: {name: rng.normal(0, 0.3, shape).astype(np.float32) for name, shape in named.items()}
-                              for t, named in memory_bank.bank_shapes(lm.source.config).items()})
+                              for t, named in memory_spec(lm.source.config).bank_shapes.items()})
   return lm
 
 
@@ -163,15 +164,14 @@ def test_lm_eval_finds_hmem_through_the_startup_hook(repo):
   assert (repo / 'hmem-lm-eval.pth').read_text().strip() == 'import hmem.lm_eval_plugin; hmem.lm_eval_plugin.install()'
 
 
-def test_memory_none_and_a_zero_bank_score_as_the_anchor(memory_run, tasks, tmp_path):
+def test_memory_none_and_a_zero_bank_score_as_the_anchor(memory_bundle, tasks, tmp_path):
   """On a bundle whose bank is all zeros, fetched rows add nothing: the harness through the
   registered name gives the anchor's numbers with memory=fetched and memory=none alike,
   and they are `hmem eval`'s anchor (ppl_none) numbers."""
   from hmem.cli import main
   records, task_manager, _ = tasks
   bundle = tmp_path / 'bundle'
-  assert main(['export', '--workdir', str(memory_run[3]), '--out', str(bundle), '--dtype', 'float32',
-               '--no-progress']) == 0
+  shutil.copytree(memory_bundle, bundle)  # `hmem export`'s bundle, its bank zeroed below
   assert main(['bank', 'drop', '--bundle', str(bundle), '--node', '1:0', '1:1', '1:2', '1:3']) == 0
   expected = evaluate(open_source(bundle=str(bundle)), _jsonl(tmp_path, 'eval', records['hmem_ppl']),
                       progress=False)

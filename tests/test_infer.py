@@ -31,6 +31,7 @@ from hmem.errors import BundleError
 from hmem.infer.source import open_source
 from hmem.memory import bank as memory_bank
 from hmem.memory import optimizer as memory_optimizer
+from hmem.memory.spec import memory_spec
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.state import state_spec
@@ -77,12 +78,12 @@ TEXTS = ('The French Revolution was a period of political and societal change in
 
 
 @pytest.fixture(scope='module')
-def bundles(memory_run, tmp_path_factory):
-  """Bundles of the run: float32 (written by the CLI), bfloat16, and float32 of subtree 1 only."""
+def bundles(memory_run, memory_bundle, tmp_path_factory):
+  """Bundles of the run: float32 (the session's, written by the CLI), bfloat16, and float32 of
+  subtree 1 only."""
   _, _, _, workdir = memory_run
   root = tmp_path_factory.mktemp('bundles')
-  assert main(['export', '--workdir', str(workdir), '--out', str(root / 'f32'), '--dtype', 'float32',
-               '--no-progress']) == 0
+  (root / 'f32').symlink_to(memory_bundle, target_is_directory=True)
   export(str(workdir), str(root / 'bf16'), progress=False)
   export(str(workdir), str(root / 'part'), dtype='float32', subtrees=[1], progress=False)
   return root
@@ -110,11 +111,12 @@ def _trained(cfg, workdir):
     state, _, _ = ckpt.restore(ckpt.latest_step(), spec.abstract)
     ckpt.close()
   model = nnx.merge(spec.graphdef, state.params)
-  caught_up = jax.jit(lambda w, o, step: memory_optimizer.caught_up(cfg, w, o['mu'], o['nu'], o['last_step'], step))
+  mem = memory_spec(cfg)
+  caught_up = jax.jit(lambda w, o, step: memory_optimizer.caught_up(mem, w, o['mu'], o['nu'], o['last_step'], step))
   state = state.replace(bank={t: caught_up(w, state.bank_opt[t], state.step) for t, w in state.bank.items()})
 
   def memory(leaf_B, mode):
-    blocks = memory_bank.gather_levels(cfg, state.bank, jnp.asarray(leaf_B))
+    blocks = memory_bank.gather_levels(memory_spec(cfg), state.bank, jnp.asarray(leaf_B))
     generic = state.bank['generic'] if mode == 'generic' else None
     return memory_bank.assemble(blocks, generic, jnp.ones(len(leaf_B), bool), jnp.float32)
 

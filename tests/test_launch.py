@@ -14,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from hmem.cli import _parser
 from hmem.config import load_config
@@ -36,7 +37,7 @@ for pid in "${pids[@]}"; do
 done
 exit $status
 '''
-STEPS = 120
+STEPS = 40  # the stop lands after 3 logged steps and takes effect at the next step boundary
 
 
 def _bin(tmp_path):
@@ -80,6 +81,7 @@ def _steps(workdir):
   return [json.loads(line)['step'] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_slurm_sigterm_checkpoints_requeues_and_the_requeued_job_resumes(repo, tmp_path):
   bindir, workdir = _bin(tmp_path), tmp_path / 'run'
   job_id = random.randrange(1000, 1_000_000)
@@ -163,6 +165,7 @@ done
 '''
 
 
+@pytest.mark.slow
 def test_tpu_vm_run_outlives_ssh_logs_per_worker_and_stop_checkpoints(repo, tmp_path):
   bindir = tmp_path / 'bin'
   bindir.mkdir()

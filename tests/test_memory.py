@@ -11,11 +11,10 @@ import pytest
 from conftest import assert_trees_close, saved_items
 from flax import nnx
 
-from hmem import sharding, sizes
-from hmem.config import load_config
+from hmem import sharding
 from hmem.memory import bank as mb
 from hmem.memory import optimizer as mopt
-from hmem.memory.config import memory_layers
+from hmem.memory.spec import memory_spec
 from hmem.model import build_model
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.state import state_spec
@@ -25,18 +24,6 @@ from hmem.train.trainer import train
 MEMORY = ('memory.levels=(8,4)', 'memory.lr=1e-2', 'memory.min_lr=1e-3')
 
 
-@pytest.mark.parametrize('config, levels, fetch, bank', [
-    ('160m', (256, 64, 16, 0), 18_063_360, 4_624_220_160),
-    ('160m', (256, 64, 16, 4), 18_278_400, 18_717_081_600),
-    ('410m', (512, 128, 32, 0), 49_545_216, 12_683_575_296),
-    ('1b', (768, 256, 16, 0), 153_354_240, 21_139_292_160),
-])
-def test_paper_memory_sizes_are_exact(repo, config, levels, fetch, bank):
-  cfg = load_config(str(repo / f'configs/{config}.py'), [f'memory.levels={levels}'])
-  counts = sizes.memory_param_counts(cfg)
-  assert counts == {'fetch_params': fetch, 'bank_params': bank}
-
-
 @pytest.mark.parametrize('overrides', [
     ('memory.type=ffn',), ('memory.type=lora', 'memory.lora_targets=ffn'),
     ('memory.type=lora', 'memory.lora_targets=qk'), ('memory.type=lora', 'memory.lora_targets=vo'),
@@ -44,12 +31,12 @@ def test_paper_memory_sizes_are_exact(repo, config, levels, fetch, bank):
 ])
 def test_fresh_memory_is_an_exact_no_op(make_config, overrides):
   cfg = make_config(*MEMORY, *overrides)
-  model = build_model(cfg, memory_layers=memory_layers(cfg))
-  bank = mb.init_bank(cfg, jax.random.key(0))
+  model = build_model(cfg, memory_layers=memory_spec(cfg).layers)
+  bank = mb.init_bank(memory_spec(cfg), jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (4, 32), 1, cfg.model.vocab_size)
   segments = jnp.concatenate([jnp.ones((4, 20), jnp.int32), 2 * jnp.ones((4, 12), jnp.int32)], axis=1)
   leaf = jnp.array([0, 5, 5, 15])
-  blocks = mb.gather_levels(cfg, bank, leaf)
+  blocks = mb.gather_levels(memory_spec(cfg), bank, leaf)
   memory = mb.assemble(blocks, bank['generic'], jnp.array([False, True, False, False]), jnp.float32)
   dense = model(tokens, segments)
   np.testing.assert_array_equal(model(tokens, segments, memory), dense)
@@ -60,10 +47,10 @@ def test_fresh_memory_is_an_exact_no_op(make_config, overrides):
 
 def test_fetch_concatenates_the_path_rows(make_config):
   cfg = make_config(*MEMORY)
-  bank = mb.init_bank(cfg, jax.random.key(0))
+  bank = mb.init_bank(memory_spec(cfg), jax.random.key(0))
   bank = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape), bank)
   leaf = jnp.array([13, 2])
-  memory = mb.assemble(mb.gather_levels(cfg, bank, leaf), None, None, jnp.float32)
+  memory = mb.assemble(mb.gather_levels(memory_spec(cfg), bank, leaf), None, None, jnp.float32)
   for b, l in enumerate([13, 2]):
     expected = jnp.concatenate([bank['level1']['ffn_up'][l // 4], bank['level2']['ffn_up'][l]], axis=1)
     np.testing.assert_array_equal(memory['ffn_up'][b], expected)
@@ -91,7 +78,7 @@ def test_sparse_row_gradients_equal_grad_through_a_dense_gather(make_config):
   """Per-row sums of per-sequence block gradients (with repeated nodes) equal jax.grad
   of the loss with respect to the whole bank through a plain gather."""
   cfg = make_config(*MEMORY, 'memory.generic_prob=0.0')
-  bank = mb.init_bank(cfg, jax.random.key(0))
+  bank = mb.init_bank(memory_spec(cfg), jax.random.key(0))
   bank = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(a.ndim), a.shape), bank)
   graphdef, params = nnx.split(build_model(cfg))
   params = nnx.to_pure_dict(params)
@@ -100,21 +87,21 @@ def test_sparse_row_gradients_equal_grad_through_a_dense_gather(make_config):
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
   loss_and_grads = make_loss_and_grads(cfg, graphdef)
-  _, block_grads, _, _ = loss_and_grads({}, params, mb.gather_levels(cfg, bank, leaf), batch)
+  _, block_grads, _, _ = loss_and_grads({}, params, mb.gather_levels(memory_spec(cfg), bank, leaf), batch)
 
   def dense_loss(bank):
-    blocks = {t: {n: a[mb.level_ids(cfg, leaf, t)] for n, a in arrays.items()} for t, arrays in bank.items()}
+    blocks = {t: {n: a[memory_spec(cfg).level_ids(leaf, t)] for n, a in arrays.items()} for t, arrays in bank.items()}
     memory = mb.assemble(blocks, None, None, jnp.float32)
     from hmem.train.loss import next_token_loss
     logits = nnx.merge(graphdef, params)(batch['tokens'], batch['segment_ids'], memory)
     return next_token_loss(logits, batch['tokens'], batch['segment_ids'])[0]
 
   dense = jax.grad(dense_loss)(bank)
-  all_ids, all_row_grads = mopt.row_gradients(cfg, block_grads, None, leaf, None)
-  for t, (rows, _) in mb.tables(cfg).items():
+  all_ids, all_row_grads = mopt.row_gradients(memory_spec(cfg), block_grads, None, leaf, None)
+  for t, (rows, _) in memory_spec(cfg).tables.items():
     ids, row_grads = np.asarray(all_ids[t]), all_row_grads[t]
     valid = ids < rows
-    assert sorted(ids[valid]) == sorted(set(np.asarray(mb.level_ids(cfg, leaf, t)).tolist()))
+    assert sorted(ids[valid]) == sorted(set(np.asarray(memory_spec(cfg).level_ids(leaf, t)).tolist()))
     for n in row_grads:
       np.testing.assert_allclose(np.asarray(row_grads[n])[valid], np.asarray(dense[t][n])[ids[valid]],
                                  rtol=2e-5, atol=1e-9)
@@ -171,9 +158,10 @@ def _bank_vs_optax(cfg, touched_SxR, seed=0):
   bank = {'level1': {'w': jax.random.normal(keys[0], (rows, 1, 2, 3))}}
   grads_SxR = np.asarray(jax.random.normal(keys[1], (steps, rows, 1, 2, 3)))
   t = cfg.train
-  tx = optax.adamw(mopt.memory_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=cfg.memory.weight_decay)
-  table = jnp.asarray(mopt.log_decay_table(cfg))
-  update = jax.jit(lambda b, o, ids, g, s, finite: mopt.update(cfg, b, o, {'level1': ids}, {'level1': {'w': g}}, s,
+  spec = memory_spec(cfg)
+  tx = optax.adamw(mopt.memory_schedule(spec), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=cfg.memory.weight_decay)
+  table = jnp.asarray(mopt.log_decay_table(spec))
+  update = jax.jit(lambda b, o, ids, g, s, finite: mopt.update(spec, b, o, {'level1': ids}, {'level1': {'w': g}}, s,
                                                                finite, table))
   dense_step = jax.jit(lambda p, o, g: (lambda u, o: (optax.apply_updates(p, u), o))(*tx.update(g, o, p)))
   ours, opt, theirs, their_opt = bank, mopt.init(bank), bank, tx.init(bank)
@@ -244,30 +232,32 @@ def test_every_variant_is_optax_adamw_when_every_row_is_touched(make_config):
 
 def test_bank_optimizer_options_are_checked(make_config):
   from hmem.errors import ConfigError
-  from hmem.memory import config as mcfg
+  from hmem.memory.spec import memory_spec
   with pytest.raises(ConfigError, match="'exact'.*'lazy'"):
-    mcfg.check(make_config(*MEMORY, 'memory.optimizer=sparse'))
+    memory_spec(make_config(*MEMORY, 'memory.optimizer=sparse'))
   with pytest.raises(ConfigError, match='train.b1 / sqrt'):
-    mcfg.check(make_config(*MEMORY, 'train.b1=0.99', 'train.b2=0.95'))
-  mcfg.check(make_config(*MEMORY, 'train.b1=0.99', 'train.b2=0.95', 'memory.optimizer=lazy'))
+    memory_spec(make_config(*MEMORY, 'train.b1=0.99', 'train.b2=0.95'))
+  memory_spec(make_config(*MEMORY, 'train.b1=0.99', 'train.b2=0.95', 'memory.optimizer=lazy'))
 
 
 def test_generic_switch_rate_and_seeding(make_config):
   cfg = make_config(*MEMORY)
-  draws = jnp.stack([mb.generic_mask(cfg, jax.random.fold_in(jax.random.key(0), s), 64) for s in range(200)])
+  spec = memory_spec(cfg)
+  draws = jnp.stack([mb.generic_mask(spec, jax.random.fold_in(jax.random.key(0), s), 64) for s in range(200)])
   p = 1 / (cfg.memory.k + 1)
   sd = np.sqrt(p * (1 - p) / draws.size)
   assert abs(float(draws.mean()) - p) < 5 * sd
-  same_key = [mb.generic_mask(cfg, jax.random.key(3), 64) for _ in range(2)]
+  same_key = [mb.generic_mask(spec, jax.random.key(3), 64) for _ in range(2)]
   np.testing.assert_array_equal(*same_key)
-  assert mb.generic_mask(make_config(*MEMORY, 'memory.generic_prob=0.0'), jax.random.key(0), 8) is None
+  assert mb.generic_mask(memory_spec(make_config(*MEMORY, 'memory.generic_prob=0.0')), jax.random.key(0), 8) is None
 
 
 def test_rows_fetched_only_by_generic_sequences_stay_untouched(make_config):
   cfg = make_config(*MEMORY, 'memory.generic_prob=0.5')
   with _stepper(cfg) as (state, step):
     batch = _batch(cfg, [0, 1, 2, 3, 4, 5, 6, 7])
-    use_generic = np.asarray(mb.generic_mask(cfg, jax.random.fold_in(jax.random.key(cfg.train.seed), 0), 8))
+    key = jax.random.fold_in(jax.random.key(cfg.train.seed), 0)
+    use_generic = np.asarray(mb.generic_mask(memory_spec(cfg), key, 8))
     assert use_generic.any() and not use_generic.all()
     state, _ = step(state, batch)
     last = np.asarray(state.bank_opt['level2']['last_step'])
@@ -300,7 +290,7 @@ def test_freeze_anchor_and_init_from(make_config, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 1, 1, 4), (2, 2, 1, 2)]
+MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1), (2, 1, 1, 4), (2, 2, 1, 2)]
 
 
 def _mesh_run(make_config, workdir, mesh, devices=None):
@@ -380,10 +370,10 @@ def test_memory_gradients_survive_gradient_accumulation(make_config):
   for accum in (1, 2):
     cfg = make_config(*MEMORY, f'train.grad_accum={accum}')
     graphdef, params = nnx.split(build_model(cfg))
-    bank = mb.init_bank(cfg, jax.random.key(0))
+    bank = mb.init_bank(memory_spec(cfg), jax.random.key(0))
     bank = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(a.ndim), a.shape), bank)
     batch = {k: jnp.asarray(v) for k, v in _batch(cfg, [0, 5, 5, 9, 12, 3, 3, 15]).items()}
-    blocks = mb.gather_levels(cfg, bank, batch.pop('leaf_id'))
+    blocks = mb.gather_levels(memory_spec(cfg), bank, batch.pop('leaf_id'))
     _, block_grads, nll, count = make_loss_and_grads(cfg, graphdef)({}, nnx.to_pure_dict(params), blocks, batch)
     grads.append((block_grads, nll, count))
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):

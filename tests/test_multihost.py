@@ -68,6 +68,7 @@ def _assert_same_run(rows, reference):
     np.testing.assert_allclose([rows[s][key] for s in (10, 20)], [reference[s][key] for s in (10, 20)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_across_process_counts(repo, make_config, memory_run, tmp_path):
   """Steps 1-10 on two processes then 11-20 on one, and the other way round. Both runs log
   every step's loss and evaluate (fetched, generic, anchor-only) at steps 10 and 20 exactly
@@ -85,6 +86,7 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(repo, mak
   _assert_same_run(_rows(tmp_path / 'one_then_two'), memory_run)
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_host_stops_both_at_the_same_step(repo, make_config, tmp_path):
   """Only process 1 gets SIGTERM: both processes agree on a stop step, save it together (a
   collective save that one host skipped would hang the other) and exit 0; the run resumes."""
@@ -166,6 +168,7 @@ def _communicate(proc, timeout: float):
     pytest.fail(f'the processes hung: {err[-3000:]}')
 
 
+@pytest.mark.slow
 def test_processes_agree_on_the_step_they_restore(repo, make_config, tmp_path, monkeypatch):
   """Checkpoints 5 and 10; process 1 alone fails to read step 10. A timeout there is
   retried, then stops both processes with one message naming the step, and step 10 is
@@ -192,6 +195,7 @@ def test_processes_agree_on_the_step_they_restore(repo, make_config, tmp_path, m
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '12', '5']
 
 
+@pytest.mark.slow
 def test_processes_agree_when_their_listings_differ_or_one_refuses(repo, make_config, tmp_path, monkeypatch):
   """Checkpoints 5 and 10. A CheckpointError reading step 10 on process 1 alone stops both
   processes with its one message (raised there alone, it would leave process 0 waiting in

@@ -53,6 +53,7 @@ def installed(repo, tmp_path_factory):
   return env_dir / 'bin'
 
 
+@pytest.mark.slow
 def test_an_installed_wheel_runs_outside_the_repository(installed, tmp_path):
   env = {'PATH': f'{installed}:/usr/bin:/bin', 'JAX_PLATFORMS': 'cpu', 'HOME': str(tmp_path)}
   run = lambda *argv: subprocess.run([str(installed / 'hmem'), *argv], cwd=tmp_path, env=env, capture_output=True,

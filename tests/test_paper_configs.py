@@ -54,6 +54,12 @@ def test_a2_160m_in_full(repo):
   assert c.memory.levels == (256, 64, 16, 0)
 
 
+def test_the_deep_160m_bank_is_exact(repo):
+  """(256, 64, 16, 4): the paper's 18.7B bank, exact (the fetch sweep below checks it rounded)."""
+  c = load_config(str(repo / 'configs' / '160m.py'), ['memory.levels=(256, 64, 16, 4)'])
+  assert sizes.memory_param_counts(c) == {'fetch_params': 18_278_400, 'bank_params': 18_717_081_600}
+
+
 # The paper's fetch sizes (millions) at a fixed bank; row 7's is its size table's 18.3
 # (Table 7 prints 18.1 for the same levels).
 FETCH_M = (1.1, 8.5, 18.1, 47.1, 102.7, 289.0, 18.3, 30.0, 75.5, 238.4)

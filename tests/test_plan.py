@@ -155,6 +155,7 @@ def test_tpu_collectives_in_a_loop_and_reduce_scatters_count_per_step():
   assert per_step['reduce-scatter'] == 128 * 256 * 4 // 4 and 'all-reduce' not in per_step  # not its inner all-reduce
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_plan_target_compiles_the_step_for_a_tpu_topology(repo):
   """`hmem plan --target v5e:2x2`: the tiny step with memory compiled by the TPU compiler for

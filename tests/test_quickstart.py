@@ -99,6 +99,7 @@ def _run(workdir, capsys) -> dict:
   return json.loads(out.strip().splitlines()[-1]), out
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end_and_rerun(tmp_path, capsys):
   figures, out = _run(tmp_path, capsys)
   for split in SPLITS:

@@ -19,7 +19,6 @@ import urllib.request
 import openai
 import pytest
 
-from hmem.bundle.export import export
 from hmem.infer.decoder import complete
 from hmem.infer.server import CompletionServer, make_app
 from hmem.infer.source import open_source
@@ -51,11 +50,8 @@ def _free_socket() -> socket.socket:
 
 
 @pytest.fixture(scope='module')
-def bundle(memory_run, tmp_path_factory):
-  _, _, _, workdir = memory_run
-  out = tmp_path_factory.mktemp('serve') / 'bundle'
-  export(str(workdir), str(out), dtype='float32', progress=False)
-  return out
+def bundle(memory_bundle):
+  return memory_bundle
 
 
 @pytest.fixture(scope='module')
@@ -186,6 +182,7 @@ def test_unknown_model_is_404_through_the_client(served):
     client.completions.create(model=NAME, prompt=[PROMPTS[0], ''], max_tokens=2)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_requests_in_flight_and_exits_0(bundle, tmp_path):
   """`hmem serve` in a subprocess with one slot: SIGTERM after the first of several queued
   requests has started; every request still completes, and the process exits 0."""

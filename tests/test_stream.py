@@ -23,6 +23,7 @@ from hmem.errors import BundleError, CheckpointError
 from hmem.infer.source import open_source
 from hmem.memory import bank as memory_bank
 from hmem.memory import optimizer as memory_optimizer
+from hmem.memory.spec import memory_spec
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.params import restore_params
 from hmem.train.state import TrainState
@@ -40,11 +41,11 @@ def _files(root) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope='module')
-def exports(memory_run, tmp_path_factory):
+def exports(memory_run, memory_bundle, tmp_path_factory):
   """float32 (one range per table), float32 within SMALL_MB (ranges recorded), bfloat16, int8."""
   _, _, _, workdir = memory_run
   root = tmp_path_factory.mktemp('stream')
-  export(str(workdir), str(root / 'f32'), dtype='float32', progress=False)
+  (root / 'f32').symlink_to(memory_bundle, target_is_directory=True)  # the session's, one range per table
   ranges = []
   rows = stored.StoredBank.rows
   with pytest.MonkeyPatch.context() as mp:
@@ -59,7 +60,7 @@ def exports(memory_run, tmp_path_factory):
 def test_export_in_small_ranges_is_byte_equal_to_one_range(memory_run, exports):
   cfg = memory_run[0]
   root, ranges = exports
-  tables = memory_bank.tables(cfg)
+  tables = memory_spec(cfg).tables
   for table, rows, row_bytes in ranges:  # never more rows than the buffer holds while caught up and cast
     assert rows * row_bytes * (stored.ROW_COPIES + 1) <= SMALL_MB * 2**20, (table, rows)
   assert len(ranges) > 2 * len(tables)  # really many ranges
@@ -155,16 +156,16 @@ def test_export_catches_every_row_up_to_dense_adamw(memory_run, tmp_path):
   cfg.train.update(steps=300, warmup_steps=20)
   cfg.memory.update(lr=1e-2, min_lr=1e-3, weight_decay=0.1)
   _, _, params, _, _ = restore_params(str(workdir))
-  bank = memory_bank.init_bank(cfg, jax.random.key(0))
+  bank = memory_bank.init_bank(memory_spec(cfg), jax.random.key(0))
   rng = np.random.default_rng(0)
-  rate = {t: np.resize([0.5, 0.2, 0.05, 0.01], rows) for t, (rows, _) in memory_bank.tables(cfg).items()}
+  rate = {t: np.resize([0.5, 0.2, 0.05, 0.01], rows) for t, (rows, _) in memory_spec(cfg).tables.items()}
   rate['level2'][3] = 0  # fetched on the first five steps only
   t = cfg.train
-  tx = optax.adamw(memory_optimizer.memory_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps,
+  tx = optax.adamw(memory_optimizer.memory_schedule(memory_spec(cfg)), b1=t.b1, b2=t.b2, eps=t.eps,
                    weight_decay=cfg.memory.weight_decay)
   ours, opt, theirs, their_opt = bank, memory_optimizer.init(bank), bank, tx.init(bank)
-  table = jnp.asarray(memory_optimizer.log_decay_table(cfg))
-  update = jax.jit(lambda b, o, ids, g, s: memory_optimizer.update(cfg, b, o, ids, g, s, True, table))
+  table = jnp.asarray(memory_optimizer.log_decay_table(memory_spec(cfg)))
+  update = jax.jit(lambda b, o, ids, g, s: memory_optimizer.update(memory_spec(cfg), b, o, ids, g, s, True, table))
   dense = jax.jit(lambda p, o, g: (lambda u, o: (optax.apply_updates(p, u), o))(*tx.update(g, o, p)))
   for step in range(1, 301):
     touched = {tab: (rng.random(r.shape) < r) | (step <= 5) for tab, r in rate.items()}
@@ -190,6 +191,7 @@ def test_export_catches_every_row_up_to_dense_adamw(memory_run, tmp_path):
   assert max(staleness) > 1e-2  # the rows as stored are far from dense AdamW's: the catch-up is what matches
 
 
+@pytest.mark.slow
 def test_two_processes_export_the_bundle_one_process_exports(memory_run, exports, tmp_path):
   _, _, _, workdir = memory_run
   root, _ = exports

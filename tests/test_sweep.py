@@ -111,6 +111,7 @@ def test_slurm_launcher_submits_one_job_per_unfinished_run(repo, tmp_path, monke
   assert runs[1].args()[-1] == '--config.data.path=/data/dclm'
 
 
+@pytest.mark.slow
 def test_tiny_sweep_runs_collects_fits_and_plots(repo, tmp_path):
   sweep_file, root = str(repo / 'configs/sweeps/tiny.py'), str(tmp_path / 'tiny')
   args = ['--root', root, '--steps-scale', '0.125']

@@ -115,6 +115,7 @@ def _wait_for_checkpoint(workdir, min_step, proc, polls=2400):
   raise AssertionError('no checkpoint appeared')
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_equal(repo, tiny_run, tmp_path):
   _, full_dir, _ = tiny_run
   slow = ('--config.train.checkpoint_every=2', '--config.train.async_checkpoints=false')
@@ -131,6 +132,7 @@ def test_sigkill_then_resume_is_bitwise_equal(repo, tiny_run, tmp_path):
   assert [r['step'] for r in _rows(tmp_path) if 'loss' in r] == [5, 10, 15, 20]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(repo, tmp_path):
   proc = _hmem_train(repo, tmp_path, '--config.train.steps=100000', '--config.train.checkpoint_every=5',
                      '--config.train.log_every=1', '--config.train.eval_every=0')

@@ -47,7 +47,7 @@ from hmem.data.embedder import CONFIG_FILE, write_config
 from hmem.data.router import TOKENIZER, TREE, Router, check_node
 from hmem.errors import BundleError
 from hmem.files import as_path, atomic_path, copy
-from hmem.memory import bank as memory_bank
+from hmem.memory.spec import memory_spec
 from hmem.train.checkpoint import latest_step
 from hmem.train.params import restore_params
 
@@ -107,12 +107,13 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
                       'prepared dataset (hmem prepare, data.source=prepared)')
   router = Router.load(cfg.data.path)
   check_router(router, cfg, cfg.data.path)
-  k, depth = cfg.memory.k, cfg.memory.depth
+  spec = memory_spec(cfg)
+  k, depth = spec.k, spec.depth
   subtrees = sorted({int(s) for s in subtrees}) if subtrees else list(range(k))
   for s in subtrees:
     check_node(1, s, k, depth)
-  tables = memory_bank.tables(cfg)
-  stored = StoredBank(cfg, step_dir, step) if tables else None
+  tables = spec.tables
+  stored = StoredBank(spec, step_dir, step) if tables else None
   anchor_dtype = ANCHOR_DTYPE.get(dtype, dtype)
   out_itemsize = 2 if dtype == 'int8' else np.dtype(jax.numpy.dtype(dtype)).itemsize  # a cast copy (int8: + fp32 work)
   ranges = []  # (table, lo, hi): every range of present rows, each within the buffer

@@ -22,8 +22,7 @@ from hmem.data.router import Router
 from hmem.data.tokenizer import Tokenizer
 from hmem.errors import BundleError, ConfigError
 from hmem.files import as_path
-from hmem.memory import bank as memory_bank
-from hmem.memory import config as memory_config
+from hmem.memory.spec import memory_spec
 from hmem.train.params import abstract_params
 
 _SAFETENSORS_DTYPES = {'BF16': np.dtype(jax.numpy.bfloat16), 'F32': np.dtype(np.float32)}  # anchor dtypes
@@ -44,8 +43,8 @@ class Bundle:
 
 def check_router(router: Router, cfg, where: str) -> None:
   """The router's tree and tokenizer must be the ones the model was trained with."""
-  m = cfg.memory
-  if memory_config.enabled(cfg) and (router.k, router.depth) != (m.k, m.depth):
+  m = memory_spec(cfg)
+  if m.enabled and (router.k, router.depth) != (m.k, m.depth):
     raise BundleError(f'{where}: its tree has k={router.k}, depth={router.depth} but the run was trained with '
                       f'memory.k={m.k}, memory.depth={m.depth}; route with the tree the run was trained on')
   check_tokenizer(router.tokenizer, cfg, where)
@@ -102,7 +101,7 @@ def open_bundle(root: str | os.PathLike, *, check: bool = True, cache_bytes: int
     if 'scale' in meta:
       scales.setdefault(table, {})[name] = meta['scale']['path']
     present[table] = present_rows(k, manifest['depth'], table, meta['shape'][0], subtrees)
-  expected = {f'{t}/{name}': list(shape) for t, named in memory_bank.bank_shapes(cfg).items()
+  expected = {f'{t}/{name}': list(shape) for t, named in memory_spec(cfg).bank_shapes.items()
               for name, shape in named.items()}
   if {key: meta['shape'] for key, meta in manifest['bank'].items()} != expected:
     raise BundleError(f'bundle {root}: its bank arrays {sorted(manifest["bank"])} do not match the run config')

@@ -23,8 +23,8 @@ import tensorstore as ts
 
 from hmem.bundle.reader import RowCache, kvstore
 from hmem.errors import CheckpointError
-from hmem.memory import bank as memory_bank
 from hmem.memory import optimizer as memory_optimizer
+from hmem.memory.spec import MemorySpec
 
 BANK, BANK_OPT = 'bank', 'bank_opt'  # the checkpoint items (TrainState fields)
 # A range of R rows is held about this many times in fp32 while it is read and caught up:
@@ -47,14 +47,14 @@ def _open(step_dir: str, item: str, key: str, context):
 
 class StoredBank:
   """The bank of checkpoint `step_dir` (a directory `checkpoints/STEP`, local or gs://) of a
-  run with config `cfg`, trained for `step` steps."""
+  run with memory `spec`, trained for `step` steps."""
 
-  def __init__(self, cfg, step_dir: str, step: int):
-    self.cfg, self.step_dir, self.step = cfg, str(step_dir), int(step)
-    self.shapes = memory_bank.bank_shapes(cfg)
+  def __init__(self, spec: MemorySpec, step_dir: str, step: int):
+    self.step_dir, self.step = str(step_dir), int(step)
+    self.shapes = spec.bank_shapes
     context = ts.Context({'cache_pool': {'total_bytes_limit': 0}})  # no copy kept beyond a read
     # One program per range shape (eager, every op would compile again for every shape).
-    self._caught_up = jax.jit(lambda w, mu, nu, last_U: memory_optimizer.caught_up(cfg, w, mu, nu, last_U, step))
+    self._caught_up = jax.jit(lambda w, mu, nu, last_U: memory_optimizer.caught_up(spec, w, mu, nu, last_U, step))
     self._w, self._mu, self._nu, self._last = {}, {}, {}, {}
     for table, named in self.shapes.items():
       self._last[table] = _open(self.step_dir, BANK_OPT, f'{table}.last_step', context)

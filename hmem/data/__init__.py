@@ -33,12 +33,12 @@ def _check_compatible(cfg, manifest: dict) -> None:
   """The model must embed every token id, the memory tree must be the dataset's, and the
   tokens must come from the run's tokenizer (data.tokenizer, or the one beside the
   train.init_from checkpoint) when it has one."""
-  from hmem.memory.config import enabled
   _check_tokenizer(cfg, manifest)
   if manifest['vocab_size'] > cfg.model.vocab_size:
     raise DataError(f"{cfg.data.path}: its tokenizer has {manifest['vocab_size']} tokens but model.vocab_size="
                     f"{cfg.model.vocab_size}; set --config.model.vocab_size={manifest['vocab_size']} or more")
-  if enabled(cfg) and (manifest['k'], manifest['depth']) != (cfg.memory.k, cfg.memory.depth):
+  memory_on = any(int(r) > 0 for r in cfg.memory.levels)
+  if memory_on and (manifest['k'], manifest['depth']) != (cfg.memory.k, cfg.memory.depth):
     raise DataError(f"{cfg.data.path} was clustered with k={manifest['k']}, depth={manifest['depth']} but "
                     f"memory.k={cfg.memory.k}, memory.depth={cfg.memory.depth}; match them or re-run hmem prepare")
 

@@ -39,7 +39,6 @@ from hmem.errors import BundleError, UserError
 from hmem.infer import decoder
 from hmem.infer.batcher import Batcher, Request
 from hmem.infer.source import MODES, MemorySource
-from hmem.memory import bank as memory_bank
 
 
 class CompletionRequest(BaseModel):
@@ -107,7 +106,7 @@ class CompletionServer:
     self.context = source.config.data.seq_len
     memory_row = None
     if source.has_memory:  # a row of zeros: no memory (the shapes of a fetched block)
-      shapes = memory_bank.block_shapes(source.config, sum(int(r) for r in source.config.memory.levels))
+      shapes = source.spec.block_shapes(source.spec.fetch_width)
       memory_row = {n: np.zeros((1, *s), source.dtype) for n, s in shapes.items()}
     self.batcher = Batcher(source.model, slots=slots, max_len=self.context + decoder.BUCKET,
                            eot_id=self.tokenizer.eot_id, memory_row=memory_row)

@@ -24,6 +24,7 @@ from hmem.data.tokenizer import Tokenizer
 from hmem.errors import BundleError
 from hmem.files import as_path
 from hmem.memory import bank as memory_bank
+from hmem.memory.spec import memory_spec
 from hmem.model.transformer import dtype_of
 from hmem.train.params import restore_params
 
@@ -65,7 +66,8 @@ class MemorySource:
     self.tokenizer = router.tokenizer if router is not None else tokenizer
     self.manifest = manifest  # a bundle's manifest.json; None for a run directory
     self.dtype = dtype_of(config.model.dtype)
-    self.tables = memory_bank.tables(config)
+    self.spec = memory_spec(config)
+    self.tables = self.spec.tables
 
   @property
   def has_memory(self) -> bool:
@@ -74,10 +76,10 @@ class MemorySource:
   def blocks(self, leaf_B) -> dict:
     """{table 'levelN': {name: np.ndarray [B, layers_m, width, features]}}: each leaf's path rows."""
     leaf_B = np.asarray(leaf_B, np.int64)
-    leaves = self.config.memory.k**self.config.memory.depth
+    leaves = self.spec.leaves
     if leaf_B.size and not (0 <= leaf_B.min() and leaf_B.max() < leaves):
       raise BundleError(f'leaf ids must lie in [0, {leaves}); got {leaf_B.min()}..{leaf_B.max()}')
-    unique = {t: np.unique(memory_bank.level_ids(self.config, leaf_B, t), return_inverse=True)
+    unique = {t: np.unique(self.spec.level_ids(leaf_B, t), return_inverse=True)
               for t in self.tables if t != 'generic'}
     rows = self.rows.read({t: ids_U for t, (ids_U, _) in unique.items()})  # every level at once
     return {t: {name: a[inverse_B] for name, a in rows[t].items()} for t, (_, inverse_B) in unique.items()}
@@ -126,7 +128,8 @@ def open_source(*, bundle: str | None = None, workdir: str | None = None, step: 
     b = open_bundle(bundle)
     return MemorySource(b.config, nnx.merge(b.graphdef, b.params), b.router, b.rows, b.step, manifest=b.manifest)
   cfg, graphdef, params, step, step_dir = restore_params(workdir, step)
-  rows = StoredRows(StoredBank(cfg, step_dir, step)) if memory_bank.tables(cfg) else None
+  spec = memory_spec(cfg)
+  rows = StoredRows(StoredBank(spec, step_dir, step)) if spec.tables else None
   router = tokenizer = None
   if cfg.data.source == 'prepared':
     router = Router.load(cfg.data.path)

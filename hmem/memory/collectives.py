@@ -4,7 +4,8 @@ are present."""
 
 from __future__ import annotations
 
-from hmem import hlo, sharding, sizes
+from hmem import hlo, sharding
+from hmem.memory.spec import memory_spec
 
 
 def largest_collective_over_local_fetch(cfg, hlo_text: str) -> dict:
@@ -15,5 +16,5 @@ def largest_collective_over_local_fetch(cfg, hlo_text: str) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   op, size = hlo.largest_collective(hlo_text)
   local_batch = cfg.train.batch_size // (mesh.shape['data'] * mesh.shape['fsdp'])
-  local_fetch = local_batch * sizes.memory_param_counts(cfg)['fetch_params'] * 4
+  local_fetch = local_batch * memory_spec(cfg).param_counts['fetch_params'] * 4
   return {'largest_op': op, 'largest_bytes': size, 'local_fetch_bytes': local_fetch, 'ratio': size / local_fetch}

@@ -30,8 +30,7 @@ import numpy as np
 import optax
 
 from hmem import sharding
-from hmem.memory import bank as memory_bank
-from hmem.memory import config as mcfg
+from hmem.memory.spec import MemorySpec
 from hmem.schedules import schedule as lr_schedule
 
 # Gathered rows and per-row gradients keep the bank's feature sharding.
@@ -57,19 +56,19 @@ def opt_shardings(bank_shardings: dict, mesh) -> dict:
   return out
 
 
-def row_gradients(cfg, block_grads: dict, generic_grads: dict | None, leaf_B: jax.Array,
+def row_gradients(spec: MemorySpec, block_grads: dict, generic_grads: dict | None, leaf_B: jax.Array,
                   use_generic_B: jax.Array | None) -> tuple[dict, dict]:
   """Per table: (row ids [U], summed row gradients {name: [U, ...]}) from the per-sequence
   gradients of the fetched blocks (and the generic block's, already summed). Sequences
   switched to the generic block do not touch their path's rows."""
   row_ids, row_grads = {}, {}
-  for t, (rows, _) in memory_bank.tables(cfg).items():
+  for t, (rows, _) in spec.tables.items():
     if t == 'generic':
       # One row; touched iff some sequence used it.
       row_ids[t] = jnp.where(jnp.any(use_generic_B), 0, 1)[None]
       row_grads[t] = generic_grads
       continue
-    ids_B = memory_bank.level_ids(cfg, leaf_B, t)
+    ids_B = spec.level_ids(leaf_B, t)
     if use_generic_B is not None:
       ids_B = jnp.where(use_generic_B, rows, ids_B)
     row_ids[t], row_grads[t] = _table_row_gradients(block_grads[t], ids_B, rows)
@@ -94,9 +93,8 @@ def _table_row_gradients(seq_grads: dict, ids_B: jax.Array, rows: int):
   return row_ids, grads
 
 
-def memory_schedule(cfg) -> optax.Schedule:
-  t = cfg.train
-  return lr_schedule(cfg.memory.lr, cfg.memory.min_lr, t.warmup_steps, t.schedule_steps or t.steps)
+def memory_schedule(spec: MemorySpec) -> optax.Schedule:
+  return lr_schedule(spec.lr, spec.min_lr, spec.warmup_steps, spec.schedule_steps)
 
 
 @functools.lru_cache(maxsize=4)
@@ -108,22 +106,21 @@ def _log_decay_table(lr: float, min_lr: float, warmup_steps: int, total: int, wd
   return np.concatenate([[0.0], np.cumsum(log_keep_S[:total])]).astype(np.float32), float(log_keep_S[total])
 
 
-def _decay_args(cfg):
-  t, m = cfg.train, cfg.memory
-  return m.lr, m.min_lr, t.warmup_steps, t.schedule_steps or t.steps, m.weight_decay
+def _decay_args(spec: MemorySpec):
+  return spec.lr, spec.min_lr, spec.warmup_steps, spec.schedule_steps, spec.weight_decay
 
 
-def log_decay_table(cfg) -> np.ndarray:
+def log_decay_table(spec: MemorySpec) -> np.ndarray:
   """[schedule steps + 1] float32 L(s) = Σ_{j<=s} log(1 - lr_j wd): the log of what the weight
   decay of steps 1..s keeps, summed once on the host in float64 (4 bytes a step). `update`
   takes it as an argument, so that a compiled step does not carry it as a constant."""
-  return _log_decay_table(*_decay_args(cfg))[0]
+  return _log_decay_table(*_decay_args(spec))[0]
 
 
-def _log_decay(cfg, table_S: jax.Array):
-  """s -> L(s), from `log_decay_table(cfg)`; past the schedule the lr is constant and L linear."""
-  total = _decay_args(cfg)[3]
-  tail = _log_decay_table(*_decay_args(cfg))[1]
+def _log_decay(spec: MemorySpec, table_S: jax.Array):
+  """s -> L(s), from `log_decay_table(spec)`; past the schedule the lr is constant and L linear."""
+  total = spec.schedule_steps
+  tail = _log_decay_table(*_decay_args(spec))[1]
   return lambda s: jnp.where(s <= total, table_S[jnp.minimum(s, total)],
                              table_S[total] + (s - total).astype(jnp.float32) * tail)
 
@@ -135,12 +132,12 @@ EPS_NODE_SPACING = math.log(2) / 2
 EPS_GRID_MARGIN = 14.0
 
 
-def _eps_grid(cfg) -> tuple[float, int]:
+def _eps_grid(spec: MemorySpec) -> tuple[float, int]:
   """(w of the first node, number of nodes): term k of the drift changes from its √v >> ε
   form to its ε-dominated one around w = -ln e_k, and ln e_k lies within
   [ln √((1-b2)/b2), -W ln(b2) / 2] for every row and missed step k <= W."""
-  b2 = cfg.train.b2
-  lo = 0.5 * mcfg.drift_window(cfg) * math.log(b2) - EPS_GRID_MARGIN
+  b2 = spec.b2
+  lo = 0.5 * spec.drift_window * math.log(b2) - EPS_GRID_MARGIN
   hi = -0.5 * math.log((1 - b2) / b2) + EPS_GRID_MARGIN
   return lo, math.ceil((hi - lo) / EPS_NODE_SPACING) + 1
 
@@ -155,7 +152,7 @@ class Missed(NamedTuple):
   phi: jax.Array | None  # [U, nodes - 1, 4]
 
 
-def _missed_steps(cfg, log_decay, last_U: jax.Array, step: jax.Array) -> Missed:
+def _missed_steps(spec: MemorySpec, log_decay, last_U: jax.Array, step: jax.Array) -> Missed:
   """Rows last updated at `last_U` as dense AdamW moved them on steps last+1 .. step-1.
 
   Missed step j = s + k (s = last) moves a weight by -c_k m / (√v + ε e_k), with
@@ -164,15 +161,15 @@ def _missed_steps(cfg, log_decay, last_U: jax.Array, step: jax.Array) -> Missed:
   m / (√v + ε e_k) = m / (√v + ε e_1) (1 - (1 - e_1/e_k) σ(ln z + ln e_k)), so the sum over k is
   Φ(ln z) m / (√v + ε e_1) with Φ(w) = Σ c_k - Σ c_k (1 - e_1/e_k) σ(w + ln e_k): smooth in w,
   per row, tabulated here; each weight then evaluates it at its own √v."""
-  b1, b2, eps = cfg.train.b1, cfg.train.b2, cfg.train.eps
+  b1, b2, eps = spec.b1, spec.b2, spec.eps
   now = log_decay(step - 1)
   decay_U = jnp.exp(now - log_decay(last_U))
-  if cfg.memory.optimizer != 'exact':
+  if spec.optimizer != 'exact':
     return Missed(decay_U, None, None)
-  window = mcfg.drift_window(cfg)
+  window = spec.drift_window
   k_W = np.arange(1, window + 1)
   j_UxW = last_U[:, None] + k_W  # the missed steps, up to `window` after the last update
-  lr_UxW = jax.vmap(memory_schedule(cfg))(j_UxW.reshape(-1) - 1).reshape(j_UxW.shape)
+  lr_UxW = jax.vmap(memory_schedule(spec))(j_UxW.reshape(-1) - 1).reshape(j_UxW.shape)
   j = j_UxW.astype(jnp.float32)
   log1m_b2j_UxW = jnp.log(-jnp.expm1(j * math.log(b2)))  # ln(1 - b2^j)
   bias_UxW = jnp.exp(0.5 * log1m_b2j_UxW) / (1 - b1 ** j)
@@ -181,7 +178,7 @@ def _missed_steps(cfg, log_decay, last_U: jax.Array, step: jax.Array) -> Missed:
   c_UxW = jnp.where(j_UxW < step, terms_UxW, 0.0)
   log_e_UxW = 0.5 * log1m_b2j_UxW - 0.5 * math.log(b2) * k_W  # ln e_k
   a_UxW = -c_UxW * jnp.expm1(log_e_UxW[:, :1] - log_e_UxW)  # c_k (1 - e_1/e_k)
-  lo, nodes = _eps_grid(cfg)
+  lo, nodes = _eps_grid(spec)
   x_UxGxW = jnp.asarray(lo + EPS_NODE_SPACING * np.arange(nodes), jnp.float32)[:, None] + log_e_UxW[:, None, :]
   sig_UxGxW = jax.nn.sigmoid(x_UxGxW)
   phi_UxG = jnp.sum(c_UxW, axis=1)[:, None] - jnp.einsum('uw,ugw->ug', a_UxW, sig_UxGxW)
@@ -197,15 +194,15 @@ def _expand(x, w):
   return x.reshape(x.shape + (1,) * (w.ndim - 1))
 
 
-def _apply_missed(cfg, w, m, v, missed: Missed):
+def _apply_missed(spec: MemorySpec, w, m, v, missed: Missed):
   """Rows `w` [U, ...] moved as dense AdamW moved them on the steps they `missed`."""
   w = _expand(missed.decay, w) * w
   if missed.phi is None:
     return w
   # Each weight's position on the Φ grid; a row never updated has m = v = 0 and no drift.
-  lo, nodes = _eps_grid(cfg)
+  lo, nodes = _eps_grid(spec)
   positive = v > 0
-  log_z = math.log(cfg.train.eps) - 0.5 * jnp.log(jnp.where(positive, v, 1.0))
+  log_z = math.log(spec.eps) - 0.5 * jnp.log(jnp.where(positive, v, 1.0))
   x = jnp.clip((log_z - lo) / EPS_NODE_SPACING, 0.0, nodes - 1)
   node = jnp.minimum(jnp.floor(x), nodes - 2)
   t = (x - node)[..., None]
@@ -215,23 +212,23 @@ def _apply_missed(cfg, w, m, v, missed: Missed):
   return w - jnp.where(positive, phi_w * m / (jnp.sqrt(v) + _expand(missed.eps, w)), 0.0)
 
 
-def caught_up(cfg, arrays: dict, mu: dict, nu: dict, last_U, step) -> dict:
+def caught_up(spec: MemorySpec, arrays: dict, mu: dict, nu: dict, last_U, step) -> dict:
   """Rows of one table as dense AdamW holds them after `step` updates: each row (weights
   {name: [U, ...]}, its moments, `last_U` its last update) moved on the steps
   last+1 .. step it missed. What export and every reader of a checkpoint's bank serve, so
   that no row is stale; works on any range of rows."""
   last_U = jnp.asarray(last_U, jnp.int32)
-  log_decay = _log_decay(cfg, jnp.asarray(log_decay_table(cfg)))
-  missed = _missed_steps(cfg, log_decay, last_U, jnp.asarray(step, jnp.int32) + 1)
-  return {n: _apply_missed(cfg, jnp.asarray(w, jnp.float32), jnp.asarray(mu[n], jnp.float32),
+  log_decay = _log_decay(spec, jnp.asarray(log_decay_table(spec)))
+  missed = _missed_steps(spec, log_decay, last_U, jnp.asarray(step, jnp.int32) + 1)
+  return {n: _apply_missed(spec, jnp.asarray(w, jnp.float32), jnp.asarray(mu[n], jnp.float32),
                            jnp.asarray(nu[n], jnp.float32), missed) for n, w in arrays.items()}
 
 
-def _adamw_rows(cfg, w, m, v, g, last_U, missed, step, lr):
+def _adamw_rows(spec: MemorySpec, w, m, v, g, last_U, missed, step, lr):
   """Catches gathered rows up on the steps they `missed` since `last_U`, then takes this
   step's AdamW update."""
-  b1, b2, eps, wd = cfg.train.b1, cfg.train.b2, cfg.train.eps, cfg.memory.weight_decay
-  w = _apply_missed(cfg, w, m, v, missed)
+  b1, b2, eps, wd = spec.b1, spec.b2, spec.eps, spec.weight_decay
+  w = _apply_missed(spec, w, m, v, missed)
   d = _expand((step - last_U).astype(jnp.float32), w)
   m = b1 ** d * m + (1 - b1) * g
   v = b2 ** d * v + (1 - b2) * jnp.square(g)
@@ -241,19 +238,19 @@ def _adamw_rows(cfg, w, m, v, g, last_U, missed, step, lr):
   return w, m, v
 
 
-def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax.Array, finite: jax.Array,
+def update(spec: MemorySpec, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax.Array, finite: jax.Array,
            log_decay_S: jax.Array):
   """Applies one update. `row_ids`/`row_grads` come from `row_gradients`;
-  `step` is the 1-based index of this update; `log_decay_S` is `log_decay_table(cfg)`. A
+  `step` is the 1-based index of this update; `log_decay_S` is `log_decay_table(spec)`. A
   step that is not `finite` writes nothing: every id becomes out of range, and the scatters
   drop them (no `where` over the whole bank). Returns (bank, opt)."""
-  lr = memory_schedule(cfg)(step - 1)
-  log_decay = _log_decay(cfg, log_decay_S)
+  lr = memory_schedule(spec)(step - 1)
+  log_decay = _log_decay(spec, log_decay_S)
   new_bank, new_opt = {}, {}
   for t, arrays in bank.items():
     ids_U, grads = row_ids[t], row_grads[t]
     rows = next(iter(arrays.values())).shape[0]
-    if cfg.memory.optimizer == 'dense':
+    if spec.optimizer == 'dense':
       # Every row takes a step; rows no sequence fetched get a zero gradient.
       grads = {n: jnp.zeros_like(a).at[ids_U].add(grads[n], mode='drop') for n, a in arrays.items()}
       ids_U = jnp.arange(rows)
@@ -261,10 +258,10 @@ def update(cfg, bank: dict, opt: dict, row_ids: dict, row_grads: dict, step: jax
     gather = lambda x: sharding.constrain(x.at[ids_U].get(mode='fill', fill_value=0), ROW_AXES)
     scatter = lambda x, rows_U: x.at[ids_U].set(rows_U, mode='drop')
     last_U = opt[t]['last_step'].at[ids_U].get(mode='fill', fill_value=0)
-    missed = _missed_steps(cfg, log_decay, last_U, step)
+    missed = _missed_steps(spec, log_decay, last_U, step)
     new_bank[t], mu, nu = {}, {}, {}
     for n, a in arrays.items():
-      w, m, v = _adamw_rows(cfg, gather(a), gather(opt[t]['mu'][n]), gather(opt[t]['nu'][n]), grads[n],
+      w, m, v = _adamw_rows(spec, gather(a), gather(opt[t]['mu'][n]), gather(opt[t]['nu'][n]), grads[n],
                             last_U, missed, step, lr)
       new_bank[t][n], mu[n], nu[n] = scatter(a, w), scatter(opt[t]['mu'][n], m), scatter(opt[t]['nu'][n], v)
     new_opt[t] = {'mu': mu, 'nu': nu, 'last_step': scatter(opt[t]['last_step'], jnp.broadcast_to(step, ids_U.shape))}

@@ -15,7 +15,7 @@ nnx.use_eager_sharding(False)
 def build_model(cfg, seed: int = 0, memory_layers: tuple[int, int] | None = None) -> Transformer:
   """The anchor for `cfg` (a full config). A memory, when given one, widens the layers
   [first, end) of `memory_layers` (None: all); the caller takes that range from the memory
-  config (`hmem.memory.config.memory_layers`), so the model knows nothing of the memory."""
+  config (`hmem.memory.spec.MemorySpec.layers`), so the model knows nothing of the memory."""
   return Transformer(cfg.model, nnx.Rngs(seed), memory_layers=memory_layers, lora_alpha=cfg.memory.lora_alpha)
 
 

@@ -30,7 +30,7 @@ import jax
 
 from hmem import hlo, sharding, sizes
 from hmem.errors import ConfigError
-from hmem.memory import config as memory_config
+from hmem.memory.spec import memory_spec
 from hmem.train import hardware
 from hmem.train.step import fresh_train_step
 from hmem.train.trainer import check_batching
@@ -77,7 +77,7 @@ def plan(cfg, devices=None, budget_bytes: int | None = None, model_time: bool = 
   """The per-device plan of one train step of `cfg` on `devices` (default: all); `fits`:
   its total is within `device_budget(devices, budget_bytes)` per device. `model_time` adds
   `modeled` (TPU targets only)."""
-  memory_config.check(cfg)
+  memory_spec(cfg)
   devices = list(devices if devices is not None else jax.devices())
   budget = device_budget(devices, budget_bytes)
   mesh, spec, batch, compiled, compile_s = _compile(cfg, devices)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from hmem import sizes
 from hmem.errors import ConfigError
-from hmem.memory import config as memory_config
+from hmem.memory.spec import memory_spec
 from hmem.sweep.launch import run_state
 from hmem.sweep.spec import Run, evaluate_hook, run_config
 
@@ -54,11 +54,11 @@ def _last_logged(workdir: str) -> dict:
 
 def run_row(sweep_file: str, run: Run) -> dict:
   cfg = run_config(sweep_file, run)
-  memory_config.check(cfg)
+  spec = memory_spec(cfg)
   counts = sizes.sizes(cfg)
   tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
   row = {'name': run.name, 'state': run_state(run, cfg.train.steps), 'workdir': run.workdir,
-         'overrides': json.dumps(run.overrides), 'levels': str(tuple(cfg.memory.levels)) if memory_config.enabled(cfg)
+         'overrides': json.dumps(run.overrides), 'levels': str(tuple(cfg.memory.levels)) if spec.enabled
          else 'none', **counts, 'active_params': counts['anchor_params'] + counts['fetch_params'],
          'train_steps': cfg.train.steps, 'tokens': tokens, 'flops': sizes.flops_per_token(cfg, counts) * tokens}
   for key in ('step', *LOSS_KEYS, 'eval_step'):

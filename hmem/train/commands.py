@@ -28,8 +28,8 @@ def _train(args, cfg):
 
 def _sizes(args, cfg):
   from hmem import sizes
-  from hmem.memory import config as memory_config
-  memory_config.check(cfg)
+  from hmem.memory.spec import memory_spec
+  memory_spec(cfg)  # one clear error for a bad memory config
   counts = sizes.sizes(cfg)
   counts['flops_per_token'] = sizes.flops_per_token(cfg, counts)
   width = max(map(len, counts))

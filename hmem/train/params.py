@@ -14,7 +14,7 @@ from flax import nnx
 from hmem.config import config_from_json
 from hmem.errors import CheckpointError
 from hmem.files import as_path
-from hmem.memory import config as memory_config
+from hmem.memory.spec import memory_spec
 from hmem.model import build_model
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.state import TrainState
@@ -30,7 +30,7 @@ def run_config(workdir: str | os.PathLike):
 
 def abstract_params(cfg, device=None):
   """(graphdef, ShapeDtypeStructs of the anchor parameters on one device)."""
-  layers = memory_config.memory_layers(cfg)
+  layers = memory_spec(cfg).layers
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, memory_layers=layers)))
   sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])  # this process's
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
@@ -43,7 +43,7 @@ def restore_params(workdir: str, step: int | None = None):
   of a run's checkpoint (latest, or `step`): only the anchor parameters are read; the bank,
   however large, is left in place (hmem.bundle.stored reads its rows)."""
   cfg = run_config(workdir)
-  memory_config.check(cfg)
+  memory_spec(cfg)  # a bad memory config fails here, before any read
   directory = as_path(workdir) / 'checkpoints'
   if not directory.is_dir():
     raise CheckpointError(f'{str(workdir)!r} holds no checkpoints/ directory; train the run first')

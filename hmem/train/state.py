@@ -17,8 +17,8 @@ from flax import nnx, struct
 
 from hmem import sharding
 from hmem.memory import bank as memory_bank
-from hmem.memory import config as memory_config
 from hmem.memory import optimizer as memory_optimizer
+from hmem.memory.spec import MemorySpec, memory_spec
 from hmem.model import build_model
 
 
@@ -34,6 +34,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class StateSpec:
   """What the trainer needs to build, shard, restore and step a TrainState."""
+  memory: MemorySpec       # the config's memory settings, derived once
   graphdef: Any
   abstract: TrainState     # ShapeDtypeStructs carrying their shardings
   shardings: TrainState
@@ -64,12 +65,12 @@ def shard_like(tree_abstract, like_abstract, like_shardings, mesh):
   return walk(tree_abstract)
 
 
-def _abstract(cfg, tx):
+def _abstract(cfg, tx, memory: MemorySpec):
   """(graphdef, abstract variables, TrainState of unsharded ShapeDtypeStructs)."""
-  abstract_model = nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed, memory_config.memory_layers(cfg)))
+  abstract_model = nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed, memory.layers))
   graphdef, abstract_vars = nnx.split(abstract_model)
   abstract_params = nnx.to_pure_dict(abstract_vars)
-  abstract_bank = jax.eval_shape(lambda: memory_bank.init_bank(cfg, jax.random.key(0)))
+  abstract_bank = jax.eval_shape(lambda: memory_bank.init_bank(memory, jax.random.key(0)))
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                         opt_state=jax.eval_shape(tx.init, abstract_params),
                         bank=abstract_bank, bank_opt=jax.eval_shape(memory_optimizer.init, abstract_bank))
@@ -78,18 +79,19 @@ def _abstract(cfg, tx):
 
 def abstract_state(cfg, tx) -> TrainState:
   """The state `cfg` trains, as ShapeDtypeStructs without shardings (nothing is allocated)."""
-  return _abstract(cfg, tx)[2]
+  return _abstract(cfg, tx, memory_spec(cfg))[2]
 
 
 def state_spec(cfg, tx, mesh) -> StateSpec:
-  graphdef, abstract_vars, abstract = _abstract(cfg, tx)
+  memory = memory_spec(cfg)
+  graphdef, abstract_vars, abstract = _abstract(cfg, tx, memory)
   param_shardings = _param_shardings(abstract_vars, mesh, cfg.mesh.rules)
   opt_shardings = shard_like(abstract.opt_state, abstract.params, param_shardings, mesh)
-  bank_shardings = memory_bank.bank_shardings(cfg, mesh)
+  bank_shardings = memory_bank.bank_shardings(memory, mesh, cfg.mesh.rules)
   shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings,
                          bank=bank_shardings, bank_opt=memory_optimizer.opt_shardings(bank_shardings, mesh))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings)
+  return StateSpec(memory=memory, graphdef=graphdef, abstract=abstract, shardings=shardings)
 
 
 def init_state(cfg, tx, spec: StateSpec, params=None) -> TrainState:
@@ -97,8 +99,8 @@ def init_state(cfg, tx, spec: StateSpec, params=None) -> TrainState:
   anchor) replaces the freshly initialised anchor parameters."""
   def init(params):
     if params is None:
-      params = nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed, memory_config.memory_layers(cfg))))
-    bank = memory_bank.init_bank(cfg, jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
+      params = nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed, spec.memory.layers)))
+    bank = memory_bank.init_bank(spec.memory, jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       bank=bank, bank_opt=memory_optimizer.init(bank))
 

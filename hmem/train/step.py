@@ -87,7 +87,7 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
   """The jitted train step; `unroll` unrolls its loop over micro-batches (for XLA's cost
   analysis, which counts a loop's body once: `hmem plan --target`)."""
   loss_and_grads = make_loss_and_grads(cfg, spec.graphdef, unroll)
-  clip, frozen = cfg.train.clip_norm, cfg.train.freeze_anchor
+  clip, frozen, memory = cfg.train.clip_norm, cfg.train.freeze_anchor, spec.memory
 
   def train_step(state: TrainState, batch, tables):
     # Made in the program, not when the step is built: building it runs nothing on a
@@ -95,8 +95,8 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
     batch = dict(batch)
     leaf_B = batch.pop('leaf_id')
-    blocks = memory_bank.gather_levels(cfg, state.bank, leaf_B) if state.bank else {}
-    use_generic_B = memory_bank.generic_mask(cfg, key, leaf_B.shape[0]) if 'generic' in state.bank else None
+    blocks = memory_bank.gather_levels(memory, state.bank, leaf_B) if state.bank else {}
+    use_generic_B = memory_bank.generic_mask(memory, key, leaf_B.shape[0]) if 'generic' in state.bank else None
     if use_generic_B is not None:
       batch['use_generic'] = use_generic_B
     shared = {} if frozen else {'params': state.params}
@@ -107,7 +107,7 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
     count = jnp.maximum(count, 1.0)
     normalise = lambda tree: jax.tree.map(lambda g: g / count, tree)
     anchor_grads = normalise(shared_grads.get('params', {}))
-    row_ids, row_grads = (memory_optimizer.row_gradients(cfg, normalise(block_grads),
+    row_ids, row_grads = (memory_optimizer.row_gradients(memory, normalise(block_grads),
                                                          normalise(shared_grads.get('generic')), leaf_B, use_generic_B)
                           if state.bank else ({}, {}))
     loss = nll / count
@@ -125,13 +125,13 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
                                        (state.params, state.opt_state))
       new = new.replace(params=params, opt_state=opt_state)
     if state.bank:
-      bank, bank_opt = memory_optimizer.update(cfg, state.bank, state.bank_opt, row_ids, scaled(row_grads),
+      bank, bank_opt = memory_optimizer.update(memory, state.bank, state.bank_opt, row_ids, scaled(row_grads),
                                                state.step + 1, finite, tables['log_decay'])
       new = new.replace(bank=bank, bank_opt=bank_opt)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': count,
                'finite': finite}
     if state.bank:
-      metrics['memory_lr'] = memory_optimizer.memory_schedule(cfg)(state.step)
+      metrics['memory_lr'] = memory_optimizer.memory_schedule(memory)(state.step)
     if use_generic_B is not None:
       metrics['generic_fraction'] = jnp.mean(use_generic_B.astype(jnp.float32))
     return new, metrics
@@ -139,7 +139,7 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
   jitted = jax.jit(train_step, in_shardings=(spec.shardings, sharding.data_shardings(mesh), sharding.replicated(mesh)),
                    out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
   with sharding.on_host():
-    tables = {'log_decay': memory_optimizer.log_decay_table(cfg)} if memory_bank.tables(cfg) else {}
+    tables = {'log_decay': memory_optimizer.log_decay_table(memory)} if memory.tables else {}
   return TrainStep(jitted, tables, sharding.replicated(mesh))
 
 
@@ -206,7 +206,7 @@ def make_eval_step(cfg, spec: StateSpec, mesh):
 
     out = {'anchor': nll(None)}
     if bank:
-      blocks = memory_bank.gather_levels(cfg, bank, batch['leaf_id'])
+      blocks = memory_bank.gather_levels(spec.memory, bank, batch['leaf_id'])
       out['fetched'] = nll(memory_bank.assemble(blocks, None, None, dtype))
       if 'generic' in bank:
         everyone = jnp.ones(batch['leaf_id'].shape, bool)

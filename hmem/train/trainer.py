@@ -23,7 +23,7 @@ from hmem.data import Position, check_batch, make_source
 from hmem.data.prefetch import Prefetcher
 from hmem.errors import CheckpointError, ConfigError, TrainingError
 from hmem.files import as_path, atomic_write, open_append
-from hmem.memory import config as memory_config
+from hmem.memory.spec import memory_spec
 from hmem.train import resume
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.hardware import peak_flops_per_device
@@ -239,7 +239,7 @@ class _Run:
 def _setup(cfg, workdir: str, mesh) -> _Run:
   """Checks the config, workdir and data (cheap, first), then restores or builds the state.
   Call under `sharding.use_mesh(mesh, ...)`."""
-  memory_config.check(cfg)
+  memory_spec(cfg)  # a bad memory config fails here, before any work
   trackers(cfg.train)
   _check_workdir(workdir)
   check_batching(cfg, mesh)
