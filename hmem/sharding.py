@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,10 +46,22 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of `mesh_cfg` over `devices` (default: all), laid out on a TPU's physical torus
+  (an axis may span part of a physical one: data 8 x fsdp 8 on a 4x4x4 v5p). Several slices
+  are joined over the data axis alone: they talk over the data-center network."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_cfg, len(devices))
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices > 1:
+    if shape[0] % slices:
+      raise ConfigError(f'mesh.data={shape[0]} on {slices} slices: the slices are joined over the data axis, so '
+                        f'give mesh.data a multiple of {slices}')
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, *(1,) * (len(shape) - 1)),
+                                                devices, allow_split_physical_axes=True)
+  else:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   # Auto axes: XLA propagates shardings from the jit boundaries and our constraints.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(logical: Sequence[str | None] | None, rules) -> P:
@@ -123,6 +136,21 @@ def use_mesh(mesh: Mesh, rules):
       yield mesh
   finally:
     _ACTIVE.pop()
+
+
+@contextlib.contextmanager
+def on_host():
+  """Eager jax work inside runs on this host's CPU, whatever mesh is active: what a step
+  is built from (schedule tables) must not need the mesh's devices, which may be
+  compile-only (`hmem plan --target`) or busy. Without a CPU backend (JAX_PLATFORMS
+  excludes it) the work stays where it was."""
+  try:
+    cpu = jax.local_devices(backend='cpu')[0]
+  except RuntimeError:
+    yield
+    return
+  with jax.set_mesh(Mesh(np.array([cpu]), ('host',))), jax.default_device(cpu):
+    yield
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

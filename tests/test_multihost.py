@@ -5,6 +5,7 @@ without losing or repeating a batch."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,22 +121,51 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step(repo, make_config, tmp_
   assert [r['step'] for r in map(json.loads, open(tmp_path / 'metrics.jsonl'))] == list(range(1, stop + 4))
 
 
-# Runs `python -m hmem.cli ...` with reads of one checkpoint step failing on process 1.
+# Runs `python -m hmem.cli ...` with process 1 alone seeing one checkpoint step differently:
+# its reads of the step time out, find a file missing or are refused (a CheckpointError,
+# which the user must fix), or its listing of the checkpoints lacks the step.
 READ_FAULT = '''
 import os, runpy, sys
+import orbax.checkpoint as ocp
+from hmem.errors import CheckpointError
 from hmem.train import checkpoint
 kind, step = os.environ['HMEM_TEST_READ_FAULT'].split(':')
 checkpoint.RETRY_SECONDS = 0.05
 if sys.argv[sys.argv.index('--process-id') + 1] == '1':
-  read = checkpoint.Checkpoints._restore
-  def faulty(self, s, abstract_state, items=None):
-    if s == int(step):
-      raise (TimeoutError if kind == 'timeout' else FileNotFoundError)(f'injected {kind} reading step {s}')
-    return read(self, s, abstract_state, items)
-  checkpoint.Checkpoints._restore = faulty
+  if kind == 'unlisted':
+    listed = ocp.CheckpointManager.all_steps
+    ocp.CheckpointManager.all_steps = lambda self, *a, **k: [s for s in listed(self, *a, **k) if s != int(step)]
+  else:
+    read = checkpoint.Checkpoints._restore
+    error = {'timeout': TimeoutError, 'missing': FileNotFoundError, 'refused': CheckpointError}[kind]
+    def faulty(self, s, abstract_state, items=None):
+      if s == int(step):
+        raise error(f'injected {kind} reading step {s}')
+      return read(self, s, abstract_state, items)
+    checkpoint.Checkpoints._restore = faulty
 sys.argv = ['hmem'] + sys.argv[3:]  # drop "-m hmem.cli"
 runpy.run_module('hmem.cli', run_name='__main__', alter_sys=True)
 '''
+
+
+def _inject_faults(tmp_path, monkeypatch):
+  """Makes _start's processes run under READ_FAULT (set HMEM_TEST_READ_FAULT=KIND:STEP)."""
+  (tmp_path / 'inject.py').write_text(READ_FAULT)
+  (tmp_path / 'python').write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "inject.py"} "$@"\n')
+  (tmp_path / 'python').chmod(0o755)
+  monkeypatch.setattr(sys, 'executable', str(tmp_path / 'python'))  # _start's PYTHON
+
+
+def _communicate(proc, timeout: float):
+  """proc's (stdout, stderr); a hang past `timeout` kills its workers and fails the test."""
+  try:
+    return proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    with open(f'/proc/{proc.pid}/task/{proc.pid}/children') as f:
+      for pid in map(int, f.read().split()):
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate()
+    pytest.fail(f'the processes hung: {err[-3000:]}')
 
 
 @pytest.mark.slow
@@ -148,10 +178,7 @@ def test_processes_agree_on_the_step_they_restore(repo, make_config, tmp_path, m
   fixed = ('train.checkpoint_every=5', 'train.log_every=1', 'train.eval_every=0')
   train(make_config('train.steps=10', *fixed), str(workdir), progress=False)
   assert _checkpoints(workdir) == [5, 10]
-  (tmp_path / 'inject.py').write_text(READ_FAULT)
-  (tmp_path / 'python').write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "inject.py"} "$@"\n')
-  (tmp_path / 'python').chmod(0o755)
-  monkeypatch.setattr(sys, 'executable', str(tmp_path / 'python'))  # _start's PYTHON
+  _inject_faults(tmp_path, monkeypatch)
 
   monkeypatch.setenv('HMEM_TEST_READ_FAULT', 'timeout:10')
   proc = _start(repo, workdir, 'train.steps=12', *fixed)
@@ -166,3 +193,36 @@ def test_processes_agree_on_the_step_they_restore(repo, make_config, tmp_path, m
   assert json.loads(out.strip().splitlines()[-1])['step'] == 12
   assert [r['step'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))] == list(range(1, 13))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '12', '5']
+
+
+@pytest.mark.slow
+def test_processes_agree_when_their_listings_differ_or_one_refuses(repo, make_config, tmp_path, monkeypatch):
+  """Checkpoints 5 and 10. A CheckpointError reading step 10 on process 1 alone stops both
+  processes with its one message (raised there alone, it would leave process 0 waiting in
+  the outcome all-gather). Then process 1's listing lacks step 10 (an NFS directory cache,
+  a step committed between the two listings): both restore step 10 all the same, and
+  steps 11-12 equal a one-process run's resumed from it (process 1 restoring step 5 would
+  hang or train other batches)."""
+  workdir, reference = tmp_path / 'run', tmp_path / 'reference'
+  fixed = ('train.checkpoint_every=5', 'train.log_every=1', 'train.eval_every=0')
+  train(make_config('train.steps=10', *fixed), str(workdir), progress=False)
+  assert _checkpoints(workdir) == [5, 10]
+  shutil.copytree(workdir, reference)
+  train(make_config('train.steps=12', *fixed), str(reference), progress=False)
+  _inject_faults(tmp_path, monkeypatch)
+
+  monkeypatch.setenv('HMEM_TEST_READ_FAULT', 'refused:10')
+  proc = _start(repo, workdir, 'train.steps=12', *fixed)
+  _, err = _communicate(proc, timeout=300)
+  assert proc.returncode != 0
+  assert err.count('hmem: error: injected refused reading step 10') == 2, err[-3000:]
+  assert _checkpoints(workdir) == [5, 10]
+
+  monkeypatch.setenv('HMEM_TEST_READ_FAULT', 'unlisted:10')
+  proc = _start(repo, workdir, 'train.steps=12', *fixed)
+  out, err = _communicate(proc, timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert json.loads(out.strip().splitlines()[-1])['step'] == 12
+  rows, expected = _rows(workdir), _rows(reference)
+  assert sorted(rows) == sorted(expected) == list(range(1, 13))
+  np.testing.assert_allclose([rows[s]['loss'] for s in (11, 12)], [expected[s]['loss'] for s in (11, 12)], rtol=1e-5)

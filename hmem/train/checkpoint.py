@@ -7,11 +7,17 @@ any mesh or device count; `restore(..., items=...)` reads only what it is asked 
 `restore_latest` makes every process restore the same step: the newest one every process
 reads. A step damaged for every process (a kill or a full disk while it was written) is
 renamed `<step>.unreadable`; one only some processes fail to read is skipped but kept; a
-transient error (timeout, memory, I/O) is retried, then stops the run naming the step.
+transient error (timeout, memory, I/O) is retried, then stops the run naming the step; an
+error the user must fix (a config that cannot resume the step) on any process stops every
+process with that process's message.
 
 Reads go through a manager that spans this process alone, so that a process whose read
-fails does not leave the others waiting in orbax's end-of-restore barrier: the processes
-then compare their outcomes in one all-gather per attempt.
+fails does not leave the others waiting in orbax's end-of-restore barrier. The processes
+agree through all-gathers: on the step to try (the newest any process lists, so listings
+that differ, an NFS directory cache or a step committed between two listings, cannot make
+two processes restore different steps), then on each attempt's outcome, every error on
+any process made an outcome first (an error raised on one process alone would leave the
+others waiting in the all-gather).
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from hmem.train.storage import checkpoint_writes, transient_read_error
 # RETRY_SECONDS x attempt in between, before the run stops.
 READ_ATTEMPTS = 3
 RETRY_SECONDS = 5.0
-READ, DAMAGED, TRANSIENT = 0, 1, 2
+READ, DAMAGED, TRANSIENT, REFUSED = 0, 1, 2, 3  # REFUSED: a UserError (the user must fix it)
+MESSAGE_BYTES = 1024  # of a REFUSED process's message, gathered so that every process stops with it
 
 
 def state_items(state) -> tuple[str, ...]:
@@ -113,6 +120,9 @@ class Checkpoints:
     """(state, Position, meta) of the newest step every process restores; None when there
     is none.
 
+    The steps are tried newest first, each the newest that any process lists below the
+    last one tried (one all-gather), so every process tries the same steps even when their
+    listings differ; a process that does not list a step reads it all the same.
     `check_meta(step, meta)` runs on a step's meta before its state is read and may raise
     (a config that cannot resume it). A step that no process restores while an earlier one
     restores is damaged: it is renamed `<step>.unreadable` (left for inspection) with a
@@ -121,7 +131,8 @@ class Checkpoints:
     naming the step. When no step restores, the newest one's error is raised.
     """
     damaged: list[tuple[int, Exception | None]] = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    step = None
+    while (step := self._next_step(step)) is not None:
       restored, error, outcome_P = self._read_agreed(step, abstract_state, check_meta)
       if (outcome_P == READ).all():
         for bad, bad_error in damaged:
@@ -141,9 +152,18 @@ class Checkpoints:
                             ) from error
     return None
 
+  def _next_step(self, below: int | None) -> int | None:
+    """The newest step any process lists below `below` (all steps when None); None when
+    no process lists one."""
+    listed = [s for s in self.manager.all_steps() if below is None or s < below]
+    newest = int(_all_processes(np.int32(max(listed, default=-1))).max())
+    return None if newest < 0 else newest
+
   def _read_agreed(self, step: int, abstract_state, check_meta):
     """Reads `step` on every process, retrying while any process fails transiently:
-    (restored or None, this process's error or None, every process's outcome [P])."""
+    (restored or None, this process's error or None, every process's outcome [P]). A
+    UserError on any process (e.g. `check_meta` refusing the config) is raised on every
+    process, with the message of the first process that raised it."""
     for attempt in range(1, READ_ATTEMPTS + 1):
       restored, error, outcome = None, None, READ
       try:
@@ -151,11 +171,16 @@ class Checkpoints:
         if check_meta is not None:
           check_meta(step, meta)
         restored = self._restore(step, abstract_state)
-      except UserError:
-        raise
+      except UserError as e:
+        error, outcome = e, REFUSED
       except Exception as e:  # orbax and tensorstore raise plain Exceptions for damaged files
         error, outcome = e, TRANSIENT if transient_read_error(e) else DAMAGED
-      outcome_P = _all_processes(outcome)
+      outcome_P, message_P = _all_processes(outcome, str(error) if outcome == REFUSED else '')
+      refused = np.flatnonzero(outcome_P == REFUSED)
+      if refused.size:
+        if outcome == REFUSED and refused[0] == jax.process_index():
+          raise error
+        raise CheckpointError(message_P[refused[0]]) from error
       transient = np.flatnonzero(outcome_P == TRANSIENT).tolist()
       if not transient:
         return restored, error, outcome_P
@@ -175,7 +200,7 @@ class Checkpoints:
     aside = self.directory / f'{step}.unreadable'
     logging.warning('checkpoint step %d in %s is unreadable (%s); resuming from step %d and keeping the '
                     'damaged one as %s', step, self.directory, _describe(error), fallback, aside)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and (self.directory / str(step)).exists():  # listed by another process only
       (self.directory / str(step)).replace(aside)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'hmem checkpoint {step} set aside')
@@ -226,9 +251,17 @@ def _describe(error: Exception) -> str:
   return f'{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ""}'
 
 
-def _all_processes(outcome: int) -> np.ndarray:
-  """[P] every process's `outcome` (one all-gather; none on one process)."""
+def _all_processes(value, message: str | None = None):
+  """[P] every process's `value` (one all-gather; none on one process); given `message`,
+  ([P] values, [P] every process's message, cut to MESSAGE_BYTES of UTF-8)."""
+  gathered = [np.asarray(value)]
+  if message is not None:
+    encoded = message.encode()[:MESSAGE_BYTES]
+    gathered.append(np.pad(np.frombuffer(encoded, np.uint8), (0, MESSAGE_BYTES - len(encoded))))
   if jax.process_count() == 1:
-    return np.array([outcome])
-  return np.asarray(multihost_utils.process_allgather(np.int32(outcome))).reshape(-1)
-
+    gathered = [a[None] for a in gathered]
+  else:
+    gathered = [np.asarray(a) for a in multihost_utils.process_allgather(gathered)]
+  if message is None:
+    return gathered[0].reshape(-1)
+  return gathered[0].reshape(-1), [bytes(m).rstrip(b'\0').decode(errors='ignore') for m in gathered[1]]

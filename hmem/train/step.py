@@ -15,6 +15,7 @@ concatenate them, so no bank-sized buffer ever exists.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -42,12 +43,12 @@ def _merge_micro(tree):
   return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:]), tree)
 
 
-def make_loss_and_grads(cfg, graphdef):
+def make_loss_and_grads(cfg, graphdef, unroll: bool = False):
   """(shared, frozen_params, blocks, batch) -> (shared_grads, block_grads, nll_sum, count).
 
   `shared` holds what every sequence uses (anchor params unless frozen, the generic
   block): its gradients are summed. `blocks` are per-sequence fetched rows: their
-  gradients stay per sequence.
+  gradients stay per sequence. `unroll` unrolls the loop over micro-batches.
   """
   z_loss, accum = cfg.train.z_loss, cfg.train.grad_accum
   dtype = dtype_of(cfg.model.dtype)
@@ -76,19 +77,22 @@ def make_loss_and_grads(cfg, graphdef):
 
     zeros = jax.tree.map(jnp.zeros_like, shared)
     (shared_grads, nll, count), block_grads = jax.lax.scan(
-        body, (zeros, 0.0, 0.0), (_split_micro(batch, accum), _split_micro(blocks, accum)))
+        body, (zeros, 0.0, 0.0), (_split_micro(batch, accum), _split_micro(blocks, accum)), unroll=unroll)
     return shared_grads, _merge_micro(block_grads), nll, count
 
   return loss_and_grads
 
 
-def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, schedule, mesh):
-  loss_and_grads = make_loss_and_grads(cfg, spec.graphdef)
+def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, schedule, mesh, unroll: bool = False):
+  """The jitted train step; `unroll` unrolls its loop over micro-batches (for XLA's cost
+  analysis, which counts a loop's body once: `hmem plan --target`)."""
+  loss_and_grads = make_loss_and_grads(cfg, spec.graphdef, unroll)
   clip, frozen, memory = cfg.train.clip_norm, cfg.train.freeze_anchor, spec.memory
-  base_key = jax.random.key(cfg.train.seed)
 
   def train_step(state: TrainState, batch, tables):
-    key = jax.random.fold_in(base_key, state.step)
+    # Made in the program, not when the step is built: building it runs nothing on a
+    # device, so it also builds for compile-only devices (hmem plan --target).
+    key = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
     batch = dict(batch)
     leaf_B = batch.pop('leaf_id')
     blocks = memory_bank.gather_levels(memory, state.bank, leaf_B) if state.bank else {}
@@ -134,36 +138,46 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
 
   jitted = jax.jit(train_step, in_shardings=(spec.shardings, sharding.data_shardings(mesh), sharding.replicated(mesh)),
                    out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
-  tables = {'log_decay': memory_optimizer.log_decay_table(memory)} if memory.tables else {}
-  return TrainStep(jitted, jax.device_put(tables, sharding.replicated(mesh)))
+  with sharding.on_host():
+    tables = {'log_decay': memory_optimizer.log_decay_table(memory)} if memory.tables else {}
+  return TrainStep(jitted, tables, sharding.replicated(mesh))
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
   """The jitted step `(state, batch) -> (state, metrics)`. Tables as long as the schedule
   (the bank's log weight decay per step) are arguments of the program, not constants
-  compiled into it: 4 bytes a step would put megabytes into the program of a 2^19-step run."""
+  compiled into it: 4 bytes a step would put megabytes into the program of a 2^19-step run.
+  They are kept on the host and placed on the devices at the first call, so that lowering
+  needs only their shapes (compile-only devices take no data)."""
   fn: Callable
-  tables: Any
+  host_tables: Any
+  tables_sharding: Any
+
+  @functools.cached_property
+  def tables(self):
+    return jax.device_put(self.host_tables, self.tables_sharding)
 
   def __call__(self, state, batch):
     return self.fn(state, batch, self.tables)
 
   def lower(self, state, batch):
-    return self.fn.lower(state, batch, self.tables)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.tables_sharding),
+                            self.host_tables)
+    return self.fn.lower(state, batch, abstract)
 
   def compile(self, state, batch) -> TrainStep:
     """The same step, compiled ahead of time for these shapes."""
     return dataclasses.replace(self, fn=self.lower(state, batch).compile())
 
 
-def fresh_train_step(cfg, mesh, init: bool = True):
+def fresh_train_step(cfg, mesh, init: bool = True, unroll: bool = False):
   """(spec, freshly initialised state or None, jitted train step) for `cfg` on `mesh`; call
-  under `sharding.use_mesh`. For benchmarks and tests; `hmem train` also restores."""
+  under `sharding.use_mesh`. For benchmarks, tests and plans; `hmem train` also restores."""
   tx, schedule = anchor_optimizer(cfg.train)
   spec = state_spec(cfg, tx, mesh)
   state = init_state(cfg, tx, spec) if init else None
-  return spec, state, make_train_step(cfg, spec, tx, schedule, mesh)
+  return spec, state, make_train_step(cfg, spec, tx, schedule, mesh, unroll)
 
 
 def compiled_train_step_text(cfg) -> str:
