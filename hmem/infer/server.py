@@ -266,6 +266,7 @@ def make_app(server: CompletionServer, shutdown_timeout: float | None = None):
     await run_in_threadpool(server.batcher.close, shutdown_timeout)
 
   app = FastAPI(title='hmem', lifespan=lifespan)
+  app.add_middleware(_BodyLimit, limit=server.max_body_bytes)
 
   @app.exception_handler(RequestValidationError)
   async def invalid(request: HttpRequest, exc: RequestValidationError):
@@ -472,7 +473,7 @@ def serve(source: MemorySource, *, host: str = '127.0.0.1', port: int = 8000, na
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, stop)
   server = CompletionServer(source, name=name, **limits)
-  app = _BodyLimit(make_app(server, shutdown_timeout), server.max_body_bytes)
+  app = make_app(server, shutdown_timeout)
   # uvicorn waits for open connections up to its own timeout, then cancels them: a
   # streaming client that stopped reading cannot hold the exit. The batcher ends what is
   # left at `shutdown_timeout` (handle_exit below), so answers go out before that.
