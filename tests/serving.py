@@ -65,3 +65,30 @@ def wait_until(condition, what: str):
   while not condition():
     assert time.monotonic() < deadline, f'timed out waiting for {what}'
     time.sleep(0.01)
+
+
+def forward_logprobs(source, prompt, mode='fetched'):
+  """(log p of each prompt token after the first, the log-probabilities of every token at
+  each of those positions [T - 1, V]) by the full forward pass (no cache), fp64 softmax."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  ids = source.tokenizer.encode([prompt])[0]
+  tokens_1xT = jnp.asarray(ids, jnp.int32)[None]
+  memory = source.memory(source.router.route([prompt]).leaf, mode)
+  logits = source.model(tokens_1xT, jnp.ones_like(tokens_1xT), memory)
+  logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64)[:-1], axis=-1)
+  return np.asarray(logp)[np.arange(len(ids) - 1), ids[1:]], np.asarray(logp)
+
+
+def randomize_bank(root, seed=0):
+  """Random rows in every bank array of the bundle at `root`, in place: a few training steps
+  leave the memory almost a no-op, and tests must see its rows matter. The chunks carry
+  their own crc32c, so the manifest's checksums still hold."""
+  import numpy as np
+
+  from hmem.bundle.format import open_array, read_manifest
+  rng = np.random.default_rng(seed)
+  for meta in read_manifest(root)['bank'].values():
+    array = open_array(root, meta['path'])
+    array.write(rng.normal(0, 0.3, meta['shape']).astype(array.dtype.numpy_dtype)).result()

@@ -14,11 +14,10 @@ import threading
 import time
 import urllib.error
 
-import jax
 import numpy as np
 import openai
 import pytest
-from serving import TIMEOUT, free_socket, http, running
+from serving import TIMEOUT, forward_logprobs, free_socket, http, randomize_bank, running
 
 from hmem.bundle.export import export
 from hmem.infer.decoder import complete, complete_all
@@ -34,9 +33,11 @@ NAME = 'tiny'
 
 @pytest.fixture(scope='module')
 def bundle(memory_run, tmp_path_factory):
+  """The memory run's bundle with random bank rows (memory modes must differ to mean something)."""
   _, _, _, workdir = memory_run
   out = tmp_path_factory.mktemp('serve') / 'bundle'
   export(str(workdir), str(out), dtype='float32', progress=False)
+  randomize_bank(out)
   return out
 
 
@@ -134,16 +135,6 @@ def test_model_ids_select_the_memory_mode(served):
   assert len({complete(source, PROMPTS[1], mode=m, max_new_tokens=8)[1] for m in ('generic', 'none')}) == 2
 
 
-def _forward_logprobs(source, ids, mode):
-  """log p(token t | tokens before it) from the full forward pass (no cache), t >= 1."""
-  import jax.numpy as jnp
-  leaf = source.router.route([source.tokenizer.decode(ids)]).leaf
-  tokens_1xT = jnp.asarray(ids, jnp.int32)[None]
-  logits = source.model(tokens_1xT, jnp.ones_like(tokens_1xT), source.memory(leaf, mode))
-  logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64)[:-1], axis=-1)
-  return logp[np.arange(len(ids) - 1), ids[1:]], logp
-
-
 @pytest.mark.parametrize('model', [NAME, f'{NAME}:none'])
 def test_echo_and_logprobs_score_the_prompt_as_the_forward_pass(served, model):
   """What lm-evaluation-harness's local-completions sends to score a text: echo, logprobs,
@@ -151,7 +142,7 @@ def test_echo_and_logprobs_score_the_prompt_as_the_forward_pass(served, model):
   source, _, client = served
   mode = 'fetched' if model == NAME else 'none'
   ids = source.tokenizer.encode([PROMPTS[0]])[0]
-  want, logp = _forward_logprobs(source, ids, mode)
+  want, logp = forward_logprobs(source, PROMPTS[0], mode)
   for prompt in (PROMPTS[0], ids.tolist()):  # text, or token ids as the harness sends them
     out = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0)
     lp = out.choices[0].logprobs
