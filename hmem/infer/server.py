@@ -486,7 +486,8 @@ def serve(source: MemorySource, *, host: str = '127.0.0.1', port: int = 8000, na
 
 
 class _Server(uvicorn.Server):
-  """uvicorn's server; on SIGTERM/SIGINT the batcher also starts its timed drain."""
+  """uvicorn's server; SIGTERM/SIGINT also start the drain's clock: what the batcher still
+  holds `shutdown_timeout` seconds later is ended."""
 
   def __init__(self, config, batcher: Batcher, shutdown_timeout: float):
     super().__init__(config)
@@ -494,4 +495,6 @@ class _Server(uvicorn.Server):
 
   def handle_exit(self, sig, frame):
     super().handle_exit(sig, frame)
-    threading.Thread(target=self.batcher.close, args=(self.shutdown_timeout,), daemon=True).start()
+    timer = threading.Timer(self.shutdown_timeout, self.batcher.close, args=(0,))
+    timer.daemon = True
+    timer.start()
