@@ -7,7 +7,6 @@ later requests without failing any. Faults are injected by wrapping `hmem.infer.
 jitted functions; servers run on threads (SIGTERM: `hmem serve` in a subprocess)."""
 
 import concurrent.futures
-import http.client
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.error
+from http.client import HTTPConnection
 
 import jax
 import numpy as np
@@ -108,7 +108,7 @@ def _ask(base, prompt, model=NAME, **body):
 def _stream(base, prompt, first: threading.Event | None = None, **body):
   """The text, finish reasons, memory versions and errors of a streamed request."""
   url = base.removeprefix('http://')
-  conn = http.client.HTTPConnection(url, timeout=TIMEOUT)
+  conn = HTTPConnection(url, timeout=TIMEOUT)
   conn.request('POST', '/v1/completions', json.dumps({'model': NAME, 'prompt': prompt, 'temperature': 0,
                                                         'stream': True, **body}), {'Content-Type': 'application/json'})
   reply = conn.getresponse()
@@ -141,7 +141,7 @@ def test_admission_limits_answer_before_any_work(source, monkeypatch):
     assert status == 400 and reply['error']['param'] == 'prompt' and 'at most 3' in reply['error']['message']
     status, reply, _ = _ask(base, 'word ' * 700, max_tokens=2)
     assert status == 413 and '3000 bytes' in reply['error']['message']
-    conn = http.client.HTTPConnection(base.removeprefix('http://'), timeout=TIMEOUT)
+    conn = HTTPConnection(base.removeprefix('http://'), timeout=TIMEOUT)
     body = json.dumps({'model': NAME, 'prompt': 'word ' * 700}).encode()
     conn.request('POST', '/v1/completions', body=iter([body[:1000], body[1000:]]), encode_chunked=True)
     assert conn.getresponse().status == 413
