@@ -68,9 +68,10 @@ def _no_memory() -> None:
 @dataclasses.dataclass(eq=False)
 class Request:
   """One sequence to continue. `emit(token, finish, logprob)` is called from the decode
-  thread: with each new token (finish None), then once with token None and finish 'stop'
-  (EOT), 'length' (max_tokens reached), 'error' (`error` says why) or 'abort' (the batcher
-  closed first). `logprob` is (the token's log-probability, [(id, log-probability)] of the
+  thread: with each new token (finish None), then once with finish 'stop' (the EOT: token
+  is its id, and `logprob` its logprob when asked, as vLLM reports an EOS), 'length'
+  (max_tokens reached), 'error' (`error` says why) or 'abort' (the batcher closed first),
+  token None but for 'stop'. `logprob` is (the token's log-probability, [(id, log-probability)] of the
   `logprobs` most likely tokens) when `logprobs` is set, else None. A cancelled request gets no further
   calls. `fetch()` returns the request's memory in host memory, as stored ([1, ...]; None:
   no memory); it runs on a reader thread while the request waits."""
@@ -351,20 +352,20 @@ class Batcher:
       if request is None or request.cancelled:
         continue
       token = int(token_R[slot])
-      if token == self.eot_id:
-        self._finish(slot, 'stop')
-        continue
-      self._count_B[slot] += 1
       logprob = (None if request.logprobs is None else
                  _logprob(value_R[slot], ids_RxK[slot], top_RxK[slot], request.logprobs))
+      if token == self.eot_id:
+        self._finish(slot, 'stop', token, logprob)
+        continue
+      self._count_B[slot] += 1
       self._emit(request, token, None, logprob)
       if self._count_B[slot] >= request.max_tokens:
         self._finish(slot, 'length')
 
-  def _finish(self, slot: int, reason: str) -> None:
+  def _finish(self, slot: int, reason: str, token: int | None = None, logprob=None) -> None:
     with self._lock:
       request, self._active[slot] = self._active[slot], None
-    self._emit(request, None, reason)
+    self._emit(request, token, reason, logprob)
 
   def _emit(self, request: Request, token: int | None, finish: str | None, logprob=None) -> None:
     """Hands the caller an event; a caller whose callback fails is cancelled, the rest go on."""

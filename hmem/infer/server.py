@@ -71,6 +71,7 @@ class Choice:
   request: Request | None = None
   version: int | None = None  # the bundle's memory version its rows were read at
   logprobs: list = dataclasses.field(default_factory=list)  # (logprob, top) per new token
+  eot: tuple | None = None  # (logprob, top) of the EOT that ended it, when logprobs are asked
   sent: int = 0  # new tokens whose logprobs went out (streaming)
   offset: int = 0  # characters of those tokens
 
@@ -330,6 +331,7 @@ async def _complete(server: CompletionServer, job: Job, body: api.CompletionRequ
   for choice in job.choices:
     def emit(token, finish, logprob, c=choice):  # on the decode thread: text work stays off the event loop
       if finish is not None:
+        c.eot = logprob if finish == 'stop' else None
         post((c.index, c.completion.finish() if finish in ('stop', 'length') else '', finish))
         return
       out = c.completion.add(token)
@@ -376,6 +378,8 @@ async def _complete(server: CompletionServer, job: Job, body: api.CompletionRequ
         tokens, pieces_, entries, offset = [*c.ids, *tokens], [*text.pieces(server.tokenizer, c.ids), *pieces_], \
             [*prompt, *entries], 0
       c.sent, c.offset = end, c.offset + sum(map(len, c.completion.pieces[start:end]))
+      if last and c.eot is not None:  # the EOT ends no text but is a token with its logprob (as in vLLM)
+        tokens, pieces_, entries = [*tokens, server.tokenizer.eot_id], [*pieces_, ''], [*entries, c.eot]
       out['logprobs'] = api.logprobs_object(server.tokenizer, tokens, pieces_, entries, offset)
     return out
 
