@@ -40,7 +40,7 @@ def running(server, shutdown_timeout=None):
   from hmem.infer.server import make_app
   sock = free_socket()
   port = sock.getsockname()[1]
-  app = make_app(server, shutdown_timeout)
+  app = make_app(server) if shutdown_timeout is None else make_app(server, shutdown_timeout)
   config = uvicorn.Config(app, log_level='warning', timeout_graceful_shutdown=None if shutdown_timeout is None
                           else int(shutdown_timeout) + 2)
   uv = uvicorn.Server(config)

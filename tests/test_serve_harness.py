@@ -65,7 +65,7 @@ def test_local_completions_through_the_server_equals_the_harness_model(bundle, t
               f'tokenized_requests=True,max_length={server.context}')
       remote = _evaluate('local-completions', args, task_manager)
       local = _evaluate('hmem', f'bundle={bundle},memory={mode}', task_manager)
-      assert remote[0] == local[0], mode  # accuracy, exactly
       np.testing.assert_allclose(remote[1], local[1], rtol=1e-4, atol=1e-4, err_msg=mode)
+      assert remote[0] == local[0], mode  # accuracy, exactly
       results[mode] = local
   assert not np.allclose(results['none'][1], results['generic'][1], rtol=1e-3)  # the modes differ

@@ -57,13 +57,14 @@ class HarnessLM(LM):
   """A bundle or run directory answering the harness's three request types (module docstring)."""
 
   def __init__(self, bundle: str | None = None, workdir: str | None = None, step: int | None = None,
-               memory: str | None = None, block: str = '', block_best: bool = False, batch_size=16,
+               memory: str | None = '', block: str = '', block_best: bool = False, batch_size=16,
                max_length: int | None = None, max_gen_toks: int = 256, max_batch_size=None, device=None,
                progress: bool = True):
     super().__init__()
     del max_batch_size, device  # harness-wide options: batches are fixed here, JAX picks the device
     self.source = open_source(bundle=bundle, workdir=workdir, step=None if step is None else _as_int('step', step, 0))
-    memory = memory or ('fetched' if self.source.has_memory else 'none')
+    # lm-eval's --model_args parser reads the value none as None: memory=none arrives so.
+    memory = 'none' if memory is None else memory or ('fetched' if self.source.has_memory else 'none')
     if memory not in MODES:
       raise UserError(f'memory={memory!r}; choose one of {", ".join(MODES)}')
     if memory != 'none' and not self.source.has_memory:
