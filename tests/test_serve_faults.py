@@ -54,13 +54,21 @@ def source(bundle):
 class Gate:
   """Wraps a decoder function: `hold()` makes calls wait until `release()`; `fail_next(after)`
   makes the next call raise, before it runs or `after` it ran (its donated buffers gone);
-  `delay` seconds are added to each call."""
+  `delay` seconds are added to each call. Used as a context inside `running(...)`, so a
+  failing test releases it before the server stops."""
 
   def __init__(self, monkeypatch, name):
     self.real, self.open, self.calls, self.delay = getattr(decoder, name), threading.Event(), 0, 0.0
     self.open.set()
     self.failing = None
     monkeypatch.setattr(decoder, name, self)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.failing, self.delay = None, 0.0
+    self.release()
 
   def hold(self):
     self.open.clear()
@@ -134,9 +142,8 @@ def test_admission_limits_answer_before_any_work(source, monkeypatch):
   """Prompts per request (400), body bytes (413, also when chunked) and the queue (429 with
   Retry-After) are bounded: one request could queue any number of prompts, each holding its
   memory block on the device (a 2,000-prompt request was accepted)."""
-  step = Gate(monkeypatch, 'step')
   server = CompletionServer(source, name=NAME, slots=1, max_prompts=3, max_queue=2, max_body_bytes=3000)
-  with running(server) as (_, _, base):
+  with running(server) as (_, _, base), Gate(monkeypatch, 'step') as step:
     status, reply, _ = _ask(base, list(PROMPTS), max_tokens=2)
     assert status == 400 and reply['error']['param'] == 'prompt' and 'at most 3' in reply['error']['message']
     status, reply, _ = _ask(base, 'word ' * 700, max_tokens=2)
@@ -163,7 +170,6 @@ def test_queued_prompts_hold_no_device_memory(source, monkeypatch):
   """A waiting prompt's block stays on the host, and only the next `slots` are read ahead: the
   device holds the slots' buffers whatever the queue (each queued prompt's block was built
   on the device when it was routed)."""
-  step = Gate(monkeypatch, 'step')
   server = CompletionServer(source, name=NAME, slots=1)
   reads = []
   read = source.rows.read
@@ -171,7 +177,8 @@ def test_queued_prompts_hold_no_device_memory(source, monkeypatch):
   block = memory_bank.block_shapes(source.config, sum(source.config.memory.levels))
   block_bytes = sum(4 * int(np.prod(s)) for s in block.values())
   device_bytes = lambda: sum(a.nbytes for a in jax.live_arrays())
-  with running(server) as (_, _, base), concurrent.futures.ThreadPoolExecutor(2) as pool:
+  with running(server) as (_, _, base), concurrent.futures.ThreadPoolExecutor(2) as pool, \
+      Gate(monkeypatch, 'step') as step:
     step.hold()
     first = pool.submit(_ask, base, PROMPTS[0], max_tokens=2)
     wait_until(lambda: server.batcher.load['active'] == 1, 'the first request to start')
@@ -193,9 +200,9 @@ def test_a_failed_step_fails_only_its_requests_and_serving_goes_on(source, monke
   request while /health said ok)."""
   import hmem.model.transformer as transformer
   expected = [complete(source, p, max_new_tokens=12)[1] for p in PROMPTS[:2]]
-  step, prefill = Gate(monkeypatch, 'step'), Gate(monkeypatch, 'prefill_row')
   server = CompletionServer(source, name=NAME, slots=2)
-  with running(server) as (_, _, base), concurrent.futures.ThreadPoolExecutor(2) as pool:
+  with running(server) as (_, _, base), concurrent.futures.ThreadPoolExecutor(2) as pool, \
+      Gate(monkeypatch, 'step') as step, Gate(monkeypatch, 'prefill_row') as prefill:
     # A failed prefill: only the joining request fails; the one decoding beside it goes on.
     step.delay = 0.02
     started = threading.Event()
@@ -232,10 +239,9 @@ def test_a_failed_step_fails_only_its_requests_and_serving_goes_on(source, monke
 def test_a_client_that_disconnects_is_cancelled_at_once(source, monkeypatch, stream):
   """Its prompts leave their slots within a step or so (a plain request's client was never
   noticed: its prompts decoded to max_tokens for nobody)."""
-  step = Gate(monkeypatch, 'step')
-  step.delay = 0.02
   server = CompletionServer(source, name=NAME, slots=2)
-  with running(server) as (_, _, base):
+  with running(server) as (_, _, base), Gate(monkeypatch, 'step') as step:
+    step.delay = 0.02
     sock = _connect(base)
     _post(sock, {'model': NAME, 'prompt': [PROMPTS[0], PROMPTS[1]], 'max_tokens': 40, 'temperature': 0,
                  'stream': stream})
@@ -282,8 +288,8 @@ def test_sigterm_drains_within_the_shutdown_timeout_and_exits_0(bundle, tmp_path
     started = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
       futures = [pool.submit(_stream, base, p, started, max_tokens=40) for p in PROMPTS]
-      queued = 3 + (8 if stalled else 0)
-      wait_until(lambda: started.is_set() and http(f'{base}/health')[1]['waiting'] == queued, 'the requests to queue')
+      prompts = len(PROMPTS) + (8 if stalled else 0)
+      wait_until(lambda: http(f'{base}/health')[1]['submitted'] == prompts, 'the requests to queue')
       proc.send_signal(signal.SIGTERM)
       replies = [f.result(TIMEOUT) for f in futures]
     assert proc.wait(TIMEOUT) == 0, log.read_text()
@@ -317,10 +323,10 @@ def test_edits_take_effect_while_requests_stream(bundle, tmp_path, monkeypatch):
   nodes = [(1, paths[0][0]), (2, other[1])]  # prompt 0's level-1 subtree, then a deeper node elsewhere
   texts = lambda s: [complete(s, p, max_new_tokens=12)[1] for p in PROMPTS]
   versions = [texts(source)]
-  step = Gate(monkeypatch, 'step')
-  step.delay = 0.05
   server = CompletionServer(source, name=NAME, slots=4)
-  with running(server) as (_, _, base), concurrent.futures.ThreadPoolExecutor(2) as pool:
+  with running(server) as (_, _, base), concurrent.futures.ThreadPoolExecutor(2) as pool, \
+      Gate(monkeypatch, 'step') as step:
+    step.delay = 0.05
     for version, node in enumerate(nodes, start=1):
       started = threading.Event()
       streams = [pool.submit(_stream, base, PROMPTS[1], started, max_tokens=12) for _ in range(2)]

@@ -123,6 +123,7 @@ class Batcher:
     self._broken: str | None = 'starting'  # why the buffers are not there, or None
     self._readers = concurrent.futures.ThreadPoolExecutor(readers, thread_name_prefix='hmem-reader')
     self.steps = 0  # decode steps run (tests and benchmarks read it)
+    self.submitted = 0  # requests taken since the start
     self.step_rows: collections.Counter = collections.Counter()  # steps run per bucket
     self._rebuild()
     self._thread = threading.Thread(target=self._loop, name='hmem-batcher', daemon=True)
@@ -159,6 +160,7 @@ class Batcher:
           raise QueueFull(f'the queue holds {len(self._waiting)} waiting prompts (at most {self.max_queue}); '
                           'retry later')
       self._waiting.extend(requests)
+      self.submitted += len(requests)
       self._prefetch()
       self._lock.notify_all()
 
@@ -178,6 +180,7 @@ class Batcher:
     with self._lock:
       return {'slots': self.slots, 'active': sum(r is not None for r in self._active),
               'waiting': sum(not r.cancelled for r in self._waiting), 'max_queue': self.max_queue,
+              'submitted': self.submitted,
               **({'problem': self._broken} if self._broken else {})}
 
   def close(self, timeout: float | None = None) -> None:
