@@ -275,10 +275,11 @@ def _serve(bundle, tmp_path, *flags):
 
 @pytest.mark.parametrize('timeout', [None, 0])
 def test_sigterm_drains_within_the_shutdown_timeout_and_exits_0(bundle, tmp_path, timeout):
-  """One slot, several streams queued, SIGTERM once the first has started: with the default
-  timeout every stream completes; with --shutdown-timeout 0 (the streams cannot finish in
-  it, and a client that stopped reading holds a stream open) the rest end with an error
-  event and the process still exits 0 (it waited without limit for such a client)."""
+  """One slot, several streams queued, SIGTERM once one has started: with the default timeout
+  every stream completes; with --shutdown-timeout 0 (the streams cannot finish in it, and a
+  client that stopped reading holds its finished stream's connection open) the rest end
+  with an error event and the process still exits 0 (it waited without limit for such a
+  client)."""
   flags = ['--slots', '1'] + ([] if timeout is None else ['--shutdown-timeout', str(timeout)])
   proc, base, log = _serve(bundle, tmp_path, *flags)
   try:
@@ -289,7 +290,8 @@ def test_sigterm_drains_within_the_shutdown_timeout_and_exits_0(bundle, tmp_path
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
       futures = [pool.submit(_stream, base, p, started, max_tokens=40) for p in PROMPTS]
       prompts = len(PROMPTS) + (8 if stalled else 0)
-      wait_until(lambda: http(f'{base}/health')[1]['submitted'] == prompts, 'the requests to queue')
+      wait_until(lambda: started.is_set() and http(f'{base}/health')[1]['submitted'] == prompts,
+                 'a stream to start and every request to queue')
       proc.send_signal(signal.SIGTERM)
       replies = [f.result(TIMEOUT) for f in futures]
     assert proc.wait(TIMEOUT) == 0, log.read_text()

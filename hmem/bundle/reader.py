@@ -118,7 +118,6 @@ class Reader(RowCache):
   def __init__(self, root: str, arrays: dict[str, dict[str, str]], present: dict[str, np.ndarray],
                cache_bytes: int = 256 << 20):
     super().__init__(root, {t: list(names) for t, names in arrays.items()}, present, cache_bytes)
-    self.arrays = arrays
     context = ts.Context({'cache_pool': {'total_bytes_limit': 0}})
     paths = {(t, name): path for t, names in arrays.items() for name, path in names.items()}
     futures = {key: (path, ts.open({'driver': 'zarr3', 'kvstore': kvstore(root, path),

@@ -191,6 +191,7 @@ class Batcher:
       self._lock.notify_all()
     self._thread.join(timeout)
     if self._thread.is_alive():
+      logging.warning('ending the requests still in flight (%s)', self.load)
       with self._lock:
         self._aborting = True
         self._lock.notify_all()

@@ -57,6 +57,7 @@ from hmem.infer.source import MemorySource
 from hmem.memory import bank as memory_bank
 
 RETRY_AFTER_S = 1  # what a 429 asks a client to wait
+_GRACE_S = 5  # after --shutdown-timeout, for the last answers to go out
 
 
 @dataclasses.dataclass(eq=False)
@@ -104,8 +105,10 @@ class CompletionServer:
       shapes = memory_bank.block_shapes(source.config, sum(int(r) for r in source.config.memory.levels))
     self.batcher = Batcher(source.model, slots=slots, max_len=self.context + decoder.BUCKET,
                            eot_id=self.tokenizer.eot_id, memory_shapes=shapes, max_queue=max_queue, readers=readers)
-    self.modes = (('fetched', 'generic', 'none') if 'generic' in source.tables else ('fetched', 'none')) \
-        if source.has_memory else ('none',)
+    if not source.has_memory:
+      self.modes = ('none',)
+    else:
+      self.modes = ('fetched', 'generic', 'none') if 'generic' in source.tables else ('fetched', 'none')
     self.created = int(time.time())
 
   # -- model ids ---------------------------------------------------------------------------
@@ -480,9 +483,10 @@ def serve(source: MemorySource, *, host: str = '127.0.0.1', port: int = 8000, na
   app = make_app(server, shutdown_timeout)
   # uvicorn waits for open connections up to its own timeout, then cancels them: a
   # streaming client that stopped reading cannot hold the exit. The batcher ends what is
-  # left at `shutdown_timeout` (handle_exit below), so answers go out before that.
+  # left at `shutdown_timeout` (handle_exit below), and the answers saying so go out in
+  # the grace after it (a step, or a compile, in progress delays them).
   config = uvicorn.Config(app, log_level='info', timeout_keep_alive=5,
-                          timeout_graceful_shutdown=int(shutdown_timeout) + 2)
+                          timeout_graceful_shutdown=int(shutdown_timeout) + _GRACE_S)
   http = _Server(config, server.batcher, shutdown_timeout)
   logging.info('serving %s on http://%s:%d/v1 with %d slots', ', '.join(server.model_ids()), host, port,
                server.batcher.slots)
