@@ -131,7 +131,7 @@ def _stream(base, prompt, first: threading.Event | None = None, **body):
     else:
       text += event['choices'][0]['text']
       finishes.append(event['choices'][0]['finish_reason'])
-      versions.add(event['memory_version'])
+      versions.add(event.get('memory_version'))
     if first is not None:
       first.set()
   conn.close()
