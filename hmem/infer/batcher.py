@@ -225,7 +225,7 @@ class Batcher:
       self._lock.notify_all()
 
   def _has_work(self) -> bool:
-    if self._closing or self._broken or any(self._active):
+    if self._aborting or self._broken or any(self._active) or (self._closing and not self._waiting):
       return True
     return any(r.cancelled or r.state in ('ready', 'failed') for r in self._waiting)
 
