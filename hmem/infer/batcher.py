@@ -118,6 +118,7 @@ class Batcher:
     self._settings = {name: np.zeros(slots, dtype) for name, dtype in
                       (('seed', np.uint32), ('temperature', np.float32), ('top_p', np.float32))}
     self._waiting: collections.deque[Request] = collections.deque()
+    self._inputs_key, self._inputs = None, None  # _step_inputs' cache
     self._lock = threading.Condition()
     self._closing = self._aborting = False
     self._broken: str | None = 'starting'  # why the buffers are not there, or None
@@ -338,11 +339,20 @@ class Batcher:
     with self._lock:
       self._active = [None if r is None or r.cancelled else r for r in self._active]
 
+  def _step_inputs(self) -> tuple[int, jax.Array, decoder.Sampling]:
+    """(R, done_R, sampling) of the rows in flight, on the device; they change only when a
+    request joins or leaves, so a step in between transfers nothing but the counts."""
+    key = (tuple(r is None for r in self._active), *(a.tobytes() for a in self._settings.values()))
+    if self._inputs_key != key:
+      last = max(slot for slot, r in enumerate(self._active) if r is not None)
+      R = next(b for b in self.buckets if b > last)
+      done_R = jnp.asarray([r is None for r in self._active[:R]])
+      sampling = decoder.Sampling(**{name: jnp.asarray(a[:R]) for name, a in self._settings.items()})
+      self._inputs_key, self._inputs = key, (R, done_R, sampling)
+    return self._inputs
+
   def _step(self) -> None:
-    last = max(slot for slot, r in enumerate(self._active) if r is not None)
-    R = next(b for b in self.buckets if b > last)
-    done_R = np.array([r is None for r in self._active[:R]])
-    sampling = decoder.Sampling(**{name: a[:R].copy() for name, a in self._settings.items()})
+    R, done_R, sampling = self._step_inputs()
     top_k = MAX_TOP_K if any(r is not None and r.logprobs is not None for r in self._active[:R]) else 0
     token_R, _, self._logits_BxV, self._cache, scores = decoder.step(
         self._graphdef, self._params, self._logits_BxV, self._memory, self._cache, done_R, sampling,
