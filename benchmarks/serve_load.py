@@ -152,6 +152,7 @@ class Load:
 
   def check(self, choices, mode, version, prompts):
     for choice in choices:
+      version = choice.get('memory_version', version)  # each choice's rows were read at their own
       want = self.expected[prompts[choice['index']], mode, version]
       if choice['text'] != want:
         self.problem(f'wrong: {prompts[choice["index"]]!r} {mode} v{version}: {choice["text"]!r} != {want!r}')

@@ -11,9 +11,9 @@ A request is checked, tokenized and routed on arrival (bad input: a 4xx naming t
 before any work), then its prompts queue in the batcher (hmem.infer.batcher), whose reader
 threads read their paths' rows while other requests decode; decoding is shared by every
 request in flight (continuous batching). Each choice reports the path it was routed to
-(`path`: ["1:2", "2:9"]) and the response the bundle's `memory_version` (edits committed
-when its rows were read: a `hmem bank` edit of the served bundle takes effect for the
-requests read after its commit, without a restart; hmem.bundle.live). Text is detokenized
+(`path`: ["1:2", "2:9"]) and the bundle's `memory_version` (edits committed when its rows
+were read; the response's is its choices' latest: a `hmem bank` edit of the served bundle
+takes effect for the requests read after its commit, without a restart; hmem.bundle.live). Text is detokenized
 incrementally on the decode thread, never on the event loop.
 
 Limits: prompts per request (`max_prompts`, else 400), prompts waiting in the queue
@@ -370,7 +370,7 @@ async def _complete(server: CompletionServer, job: Job, body: api.CompletionRequ
   def choice_json(c: Choice, text_: str, finish, first: bool, last: bool) -> dict:
     echo = first and body.echo
     out = {'index': c.index, 'text': (c.echo if echo else '') + text_, 'logprobs': None, 'finish_reason': finish,
-           'path': c.path}
+           'path': c.path, 'memory_version': c.version}
     if logprobs is not None:  # those of the tokens since the last chunk (an echoed prompt's first)
       start = c.sent
       end = max(start, c.completion.kept_tokens() if last else len(c.logprobs))
