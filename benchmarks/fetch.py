@@ -1,7 +1,7 @@
 """Fetch latency of one root-to-leaf path from a bundle's bank, and decode speed with the
 fetched block.
 
-    python benchmarks/fetch.py [--quick] [--dir DIR] [--samples N]
+    python benchmarks/fetch.py [--quick] [--dir DIR] [--samples N] [--dtype bfloat16|int8|both]
 
 The bank has the shapes of the paper's 160M anchor (35 layers, d=512) with FFN memory of
 level widths (256, 64, 16, 0) on a k=16, depth-4 tree, in bfloat16: 4.6B parameters,
@@ -16,7 +16,10 @@ changes nothing about one path's rows.
 - warm: a Reader whose LRU cache already holds levels 1-2 (the top levels, 2.2 GB here);
   only the level-3 row is read, itself evicted from the page cache first.
 Latencies are Reader.read of the path's three rows (9 chunks, read concurrently) until the
-arrays are in host memory.
+arrays are in host memory, as stored: an int8 bank's rows (`--dtype int8`, as `hmem export
+--dtype int8` writes them: each unit's float32 scale after its values, in the same chunk)
+stay packed until the device dequantizes them. `--dtype both` writes both banks and
+alternates their runs, and reports int8 / bfloat16 per p50.
 
 - decode: tokens/s of greedy KV-cached decoding (hmem.infer.decoder.generate, batch 1, a
   32-token prompt bucket then --decode-tokens steps) by the 160M anchor with the path's
@@ -48,20 +51,20 @@ CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs
 
 def _bank_shapes(quick: bool):
   from hmem.config import load_config
-  from hmem.memory.bank import bank_shapes
+  from hmem.memory.spec import memory_spec
   cfg = load_config(CONFIG, [f'memory.k={K}', f'memory.depth={DEPTH}', f'memory.levels={LEVELS}',
                              'memory.generic_prob=0'])
-  return {t: named for t, named in bank_shapes(cfg).items()}, ([0] if quick else list(range(K)))
+  return dict(memory_spec(cfg).bank_shapes), ([0] if quick else list(range(K)))
 
 
 def _write_bank(root: str, quick: bool, dtype: str) -> dict:
   """The bank's arrays under root (once; reused when root/bank.json matches); int8 as
-  `hmem export --dtype int8` writes it (values and a scale array)."""
+  `hmem export --dtype int8` writes it (each unit's scale packed after its values)."""
   import ml_dtypes
   from tqdm import tqdm
 
-  from hmem.bundle.export import quantize
-  from hmem.bundle.format import array_path, create_array, present_rows, scale_path, true_runs, write_rows
+  from hmem.bundle import int8
+  from hmem.bundle.format import array_path, create_array, present_rows, true_runs, write_rows
   shapes, subtrees = _bank_shapes(quick)
   meta = {'shapes': {t: {n: list(s) for n, s in named.items()} for t, named in shapes.items()}, 'subtrees': subtrees,
           'dtype': dtype}
@@ -80,16 +83,14 @@ def _write_bank(root: str, quick: bool, dtype: str) -> dict:
         # 4.6B random numbers would dominate the run.
         row = 0.02 * rng.standard_normal(shape[1:], np.float32)
         if dtype == 'int8':
-          parts = [(create_array(root, array_path(table, name), shape, 'int8'), None),
-                   (create_array(root, scale_path(table, name), (*shape[:-1], 1), 'float32'), None)]
-          parts = [(a, r[0]) for (a, _), r in zip(parts, quantize(row[None]))]
+          array, part = create_array(root, array_path(table, name), int8.stored_shape(shape), 'int8'), \
+              int8.quantize(row)
         else:
-          parts = [(create_array(root, array_path(table, name), shape, 'bfloat16'), row.astype(ml_dtypes.bfloat16))]
-        for array, part in parts:
-          for lo, hi in true_runs(masks[table]):
-            slab = np.broadcast_to(part, (min(hi - lo, 64), *part.shape))
-            for start in range(lo, hi, slab.shape[0]):
-              write_rows(array, start, np.ascontiguousarray(slab[:min(slab.shape[0], hi - start)]), bar)
+          array, part = create_array(root, array_path(table, name), shape, 'bfloat16'), row.astype(ml_dtypes.bfloat16)
+        for lo, hi in true_runs(masks[table]):
+          slab = np.broadcast_to(part, (min(hi - lo, 64), *part.shape))
+          for start in range(lo, hi, slab.shape[0]):
+            write_rows(array, start, np.ascontiguousarray(slab[:min(slab.shape[0], hi - start)]), bar)
   with open(index, 'w') as f:
     json.dump(meta, f)
   return meta
@@ -107,16 +108,14 @@ def _evict(root: str, files: list[str]) -> None:
 
 def _measure(root: str, mode: str, samples: int, seed: int) -> list[float]:
   """Latencies (ms) of `samples` random paths; runs in its own process."""
-  from hmem.bundle.format import array_path, scale_path
+  from hmem.bundle.format import array_path
   from hmem.bundle.reader import Reader
   with open(os.path.join(root, 'bank.json')) as f:
     meta = json.load(f)
   tables = [t for t in meta['shapes'] if t != 'generic']
   arrays = {t: {n: array_path(t, n) for n in meta['shapes'][t]} for t in tables}
   present = {t: np.ones(next(iter(meta['shapes'][t].values()))[0], bool) for t in tables}
-  int8 = meta.get('dtype') == 'int8'
-  scales = {t: {n: scale_path(t, n) for n in meta['shapes'][t]} for t in tables} if int8 else None
-  reader = Reader(root, arrays, present, cache_bytes=4 << 30, scales=scales)
+  reader = Reader(root, arrays, present, cache_bytes=4 << 30)
   # Paths through distinct deepest rows of the subtrees written, so no sample finds its
   # deepest row cached.
   deepest = K**(len(tables) - 1) * len(meta['subtrees'])
@@ -126,8 +125,7 @@ def _measure(root: str, mode: str, samples: int, seed: int) -> list[float]:
     return {t: np.array([bottom // K**(len(tables) - int(t.removeprefix('level')))]) for t in tables}
 
   def chunks(rows, which):
-    stored = [arrays, scales] if scales else [arrays]
-    return [f'{paths[t][n]}/c/{int(rows[t][0])}/0/0/0' for paths in stored for t in which for n in paths[t]]
+    return [f'{arrays[t][n]}/c/{int(rows[t][0])}/0/0/0' for t in which for n in arrays[t]]
 
   if mode == 'warm':  # the cache holds every top-level row the samples can meet
     reader.read({t: np.arange(deepest // K**(len(tables) - int(t.removeprefix('level')))) for t in tables[:-1]})
@@ -150,7 +148,7 @@ def _decode(quick: bool, tokens: int, repeats: int) -> dict:
 
   from hmem.config import load_config
   from hmem.infer.decoder import generate
-  from hmem.memory.bank import block_shapes
+  from hmem.memory.spec import memory_spec
   from hmem.model import build_model
   overrides = [f'memory.k={K}', f'memory.depth={DEPTH}', f'memory.levels={LEVELS}']
   cfg = load_config(CONFIG, overrides + (['model.layers=8'] if quick else []))
@@ -158,7 +156,7 @@ def _decode(quick: bool, tokens: int, repeats: int) -> dict:
   dtype = jax.numpy.dtype(cfg.model.dtype)
   rng = np.random.default_rng(0)
   block = {name: jax.numpy.asarray(0.02 * rng.standard_normal((1, *shape)), dtype)
-           for name, shape in block_shapes(cfg, sum(LEVELS)).items()}
+           for name, shape in memory_spec(cfg).block_shapes(sum(LEVELS)).items()}
   prompt = [rng.integers(1, cfg.model.vocab_size, 24).tolist()]
   memories = {'none': None, 'fetched': block}
 
@@ -183,49 +181,64 @@ def main() -> None:
   parser.add_argument('--quick', action='store_true', help='a 1 GB partial bank, fewer samples (< 60 s)')
   parser.add_argument('--dir', default=None, help='where the bank is written and kept (default: /tmp)')
   parser.add_argument('--samples', type=int, default=None)
-  parser.add_argument('--dtype', choices=('bfloat16', 'int8'), default='bfloat16', help='bank dtype of the bundle')
+  parser.add_argument('--dtype', choices=('bfloat16', 'int8', 'both'), default='bfloat16',
+                      help='bank dtype of the bundle; both: bfloat16 and int8, their runs alternating')
   parser.add_argument('--decode-tokens', type=int, default=None, help='tokens per decode run (default 64; quick 16)')
   parser.add_argument('--repeats', type=int, default=None, help='decode runs per mode (default 7; quick 3)')
   parser.add_argument('--measure', choices=('cold', 'warm', 'decode'), help=argparse.SUPPRESS)  # the worker process
   parser.add_argument('--seed', type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  root = args.dir or os.path.join('/tmp', 'hmem-fetch-bench' + ('-quick' if args.quick else '') +
-                                  ('-int8' if args.dtype == 'int8' else ''))
+  dtypes = ('bfloat16', 'int8') if args.dtype == 'both' else (args.dtype,)
+  roots = {d: args.dir or os.path.join('/tmp', 'hmem-fetch-bench' + ('-quick' if args.quick else '') +
+                                       ('-int8' if d == 'int8' else '')) for d in dtypes}
   samples = args.samples or (30 if args.quick else 200)
   tokens, repeats = args.decode_tokens or (16 if args.quick else 64), args.repeats or (3 if args.quick else 7)
   if args.measure == 'decode':
     print(json.dumps(_decode(args.quick, tokens, repeats)))
     return
   if args.measure:
-    print(json.dumps(_measure(root, args.measure, samples, args.seed)))
+    print(json.dumps(_measure(roots[dtypes[0]], args.measure, samples, args.seed)))
     return
-  os.makedirs(root, exist_ok=True)
-  meta = _write_bank(root, args.quick, args.dtype)
+  metas = {}
+  for dtype, root in roots.items():
+    os.makedirs(root, exist_ok=True)
+    metas[dtype] = _write_bank(root, args.quick, dtype)
   latency = {}
   for mode in ('cold', 'warm'):
-    out = subprocess.run([sys.executable, __file__, '--dir', root, '--samples', str(samples), '--measure', mode,
-                          '--seed', '1'], check=True, capture_output=True, text=True).stdout
-    latency[mode] = json.loads(out.strip().splitlines()[-1])
-  shapes = meta['shapes']
-  # bf16: 2 bytes an entry; int8: 1, and a float32 scale per `features` entries.
-  entry = (lambda s: 1 + 4 / s[-1]) if args.dtype == 'int8' else (lambda s: 2)
-  path_bytes = sum(int(np.prod(s[1:]) * entry(s)) for t, named in shapes.items() if t != 'generic'
-                   for s in named.values())
-  bank_bytes = sum(int(np.prod(s)) * 2 for named in shapes.values() for s in named.values())
-  written = sum(int(np.prod(s[1:]) * entry(s)) * (s[0] if t == 'level1' else s[0] * len(meta['subtrees']) // K)
-                for t, named in shapes.items() for s in named.values())
-  print(f'bank: {bank_bytes / 1e9:.2f} GB in bf16 ({bank_bytes // 2 / 1e9:.2f}B parameters), '
-        f'{written / 1e9:.2f} GB written (level-1 subtrees {meta["subtrees"] if args.quick else "all"}); '
-        f'one path: {path_bytes / 1e6:.1f} MB in 3 rows x 3 arrays; {samples} samples each')
-  print(f'{"fetch":<6} {"p50 ms":>8} {"p99 ms":>8} {"max ms":>8} {"MB/s at p50":>12}')
+    for dtype, root in roots.items():  # one dtype after the other: the same disk and load for both
+      out = subprocess.run([sys.executable, __file__, '--dir', root, '--samples', str(samples), '--measure', mode,
+                            '--seed', '1'], check=True, capture_output=True, text=True).stdout
+      latency[dtype, mode] = json.loads(out.strip().splitlines()[-1])
   result = {}
-  for mode, times in latency.items():
-    p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
-    deepest = shapes['level3']['ffn_up']
-    moved = path_bytes if mode == 'cold' else int(np.prod(deepest[1:]) * entry(deepest)) * 3
-    print(f'{mode:<6} {p50:8.2f} {p99:8.2f} {max(times):8.2f} {moved / 1e3 / p50:12.0f}')
-    result[f'fetch_p50_{mode}_ms'] = round(float(p50), 3)
-    result[f'fetch_p99_{mode}_ms'] = round(float(p99), 3)
+  for dtype in dtypes:
+    shapes = metas[dtype]['shapes']
+    # bf16: 2 bytes an entry; int8: 1, and a float32 scale per `features` entries.
+    entry = (lambda s: 1 + 4 / s[-1]) if dtype == 'int8' else (lambda s: 2)
+    path_bytes = sum(int(np.prod(s[1:]) * entry(s)) for t, named in shapes.items() if t != 'generic'
+                     for s in named.values())
+    bank_bytes = sum(int(np.prod(s)) * 2 for named in shapes.values() for s in named.values())
+    written = sum(int(np.prod(s[1:]) * entry(s)) * (s[0] if t == 'level1' else s[0] * len(metas[dtype]['subtrees'])
+                                                    // K) for t, named in shapes.items() for s in named.values())
+    print(f'{dtype} bank: {bank_bytes / 1e9:.2f} GB in bf16 ({bank_bytes // 2 / 1e9:.2f}B parameters), '
+          f'{written / 1e9:.2f} GB written (level-1 subtrees {metas[dtype]["subtrees"] if args.quick else "all"}); '
+          f'one path: {path_bytes / 1e6:.1f} MB in 3 rows x 3 arrays; {samples} samples each')
+    print(f'{"fetch":<6} {"p50 ms":>8} {"p99 ms":>8} {"max ms":>8} {"MB/s at p50":>12}')
+    prefix = '' if len(dtypes) == 1 else f'{dtype}_'
+    for mode in ('cold', 'warm'):
+      times = latency[dtype, mode]
+      p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
+      deepest = shapes['level3']['ffn_up']
+      moved = path_bytes if mode == 'cold' else int(np.prod(deepest[1:]) * entry(deepest)) * 3
+      print(f'{mode:<6} {p50:8.2f} {p99:8.2f} {max(times):8.2f} {moved / 1e3 / p50:12.0f}')
+      result[f'{prefix}fetch_p50_{mode}_ms'] = round(float(p50), 3)
+      result[f'{prefix}fetch_p99_{mode}_ms'] = round(float(p99), 3)
+    result[f'{prefix}path_mb'] = round(path_bytes / 1e6, 1)
+  if len(dtypes) == 2:
+    for mode in ('cold', 'warm'):
+      result[f'int8_over_bf16_{mode}_p50'] = round(result[f'int8_fetch_p50_{mode}_ms'] /
+                                                   result[f'bfloat16_fetch_p50_{mode}_ms'], 3)
+    print(f'int8 / bfloat16 p50: cold {result["int8_over_bf16_cold_p50"]:.2f}, '
+          f'warm {result["int8_over_bf16_warm_p50"]:.2f}')
   out = subprocess.run([sys.executable, __file__, '--measure', 'decode', '--decode-tokens', str(tokens),
                         '--repeats', str(repeats)] + (['--quick'] if args.quick else []),
                        check=True, capture_output=True, text=True).stdout
@@ -243,9 +256,8 @@ def main() -> None:
   result['decode_cpu_ratio'] = round(float(np.median(cpu['fetched'] / cpu['none'])), 4)
   print(f'decode_ratio (wall time with the block / without, median of pairs): {result["decode_ratio"]:.3f}; '
         f'CPU time: {result["decode_cpu_ratio"]:.3f}')
-  result.update(dtype=args.dtype)
-  result.update(decode_layers=decode['layers'], bank_gb=round(bank_bytes / 1e9, 2), written_gb=round(written / 1e9, 2),
-                path_mb=round(path_bytes / 1e6, 1), samples=samples, page_cache='evicted per file (fadvise)')
+  result.update(dtype=args.dtype, decode_layers=decode['layers'], bank_gb=round(bank_bytes / 1e9, 2), samples=samples,
+                page_cache='evicted per file (fadvise)')
   print(json.dumps(result))
 
 

@@ -107,10 +107,12 @@ def test_sampling_top_p_and_seed():
 
 
 def test_sampled_generation_draws_the_same_alone_or_in_a_batch(make_config):
-  """A prompt's draws depend on its seed and its index among the prompts, not on the batch."""
+  """A prompt's draws depend on its seed alone: not on its row, nor on the other prompts
+  (it drew with its index among them, so a prompt second in a batch drew otherwise alone)."""
   cfg, model, _, prompts = _setup(make_config, 'none')
   kw = dict(eot_id=-1, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5)
   batch = generate(model, prompts[:2], None, **kw)
-  alone = generate(model, prompts[:1], None, **kw)
-  np.testing.assert_array_equal(batch[0], alone[0])
+  for i in range(2):
+    np.testing.assert_array_equal(batch[i], generate(model, prompts[i:i + 1], None, **kw)[0])
+  np.testing.assert_array_equal(generate(model, prompts[1::-1], None, **kw)[0], batch[1])  # rows swapped
   assert len(batch[0]) == 6 and not np.array_equal(batch[0], generate(model, prompts[:1], None, **{**kw, 'seed': 6})[0])

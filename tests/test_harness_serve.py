@@ -7,63 +7,32 @@ routes by the whole prompt there, by the context in the harness model)."""
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
+import shutil
 
 import lm_eval
 import numpy as np
 import pytest
 from conftest import WIKI
+from serving import randomize_bank, running
 
-from hmem.bundle.export import export
 from hmem.infer import table
-
-pytestmark = pytest.mark.slow  # an `hmem serve` process end to end
+from hmem.infer.server import CompletionServer
+from hmem.infer.source import open_source
 
 NAME = 'tiny'
 MAX_LENGTH = 32  # tokens the model reads: rolling documents span several windows
-TIMEOUT = 120  # seconds: a hang guard, never a timing assertion
-
-
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    return sock.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
-def served(memory_run, tmp_path_factory):
-  """(bundle, base URL) of `hmem serve` in a subprocess."""
-  root = tmp_path_factory.mktemp('agree')
-  bundle = root / 'bundle'
-  export(str(memory_run[3]), str(bundle), dtype='float32', progress=False)
-  port = _free_port()
-  proc = subprocess.Popen([sys.executable, '-m', 'hmem.cli', 'serve', '--bundle', str(bundle), '--port', str(port),
-                           '--name', NAME, '--slots', '4'], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  url = f'http://127.0.0.1:{port}'
-  deadline = time.monotonic() + TIMEOUT
-  while True:
-    try:
-      urllib.request.urlopen(f'{url}/health', timeout=5)
-      break
-    except (urllib.error.URLError, ConnectionError):
-      assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
-      time.sleep(0.2)
-  try:
-    urllib.request.urlopen(f'{url}/tokenizer_info', timeout=TIMEOUT)
-  except urllib.error.HTTPError as e:
-    if e.code == 404:  # this branch predates issue 25's serving endpoints; the merge with it runs this test
-      proc.terminate()
-      proc.wait(TIMEOUT)
-      pytest.skip('hmem serve has no /tokenizer_info yet (issue 25: logprobs, echo, token-id prompts)')
-    raise
-  yield bundle, url
-  proc.terminate()
-  assert proc.wait(TIMEOUT) == 0
+def served(memory_bundle, tmp_path_factory):
+  """(bundle, base URL) of `hmem serve`'s app on a thread, over a copy of the shared bundle
+  with random bank rows (the memory modes must differ to mean something)."""
+  bundle = tmp_path_factory.mktemp('agree') / 'bundle'
+  shutil.copytree(memory_bundle, bundle)
+  randomize_bank(bundle)
+  server = CompletionServer(open_source(bundle=str(bundle)), name=NAME, slots=4)
+  with running(server) as (_, _, url):
+    yield bundle, url
 
 
 @pytest.fixture(scope='module')

@@ -217,7 +217,9 @@ def test_dropping_a_subtree_scores_its_texts_as_without_memory(bundles, tmp_path
     for name, a in rows.items():
       np.testing.assert_array_equal(a, before[table][name])
   assert [e['op'] for e in restored.manifest['edits']] == ['drop', 'replace']
-  assert sorted(os.listdir(edited / 'bank' / 'level1')) == ['ffn_down.v2', 'ffn_gate.v2', 'ffn_up.v2']
+  # Each array's current version and the one it replaced (a server may still read that one).
+  assert sorted(os.listdir(edited / 'bank' / 'level1')) == [f'{name}.v{v}' for name in ('ffn_down', 'ffn_gate',
+                                                                                        'ffn_up') for v in (1, 2)]
 
 
 _KILL_AT_COMMIT = """
@@ -254,7 +256,9 @@ def test_an_edit_killed_midway_leaves_a_readable_bundle(bundles, tmp_path, repo,
         assert not a[in_subtree].any()
         np.testing.assert_array_equal(a[~in_subtree], before[table][name][~in_subtree])
   assert main(['bank', 'drop', '--bundle', str(edited), '--node', '1:3']) == 0  # and it edits on
-  assert len(os.listdir(edited / 'bank' / 'level1')) == 3  # leftovers cleaned
+  kept = (0, 1) if when == 'before' else (1, 2)  # the abandoned v1, or the stale v0, removed; the replaced one kept
+  assert sorted(os.listdir(edited / 'bank' / 'level1')) == [f'{name}.v{v}' for name in ('ffn_down', 'ffn_gate',
+                                                                                        'ffn_up') for v in kept]
 
 
 def _damaged(bundles, tmp_path, name='f32'):
@@ -296,11 +300,14 @@ def test_bad_bundles_are_refused_on_open(bundles, tmp_path):
   with pytest.raises(BundleError, match='tree.npz fails its sha256 checksum'):
     open_source(bundle=str(damaged))
   shutil.copyfile(bundles / 'f32' / 'tree.npz', damaged / 'tree.npz')
-  _rewrite_manifest(damaged, lambda m: m.update(version=2))
-  with pytest.raises(BundleError, match='bundle format version 2, but this hmem reads version 1'):
+  _rewrite_manifest(damaged, lambda m: m.update(version=3))
+  with pytest.raises(BundleError, match='bundle format version 3, but this hmem reads version 2'):
     open_source(bundle=str(damaged))
-  _rewrite_manifest(damaged, lambda m: m.update(version=1))
-  open_source(bundle=str(damaged))  # whole again
+  _rewrite_manifest(damaged, lambda m: m.update(version=1, dtype='int8'))
+  with pytest.raises(BundleError, match='bundle format version 1 with an int8 bank'):
+    open_source(bundle=str(damaged))
+  _rewrite_manifest(damaged, lambda m: m.update(version=1, dtype='float32'))
+  open_source(bundle=str(damaged))  # whole again: version 1 differs only in int8 banks
   # A tokenizer that is not the run's, even with the checksum list made to match it.
   Tokenizer.train(list(TEXTS), 300).save(str(damaged / 'tokenizer.json'))
   digest = hashlib.sha256((damaged / 'tokenizer.json').read_bytes()).hexdigest()
@@ -409,7 +416,8 @@ def test_bank_edits_on_an_object_store(bundles, gcs):
       assert not a[dropped].any()
       np.testing.assert_array_equal(a[~dropped], before[table][name][~dropped])
   level1 = gcs / 'bucket' / 'b' / 'bank' / 'level1'
-  assert sorted(p.name for p in level1.iterdir()) == ['ffn_down.v1', 'ffn_gate.v1', 'ffn_up.v1']  # old removed
+  assert sorted(p.name for p in level1.iterdir()) == [f'{name}.v{v}' for name in ('ffn_down', 'ffn_gate', 'ffn_up')
+                                                       for v in (0, 1)]  # the replaced version stays one edit
   assert after.manifest['bank']['level1/ffn_up']['path'] == 'bank/level1/ffn_up.v1'
   # The unchanged rows were copied, the dropped ones written anew (zeros, still stored).
   assert len(list((level1 / 'ffn_up.v1' / 'c').iterdir())) == 4
@@ -487,4 +495,5 @@ def test_concurrent_edits_wait_for_each_other_and_both_land(bundles, tmp_path, r
     for name, x in rows.items():
       assert not x[dropped].any()
       np.testing.assert_array_equal(x[~dropped], before[table][name][~dropped])
-  assert sorted(os.listdir(edited / 'bank' / 'level1')) == ['ffn_down.v2', 'ffn_gate.v2', 'ffn_up.v2']
+  assert sorted(os.listdir(edited / 'bank' / 'level1')) == [f'{name}.v{v}' for name in ('ffn_down', 'ffn_gate',
+                                                                                        'ffn_up') for v in (1, 2)]

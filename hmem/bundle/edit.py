@@ -12,8 +12,10 @@ unchanged chunks are hard links to the current version's (copies where links are
 possible, and on an object store), so on a local disk the edit costs the rows it changes.
 The manifest is the commit point: it is replaced whole (a rename on a local disk, one
 object write on an object store); until then readers see the old version whole, after it
-the new one. Old and abandoned versions are removed after the commit and at the start of
-the next edit.
+the new one. The version an edit replaces stays until the next edit of that array, so a
+reader that opened it before the commit (a server: hmem.bundle.live) can still finish its
+reads and move to the new manifest; older and abandoned versions are removed after each
+commit and at the start of each edit.
 
 Concurrency: on a local disk an edit holds an exclusive lock (`flock` on BUNDLE/.edit.lock,
 released by the kernel if the process dies, so a crash leaves no stale lock); a second edit
@@ -101,10 +103,14 @@ def _new_version(root: epath.Path, meta: dict, path: str, keep_R: np.ndarray) ->
     raise BundleError(f'bundle {root}: {e.filename or e} is missing (a damaged bundle); export it again') from None
 
 
-def _remove_unreferenced(root: epath.Path, manifest: dict) -> None:
-  live = {meta['path'] for meta in manifest['bank'].values()}
+def _remove_stale(root: epath.Path, manifest: dict) -> None:
+  """Removes every array version but the manifest's and the ones they replaced."""
+  keep = set()
+  for meta in manifest['bank'].values():
+    base, version = meta['path'].rsplit('.v', 1)
+    keep |= {meta['path'], f'{base}.v{int(version) - 1}'}
   for path in root.glob('bank/*/*.v*'):
-    if f'bank/{path.parent.name}/{path.name}' not in live:
+    if f'bank/{path.parent.name}/{path.name}' not in keep:
       path.rmtree(missing_ok=True)
 
 
@@ -142,7 +148,7 @@ def _edit_locked(root: epath.Path, nodes, record: dict, new_rows) -> dict:
     raise BundleError(f'bundle {root} has an {manifest["dtype"]} bank (rows share per-row scales): edit a '
                       'bfloat16 or float32 export of the run instead')
   bundle.verify(root, manifest)
-  _remove_unreferenced(root, manifest)  # left by an edit that crashed
+  _remove_stale(root, manifest)  # and versions left by an edit that crashed
   k, depth = manifest['k'], manifest['depth']
   if not nodes:
     raise BundleError('give at least one --node LEVEL:ID')
@@ -180,5 +186,5 @@ def _edit_locked(root: epath.Path, nodes, record: dict, new_rows) -> dict:
   new['files'] = dict(sorted(new['files'].items()))
   new.setdefault('edits', []).append({**record, 'nodes': [f'{level}:{node}' for level, node in nodes]})
   bundle.write_json(root / bundle.MANIFEST, new)  # the commit point
-  _remove_unreferenced(root, new)
+  _remove_stale(root, new)
   return new

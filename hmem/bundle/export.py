@@ -22,6 +22,7 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from hmem import sizes
+from hmem.bundle import int8
 from hmem.bundle.format import (
   ANCHOR,
   ANCHOR_DTYPE,
@@ -35,7 +36,6 @@ from hmem.bundle.format import (
   open_array,
   present_rows,
   read_manifest,
-  scale_path,
   true_runs,
   write_json,
   write_rows,
@@ -63,15 +63,6 @@ def _save_router(router: Router, out: epath.Path, data_path: str) -> None:
     for name in ('model.safetensors', 'tokenizer.json', 'config.json'):
       copy(as_path(embedder.directory) / name, out / 'minilm' / name)
     write_config(str(out), {**json.loads((out / CONFIG_FILE).read_text()), 'path': 'minilm'})
-
-
-def quantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """fp32 rows [R, layers_m, width, features] -> (int8 rows, float32 scales [R, layers_m, width, 1]):
-  symmetric, one scale per row, layer and unit (the unit's feature vector: the output
-  feature of gate/up, LoRA A and KV keys), so one large unit does not coarsen the others."""
-  scale = np.abs(rows).max(axis=-1, keepdims=True) / 127
-  q = np.divide(rows, scale, out=np.zeros_like(rows), where=scale > 0)
-  return np.rint(q).astype(np.int8), scale.astype(np.float32)
 
 
 def row_ranges(lo: int, hi: int, per_range: int) -> list[tuple[int, int]]:
@@ -134,33 +125,28 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
     arrays, meta = {}, {}
     for table, named in (stored.shapes if stored else {}).items():
       for name, shape in named.items():
-        arrays[table, name] = (array_path(table, name), *((scale_path(table, name),) if dtype == 'int8' else ()))
+        arrays[table, name] = array_path(table, name)
+        stored_shape = int8.stored_shape(shape) if dtype == 'int8' else list(shape)
         meta[f'{table}/{name}'] = {
-            'path': arrays[table, name][0], 'shape': list(shape), 'dtype': dtype, 'chunk_shape': [1, *shape[1:]],
+            'path': arrays[table, name], 'shape': list(shape), 'dtype': dtype, 'chunk_shape': [1, *stored_shape[1:]],
             'codecs': ['bytes', 'crc32c'], 'rows_present': int(present_rows(k, depth, table, shape[0], subtrees).sum()),
-            **({'scale': {'path': arrays[table, name][1], 'shape': [*shape[:-1], 1], 'dtype': 'float32'}}
-               if dtype == 'int8' else {})}
+            **({'stored_shape': stored_shape} if dtype == 'int8' else {})}
     if jax.process_index() == 0:
       tmp.mkdir(parents=True)
       np_dtype = np.dtype(jax.numpy.dtype(anchor_dtype))
       flat = traverse_util.flatten_dict(jax.tree.map(lambda a: np.asarray(a).astype(np_dtype), params), sep='/')
       (tmp / ANCHOR).write_bytes(safetensors.numpy.save(flat, metadata={'format': FORMAT}))
       _save_router(router, tmp, cfg.data.path)
-      for key, m in meta.items():
-        create_array(tmp, m['path'], m['shape'], dtype)
-        if 'scale' in m:
-          create_array(tmp, m['scale']['path'], m['scale']['shape'], 'float32')
+      for m in meta.values():
+        create_array(tmp, m['path'], m.get('stored_shape', m['shape']), dtype)
     _sync('hmem-export-created')
-    opened = {key: tuple(open_array(tmp, path) for path in paths) for key, paths in arrays.items()}
+    opened = {key: open_array(tmp, path) for key, path in arrays.items()}
     total = sum(stored.row_bytes(t) * (b - a) for t, a, b in mine)
     with tqdm(total=total, unit='B', unit_scale=True, desc='export bank', disable=not progress) as bar:
       for table, lo, hi in mine:
         for name, rows in stored.rows(table, slice(lo, hi)).items():
-          if dtype == 'int8':
-            for array, part in zip(opened[table, name], quantize(rows)):
-              write_rows(array, lo, part)
-          else:
-            write_rows(opened[table, name][0], lo, rows.astype(jax.numpy.dtype(dtype)))
+          write_rows(opened[table, name], lo, int8.quantize(rows) if dtype == 'int8' else
+                     rows.astype(jax.numpy.dtype(dtype)))
         bar.update(stored.row_bytes(table) * (hi - lo))
     _sync('hmem-export-written')
     manifest = None

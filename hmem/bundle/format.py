@@ -8,8 +8,8 @@ A bundle holds everything a trained model needs at inference, in one directory
   anchor.safetensors  the anchor parameters, named by their paths ('blocks/attn/q/kernel')
   tokenizer.json, embedder.json (+ the embedder's files), tree.npz   the router's files
   bank/{table}/{name}.v{N}/   one zarr v3 array per table and named array, one chunk per
-                      row (tree node), each chunk checksummed (crc32c); an int8 bundle adds
-                      bank/{table}/{name}.scale/ (float32, a scale per row, layer and unit)
+                      row (tree node), each chunk checksummed (crc32c); an int8 bundle
+                      stores each unit's float32 scale after its values (hmem.bundle.int8)
 
 Nothing in a bundle executes on load: JSON, safetensors, zarr chunks and
 np.load(allow_pickle=False). A partial bundle (`subtrees`) holds every level-1 row, the
@@ -32,7 +32,10 @@ from hmem.bundle.reader import kvstore
 from hmem.errors import BundleError
 from hmem.files import as_path, atomic_write, sha256
 
-FORMAT, VERSION = 'hmem-bundle', 1
+FORMAT, VERSION = 'hmem-bundle', 2
+# Version 1 differs only in int8 banks (scales in arrays of their own): its bfloat16 and
+# float32 bundles are read as they are, its int8 ones refused.
+READABLE = (1, 2)
 MANIFEST, ANCHOR = 'manifest.json', 'anchor.safetensors'
 DTYPES = ('bfloat16', 'float32', 'int8')
 ANCHOR_DTYPE = {'int8': 'bfloat16'}  # the anchor's dtype in a bundle of a quantized bank (else the bank's)
@@ -41,11 +44,6 @@ _SLAB_BYTES = 64 << 20  # rows written per tensorstore call (and progress-bar st
 
 def array_path(table: str, name: str, version: int = 0) -> str:
   return f'bank/{table}/{name}.v{version}'
-
-
-def scale_path(table: str, name: str) -> str:
-  """An int8 array's scales (never edited: `hmem bank` refuses int8 bundles)."""
-  return f'bank/{table}/{name}.scale'
 
 
 def present_rows(k: int, depth: int, table: str, rows: int, subtrees: list[int]) -> np.ndarray:
@@ -129,9 +127,11 @@ def read_manifest(root: str | os.PathLike) -> dict:
     raise BundleError(f'{path} is not valid JSON ({e}); the bundle is damaged: export it again') from None
   if manifest.get('format') != FORMAT:
     raise BundleError(f'{path}: format {manifest.get("format")!r} is not {FORMAT!r}; not an hmem bundle')
-  if manifest.get('version') != VERSION:
-    raise BundleError(f'{path}: bundle format version {manifest.get("version")!r}, but this hmem reads version '
-                      f'{VERSION}; export the run again with this version')
+  version = manifest.get('version')
+  if version not in READABLE or (version == 1 and manifest.get('dtype') == 'int8'):
+    what = f'bundle format version {version!r}' + (' with an int8 bank' if version == 1 else '')
+    raise BundleError(f'{path}: {what}, but this hmem reads version {VERSION} (and version 1 without int8); '
+                      'export the run again with this version')
   return manifest
 
 

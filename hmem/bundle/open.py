@@ -80,6 +80,16 @@ def _load_params(root: epath.Path, cfg, dtype: str):
                                                  for n, a in flat.items()})
 
 
+def bank_reader(root: str, manifest: dict, cache_bytes: int = 256 << 20) -> Reader | None:
+  """A Reader of the bank arrays `manifest` names (None for a bundle without memory)."""
+  arrays, present = {}, {}
+  for key, meta in manifest['bank'].items():
+    table, name = key.split('/')
+    arrays.setdefault(table, {})[name] = meta['path']
+    present[table] = present_rows(manifest['k'], manifest['depth'], table, meta['shape'][0], manifest['subtrees'])
+  return Reader(root, arrays, present, cache_bytes) if arrays else None
+
+
 def open_bundle(root: str | os.PathLike, *, check: bool = True, cache_bytes: int = 256 << 20) -> Bundle:
   """A bundle's parts, opened; `check` verifies every file's checksum first."""
   root = as_path(root)
@@ -94,16 +104,9 @@ def open_bundle(root: str | os.PathLike, *, check: bool = True, cache_bytes: int
   router = Router.load(root, present=subtrees if len(subtrees) < k else None)
   check_router(router, cfg, str(root))
   graphdef, params = _load_params(root, cfg, manifest.get('anchor_dtype', manifest['dtype']))
-  arrays, scales, present = {}, {}, {}
-  for key, meta in manifest['bank'].items():
-    table, name = key.split('/')
-    arrays.setdefault(table, {})[name] = meta['path']
-    if 'scale' in meta:
-      scales.setdefault(table, {})[name] = meta['scale']['path']
-    present[table] = present_rows(k, manifest['depth'], table, meta['shape'][0], subtrees)
   expected = {f'{t}/{name}': list(shape) for t, named in memory_spec(cfg).bank_shapes.items()
               for name, shape in named.items()}
   if {key: meta['shape'] for key, meta in manifest['bank'].items()} != expected:
     raise BundleError(f'bundle {root}: its bank arrays {sorted(manifest["bank"])} do not match the run config')
-  reader = Reader(str(root), arrays, present, cache_bytes, scales=scales) if arrays else None
+  reader = bank_reader(str(root), manifest, cache_bytes)
   return Bundle(str(root), manifest, cfg, graphdef, params, router, reader, manifest['step'])

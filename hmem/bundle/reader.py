@@ -6,8 +6,9 @@ cached whole ({name: array} per (table, row)) in a least-recently-used cache bou
 bytes: the top levels (few, often shared rows) stay warm, deep rows come and go.
 tensorstore's own cache is off, so `reads` counts exactly the rows fetched from storage
 (tests use it to prove a blocked node is never read). The cache and the counts live in
-`RowCache`; `Reader` fetches from a bundle (dequantizing an int8 bank's rows with their
-scales), `hmem.bundle.stored.StoredRows` from a run's checkpoint.
+`RowCache`; `Reader` fetches from a bundle (rows as stored: an int8 bank's packed values
+and scales, dequantized later on the device by hmem.bundle.int8.unpack),
+`hmem.bundle.stored.StoredRows` from a run's checkpoint.
 
 The arrays are opened through tensorstore kvstore specs relative to the bundle's root, so
 any tensorstore kvstore works (a local directory, gs://, s3://, ...). Every chunk carries a
@@ -21,7 +22,6 @@ import collections
 import re
 import threading
 
-import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
@@ -102,23 +102,24 @@ class RowCache:
       self._cache.clear()
       self._cached_bytes = 0
 
-
-def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-  """int8 rows and their scales (hmem.bundle.export.quantize) -> bfloat16 rows."""
-  return (q.astype(np.float32) * scale).astype(ml_dtypes.bfloat16)
+  def adopt(self, other: RowCache, tables) -> None:
+    """Takes over `other`'s cached rows of `tables` (e.g. those an edit left unchanged)."""
+    with other._lock:
+      rows = [(key, value) for key, value in other._cache.items() if key[0] in tables]
+    with self._lock:
+      for key, value in rows:
+        self._insert(key, value)
 
 
 class Reader(RowCache):
-  """Rows of a bundle's bank. `arrays`: {table: {name: array path under root}};
-  `present`: {table: bool [rows]} which rows a (partial) bundle holds; `scales`: for an
-  int8 bundle, {table: {name: path of the array's scales}}, applied on fetch."""
+  """Rows of a bundle's bank, as stored. `arrays`: {table: {name: array path under root}};
+  `present`: {table: bool [rows]} which rows a (partial) bundle holds."""
 
   def __init__(self, root: str, arrays: dict[str, dict[str, str]], present: dict[str, np.ndarray],
-               cache_bytes: int = 256 << 20, scales: dict[str, dict[str, str]] | None = None):
+               cache_bytes: int = 256 << 20):
     super().__init__(root, {t: list(names) for t, names in arrays.items()}, present, cache_bytes)
     context = ts.Context({'cache_pool': {'total_bytes_limit': 0}})
     paths = {(t, name): path for t, names in arrays.items() for name, path in names.items()}
-    paths.update({(t, name, 'scale'): path for t, names in (scales or {}).items() for name, path in names.items()})
     futures = {key: (path, ts.open({'driver': 'zarr3', 'kvstore': kvstore(root, path),
                                     'fill_missing_data_reads': False}, read=True, context=context))
                for key, path in paths.items()}
@@ -128,18 +129,15 @@ class Reader(RowCache):
         self._arrays[key] = future.result()
       except (ValueError, RuntimeError, OSError) as e:
         raise BundleError(f'bundle {root}: bank array {path} cannot be opened ({e}); export the bundle again') from None
-    self.quantized = bool(scales)
 
   def _fetch(self, keys):
-    parts = ('', 'scale') if self.quantized else ('',)
-    pending = {(table, row, name, part): self._arrays[(table, name, part) if part else (table, name)][row].read()
-               for table, row in keys for name in self.names[table] for part in parts}
+    pending = {(table, row, name): self._arrays[table, name][row].read()
+               for table, row in keys for name in self.names[table]}
     got = {}
-    for (table, row, name, part), future in pending.items():
+    for (table, row, name), future in pending.items():
       try:
-        got[table, row, name, part] = future.result()
+        got[table, row, name] = future.result()
       except (ValueError, RuntimeError, OSError) as e:
         raise BundleError(f'bundle {self.root}: row {row} of bank array {table}/{name} cannot be read ({e}); '
                           'the bundle is damaged: export it again') from None
-    row = lambda t, r, n: dequantize(got[t, r, n, ''], got[t, r, n, 'scale']) if self.quantized else got[t, r, n, '']
-    return {(t, r): {n: row(t, r, n) for n in self.names[t]} for t, r in keys}
+    return {(t, r): {n: got[t, r, n] for n in self.names[t]} for t, r in keys}

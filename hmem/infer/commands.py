@@ -88,7 +88,9 @@ def _serve(args, cfg):
     raise UserError(f'hmem serve needs the serve extra ({e}); install it with pip install "hmem[serve]"') from None
   source, _ = _open(args)
   name = args.name or os.path.basename(str(args.bundle or args.workdir).rstrip('/'))
-  serve(source, host=args.host, port=args.port, name=name, slots=args.slots)
+  serve(source, host=args.host, port=args.port, name=name, shutdown_timeout=args.shutdown_timeout, slots=args.slots,
+        max_prompts=args.max_prompts, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+        readers=args.readers)
 
 
 def _source_args(p, routing: bool = True) -> None:
@@ -144,5 +146,12 @@ def register(sub) -> None:
   _source_args(p, routing=False)
   p.add_argument('--host', default='127.0.0.1', help='address to listen on (0.0.0.0: every interface)')
   p.add_argument('--port', type=int, default=8000)
-  p.add_argument('--slots', type=int, default=16, help='sequences decoded together (the batch of the decode step)')
-  p.add_argument('--name', default='', help='the model id clients ask for (default: the bundle or run directory name)')
+  p.add_argument('--slots', type=int, default=16, help='sequences decoded together (the most a decode step holds)')
+  p.add_argument('--name', default='', help='the model id clients ask for (default: the bundle or run directory '
+                 'name; NAME:generic and NAME:none select those memory modes)')
+  p.add_argument('--max-prompts', type=int, default=64, help='prompts in one request (more: 400)')
+  p.add_argument('--max-queue', type=int, default=256, help='prompts waiting for a slot (more: 429, Retry-After)')
+  p.add_argument('--max-body-bytes', type=int, default=4 << 20, help='request body size (more: 413)')
+  p.add_argument('--readers', type=int, default=4, help="threads reading queued requests' memory rows")
+  p.add_argument('--shutdown-timeout', type=float, default=30.0,
+                 help='on SIGTERM, seconds the requests in flight get to finish before they are ended')

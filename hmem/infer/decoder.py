@@ -25,8 +25,10 @@ from tqdm import tqdm
 
 from hmem.data.inputs import skip_reason
 from hmem.errors import DataError, UserError
+from hmem.infer.source import device_memory
 
 BUCKET = 32  # prompt and cache lengths are multiples of this
+MAX_TEMPERATURE = 2.0  # OpenAI's bound: hotter draws are noise
 _REASONS = {'empty': 'it is empty or blank', 'invalid_unicode': 'it holds bytes that are not UTF-8 or a lone surrogate'}
 
 
@@ -59,27 +61,35 @@ def sample(logits_BxV: jax.Array, key_B: jax.Array, temperature_B: jax.Array, to
 @flax.struct.dataclass
 class Sampling:
   """Each row's sampling settings. Row b's t-th new token is drawn with the key
-  fold_in(fold_in(key(seed[b]), prompt[b]), t): `prompt` is the row's index among the
-  prompts of its call, so a prompt sampled alone, in a batch or by the server draws the same."""
+  fold_in(key(seed[b]), t): the draw depends on the seed and the token's position alone, not
+  on the row or the other prompts, so a prompt draws the same tokens alone, in any batch,
+  through `hmem generate`, the harness or the server. (Prompts given one seed share their
+  random stream, as in vLLM; the server gives each prompt of an unseeded request its own.)"""
 
   seed: jax.Array         # [B] uint32
-  prompt: jax.Array       # [B] int32
   temperature: jax.Array  # [B] float32
   top_p: jax.Array        # [B] float32
 
   @classmethod
-  def rows(cls, seed, prompt, temperature, top_p) -> Sampling:
-    return cls(np.asarray(seed, np.uint32), np.asarray(prompt, np.int32), np.asarray(temperature, np.float32),
-               np.asarray(top_p, np.float32))
+  def rows(cls, seed, temperature, top_p) -> Sampling:
+    return cls(np.asarray(seed, np.uint32), np.asarray(temperature, np.float32), np.asarray(top_p, np.float32))
 
   def keys(self, count_B: jax.Array) -> jax.Array:
-    fold = lambda s, p, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), p), t)
-    return jax.vmap(fold)(self.seed, self.prompt, count_B)
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(self.seed, count_B)
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
-  if not temperature >= 0 or not 0 < top_p <= 1:
-    raise UserError(f'temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1')
+  if not 0 <= temperature <= MAX_TEMPERATURE or not 0 < top_p <= 1:
+    raise UserError(f'temperature={temperature}, top_p={top_p}: need 0 <= temperature <= {MAX_TEMPERATURE} and '
+                    '0 < top_p <= 1')
+
+
+def logprobs(logits_BxV: jax.Array, token_B: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(log-probability of token_B [B], the top_k token ids [B, top_k], their log-probabilities):
+  the model's own distribution, before temperature and top_p."""
+  logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+  top_BxK, top_ids_BxK = jax.lax.top_k(logp_BxV, top_k)
+  return jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0], top_ids_BxK, top_BxK
 
 
 @functools.partial(jax.jit, static_argnames='graphdef', donate_argnames='cache')
@@ -88,28 +98,52 @@ def _prefill(graphdef, params, tokens_BxT, segment_ids_BxT, memory, cache):
   return logits_BxTxV[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'eot_id'), donate_argnames='cache')
-def step(graphdef, params, logits_BxV, memory, cache, done_B, sampling: Sampling, count_B, *, eot_id):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'eot_id', 'top_k', 'rows'),
+                   donate_argnames=('logits_BxV', 'cache'))
+def step(graphdef, params, logits_BxV, memory, cache, done_R, sampling: Sampling, count_R, *, eot_id, top_k=0,
+         rows=None):
   """One decode step of a batch: samples each row's next token from `logits` (rows already
-  `done` get EOT) and runs it through the model. `count_B`: tokens each row has made so
-  far. Returns (token_B, done_B, next logits, cache). `hmem generate` and the server's
-  continuous batching both decode with it."""
-  token_B = jnp.where(done_B, eot_id, sample(logits_BxV, sampling.keys(count_B), sampling.temperature,
+  `done` get EOT) and runs it through the model. `count_R`: tokens each row has made so
+  far. `rows`: step only the first `rows` rows of the buffers (the server sizes its step to
+  the requests in flight), the others kept as they are; `done_R`, `sampling` and `count_R`
+  cover those rows. Returns (token_R, done_R, next logits, cache, and with top_k > 0 the
+  tokens' `logprobs`, else None). `hmem generate` and the server's continuous batching both
+  decode with it."""
+  B = logits_BxV.shape[0]
+  R = B if rows is None else rows
+  head = (lambda a: a) if R == B else (lambda a: a[:R])
+  logits_RxV = head(logits_BxV)
+  token_R = jnp.where(done_R, eot_id, sample(logits_RxV, sampling.keys(count_R), sampling.temperature,
                                              sampling.top_p))
-  done_B = done_B | (token_B == eot_id)
-  logits_Bx1xV, cache = nnx.merge(graphdef, params)(token_B[:, None], jnp.ones_like(token_B)[:, None], memory, cache)
-  return token_B, done_B, logits_Bx1xV[:, 0], cache
+  scores = logprobs(logits_RxV, token_R, top_k) if top_k else None
+  done_R = done_R | (token_R == eot_id)
+  model = nnx.merge(graphdef, params)
+  logits_Rx1xV, part = model(token_R[:, None], jnp.ones_like(token_R)[:, None], jax.tree.map(head, memory),
+                             cache if R == B else cache.head(R))
+  if R == B:
+    return token_R, done_R, logits_Rx1xV[:, 0], part, scores
+  logits_BxV = jax.lax.dynamic_update_slice_in_dim(logits_BxV, logits_Rx1xV[:, 0], 0, 0)
+  return token_R, done_R, logits_BxV, cache.put_row(0, part), scores
 
 
-@functools.partial(jax.jit, static_argnames='graphdef', donate_argnames=('cache', 'memory', 'logits_BxV'))
-def prefill_row(graphdef, params, tokens_1xP, segment_ids_1xP, row_memory, cache, memory, logits_BxV, b):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'top_k'), donate_argnames=('cache', 'memory', 'logits_BxV'))
+def prefill_row(graphdef, params, tokens_1xP, segment_ids_1xP, row_memory, cache, memory, logits_BxV, b, *,
+                top_k=0):
   """Starts a new sequence in row `b` of a running batch: prefills its (left-padded) prompt
-  in that row alone, and sets the row's memory (from `row_memory`, [1, ...]) and next-token
-  logits. The other rows are untouched, so they go on decoding at the next step."""
-  logits_1xV, row = _prefill(graphdef, params, tokens_1xP, segment_ids_1xP, row_memory, cache.row(b))
+  in that row alone, and sets the row's memory and next-token logits. The other rows are
+  untouched, so they go on decoding at the next step. `row_memory`: [1, ...] as stored
+  (`hmem.infer.source.device_memory` turns it into the compute dtype here, on the device),
+  or None for no memory (the row's memory is zeroed). With top_k > 0 also returns the
+  `logprobs` of each prompt token after the one before it ([P - 1] and [P - 1, top_k])."""
   if memory is not None:
+    dtype = jax.tree.leaves(memory)[0].dtype
+    row_memory = (jax.tree.map(lambda a: jnp.zeros((1, *a.shape[1:]), a.dtype), memory) if row_memory is None
+                  else device_memory(row_memory, dtype))
     memory = jax.tree.map(lambda all_B, one: jax.lax.dynamic_update_slice_in_dim(all_B, one, b, 0), memory, row_memory)
-  return cache.put_row(b, row), memory, jax.lax.dynamic_update_slice_in_dim(logits_BxV, logits_1xV, b, 0)
+  logits_1xPxV, row = nnx.merge(graphdef, params)(tokens_1xP, segment_ids_1xP, row_memory, cache.row(b))
+  scores = logprobs(logits_1xPxV[0, :-1], tokens_1xP[0, 1:], top_k) if top_k else None
+  logits_BxV = jax.lax.dynamic_update_slice_in_dim(logits_BxV, logits_1xPxV[:, -1], b, 0)
+  return cache.put_row(b, row), memory, logits_BxV, scores
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,10 +173,10 @@ def generate(model, prompts: Sequence[Sequence[int]], memory: dict | None = None
   cache = model.init_cache(B, P + round_up(max_new_tokens, BUCKET))
   logits_BxV, cache = _prefill(graphdef, params, tokens_BxP, segment_ids_BxP, memory, cache)
   done_B = jnp.zeros((B,), bool)
-  sampling = Sampling.rows(np.full(B, seed), np.arange(B), np.full(B, temperature), np.full(B, top_p))
+  sampling = Sampling.rows(np.full(B, seed), np.full(B, temperature), np.full(B, top_p))
   out = []
   for i in tqdm(range(max_new_tokens), desc='generate', unit='tok', leave=False, disable=not progress):
-    token_B, done_B, logits_BxV, cache = step(graphdef, params, logits_BxV, memory, cache, done_B, sampling,
+    token_B, done_B, logits_BxV, cache, _ = step(graphdef, params, logits_BxV, memory, cache, done_B, sampling,
                                               np.full(B, i, np.int32), eot_id=int(eot_id))
     out.append(token_B)
     if bool(jnp.all(done_B)):

@@ -62,7 +62,7 @@ class HarnessLM(LM):
   training callback score one source under several modes)."""
 
   def __init__(self, bundle: str | None = None, workdir: str | None = None, step: int | None = None,
-               memory: str | None = None, block: str = '', block_best: bool = False, batch_size=16,
+               memory: str | None = '', block: str = '', block_best: bool = False, batch_size=16,
                max_length: int | None = None, max_gen_toks: int = 256, max_batch_size=None, device=None,
                progress: bool = True, source=None):
     super().__init__()
@@ -70,7 +70,8 @@ class HarnessLM(LM):
     if source is None:
       source = open_source(bundle=bundle, workdir=workdir, step=None if step is None else _as_int('step', step, 0))
     self.source = source
-    memory = memory or ('fetched' if source.has_memory else 'none')
+    # lm-eval's --model_args parser reads the value none as None: memory=none arrives so.
+    memory = 'none' if memory is None else memory or ('fetched' if source.has_memory else 'none')
     if memory not in MODES:
       raise UserError(f'memory={memory!r}; choose one of {", ".join(MODES)}')
     if memory != 'none' and not source.has_memory:

@@ -12,18 +12,20 @@ any leaf's path assembled into the model's `memory` argument.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
+import jax
 import numpy as np
 from flax import nnx
 
+from hmem.bundle import int8
 from hmem.bundle.open import check_router, check_tokenizer, open_bundle
 from hmem.bundle.stored import StoredBank, StoredRows
 from hmem.data.router import TOKENIZER, Router
 from hmem.data.tokenizer import Tokenizer
 from hmem.errors import BundleError
 from hmem.files import as_path
-from hmem.memory import bank as memory_bank
 from hmem.memory.spec import memory_spec
 from hmem.model.transformer import dtype_of
 from hmem.train.params import restore_params
@@ -73,38 +75,52 @@ class MemorySource:
   def has_memory(self) -> bool:
     return bool(self.tables)
 
-  def blocks(self, leaf_B) -> dict:
-    """{table 'levelN': {name: np.ndarray [B, layers_m, width, features]}}: each leaf's path rows."""
+  def blocks(self, leaf_B, rows: BankRows | None = None) -> dict:
+    """{table 'levelN': {name: np.ndarray [B, layers_m, width, features]}}: each leaf's path rows, as
+    stored (`rows`: where to read them; default the source's own)."""
     leaf_B = np.asarray(leaf_B, np.int64)
     leaves = self.spec.leaves
     if leaf_B.size and not (0 <= leaf_B.min() and leaf_B.max() < leaves):
       raise BundleError(f'leaf ids must lie in [0, {leaves}); got {leaf_B.min()}..{leaf_B.max()}')
     unique = {t: np.unique(self.spec.level_ids(leaf_B, t), return_inverse=True)
               for t in self.tables if t != 'generic'}
-    rows = self.rows.read({t: ids_U for t, (ids_U, _) in unique.items()})  # every level at once
-    return {t: {name: a[inverse_B] for name, a in rows[t].items()} for t, (_, inverse_B) in unique.items()}
+    read = (rows or self.rows).read({t: ids_U for t, (ids_U, _) in unique.items()})  # every level at once
+    return {t: {name: a[inverse_B] for name, a in read[t].items()} for t, (_, inverse_B) in unique.items()}
 
-  def generic(self) -> dict | None:
-    """{name: [layers_m, width_total, features]}, or None when the run trained no generic block."""
+  def generic(self, rows: BankRows | None = None) -> dict | None:
+    """{name: [layers_m, width_total, features]} as stored, or None when the run trained no generic block."""
     if 'generic' not in self.tables:
       return None
-    return {name: rows[0] for name, rows in self.rows.read({'generic': np.zeros(1, np.int64)})['generic'].items()}
+    read = (rows or self.rows).read({'generic': np.zeros(1, np.int64)})['generic']
+    return {name: a[0] for name, a in read.items()}
 
-  def memory(self, leaf_B, mode: str) -> dict | None:
-    """The model's `memory` argument for these leaves, in the compute dtype: the fetched path
-    rows, the generic block for every sequence, or None ('none', or a run without memory)."""
+  def host_memory(self, leaf_B, mode: str, rows: BankRows | None = None) -> dict | None:
+    """The model's `memory` for these leaves in host memory, as stored ({name: [B, layers_m,
+    width, features]}; an int8 bundle's packed): the fetched path rows concatenated along the
+    width, the generic block for every sequence, or None ('none', or a run without memory)."""
     if mode not in MODES:
       raise BundleError(f'memory mode {mode!r}; choose one of {", ".join(MODES)}')
     if mode == 'none' or not self.has_memory:
       return None
     if mode == 'fetched':
-      return memory_bank.assemble(self.blocks(leaf_B), None, None, self.dtype)
-    generic = self.generic()
+      blocks = self.blocks(leaf_B, rows)
+      return {name: np.concatenate([blocks[t][name] for t in blocks], axis=2) for name in next(iter(blocks.values()))}
+    generic = self.generic(rows)
     if generic is None:
       raise BundleError('this run trained no generic block (memory.generic_prob=0); use --memory fetched or none')
-    batch = np.shape(leaf_B)[0]
-    tiled = {name: np.broadcast_to(a, (batch, *a.shape)) for name, a in generic.items()}
-    return memory_bank.assemble({'generic': tiled}, None, None, self.dtype)
+    return {name: np.broadcast_to(a, (np.shape(leaf_B)[0], *a.shape)) for name, a in generic.items()}
+
+  def memory(self, leaf_B, mode: str) -> dict | None:
+    """`host_memory` on the device, in the compute dtype."""
+    host = self.host_memory(leaf_B, mode)
+    return None if host is None else device_memory(host, self.dtype)
+
+
+@functools.partial(jax.jit, static_argnames='dtype')
+def device_memory(host: dict, dtype) -> dict:
+  """A memory as stored -> the model's memory in `dtype`; an int8 bank's rows are dequantized
+  here, on the device (traceable: the server's prefill calls it inside its own jit)."""
+  return {name: int8.unpack(a, dtype) if a.dtype == np.int8 else a.astype(dtype) for name, a in host.items()}
 
 
 def run_tokenizer(workdir: str, cfg) -> Tokenizer | None:

@@ -72,8 +72,14 @@ class KVCache:
                    segment_ids=jnp.zeros_like(take(self.segment_ids, 0)), lengths=jnp.zeros((1,), jnp.int32),
                    index=jnp.zeros((1,), jnp.int32))
 
+  def head(self, n: int) -> KVCache:
+    """The first `n` rows, as they are (a decode step over fewer rows than the cache holds;
+    `put_row(0, part)` writes them back)."""
+    return KVCache(keys=self.keys[:, :n], values=self.values[:, :n], segment_ids=self.segment_ids[:n],
+                   lengths=self.lengths[:n], index=self.index[:n])
+
   def put_row(self, b, row: KVCache) -> KVCache:
-    """This cache with row `b` replaced by the one-row cache `row`."""
+    """This cache with rows b, b + 1, ... replaced by those of `row` (a one-row cache, or more)."""
     put = lambda a, new, axis: jax.lax.dynamic_update_slice_in_dim(a, new, b, axis)
     return KVCache(keys=put(self.keys, row.keys, 1), values=put(self.values, row.values, 1),
                    segment_ids=put(self.segment_ids, row.segment_ids, 0), lengths=put(self.lengths, row.lengths, 0),
