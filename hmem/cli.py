@@ -76,6 +76,8 @@ def _cmd_prepare(args, cfg):
   if args.tokenizer:
     from hmem.data.tokenizer import tokenizer_file
     cfg.data.tokenizer = tokenizer_file(args.tokenizer)
+  if args.filter is not None:
+    cfg.data.filter = args.filter
   manifest = prepare(cfg, args.input, args.out, runner=args.runner, workers=args.workers,
                      pipeline_args=args.pipeline_args, progress=not args.no_progress)
   if manifest is not None:
@@ -284,6 +286,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--workers', type=int, default=0, help='direct runner: worker processes (0 = the cores)')
   p.add_argument('--tokenizer', default='', help='tokenizer.json, or a run directory holding one (hmem import); '
                  'sets data.tokenizer')
+  p.add_argument('--filter', default=None, help="keep only the records this expression of their fields holds "
+                 "for, e.g. \"language == 'en' and score >= 0.5\" (sets data.filter)")
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
   p = add('import', _cmd_import, 'convert Llama-family weights (GGUF, Hugging Face) into an anchor run', config=False)
   p.add_argument('--from', dest='source', required=True, help='a .gguf file or a Hugging Face checkpoint directory')
