@@ -353,6 +353,50 @@ def test_missing_input_and_empty_corpus_stop_with_one_message(tmp_path):
     prepare(cfg, str(tmp_path / 'corpus.csv'), str(tmp_path / 'out'))
 
 
+def documents_of(out, manifest):
+  """The texts of every document packed in the dataset (both splits), sorted."""
+  tokenizer, eot = Tokenizer.load(str(out / 'tokenizer.json')), manifest['eot_id']
+  texts = []
+  for split in layout.SPLITS:
+    b = read_split(out, manifest, split)
+    for leaf in np.unique(b['leaf_id']):
+      stream = b['tokens'][b['leaf_id'] == leaf][b['segment_ids'][b['leaf_id'] == leaf] > 0]
+      texts += [tokenizer.decode(d) for d in np.split(stream, np.flatnonzero(stream == eot) + 1)[:-1]]
+  return sorted(t.removesuffix(EOT) for t in texts)
+
+
+def test_a_web_parquet_corpus_prepares_as_is_and_its_filter_counts_as_skips(tmp_path):
+  """The schema web corpora ship (ids, URLs, dates, scores, language beside the text, in row
+  groups), the text column named by data.text_field; data.filter keeps English rows of
+  score >= 0.5, and exactly those are packed."""
+  texts, rng = wiki_texts()[:240], np.random.default_rng(0)
+  language, score = rng.choice(['en', 'de', 'fr'], 240, p=[0.6, 0.2, 0.2]), rng.random(240)
+  (tmp_path / 'web').mkdir()
+  pq.write_table(pa.table({
+      'id': [f'<urn:uuid:{i:08x}>' for i in range(240)], 'content': texts,
+      'url': [f'https://example.org/{i}' for i in range(240)],
+      'date': pa.array(np.datetime64('2024-01-01') + np.arange(240), pa.date32()),
+      'language': language, 'language_score': score, 'token_count': rng.integers(50, 900, 240)}),
+      tmp_path / 'web' / '000_00000.parquet', row_group_size=60)
+  cfg = small_config("data.text_field='content'", "data.filter=\"language == 'en' and language_score >= 0.5\"")
+  m = prepare(cfg, str(tmp_path / 'web'), str(tmp_path / 'out'), progress=False, range_bytes=1 << 14)
+  want = (language == 'en') & (score >= 0.5)
+  assert m['ranges'] == 4 and m['documents_read'] == 240  # a row group a range
+  assert m['skipped'] == {'filtered': int((~want).sum())} and m['documents_kept'] == want.sum()
+  assert documents_of(tmp_path / 'out', m) == sorted(np.array(texts)[want].tolist())
+
+
+def test_a_filter_that_cannot_apply_stops_before_any_work(corpus, tmp_path):
+  out = tmp_path / 'out'
+  with pytest.raises(ConfigError, match='is not an expression'):
+    prepare(small_config("data.filter='lang = 1'"), str(corpus), str(out))
+  with pytest.raises(DataError, match=r'text files have none of \(22 in the input'):
+    prepare(small_config("data.filter='label == 1'"), str(corpus), str(out))
+  with pytest.raises(DataError, match=r"data.filter reads \['label'\], which .*rows.parquet lacks"):
+    prepare(small_config("data.filter='label == 1'"), str(corpus / '*.*'), str(out))
+  assert not out.exists()
+
+
 def test_pack_splits_long_documents_and_pads_only_the_end():
   # Documents of 2, 6, 1 and 1 tokens, each + EOT (0), in sequences of 4; padding is 99.
   tokens, seg = pack(np.arange(1, 11), np.array([2, 6, 1, 1]), 4, eot_id=0, pad_id=99)
