@@ -79,7 +79,8 @@ def _cmd_prepare(args, cfg):
   if args.filter is not None:
     cfg.data.filter = args.filter
   manifest = prepare(cfg, args.input, args.out, runner=args.runner, workers=args.workers,
-                     pipeline_args=args.pipeline_args, progress=not args.no_progress)
+                     pipeline_args=args.pipeline_args, progress=not args.no_progress,
+                     range_bytes=int(args.range_mb * 2**20))
   if manifest is not None:
     print(json.dumps(manifest))
 
@@ -284,6 +285,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--runner', default='direct', help='Beam runner: direct (local processes), dataflow, '
                  'flink, spark, or a runner class; its pipeline options follow a `--` (BUILD.md)')
   p.add_argument('--workers', type=int, default=0, help='direct runner: worker processes (0 = the cores)')
+  p.add_argument('--range-mb', type=float, default=16, help='the unit of work: MB of a JSONL file, or of a Parquet '
+                 "file's row groups (compressed and text files are read whole); the output does not depend on it")
   p.add_argument('--tokenizer', default='', help='tokenizer.json, or a run directory holding one (hmem import); '
                  'sets data.tokenizer')
   p.add_argument('--filter', default=None, help="keep only the records this expression of their fields holds "

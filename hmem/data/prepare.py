@@ -112,6 +112,8 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, *, runner: str = 'direct
     raise DataError(f'data.eval_fraction={d.eval_fraction} must lie in [0, 1)')
   if d.tree_metric not in TREE_METRICS:
     raise ConfigError(f"data.tree_metric={d.tree_metric!r}; use 'l2' or 'cosine'")
+  if range_bytes < 1:
+    raise ConfigError(f'a range of {range_bytes} bytes (--range-mb) cannot hold a record; give at least 1 byte')
   keep = parse_filter(d.filter)
   layout.check_posix(out_dir, '--out')
   layout.check_posix(d.embed_cache, 'data.embed_cache')

@@ -26,7 +26,7 @@ from hmem.data.inputs import Range, file_format, stamp
 from hmem.errors import DataError
 from hmem.files import as_path
 
-RANGE_BYTES = 64 << 20
+RANGE_BYTES = 16 << 20  # ~10k-100k documents: a few ranges a worker even for a 100 MB file
 _COUNT_BLOCK = 16 << 20
 
 
