@@ -7,14 +7,15 @@ Cases (documents of words drawn from one of 64 topics of 80 words):
   many      for each N of --sizes, N short documents (15-40 words) in --files JSONL files
   jsonl     one JSONL file of --jsonl-gb GB of web-length documents (150-450 words)
   parquet   one Parquet file of --parquet-docs short documents in row groups of 20k rows,
-            the text beside the columns of a web corpus (id, url, date, language, score)
+            (2,500 with --quick), the text beside the columns of a web corpus (id, url,
+            date, language, score)
 Each runs `hmem prepare --config configs/quickstart.py --config.memory.k=16
 --config.memory.depth=2` (TF-IDF, 256 leaves) as a subprocess and samples, every 0.2 s, the
 RSS and CPU time of the launcher and of each worker process (psutil). The table gives the
 peak RSS of the launcher and of each worker, each worker's CPU seconds, and the cores busy
 on average (CPU seconds of every process / wall seconds); then one JSON object, last.
---quick: 10k documents in 16 files, a 16 MB JSONL file and 40k Parquet rows, in 4 MB
-ranges (well under a minute on two cores). --repo: run another checkout's hmem (a
+--quick: 10k documents in 16 files, a 4 MB JSONL file and 20k Parquet rows in row groups
+of 2,500, in 1 MB ranges (about a minute on two idle cores). --repo: run another checkout's hmem (a
 baseline) in place of this one (--range-mb is then left out unless given).
 """
 
@@ -68,7 +69,7 @@ def write_jsonl(root: pathlib.Path, size: int) -> None:
       out.writelines(json.dumps({'id': i, 'text': t}) + '\n' for i, t in enumerate(docs.take(1000)))
 
 
-def write_parquet(root: pathlib.Path, n: int, row_group: int = 20_000) -> None:
+def write_parquet(root: pathlib.Path, n: int, row_group: int) -> None:
   docs, rng = Documents(2, (15, 40)), np.random.default_rng(3)
   root.mkdir(parents=True)
   with pq.ParquetWriter(root / 'web.parquet', pa.schema([
@@ -127,18 +128,18 @@ def main():
   args = parser.parse_args()
   cases = args.cases.split(',')
   sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(',')]
-  jsonl_bytes = 16 << 20 if args.quick else int(args.jsonl_gb * 2**30)
-  parquet_docs = 40_000 if args.quick else args.parquet_docs
-  range_mb = args.range_mb or (4 if args.quick else None)
+  jsonl_bytes = 4 << 20 if args.quick else int(args.jsonl_gb * 2**30)
+  parquet_docs, row_group = (20_000, 2_500) if args.quick else (args.parquet_docs, 20_000)
+  range_mb = args.range_mb or (1 if args.quick else None)
   repo = pathlib.Path(args.repo).resolve()
   runs = [('many', n, lambda root, n=n: write_many(root, n, args.files)) for n in sizes if 'many' in cases]
   if 'jsonl' in cases:
     runs.append(('jsonl', jsonl_bytes, lambda root: write_jsonl(root, jsonl_bytes)))
   if 'parquet' in cases:
-    runs.append(('parquet', parquet_docs, lambda root: write_parquet(root, parquet_docs)))
+    runs.append(('parquet', parquet_docs, lambda root: write_parquet(root, parquet_docs, row_group)))
   results = {'machine': f'{os.cpu_count()}-core CPU', 'workers': args.workers, 'files': args.files,
              'repo': str(repo), 'range_mb': range_mb, 'runs': []}
-  print(f'{"case":>8} {"documents":>10} {"input GB":>8} {"ranges":>6} {"seconds":>8} {"docs/s":>8} '
+  print(f'{"case":>8} {"documents":>10} {"input MB":>8} {"ranges":>6} {"seconds":>8} {"docs/s":>8} '
         f'{"launcher GB":>11} {"worker GB":>12} {"worker CPU s":>13} {"cores busy":>10} {"sequences":>10}')
   with tempfile.TemporaryDirectory() as tmp:
     for case, size, write in runs:
@@ -147,7 +148,7 @@ def main():
       input_bytes = sum(p.stat().st_size for p in corpus.iterdir())
       r = run_prepare(corpus, out, args.workers, repo, range_mb)
       m = r.pop('manifest')
-      row = {'case': case, 'documents': m['documents_read'], 'input_gb': round(input_bytes / 2**30, 2),
+      row = {'case': case, 'documents': m['documents_read'], 'input_mb': round(input_bytes / 2**20),
              'ranges': m.get('ranges'), 'seconds': round(r['seconds'], 1),
              'docs_per_s': round(m['documents_read'] / r['seconds']),
              'launcher_rss_gb': round(r['launcher_rss'] / 2**30, 2),
@@ -156,7 +157,7 @@ def main():
              'sequences': m['sequences'], 'tokens': m['tokens'],
              'largest_leaf_documents': m['occupancy'][str(m['depth'])]['largest']}
       results['runs'].append(row)
-      print(f'{case:>8} {row["documents"]:>10,} {row["input_gb"]:>8} {str(row["ranges"]):>6} {row["seconds"]:>8} '
+      print(f'{case:>8} {row["documents"]:>10,} {row["input_mb"]:>8,} {str(row["ranges"]):>6} {row["seconds"]:>8} '
             f'{row["docs_per_s"]:>8,} {row["launcher_rss_gb"]:>11} {"/".join(map(str, row["worker_rss_gb"])):>12} '
             f'{"/".join(map(str, row["worker_cpu_s"])):>13} {row["cores_busy"]:>10} {m["sequences"]:>10,}', flush=True)
       shutil.rmtree(corpus)

@@ -474,7 +474,7 @@ class RouteRange(_Loaded):
         failed['tokenize_error'] += len(embedded) - len(kept)
         if kept:
           rows = np.array([i for i, _ in kept])
-          out.add(route(self.tree, vectors_NxD[rows]), np.array([docs[i].index for i in rows], np.int64),
+          out.add(self.route(vectors_NxD[rows]), np.array([docs[i].index for i in rows], np.int64),
                   [t for _, t in kept])
     for reason, count in failed.items():
       if count:
@@ -482,6 +482,11 @@ class RouteRange(_Loaded):
     yield beam.pvalue.TaggedOutput('failed', dict(failed))
     for leaf, blocks in out.blocks.items():
       yield leaf, (rng.id, rng.file, blocks)
+
+  def route(self, x_NxD: np.ndarray) -> np.ndarray:
+    """Leaves of up to _CHUNK vectors, routed as one padded batch of _CHUNK: one compiled
+    shape, not one per power of two under it (a row's leaf does not depend on the batch)."""
+    return route(self.tree, np.pad(x_NxD, ((0, _CHUNK - len(x_NxD)), (0, 0))))[:len(x_NxD)]
 
 
 class PackLeaf(beam.DoFn):
