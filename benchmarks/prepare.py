@@ -14,9 +14,10 @@ Each runs `hmem prepare --config configs/quickstart.py --config.memory.k=16
 RSS and CPU time of the launcher and of each worker process (psutil). The table gives the
 peak RSS of the launcher and of each worker, each worker's CPU seconds, and the cores busy
 on average (CPU seconds of every process / wall seconds); then one JSON object, last.
---quick: 10k documents in 16 files, a 4 MB JSONL file and 20k Parquet rows in row groups
-of 2,500, in 1 MB ranges (about a minute on two idle cores). --repo: run another checkout's hmem (a
-baseline) in place of this one (--range-mb is then left out unless given).
+--quick: 10k documents in 16 files and a 4 MB JSONL file, in 1 MB ranges (under a minute
+on two idle cores; `--quick --cases parquet`: 20k Parquet rows in row groups of 2,500).
+--repo: run another checkout's hmem (a baseline) in place of this one (--range-mb is then
+left out unless given).
 """
 
 from __future__ import annotations
@@ -41,16 +42,18 @@ _WORDS = np.array([f'w{i}' for i in range(5000)])
 
 
 class Documents:
-  """Texts of `words` (lo, hi) words, each from one of 64 topics; seeded."""
+  """Texts of `words` (lo, hi) words, each text's drawn from one of 64 topics of 80 words; seeded."""
 
   def __init__(self, seed: int, words: tuple[int, int]):
     self.rng, self.words = np.random.default_rng(seed), words
     self.topics_TxW = self.rng.integers(0, len(_WORDS), (64, 80))
 
   def take(self, n: int) -> list[str]:
-    topic_N = self.rng.integers(0, 64, n)
     words_N = self.rng.integers(*self.words, n)
-    return [' '.join(_WORDS[self.rng.choice(self.topics_TxW[t], w)]) for t, w in zip(topic_N, words_N)]
+    topic_W = np.repeat(self.rng.integers(0, 64, n), words_N)
+    words = _WORDS[self.topics_TxW[topic_W, self.rng.integers(0, 80, topic_W.size)]].tolist()
+    ends_N = np.cumsum(words_N).tolist()
+    return [' '.join(words[lo:hi]) for lo, hi in zip([0, *ends_N], ends_N)]
 
 
 def write_many(root: pathlib.Path, n: int, files: int) -> None:
@@ -117,7 +120,7 @@ def run_prepare(corpus: pathlib.Path, out: pathlib.Path, workers: int, repo: pat
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='small corpora of every case')
-  parser.add_argument('--cases', default='many,jsonl,parquet', help='cases to run, comma-separated')
+  parser.add_argument('--cases', default=None, help='cases to run, comma-separated (default: all; --quick: many,jsonl)')
   parser.add_argument('--sizes', default='100000,1000000,3000000', help='many: corpus sizes, comma-separated')
   parser.add_argument('--files', type=int, default=16, help='many: JSONL files a corpus is split into')
   parser.add_argument('--jsonl-gb', type=float, default=2.0, help='jsonl: the file size')
@@ -126,7 +129,7 @@ def main():
   parser.add_argument('--range-mb', type=float, default=None, help="hmem prepare --range-mb (default: its own)")
   parser.add_argument('--repo', default=str(REPO), help='the checkout whose hmem runs')
   args = parser.parse_args()
-  cases = args.cases.split(',')
+  cases = (args.cases or ('many,jsonl' if args.quick else 'many,jsonl,parquet')).split(',')
   sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(',')]
   jsonl_bytes = 4 << 20 if args.quick else int(args.jsonl_gb * 2**30)
   parquet_docs, row_group = (20_000, 2_500) if args.quick else (args.parquet_docs, 20_000)
