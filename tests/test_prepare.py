@@ -255,6 +255,21 @@ def test_tree_is_fit_on_a_uniform_sample_of_training_documents(prepared, corpus,
   assert fitted[1].shape == fitted[0].shape and not np.array_equal(fitted[0], fitted[1])
 
 
+def test_a_streamed_sample_is_the_k_smallest_whatever_the_chunks():
+  """The passes' bounded heaps: fed in chunks of any size, from several files, with tied
+  hashes, they keep exactly the k smallest (hash, file, key) entries."""
+  rng = np.random.default_rng(0)
+  hash_N, key_N = rng.integers(0, 50, 600), np.arange(600)  # many ties: the key decides
+  every = sorted((int(h), f, int(k), f'doc {f}/{k}') for f in (0, 1) for h, k in zip(hash_N, key_N))
+  for k, chunk in [(0, 7), (1, 600), (37, 1), (37, 64), (1200, 100), (2000, 33)]:
+    sample = prepare_lib._Smallest(k)
+    for f in (1, 0):
+      for lo in range(0, 600, chunk):
+        sl = slice(lo, lo + chunk)
+        sample.add(hash_N[sl], f, key_N[sl], [(f'doc {f}/{k}',) for k in key_N[sl].tolist()])
+    assert sorted(sample.items()) == every[:k], (k, chunk)
+
+
 def files_of(root, skip=()):
   """{relative path: bytes} of every file under root, but those under the names in skip."""
   root = pathlib.Path(root)

@@ -270,6 +270,9 @@ class _Smallest:
     self.k, self._heap = k, []  # a max-heap: entries negated
 
   def add(self, hash_N: np.ndarray, file_index: int, key_N: np.ndarray, payloads) -> None:
+    """Entries of one file: their hashes, keys and payloads (tuples)."""
+    if not self.k:
+      return
     rows = np.arange(len(hash_N)) if len(self._heap) < self.k else np.flatnonzero(hash_N <= -self._heap[0][0])
     payloads = list(payloads)
     for row, h, key in zip(rows.tolist(), hash_N[rows].tolist(), key_N[rows].tolist()):
