@@ -60,7 +60,8 @@ def _write_bank(root: str, quick: bool, dtype: str) -> dict:
   import ml_dtypes
   from tqdm import tqdm
 
-  from hmem.infer.bundle import array_path, create_array, present_rows, quantize, scale_path, true_runs, write_rows
+  from hmem.bundle.export import quantize
+  from hmem.bundle.format import array_path, create_array, present_rows, scale_path, true_runs, write_rows
   shapes, subtrees = _bank_shapes(quick)
   meta = {'shapes': {t: {n: list(s) for n, s in named.items()} for t, named in shapes.items()}, 'subtrees': subtrees,
           'dtype': dtype}
@@ -106,8 +107,8 @@ def _evict(root: str, files: list[str]) -> None:
 
 def _measure(root: str, mode: str, samples: int, seed: int) -> list[float]:
   """Latencies (ms) of `samples` random paths; runs in its own process."""
-  from hmem.infer.bundle import array_path, scale_path
-  from hmem.infer.reader import Reader
+  from hmem.bundle.format import array_path, scale_path
+  from hmem.bundle.reader import Reader
   with open(os.path.join(root, 'bank.json')) as f:
     meta = json.load(f)
   tables = [t for t in meta['shapes'] if t != 'generic']

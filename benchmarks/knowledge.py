@@ -39,12 +39,14 @@ import platform
 import sys
 import time
 
+from hmem.bundle.export import export_latest
+from hmem.bundle.format import read_manifest
 from hmem.config import load_config
 from hmem.data.facts import write_facts
 from hmem.data.prepare import prepare
-from hmem.infer.bundle import open_bundle, read_manifest
+from hmem.infer.evaluate import evaluate_cached
 from hmem.infer.source import open_source
-from hmem.quickstart import evaluate_cached, export_latest, latest_step
+from hmem.train.checkpoint import latest_step
 from hmem.train.trainer import train
 
 MODES = ('dense', 'dense_wide', 'fetched', 'generic', 'none', 'blocked')
@@ -98,7 +100,7 @@ def run_n(cfg, root: str, n: int, args) -> dict:
   bundle = os.path.join(d, 'bundle')
   export_latest(runs['memory'], bundle, args.progress)
   lap('export')
-  models = {'memory': (lambda: open_bundle(bundle), read_manifest(bundle)['step'], True)}
+  models = {'memory': (lambda: open_source(bundle=bundle), read_manifest(bundle)['step'], True)}
   for name in (n for n in ('dense', 'dense_wide') if n in configs):
     models[name] = (lambda w=runs[name]: open_source(workdir=w), latest_step(runs[name]), False)
   out = {'entities': n, 'sequences': manifest['sequences'], 'steps_anchor': configs['anchor'].train.steps,

@@ -47,7 +47,7 @@ def fake_gcs(root, monkeypatch):
     fsspec.register_implementation(name, cls, clobber=True)
   epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
 
-  from hmem.infer import bundle, reader, stored
+  from hmem.bundle import export, format, reader, stored
   kvstore = reader.kvstore
 
   def local_kvstore(bundle_root, path):
@@ -56,7 +56,7 @@ def fake_gcs(root, monkeypatch):
       bundle_root = f'{root}/{bundle_root.removeprefix("gs://")}'
     return kvstore(bundle_root, path)
 
-  for module in (reader, bundle, stored):
+  for module in (reader, format, export, stored):
     monkeypatch.setattr(module, 'kvstore', local_kvstore)
   # orbax: its tensorstore kvstore for gs:// onto the directory, and a bucket without
   # hierarchical namespace (asking GCS which would need google-cloud-storage).

@@ -14,8 +14,10 @@ import zstandard
 from test_prepare import prepare, small_config, wiki_texts
 
 from hmem.data import minilm
-from hmem.data.embed import CONFIG_FILE, TfidfEmbedder, load_embedder
+from hmem.data.embed import load_embedder
+from hmem.data.embedder import CONFIG_FILE
 from hmem.data.inputs import ReadStats, list_files, read_documents, stamp
+from hmem.data.tfidf import TfidfEmbedder
 from hmem.data.tokenizer import Tokenizer, tokenizer_file
 from hmem.data.tree import Tree, route
 from hmem.errors import DataError

@@ -11,7 +11,8 @@ import pytest
 
 from hmem.config import default_config
 from hmem.data import minilm
-from hmem.data.embed import EmbeddingCache, TfidfEmbedder, load_embedder, make_embedder
+from hmem.data.embed import EmbeddingCache, load_embedder, make_embedder
+from hmem.data.tfidf import TfidfEmbedder
 from hmem.errors import ConfigError, DataError
 
 # sentence-transformers' vectors for 16 texts (tests/data/README.md says how they were made).

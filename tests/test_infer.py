@@ -21,13 +21,13 @@ import tensorstore as ts
 from flax import nnx
 
 from hmem import sharding, sizes
+from hmem.bundle.export import export
+from hmem.bundle.reader import Reader
 from hmem.cli import main
 from hmem.data import layout
+from hmem.data.router import Router, parse_node
 from hmem.data.tokenizer import Tokenizer
 from hmem.errors import BundleError
-from hmem.infer.bundle import export
-from hmem.infer.reader import Reader
-from hmem.infer.router import Router, parse_node
 from hmem.infer.source import open_source
 from hmem.memory import bank as memory_bank
 from hmem.memory import optimizer as memory_optimizer
@@ -370,7 +370,7 @@ def test_a_bundle_exported_to_an_object_store_is_the_local_one(memory_run, bundl
 
 
 def test_an_export_cut_short_on_an_object_store_is_no_bundle(memory_run, bundles, gcs, monkeypatch, capsys):
-  from hmem.infer import bundle as bundle_module
+  from hmem.bundle import export as bundle_module
   _, _, _, workdir = memory_run
   real = bundle_module.write_json
 
@@ -422,7 +422,7 @@ def test_bank_edits_on_an_object_store(bundles, gcs):
 
 
 def test_bank_arrays_on_an_object_store_use_tensorstore_drivers():
-  from hmem.infer.reader import kvstore
+  from hmem.bundle.reader import kvstore
   for root, driver in (('gs://my-bucket/b', 'gcs'), ('gcs://my-bucket/b/', 'gcs'), ('s3://my-bucket/b', 's3')):
     spec = ts.KvStore.Spec(kvstore(root, 'bank/level1/ffn_up.v0')).to_json()
     assert spec == {'driver': driver, 'bucket': 'my-bucket', 'path': 'b/bank/level1/ffn_up.v0/'}, root
@@ -450,7 +450,7 @@ def test_concurrent_edits_wait_for_each_other_and_both_land(bundles, tmp_path, r
   """Edit A (here, in a thread) is held just before its commit while edit B (another
   process) starts. Without a lock B removed A's new version as abandoned and both wrote
   version 1: one edit was lost."""
-  from hmem.infer import bundle as bundle_module
+  from hmem.bundle import format as bundle_module
   edited = tmp_path / 'edited'
   shutil.copytree(bundles / 'f32', edited)
   paused, go = threading.Event(), threading.Event()

@@ -13,9 +13,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hmem import compile_cache, hlo, plan, sizes
+from hmem import compile_cache, hlo, sizes
 from hmem.config import load_config
 from hmem.errors import ConfigError
+from hmem.plan import plan
 
 
 def test_collectives_in_a_loop_count_once_per_trip():

@@ -16,10 +16,11 @@ import zstandard
 from hmem.config import apply_overrides, default_config
 from hmem.data import layout
 from hmem.data import prepare as prepare_lib
-from hmem.data.embed import TfidfEmbedder, load_embedder
+from hmem.data.embed import load_embedder
 from hmem.data.inputs import ReadStats, list_files, read_documents
 from hmem.data.loader import PreparedSource
 from hmem.data.packing import pack
+from hmem.data.tfidf import TfidfEmbedder
 from hmem.data.tokenizer import EOT, Tokenizer
 from hmem.data.tree import Tree, route
 from hmem.errors import ConfigError, DataError

@@ -13,7 +13,7 @@ from hmem.cli import main
 from hmem.config import load_config
 from hmem.data.prepare import held_out
 from hmem.errors import DataError
-from hmem.quickstart import MODES, SPLITS, _eval_files, quickstart
+from hmem.quickstart.run import MODES, SPLITS, _eval_files, quickstart
 
 TINY = ('model.vocab_size=512', 'model.d_model=64', 'model.head_dim=16', 'model.ffn=128', 'memory.levels=(8, 4)',
         'data.seq_len=64', 'data.tokenizer_sample=400', 'data.tree_sample=400', 'data.kmeans_samples=256',

@@ -19,7 +19,7 @@ import urllib.request
 import openai
 import pytest
 
-from hmem.infer.bundle import export
+from hmem.bundle.export import export
 from hmem.infer.decoder import complete
 from hmem.infer.server import CompletionServer, make_app
 from hmem.infer.source import open_source

@@ -15,15 +15,16 @@ import numpy as np
 import optax
 import pytest
 
+from hmem.bundle import edit, stored
+from hmem.bundle.export import export
 from hmem.cli import main
 from hmem.data.source import Position
 from hmem.errors import BundleError, CheckpointError
-from hmem.infer import edit, stored
-from hmem.infer.bundle import export, open_bundle
-from hmem.infer.source import open_source, restore_params
+from hmem.infer.source import open_source
 from hmem.memory import bank as memory_bank
 from hmem.memory import optimizer as memory_optimizer
 from hmem.train.checkpoint import Checkpoints
+from hmem.train.params import restore_params
 from hmem.train.state import TrainState
 
 SMALL_MB = 0.13  # one level-1 or generic row of the tiny run (~0.1 MB while caught up), three level-2 rows
@@ -102,7 +103,7 @@ def _path_bytes(root, manifest, leaf: int, k: int) -> int:
 def test_int8_bundles_halve_the_bytes_of_a_path_and_keep_the_logits(memory_run, exports, tmp_path, capsys):
   cfg, _, _, workdir = memory_run
   root, _ = exports
-  f32, bf16, int8 = (open_bundle(root / name) for name in ('f32', 'bf16', 'int8'))
+  f32, bf16, int8 = (open_source(bundle=root / name) for name in ('f32', 'bf16', 'int8'))
   assert int8.manifest['dtype'] == 'int8' and int8.manifest['anchor_dtype'] == 'bfloat16'
   ratio = _path_bytes(root / 'int8', int8.manifest, 5, cfg.memory.k) / _path_bytes(root / 'bf16', bf16.manifest, 5,
                                                                                  cfg.memory.k)
@@ -177,7 +178,7 @@ def test_export_catches_every_row_up_to_dense_adamw(memory_run, tmp_path):
   ckpt.close()
   assert int(np.asarray(opt['level2']['last_step'])[3]) == 5
   export(str(run), str(tmp_path / 'b'), dtype='float32', buffer_mb=SMALL_MB, progress=False)
-  reader, staleness = open_bundle(tmp_path / 'b').rows, []
+  reader, staleness = open_source(bundle=tmp_path / 'b').rows, []
   for tab, named in theirs.items():
     got = reader.read({tab: np.arange(next(iter(named.values())).shape[0])})[tab]
     for n, want in named.items():

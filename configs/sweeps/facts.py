@@ -69,12 +69,14 @@ def sweep():
 
 
 def evaluate(cfg, workdir: str) -> dict:
-  from hmem.infer.bundle import open_bundle, read_manifest
-  from hmem.quickstart import evaluate_cached, export_latest
+  from hmem.bundle.export import export_latest
+  from hmem.bundle.format import read_manifest
+  from hmem.infer.evaluate import evaluate_cached
+  from hmem.infer.source import open_source
   bundle = os.path.join(workdir, 'bundle')
   export_latest(workdir, bundle, progress=False)
   step, probes = read_manifest(bundle)['step'], os.path.join(os.path.dirname(cfg.data.path), '{}.jsonl')
-  trained, heldout = (evaluate_cached(lambda: open_bundle(bundle), step, probes.format(name),
+  trained, heldout = (evaluate_cached(lambda: open_source(bundle=bundle), step, probes.format(name),
                                       os.path.join(workdir, f'eval_{name}.json'), block, False)
                       for name, block in (('probes', True), ('probes_heldout', False)))
   # A run without a generic block (generic_prob 0) has no generic accuracy: left blank.

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from hmem.data.embed import write_config
+from hmem.data.embedder import write_config
 from hmem.errors import ConfigError, DataError
 from hmem.files import as_path, sha256
 

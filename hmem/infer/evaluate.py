@@ -29,6 +29,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import os
 
@@ -274,6 +275,22 @@ def evaluate(source, path: str, *, block=(), block_best: bool = False, batch_siz
     result['fallbacks'] = fallbacks
   result['skipped'] = dict(records.skipped.most_common())
   result['ignored_fields'] = dict(records.ignored.most_common())
+  return result
+
+
+def evaluate_cached(open_model, step: int, data: str, out: str, block_best: bool, progress: bool) -> dict:
+  """`evaluate(open_model(), data)`, cached in `out` for this checkpoint step and this version
+  of the file (path and modification time): the quickstart, benchmarks and sweeps rerun
+  without scoring again."""
+  key = {'step': step, 'data': os.path.abspath(data), 'data_mtime_ns': os.stat(data).st_mtime_ns}
+  if os.path.exists(out):
+    with open(out) as f:
+      cached = json.load(f)
+    if all(cached.get(k) == v for k, v in key.items()):
+      return cached
+  result = {**key, **evaluate(open_model(), data, block_best=block_best, progress=progress)}
+  with atomic_write(out) as f:
+    json.dump(result, f)
   return result
 
 

@@ -34,10 +34,10 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from hmem.data.router import parse_node
 from hmem.errors import UserError
 from hmem.infer.decoder import complete_all
 from hmem.infer.evaluate import check_source, choice_sequence, score, text_windows
-from hmem.infer.router import parse_node
 from hmem.infer.source import MODES, open_source
 
 _SAMPLING = ('until', 'max_gen_toks', 'do_sample', 'temperature', 'top_p', 'seed')

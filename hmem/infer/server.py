@@ -34,10 +34,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from hmem.data.router import parse_node
 from hmem.errors import BundleError, UserError
 from hmem.infer import decoder
 from hmem.infer.batcher import Batcher, Request
-from hmem.infer.router import parse_node
 from hmem.infer.source import MODES, MemorySource
 from hmem.memory import bank as memory_bank
 

@@ -2,7 +2,7 @@
 
 `open_source(workdir=RUN)` restores the anchor parameters of the run's latest (or a given)
 checkpoint onto one device, reads the bank rows a batch needs from the checkpoint on
-demand (caught up to its step: hmem.infer.stored; the bank is never restored whole) and
+demand (caught up to its step: hmem.bundle.stored; the bank is never restored whole) and
 routes with the tree of the dataset the run trained on (`data.path`), or, for a run without
 a tree (made by `hmem import`), with no router and the run's own tokenizer;
 `open_source(bundle=DIR)` reads an exported bundle (rows read as paths need them).
@@ -12,25 +12,20 @@ any leaf's path assembled into the model's `memory` argument.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Protocol
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hmem.config import config_from_json
+from hmem.bundle.open import check_router, check_tokenizer, open_bundle
+from hmem.bundle.stored import StoredBank, StoredRows
+from hmem.data.router import TOKENIZER, Router
 from hmem.data.tokenizer import Tokenizer
-from hmem.errors import BundleError, CheckpointError
+from hmem.errors import BundleError
 from hmem.files import as_path
-from hmem.infer.router import TOKENIZER, Router
-from hmem.infer.stored import StoredBank, StoredRows
 from hmem.memory import bank as memory_bank
-from hmem.memory import config as memory_config
-from hmem.model import build_model
 from hmem.model.transformer import dtype_of
+from hmem.train.params import restore_params
 
 MODES = ('fetched', 'generic', 'none')
 
@@ -110,64 +105,6 @@ class MemorySource:
     return memory_bank.assemble({'generic': tiled}, None, None, self.dtype)
 
 
-def run_config(workdir: str | os.PathLike):
-  """The config a run was trained with (its workdir's config.json)."""
-  path = as_path(workdir) / 'config.json'
-  if not path.is_file():
-    raise CheckpointError(f'{path} not found: {str(workdir)!r} is not a run directory written by `hmem train`')
-  return config_from_json(json.loads(path.read_text()))
-
-
-def abstract_params(cfg, device=None):
-  """(graphdef, ShapeDtypeStructs of the anchor parameters on one device)."""
-  layers = memory_config.memory_layers(cfg)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, memory_layers=layers)))
-  sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])  # this process's
-  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        nnx.to_pure_dict(abstract))
-  return graphdef, params
-
-
-def restore_params(workdir: str, step: int | None = None):
-  """(config, graphdef, anchor params on one device, step, the step's checkpoint directory)
-  of a run's checkpoint (latest, or `step`): only the anchor parameters are read; the bank,
-  however large, is left in place (hmem.infer.stored reads its rows)."""
-  from hmem.train.checkpoint import Checkpoints
-  from hmem.train.state import TrainState
-  cfg = run_config(workdir)
-  memory_config.check(cfg)
-  directory = as_path(workdir) / 'checkpoints'
-  if not directory.is_dir():
-    raise CheckpointError(f'{str(workdir)!r} holds no checkpoints/ directory; train the run first')
-  ckpt = Checkpoints(str(directory), async_save=False, read_only=True)
-  try:
-    steps = ckpt.manager.all_steps()
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in steps:
-      raise CheckpointError(f'{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}')
-    graphdef, params = abstract_params(cfg)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=None)
-    state, _, _ = ckpt.restore(step, abstract, items=('params',))
-  finally:
-    ckpt.close()
-  return cfg, graphdef, state.params, step, str(directory / str(step))
-
-
-def check_router(router: Router, cfg, where: str) -> None:
-  """The router's tree and tokenizer must be the ones the model was trained with."""
-  m = cfg.memory
-  if memory_config.enabled(cfg) and (router.k, router.depth) != (m.k, m.depth):
-    raise BundleError(f'{where}: its tree has k={router.k}, depth={router.depth} but the run was trained with '
-                      f'memory.k={m.k}, memory.depth={m.depth}; route with the tree the run was trained on')
-  check_tokenizer(router.tokenizer, cfg, where)
-
-
-def check_tokenizer(tokenizer: Tokenizer, cfg, where: str) -> None:
-  if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise BundleError(f'{where}: its tokenizer has {tokenizer.vocab_size} tokens but the model embeds '
-                      f'{cfg.model.vocab_size}: it is not the tokenizer the run was trained with')
-
-
 def run_tokenizer(workdir: str, cfg) -> Tokenizer | None:
   """The tokenizer of a run without a tree: its own tokenizer.json (written by `hmem import`),
   else data.tokenizer; None when it has neither (a run on synthetic tokens)."""
@@ -186,8 +123,8 @@ def open_source(*, bundle: str | None = None, workdir: str | None = None, step: 
   if bundle is not None:
     if step is not None:
       raise BundleError('--step applies to a run directory; a bundle holds one step')
-    from hmem.infer.bundle import open_bundle
-    return open_bundle(bundle)
+    b = open_bundle(bundle)
+    return MemorySource(b.config, nnx.merge(b.graphdef, b.params), b.router, b.rows, b.step, manifest=b.manifest)
   cfg, graphdef, params, step, step_dir = restore_params(workdir, step)
   rows = StoredRows(StoredBank(cfg, step_dir, step)) if memory_bank.tables(cfg) else None
   router = tokenizer = None

@@ -1,14 +1,15 @@
-"""`hmem sweep run` and `hmem sweep collect`: what they print."""
+"""`hmem sweep run` and `hmem sweep collect`: their flags and what they print."""
 
 from __future__ import annotations
 
 import json
 import shlex
 
+from hmem import command
 from hmem.sweep import collect, launch, spec
 
 
-def run_command(args) -> None:
+def _run(args) -> None:
   args.file = spec.sweep_file(args.file)  # a path, or a sweep that ships with hmem: what the runs load
   runs = spec.expand(args.file, args.root, args.steps_scale, args.overrides)
   states = {r.name: launch.run_state(r, spec.run_config(args.file, r).train.steps) for r in runs}
@@ -31,7 +32,7 @@ def run_command(args) -> None:
   print(json.dumps(summary))
 
 
-def collect_command(args) -> None:
+def _collect(args) -> None:
   root = args.root or spec.default_root(args.file)
   runs = spec.expand(args.file, root, args.steps_scale, args.overrides)
   summary = collect.collect(args.file, runs, root)
@@ -49,3 +50,22 @@ def collect_command(args) -> None:
       print(f'memory {levels} {name}: {text}')
   del summary['rows']  # in sweep.csv / sweep.json; keep the last line short
   print(json.dumps(summary))
+
+
+def _sweep(args, cfg) -> None:
+  _run(args) if args.action == 'run' else _collect(args)
+
+
+def register(sub) -> None:
+  p = command.add(sub, 'sweep', _sweep, 'run a sweep file (one workdir per run), or collect, fit and plot it',
+                  config=False, overrides=True)
+  p.add_argument('action', choices=('run', 'collect'))
+  p.add_argument('file', help='sweep file defining get_config() and sweep() (see configs/sweeps/); '
+                 '--config.KEY=VALUE overrides apply to every run')
+  p.add_argument('--root', default='', help='directory of the run workdirs (default runs/sweeps/<file name>)')
+  p.add_argument('--steps-scale', type=float, default=1.0, help="multiply every run's steps (own workdirs)")
+  p.add_argument('--launcher', choices=('local', 'slurm'), default='local')
+  p.add_argument('--max-parallel', type=int, default=1, help='local: runs at once')
+  p.add_argument('--sbatch-arg', action='append', default=[], help='slurm: extra sbatch option (repeatable)')
+  p.add_argument('--dry-run', action='store_true', help='list the runs and their state, run nothing')
+  command.progress_flag(p)

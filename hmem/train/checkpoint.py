@@ -53,7 +53,7 @@ def _all_finite(tree) -> jax.Array:
 
 def _save_args(item: str, tree):
   """The bank and its moments are stored one row per chunk, so that export and inference read
-  any rows of them alone (hmem.infer.stored) however large the bank; the rest as orbax chooses."""
+  any rows of them alone (hmem.bundle.stored) however large the bank; the rest as orbax chooses."""
   if item not in ('bank', 'bank_opt'):
     return None
   return jax.tree.map(lambda a: ocp.SaveArgs(shard_axes=(0,) if a.ndim > 1 else ()), tree)
@@ -211,6 +211,15 @@ class Checkpoints:
       self.manager.close()
       if self.reader is not self.manager:
         self.reader.close()
+
+
+def latest_step(workdir: str) -> int | None:
+  """The latest checkpoint step of a run directory (None: no checkpoint yet)."""
+  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'), async_save=False, read_only=True)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
 
 
 def _describe(error: Exception) -> str:

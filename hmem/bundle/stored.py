@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from hmem.bundle.reader import RowCache, kvstore
 from hmem.errors import CheckpointError
-from hmem.infer.reader import RowCache, kvstore
 from hmem.memory import bank as memory_bank
 from hmem.memory import optimizer as memory_optimizer
 

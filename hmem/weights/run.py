@@ -24,10 +24,10 @@ from hmem.data.source import Position
 from hmem.data.tokenizer import Tokenizer, set_bos
 from hmem.errors import WeightsError
 from hmem.files import as_path, atomic_write, copy, is_remote
-from hmem.imports import gguf_file, hf
 from hmem.model.transformer import dtype_of
 from hmem.train.checkpoint import Checkpoints
 from hmem.train.state import TrainState
+from hmem.weights import gguf_file, hf
 
 DTYPES = ('float32', 'bfloat16')
 

@@ -7,7 +7,7 @@ bytes: the top levels (few, often shared rows) stay warm, deep rows come and go.
 tensorstore's own cache is off, so `reads` counts exactly the rows fetched from storage
 (tests use it to prove a blocked node is never read). The cache and the counts live in
 `RowCache`; `Reader` fetches from a bundle (dequantizing an int8 bank's rows with their
-scales), `hmem.infer.stored.StoredRows` from a run's checkpoint.
+scales), `hmem.bundle.stored.StoredRows` from a run's checkpoint.
 
 The arrays are opened through tensorstore kvstore specs relative to the bundle's root, so
 any tensorstore kvstore works (a local directory, gs://, s3://, ...). Every chunk carries a
@@ -104,7 +104,7 @@ class RowCache:
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-  """int8 rows and their scales (hmem.infer.bundle.quantize) -> bfloat16 rows."""
+  """int8 rows and their scales (hmem.bundle.export.quantize) -> bfloat16 rows."""
   return (q.astype(np.float32) * scale).astype(ml_dtypes.bfloat16)
 
 

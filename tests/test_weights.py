@@ -21,11 +21,11 @@ from hmem.data.source import Position
 from hmem.data.tokenizer import Tokenizer
 from hmem.errors import DataError, WeightsError
 from hmem.files import as_path
-from hmem.imports import export_hf, gguf_file, hf, import_checkpoint
 from hmem.model import build_model
 from hmem.train.optimizer import anchor_optimizer
 from hmem.train.state import state_spec
 from hmem.train.trainer import _initial_state, train
+from hmem.weights import export_hf, gguf_file, hf, import_checkpoint
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 REFERENCE = json.load(open(os.path.join(DATA, 'smollm2_reference.json')))

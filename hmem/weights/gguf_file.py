@@ -16,7 +16,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from hmem.errors import WeightsError
-from hmem.imports import llama
+from hmem.weights import llama
 
 # GGUF architecture -> (HF architecture, q/k rows permuted for adjacent-pair RoPE).
 ARCHITECTURES = {'llama': ('LlamaForCausalLM', True), 'qwen2': ('Qwen2ForCausalLM', False)}

@@ -35,10 +35,10 @@ import sys
 import numpy as np
 from etils import epath
 
+from hmem.bundle import format as bundle
+from hmem.data.router import check_node
 from hmem.errors import BundleError
 from hmem.files import as_path, is_remote, sha256
-from hmem.infer import bundle
-from hmem.infer.router import check_node
 
 
 def drop(root: str, nodes: list[tuple[int, int]]) -> dict:

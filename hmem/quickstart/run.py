@@ -21,20 +21,21 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import time
 
 import numpy as np
 
+from hmem.bundle.export import export_latest
+from hmem.bundle.format import read_manifest
 from hmem.data import inputs
 from hmem.data.corpora import wiki_offline, write_jsonl
 from hmem.data.prepare import held_out, prepare
 from hmem.errors import DataError
 from hmem.files import atomic_write
 from hmem.infer import evaluate
-from hmem.infer.bundle import MANIFEST, export, open_bundle, read_manifest
+from hmem.infer.evaluate import evaluate_cached
 from hmem.infer.source import open_source
-from hmem.train.checkpoint import Checkpoints
+from hmem.train.checkpoint import latest_step
 from hmem.train.trainer import train
 
 SPLITS = ('train', 'heldout')
@@ -78,38 +79,6 @@ def _check_probes(path: str) -> None:
   if not records.prompts:
     raise DataError(f'probes {path}: no multiple-choice record ({len(records.texts)} text records); write one '
                     'JSON object a line with "prompt", "candidates" and "answer"')
-
-
-def latest_step(workdir: str) -> int:
-  ckpt = Checkpoints(os.path.join(workdir, 'checkpoints'), async_save=False, read_only=True)
-  try:
-    return ckpt.latest_step()
-  finally:
-    ckpt.close()
-
-
-def export_latest(run: str, out: str, progress: bool) -> None:
-  """Exports the run's latest checkpoint unless `out` already holds that step's bundle."""
-  step = latest_step(run)
-  if os.path.exists(os.path.join(out, MANIFEST)) and read_manifest(out)['step'] == step:
-    return
-  shutil.rmtree(out, ignore_errors=True)
-  export(run, out, dtype='float32', progress=progress)
-
-
-def evaluate_cached(open_model, step: int, data: str, out: str, block_best: bool, progress: bool) -> dict:
-  """`hmem eval` of a model on a file, cached in `out` for this checkpoint step and this
-  version of the file (path and modification time)."""
-  key = {'step': step, 'data': os.path.abspath(data), 'data_mtime_ns': os.stat(data).st_mtime_ns}
-  if os.path.exists(out):
-    with open(out) as f:
-      cached = json.load(f)
-    if all(cached.get(k) == v for k, v in key.items()):
-      return cached
-  result = {**key, **evaluate.evaluate(open_model(), data, block_best=block_best, progress=progress)}
-  with atomic_write(out) as f:
-    json.dump(result, f)
-  return result
 
 
 def table(figures: dict, documents: dict) -> str:
@@ -200,7 +169,7 @@ def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, pr
   memory_step, dense_step = read_manifest(bundle)['step'], latest_step(runs['dense'])
   figures, documents = {}, {}
   for name, path in {**files, **({'probes': probes} if probes else {})}.items():
-    mem = evaluate_cached(lambda: open_bundle(bundle), memory_step, path,
+    mem = evaluate_cached(lambda: open_source(bundle=bundle), memory_step, path,
                           os.path.join(workdir, f'eval_memory_{name}.json'), True, progress)
     dense = evaluate_cached(lambda: open_source(workdir=runs['dense']), dense_step, path,
                             os.path.join(workdir, f'eval_dense_{name}.json'), False, progress)
@@ -216,3 +185,4 @@ def quickstart(cfg, workdir: str, *, corpus: str = '', train_docs: int = 500, pr
   figures.update({f'documents_{s}': n for s, n in documents.items()},
                  minutes=(time.perf_counter() - start) / 60, cpu_minutes=(time.process_time() - cpu_start) / 60)
   return figures
+

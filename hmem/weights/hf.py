@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from hmem.data.tokenizer import Tokenizer
 from hmem.errors import WeightsError
 from hmem.files import as_path, copy, is_remote
-from hmem.imports import llama
+from hmem.weights import llama
 
 INDEX = 'model.safetensors.index.json'
 
@@ -171,7 +171,7 @@ def _tokenizer_metadata(tokenizer: Tokenizer, max_positions: int | None) -> dict
 def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> list[str]:
   """`export_hf` of a run's anchor (latest checkpoint, or `step`) cast to `dtype` (None: as
   stored), with the tokenizer it trained with (data.tokenizer, else the prepared dataset's)."""
-  from hmem.infer.source import restore_params
+  from hmem.train.params import restore_params
   if dtype not in (None, 'bfloat16', 'float32'):
     raise WeightsError(f'--dtype {dtype!r} for --format hf; choose bfloat16 or float32 (int8 is for bundles)')
   cfg, _, params, _, _ = restore_params(workdir, step)  # the anchor alone: the bank is never read
