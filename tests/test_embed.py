@@ -168,28 +168,37 @@ def test_embedding_cache(tmp_path):
   cache = EmbeddingCache(str(tmp_path), embedder)
   key = cache.key(file='a.jsonl', size=10)
   assert key != cache.key(file='a.jsonl', size=11) and key == cache.key(size=10, file='a.jsonl')
-  assert cache.load(key) == (None, 'miss')
+  n = len(texts)
+  assert cache.load(key, n) == 'miss'
   x_NxD = embedder.embed(texts)
-  cache.store(key, x_NxD, {'file': 'a.jsonl'})
-  got, status = cache.load(key)
-  assert status == 'hit' and got.dtype == np.float32
-  np.testing.assert_array_equal(got, x_NxD)
+  with cache.writer(key, {'file': 'a.jsonl'}, n) as append:  # written in pieces, as prepare embeds them
+    for lo in range(0, n, 7):
+      append(x_NxD[lo:lo + 7])
+  assert cache.load(key, n) == 'hit' and cache.load(key, n - 1) == 'rejected'
+  got = list(cache.read(key, n, piece=5))
+  assert [len(p) for p in got] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
+  np.testing.assert_array_equal(np.concatenate(got), x_NxD)
+  np.testing.assert_array_equal(cache.rows(key, n)[[3, 1]], x_NxD[[3, 1]])
   assert not [p for p in tmp_path.rglob('*') if '.tmp' in p.name]
+  # A writer that gets fewer rows than promised (the input changed) leaves the entry as it was.
+  with pytest.raises(DataError, match='5 vectors written .* expected 6'):
+    with cache.writer(cache.key(file='b'), {'file': 'b'}, 6) as append:
+      append(x_NxD[:5])
+  assert cache.load(cache.key(file='b'), 5) == 'miss' and not [p for p in tmp_path.rglob('*') if '.tmp' in p.name]
   # Another embedder has its own directory; the same one, reloaded, finds the vectors.
-  assert EmbeddingCache(str(tmp_path), TfidfEmbedder.fit(texts[1:], dim=8)).load(key) == (None, 'miss')
+  assert EmbeddingCache(str(tmp_path), TfidfEmbedder.fit(texts[1:], dim=8)).load(key, n) == 'miss'
   embedder.save(str(tmp_path / 'saved'))
-  assert EmbeddingCache(str(tmp_path), load_embedder(str(tmp_path / 'saved'))).load(key)[1] == 'hit'
-  npy = next(tmp_path.rglob(f'{key}.npy'))
-  np.save(npy, x_NxD[:, :4])  # another dimension
-  assert cache.load(key) == (None, 'rejected')
-  cache.store(key, x_NxD, {})
+  assert EmbeddingCache(str(tmp_path), load_embedder(str(tmp_path / 'saved'))).load(key, n) == 'hit'
+  data = next(tmp_path.rglob(f'{key}.f32'))
   x_NxD[0, 0] += 1  # a changed value fails the checksum
-  np.save(npy, x_NxD)
-  assert cache.load(key) == (None, 'rejected')
-  npy.write_bytes(b'not an npy file')
-  assert cache.load(key) == (None, 'rejected')
-  npy.with_suffix('.json').unlink()
-  assert cache.load(key) == (None, 'rejected')
+  x_NxD.astype('<f4').tofile(data)
+  assert cache.load(key, n) == 'rejected'
+  data.write_bytes(data.read_bytes()[:-4])  # a truncated file
+  assert cache.load(key, n) == 'rejected'
+  with pytest.raises(DataError, match='unreadable or not'):
+    cache.rows(key, n)
+  data.with_suffix('.json').unlink()
+  assert cache.load(key, n) == 'rejected'
 
 
 def test_config_errors(tmp_path):

@@ -67,7 +67,7 @@ def corpus(tmp_path_factory):
   part = lambda ts: ''.join(json.dumps({'text': t}) + '\n' for t in ts).encode()
   (root / 'part.jsonl.gz').write_bytes(gzip.compress(part(texts[250:300])))
   (root / 'part.jsonl.zst').write_bytes(zstandard.ZstdCompressor().compress(part(texts[300:350])))
-  pq.write_table(pa.table({'text': texts[350:380] + [None, '']}), root / 'rows.parquet')
+  pq.write_table(pa.table({'text': texts[350:380] + [None, '']}), root / 'rows.parquet', row_group_size=8)
   (root / 'txt').mkdir()
   for i, t in enumerate(texts[380:]):
     (root / 'txt' / f'doc{i:02d}.txt').write_text(t, encoding='utf-8')
@@ -161,11 +161,18 @@ def test_packing_keeps_every_document_once_in_order(prepared, corpus):
   assert set(found['train']) | set(found['eval']) == set(expected)
 
 
-def test_output_does_not_depend_on_worker_count(prepared, corpus, tmp_path):
-  """Two DirectRunner worker processes write the same bytes as one: shards, tree, manifest."""
+def test_output_does_not_depend_on_worker_count_or_ranges(prepared, corpus, tmp_path):
+  """Two DirectRunner worker processes reading main.jsonl in 2 KB byte ranges (cuts inside
+  records and characters) and rows.parquet a row group at a time write the same bytes as
+  one process reading each file whole: shards, tokenizer, embedder, tree, manifest."""
   cfg, out, manifest = prepared
-  assert prepare(cfg, str(corpus), str(tmp_path / 'two'), workers=2, progress=False) == manifest
-  assert files_of(tmp_path / 'two') == files_of(out)  # embed_cache/ included
+  two = prepare(cfg, str(corpus), str(tmp_path / 'two'), workers=2, progress=False, range_bytes=2048)
+  byte_ranges = -(-(corpus / 'main.jsonl').stat().st_size // 2048)
+  assert manifest['ranges'] == 26 and two['ranges'] == byte_ranges + 4 + 24  # 4 row groups, 24 whole files
+  assert two['embed_cache'] == {'hits': 0, 'misses': two['ranges'], 'rejected': 0}
+  assert {**two, 'ranges': 0, 'embed_cache': 0} == {**manifest, 'ranges': 0, 'embed_cache': 0}
+  skip = ('embed_cache', 'manifest.json')
+  assert files_of(tmp_path / 'two', skip=skip) == files_of(out, skip=skip)
 
 
 def test_a_document_that_makes_a_step_raise_is_counted_and_skipped(corpus, tmp_path, monkeypatch):
@@ -192,21 +199,35 @@ def test_a_document_that_makes_a_step_raise_is_counted_and_skipped(corpus, tmp_p
 
 
 def test_a_failed_pipeline_leaves_no_manifest_and_a_rerun_starts_clean(prepared, corpus, tmp_path, monkeypatch):
+  """A failed run leaves no manifest; the rerun clears what it left and, on Beam's retrying
+  BundleBasedDirectRunner, survives a range whose routing raises once: the same dataset."""
   _, _, manifest = prepared
   out = tmp_path / 'out'
   monkeypatch.setattr(prepare_lib, 'write_shard', lambda *a: (_ for _ in ()).throw(OSError('disk full')))
   with pytest.raises(Exception, match='disk full'):
     prepare(small_config(), str(corpus), str(out), progress=False)
   assert (out / 'tree.npz').exists() and not (out / 'manifest.json').exists()
+  assert len(list((out / prepare_lib.ROUTED).iterdir())) == manifest['ranges']  # the routed documents
   with pytest.raises(DataError, match='has no manifest.json'):
     PreparedSource(str(out), batch_size=1, seq_len=128, seed=0)
   (out / 'train-00003-of-00016.array_record').write_bytes(b'left by a failed run')
   monkeypatch.undo()
-  again = prepare(small_config(), str(corpus), str(out), progress=False)
-  assert again['embed_cache']['hits'] == again['files']  # the failed run's vectors were kept
+
+  real_route, raised = prepare_lib.route, []
+
+  def route_raising_once(*args, **kwargs):
+    if not raised:  # one range's bundle fails once, after its temporary file was begun
+      raised.append(True)
+      raise OSError('a transient failure')
+    return real_route(*args, **kwargs)
+
+  monkeypatch.setattr(prepare_lib, 'route', route_raising_once)
+  again = prepare(small_config(), str(corpus), str(out), progress=False, runner='BundleBasedDirectRunner')
+  assert raised == [True]
+  assert again['embed_cache']['hits'] == again['ranges']  # the failed run's vectors were kept
   assert {**again, 'embed_cache': None} == {**manifest, 'embed_cache': None}
   skip = ('embed_cache', 'manifest.json')
-  assert files_of(out, skip=skip) == files_of(prepared[1], skip=skip)
+  assert files_of(out, skip=skip) == files_of(prepared[1], skip=skip)  # no temporary file is left either
 
 
 def test_tree_is_fit_on_a_uniform_sample_of_training_documents(prepared, corpus, tmp_path, monkeypatch):
@@ -235,6 +256,21 @@ def test_tree_is_fit_on_a_uniform_sample_of_training_documents(prepared, corpus,
   assert fitted[1].shape == fitted[0].shape and not np.array_equal(fitted[0], fitted[1])
 
 
+def test_a_streamed_sample_is_the_k_smallest_whatever_the_chunks():
+  """The passes' bounded heaps: fed in chunks of any size, from several files, with tied
+  hashes, they keep exactly the k smallest (hash, file, key) entries."""
+  rng = np.random.default_rng(0)
+  hash_N, key_N = rng.integers(0, 50, 600), np.arange(600)  # many ties: the key decides
+  every = sorted((int(h), f, int(k), f'doc {f}/{k}') for f in (0, 1) for h, k in zip(hash_N, key_N))
+  for k, chunk in [(0, 7), (1, 600), (37, 1), (37, 64), (1200, 100), (2000, 33)]:
+    sample = prepare_lib._Smallest(k)
+    for f in (1, 0):
+      for lo in range(0, 600, chunk):
+        sl = slice(lo, lo + chunk)
+        sample.add(hash_N[sl], f, key_N[sl], [(f'doc {f}/{k}',) for k in key_N[sl].tolist()])
+    assert sorted(sample.items()) == every[:k], (k, chunk)
+
+
 def files_of(root, skip=()):
   """{relative path: bytes} of every file under root, but those under the names in skip."""
   root = pathlib.Path(root)
@@ -244,9 +280,9 @@ def files_of(root, skip=()):
 
 def test_embed_cache_is_reused_by_another_tree_and_never_trusted_blindly(prepared, corpus, tmp_path):
   cfg, out, manifest = prepared
-  lookups = manifest['files']  # one per input file
-  assert manifest['embed_cache'] == {'hits': 0, 'misses': lookups, 'rejected': 0}
-  assert len(list((out / 'embed_cache').rglob('*.npy'))) == lookups
+  lookups = manifest['ranges']  # one per range; here each file is one
+  assert lookups == manifest['files'] and manifest['embed_cache'] == {'hits': 0, 'misses': lookups, 'rejected': 0}
+  assert len(list((out / 'embed_cache').rglob('*.f32'))) == lookups
   cache = tmp_path / 'cache'
   shared = lambda *o: small_config(f'data.embed_cache={cache}', *o)
   # Another tree fills the shared cache; then the prepared tree, into a new --out, reads it.
@@ -264,14 +300,14 @@ def test_embed_cache_is_reused_by_another_tree_and_never_trusted_blindly(prepare
   same_dataset(second, tmp_path / 'second')
 
   # A corrupt file and one with a row too few (valid checksum) are recomputed, not used.
-  entries = {json.loads(p.read_text())['source']['file']: p.with_suffix('.npy') for p in cache.rglob('*.json')}
-  gz_npy, main_npy = entries[str(corpus / 'part.jsonl.gz')], entries[str(corpus / 'main.jsonl')]
-  gz_npy.write_bytes(gz_npy.read_bytes()[:-100])
-  short = np.load(main_npy)[:-1]
-  meta = json.loads(main_npy.with_suffix('.json').read_text())
-  np.save(main_npy, short)
+  entries = {json.loads(p.read_text())['source']['file']: p.with_suffix('.f32') for p in cache.rglob('*.json')}
+  gz_f32, main_f32 = entries[str(corpus / 'part.jsonl.gz')], entries[str(corpus / 'main.jsonl')]
+  gz_f32.write_bytes(gz_f32.read_bytes()[:-100])
+  meta = json.loads(main_f32.with_suffix('.json').read_text())
+  short = np.fromfile(main_f32, '<f4').reshape(meta['rows'], meta['dim'])[:-1]
+  short.tofile(main_f32)
   meta.update(rows=short.shape[0], sha256=hashlib.sha256(short.tobytes()).hexdigest())
-  main_npy.with_suffix('.json').write_text(json.dumps(meta))
+  main_f32.with_suffix('.json').write_text(json.dumps(meta))
   third = prepare(shared(), str(corpus), str(tmp_path / 'third'), progress=False)
   assert third['embed_cache'] == {'hits': lookups - 2, 'misses': 2, 'rejected': 2}
   same_dataset(third, tmp_path / 'third')
@@ -331,6 +367,50 @@ def test_missing_input_and_empty_corpus_stop_with_one_message(tmp_path):
   (tmp_path / 'corpus.csv').write_text('text\n')
   with pytest.raises(DataError, match='unsupported format'):
     prepare(cfg, str(tmp_path / 'corpus.csv'), str(tmp_path / 'out'))
+
+
+def documents_of(out, manifest):
+  """The texts of every document packed in the dataset (both splits), sorted."""
+  tokenizer, eot = Tokenizer.load(str(out / 'tokenizer.json')), manifest['eot_id']
+  texts = []
+  for split in layout.SPLITS:
+    b = read_split(out, manifest, split)
+    for leaf in np.unique(b['leaf_id']):
+      stream = b['tokens'][b['leaf_id'] == leaf][b['segment_ids'][b['leaf_id'] == leaf] > 0]
+      texts += [tokenizer.decode(d) for d in np.split(stream, np.flatnonzero(stream == eot) + 1)[:-1]]
+  return sorted(t.removesuffix(EOT) for t in texts)
+
+
+def test_a_web_parquet_corpus_prepares_as_is_and_its_filter_counts_as_skips(tmp_path):
+  """The schema web corpora ship (ids, URLs, dates, scores, language beside the text, in row
+  groups), the text column named by data.text_field; data.filter keeps English rows of
+  score >= 0.5, and exactly those are packed."""
+  texts, rng = wiki_texts()[:240], np.random.default_rng(0)
+  language, score = rng.choice(['en', 'de', 'fr'], 240, p=[0.6, 0.2, 0.2]), rng.random(240)
+  (tmp_path / 'web').mkdir()
+  pq.write_table(pa.table({
+      'id': [f'<urn:uuid:{i:08x}>' for i in range(240)], 'content': texts,
+      'url': [f'https://example.org/{i}' for i in range(240)],
+      'date': pa.array(np.datetime64('2024-01-01') + np.arange(240), pa.date32()),
+      'language': language, 'language_score': score, 'token_count': rng.integers(50, 900, 240)}),
+      tmp_path / 'web' / '000_00000.parquet', row_group_size=60)
+  cfg = small_config("data.text_field='content'", "data.filter=\"language == 'en' and language_score >= 0.5\"")
+  m = prepare(cfg, str(tmp_path / 'web'), str(tmp_path / 'out'), progress=False, range_bytes=1 << 14)
+  want = (language == 'en') & (score >= 0.5)
+  assert m['ranges'] == 4 and m['documents_read'] == 240  # a row group a range
+  assert m['skipped'] == {'filtered': int((~want).sum())} and m['documents_kept'] == want.sum()
+  assert documents_of(tmp_path / 'out', m) == sorted(np.array(texts)[want].tolist())
+
+
+def test_a_filter_that_cannot_apply_stops_before_any_work(corpus, tmp_path):
+  out = tmp_path / 'out'
+  with pytest.raises(ConfigError, match='is not an expression'):
+    prepare(small_config("data.filter='lang = 1'"), str(corpus), str(out))
+  with pytest.raises(DataError, match=r'text files have none of \(22 in the input'):
+    prepare(small_config("data.filter='label == 1'"), str(corpus), str(out))
+  with pytest.raises(DataError, match=r"data.filter reads \['label'\], which .*rows.parquet lacks"):
+    prepare(small_config("data.filter='label == 1'"), str(corpus / '*.*'), str(out))
+  assert not out.exists()
 
 
 def test_pack_splits_long_documents_and_pads_only_the_end():

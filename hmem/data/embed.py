@@ -15,10 +15,11 @@ does not embed it again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -64,17 +65,20 @@ def load_embedder(directory: str | os.PathLike) -> Embedder:
 
 
 class EmbeddingCache:
-  """Embeddings on disk: one float32 [n, dim] `.npy` per key, under a directory per embedder.
+  """Embeddings on disk: one float32 [n, dim] array per key, under a directory per embedder.
 
-  `directory`/{kind}-{identity}/{key}.npy holds the vectors and {key}.json their row count,
-  dimension, sha256 and a description of their source. A key is a hash of a JSON-able
-  description of what was embedded (`key(...)`); the caller makes it name everything
-  that decides the texts and their order. A file that does not load, has another shape
-  or fails its checksum is reported 'rejected' and overwritten, never used. Writes are
-  atomic (a temporary file, then os.replace), so processes may share a directory.
+  `directory`/{kind}-{identity}/{key}.f32 holds the vectors (little-endian float32, row
+  after row, no header) and {key}.json their row count, dimension, sha256 and a description
+  of their source. A key is a hash of a JSON-able description of what was embedded
+  (`key(...)`); the caller makes it name everything that decides the texts and their
+  order. Vectors are written as they are computed (`writer`) and read memory-mapped, so no
+  process holds a key's vectors whole. An entry that has another shape or fails its
+  checksum is reported 'rejected' and overwritten, never used. Writes are atomic (a
+  temporary file, then os.replace), so processes may share a directory.
   """
 
-  VERSION = 1  # part of every key: bump it when what a key describes stops pinning the texts
+  VERSION = 2  # part of every key: bump it when what a key describes stops pinning the texts
+  _DTYPE = np.dtype('<f4')
 
   def __init__(self, directory: str, embedder: Embedder):
     self.dim = embedder.dim
@@ -91,52 +95,71 @@ class EmbeddingCache:
 
   def _paths(self, key: str) -> tuple[str, str]:
     base = os.path.join(self.directory, key)
-    return f'{base}.npy', f'{base}.json'
+    return f'{base}.f32', f'{base}.json'
 
-  def load(self, key: str) -> tuple[np.ndarray | None, str]:
-    """(vectors, 'hit'), or (None, 'miss') when absent, (None, 'rejected') when unusable."""
-    npy, meta_path = self._paths(key)
-    if not (os.path.exists(npy) or os.path.exists(meta_path)):
-      return None, 'miss'
+  def load(self, key: str, rows: int) -> str:
+    """'hit' when the entry holds [rows, dim] vectors that pass their checksum, 'miss' when
+    it is absent, 'rejected' otherwise."""
+    data, meta_path = self._paths(key)
+    if not (os.path.exists(data) or os.path.exists(meta_path)):
+      return 'miss'
     try:
       with open(meta_path, encoding='utf-8') as f:
         meta = json.load(f)
-      x_NxD = np.load(npy, allow_pickle=False)
-      ok = (x_NxD.dtype == np.float32 and x_NxD.shape == (meta['rows'], self.dim)
-            and meta['dim'] == self.dim and _digest(x_NxD) == meta['sha256'])
-    except (OSError, ValueError, EOFError, KeyError, TypeError):
+      digest = hashlib.sha256()
+      for x_NxD in self.read(key, rows):
+        digest.update(x_NxD)
+      ok = meta['rows'] == rows and meta['dim'] == self.dim and digest.hexdigest() == meta['sha256']
+    except (OSError, ValueError, KeyError, TypeError):
       ok = False
-    return (x_NxD, 'hit') if ok else (None, 'rejected')
+    return 'hit' if ok else 'rejected'
+
+  def read(self, key: str, rows: int, piece: int = 1 << 16) -> Iterator[np.ndarray]:
+    """The entry's [rows, dim] vectors in order, `piece` rows at a time, read as they are
+    asked for (a sequential reader holds one piece). ValueError if it has another size."""
+    data, _ = self._paths(key)
+    row_bytes = self.dim * self._DTYPE.itemsize
+    with open(data, 'rb') as f:
+      if os.fstat(f.fileno()).st_size != rows * row_bytes:
+        raise ValueError(f'{data} holds {os.fstat(f.fileno()).st_size} bytes, not {rows} x {self.dim} floats')
+      for lo in range(0, rows, piece):
+        n = min(piece, rows - lo)
+        yield np.frombuffer(f.read(n * row_bytes), self._DTYPE).reshape(n, self.dim)
 
   def rows(self, key: str, rows: int) -> np.ndarray:
-    """The vectors under `key`, memory-mapped (a reader touches only the rows it indexes).
-
-    Not checksummed, so use it for entries this run has just loaded or stored; the shape
-    is checked against `rows`.
-    """
-    npy, _ = self._paths(key)
+    """The [rows, dim] vectors under `key`, memory-mapped (a reader touches only the rows it
+    indexes). Not checksummed, so use it for entries this run has just loaded or stored."""
+    data, _ = self._paths(key)
     try:
-      x_NxD = np.load(npy, mmap_mode='r', allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-      raise DataError(f'embedding cache entry {npy} is unreadable ({e}); it changed during the run: '
-                      'rerun the preparation') from None
-    if x_NxD.dtype != np.float32 or x_NxD.shape != (rows, self.dim):
-      raise DataError(f'embedding cache entry {npy} has {x_NxD.dtype} {x_NxD.shape}, expected float32 '
-                      f'({rows}, {self.dim}); it changed during the run: rerun the preparation')
-    return x_NxD
+      if os.path.getsize(data) != rows * self.dim * self._DTYPE.itemsize:
+        raise ValueError(f'{os.path.getsize(data)} bytes')
+      return np.memmap(data, self._DTYPE, 'r', shape=(rows, self.dim)) if rows else np.zeros((0, self.dim), self._DTYPE)
+    except (OSError, ValueError) as e:
+      raise DataError(f'embedding cache entry {data} is unreadable or not {rows} x {self.dim} floats ({e}); '
+                      'it changed during the run: rerun the preparation') from None
 
-  def store(self, key: str, x_NxD: np.ndarray, source: dict) -> None:
-    x_NxD = np.ascontiguousarray(x_NxD, np.float32)
-    if x_NxD.ndim != 2 or x_NxD.shape[1] != self.dim:
-      raise DataError(f'embedding cache: vectors of shape {x_NxD.shape}, expected [n, {self.dim}]')
-    npy, meta_path = self._paths(key)
-    meta = {'rows': x_NxD.shape[0], 'dim': self.dim, 'sha256': _digest(x_NxD), 'source': source}
+  @contextlib.contextmanager
+  def writer(self, key: str, source: dict, rows: int):
+    """Yields append(x_NxD), which stores vectors in order; the entry appears once the block
+    ends with `rows` rows appended (fewer or more raise DataError: the input changed)."""
+    data, meta_path = self._paths(key)
+    digest, written = hashlib.sha256(), 0
+    with atomic_write(data, 'wb') as f:
+
+      def append(x_NxD: np.ndarray) -> None:
+        nonlocal written
+        x_NxD = np.ascontiguousarray(x_NxD, self._DTYPE)
+        if x_NxD.ndim != 2 or x_NxD.shape[1] != self.dim:
+          raise DataError(f'embedding cache: vectors of shape {x_NxD.shape}, expected [n, {self.dim}]')
+        digest.update(x_NxD)
+        f.write(x_NxD.tobytes())
+        written += x_NxD.shape[0]
+
+      yield append
+      if written != rows:
+        raise DataError(f'embedding cache: {written} vectors written for {source}, expected {rows}: '
+                        'the input changed during the run; rerun the preparation')
+    meta = {'rows': rows, 'dim': self.dim, 'sha256': digest.hexdigest(), 'source': source}
     # The vectors first: a reader that finds the new metadata finds the new vectors.
-    with atomic_write(npy, 'wb') as f:
-      np.save(f, x_NxD, allow_pickle=False)
     with atomic_write(meta_path, encoding='utf-8') as f:
       f.write(json.dumps(meta, indent=1) + '\n')
-
-
-def _digest(x: np.ndarray) -> str:
-  return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()

@@ -18,6 +18,7 @@ import dataclasses
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -155,13 +156,40 @@ def _glob(pattern: str) -> list[str]:
   return [str(p) for p in as_path('/'.join(parts[:first])).glob(rest)]
 
 
+class Range(NamedTuple):
+  """A part of one input file that a worker reads on its own (ranges.py cuts them).
+
+  unit 'bytes': the JSONL lines whose first byte lies in [start, stop); 'row_groups': the
+  Parquet row groups start..stop-1; 'file': the whole file, read as one stream (compressed
+  files, text files). `first` is the key of the range's first record (its line or row in
+  the file), or -1 when it is only known once the lines before the range are counted.
+  """
+
+  id: int     # position among the corpus's ranges, which are in (file, start) order
+  file: int   # index in the sorted file list
+  path: str
+  unit: str
+  start: int
+  stop: int
+  first: int
+
+
 def read_documents(path: str, file_index: int, text_field: str, stats: ReadStats) -> Iterator[Document]:
   """The kept documents of one file, in order; `stats` counts every record as it is read."""
-  reader = {'jsonl': _read_jsonl, 'parquet': _read_parquet, 'text': _read_text}[file_format(path)]
+  return read_range(Range(0, file_index, path, 'file', 0, 0, 0), text_field, stats)
+
+
+def read_range(rng: Range, text_field: str, stats: ReadStats, keep=None) -> Iterator[Document]:
+  """The kept documents of one range (its `first` known), in order; `stats` counts every
+  record as it is read. `keep`: a filters.RecordFilter, or None; the records it drops are
+  counted as 'filtered'. Records stream: nothing holds a whole range."""
+  if rng.first < 0:
+    raise ValueError(f'range {rng}: the key of its first record is not known yet')
+  reader = {'jsonl': _read_jsonl, 'parquet': _read_parquet, 'text': _read_text}[file_format(rng.path)]
   try:
-    yield from reader(path, file_index, text_field, stats)
+    yield from reader(rng, text_field, stats, keep)
   except (OSError, EOFError, zstandard.ZstdError, pa.ArrowException) as e:
-    raise DataError(f'cannot read {path} ({type(e).__name__}: {e}); fix or remove the file') from None
+    raise DataError(f'cannot read {rng.path} ({type(e).__name__}: {e}); fix or remove the file') from None
 
 
 def skip_reason(text) -> str | None:
@@ -211,21 +239,39 @@ def jsonl_record(line: bytes) -> tuple[str | None, dict | None]:
   return None, record
 
 
-def _read_jsonl(path, file_index, text_field, stats):
-  with _open(path) as f:
-    for line_index, line in enumerate(f):
-      reason, record = jsonl_record(line)
-      text = record.get(text_field) if record is not None else None
-      if reason := reason or skip_reason(text):
-        stats.skip(reason)
-        continue
-      stats.keep()
-      yield Document(file_index, line_index, text)
+def _lines(rng: Range) -> Iterator[bytes]:
+  """The range's lines: those that start in [start, stop) of a byte range (the line that
+  straddles `start` belongs to the range before), or every line of a whole file."""
+  if rng.unit == 'file':
+    with _open(rng.path) as f:
+      yield from f
+    return
+  with as_path(rng.path).open('rb') as f:
+    pos = rng.start
+    if pos:  # skip the rest of the line that began before the range (nothing when pos - 1 is a newline)
+      f.seek(pos - 1)
+      pos += len(f.readline()) - 1
+    while pos < rng.stop and (line := f.readline()):
+      pos += len(line)
+      yield line
 
 
-def _read_text(path, file_index, text_field, stats):
-  del text_field  # the whole file is the document
-  with _open(path) as f:
+def _read_jsonl(rng, text_field, stats, keep):
+  for line_index, line in enumerate(_lines(rng), rng.first):
+    reason, record = jsonl_record(line)
+    if not reason and keep is not None and not keep.keeps(record):
+      reason = 'filtered'
+    text = record.get(text_field) if record is not None else None
+    if reason := reason or skip_reason(text):
+      stats.skip(reason)
+      continue
+    stats.keep()
+    yield Document(rng.file, line_index, text)
+
+
+def _read_text(rng, text_field, stats, keep):
+  del text_field, keep  # the whole file is the document; prepare refuses a filter on text files
+  with _open(rng.path) as f:
     data = f.read()
   try:
     text = data.decode('utf-8')
@@ -236,38 +282,50 @@ def _read_text(path, file_index, text_field, stats):
     stats.skip(reason)
     return
   stats.keep()
-  yield Document(file_index, 0, text)
+  yield Document(rng.file, 0, text)
 
 
-def _read_parquet(path, file_index, text_field, stats):
-  with as_path(path).open('rb') as f:
-    yield from _read_parquet_file(pq.ParquetFile(f), file_index, text_field, stats)
+def _read_parquet(rng, text_field, stats, keep):
+  with as_path(rng.path).open('rb') as f:
+    pf = pq.ParquetFile(f)
+    groups = range(rng.start, rng.stop) if rng.unit == 'row_groups' else range(pf.metadata.num_row_groups)
+    yield from _read_row_groups(pf, list(groups), rng.file, rng.first, text_field, stats, keep)
 
 
-def _read_parquet_file(pf, file_index, text_field, stats):
+def _read_row_groups(pf, groups, file_index, first, text_field, stats, keep):
+  rows = sum(pf.metadata.row_group(g).num_rows for g in groups)
   schema = pf.schema_arrow
   if text_field not in schema.names:
-    stats.skip('missing_field', pf.metadata.num_rows)
+    stats.skip('missing_field', rows)
     return
   column_type = schema.field(text_field).type
   is_text = pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
   is_bytes = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
   if not (is_text or is_bytes):
-    stats.skip('non_string_field', pf.metadata.num_rows)
+    stats.skip('non_string_field', rows)
     return
-  row = 0
-  for batch in pf.iter_batches(batch_size=8192, columns=[text_field]):
-    for value in batch.column(0).to_pylist():
-      if is_bytes and value is not None:
+  if not groups:
+    return
+  columns = [text_field, *sorted((keep.columns if keep else set()) - {text_field})]
+  start = first  # the key of the batch's first row
+  for batch in pf.iter_batches(batch_size=8192, row_groups=groups, columns=columns):
+    passes_B = _filtered(batch, keep) if keep is not None else itertools.repeat(True)
+    for row, value, passes in zip(itertools.count(start), batch.column(0).to_pylist(), passes_B):
+      reason = None if passes else 'filtered'
+      if not reason and is_bytes and value is not None:
         try:
           value = value.decode('utf-8')
         except UnicodeDecodeError:
-          stats.skip('non_utf8')
-          row += 1
-          continue
-      if reason := skip_reason(value):
+          reason = 'non_utf8'
+      if reason := reason or skip_reason(value):
         stats.skip(reason)
       else:
         stats.keep()
         yield Document(file_index, row, value)
-      row += 1
+    start += batch.num_rows
+
+
+def _filtered(batch: pa.RecordBatch, keep) -> list[bool]:
+  """Whether each row of the batch passes the filter (its columns are in the batch)."""
+  columns = {name: batch.column(name).to_pylist() for name in keep.columns if name in batch.schema.names}
+  return [keep.keeps({name: values[i] for name, values in columns.items()}) for i in range(batch.num_rows)]

@@ -1,32 +1,40 @@
 """`hmem prepare` as one Apache Beam pipeline: raw documents -> a tokenized, clustered, packed dataset.
 
-The graph, in the order the data flows (docs/DECISIONS.md, "Prepare on Apache Beam"):
+The unit of work is a range of an input file (ranges.py: byte ranges of JSONL, row groups of
+Parquet, whole compressed or text files), so one large file keeps every worker busy; within
+a range, documents stream through each pass in chunks of _CHUNK, so no worker holds a file
+or a range. The graph, in the order the data flows (docs/DECISIONS.md, "Prepare on Apache Beam"):
 
-  read      every input file is read three times, each time by the worker that holds it:
+  count     the lines of each byte range that another range of its file follows: then every
+            range knows the key (file, line or row) of its first record, and a document's
+            key is the same whatever the cut.
+  read      every range is read three times, each time by the worker that holds it:
             documents are never kept between the passes, only what each pass yields.
-  sample    pass 1 counts every record (skips by reason) and yields, per file, its documents
-            with the data.tokenizer_sample smallest hashes of (file, line); Top.Smallest
-            keeps the global smallest: a uniform, seeded sample, the same whatever the
-            parallelism, drawn without an index of the corpus.
+  sample    pass 1 counts every record (skips by reason), per range, and yields, per range,
+            its documents with the data.tokenizer_sample smallest hashes of (file, line);
+            Top.Smallest keeps the global smallest: a uniform, seeded sample, the same
+            whatever the parallelism or the cut, drawn without an index of the corpus.
   fit       one worker trains (or loads) the tokenizer and fits the embedder on that sample
             and writes tokenizer.json and the embedder's files; the rest read them.
-  embed     pass 2 embeds each file's documents into the embedding cache (a hit costs a
+  embed     pass 2 embeds each range's documents into the embedding cache (a hit costs a
             read) and yields the data.tree_sample training documents with the smallest
             hashes of (file, line, train.seed); one worker reads their vectors back from the cache
             and fits the tree (JAX, tree.fit_tree), writing tree.npz.
-  route     pass 3 tokenizes each file's documents and routes their cached vectors; each
-            document goes to its leaf.
-  pack      GroupByKey on the leaf; each leaf's documents, in (file, line) order, are packed
-            into one train and one eval ArrayRecord shard (a leaf's group is the most any
-            worker holds).
-  manifest  one worker writes manifest.json from the shards' summaries, last: a failed
-            pipeline leaves none, so `hmem train` refuses the directory, and a rerun clears
-            what the failed one left and starts again.
+  route     pass 3 tokenizes each range's documents and routes their cached vectors; each
+            document goes to its leaf's block of the range's temporary file (routed.py), and
+            only where those blocks lie goes through the shuffle.
+  pack      GroupByKey on the leaf; each leaf's blocks, read back in (file, line) order, are
+            packed into one train and one eval ArrayRecord shard (a leaf's documents are the
+            most any worker holds).
+  manifest  one worker writes manifest.json from the shards' summaries, last, then removes
+            the temporary files: a failed pipeline leaves no manifest, so `hmem train`
+            refuses the directory, and a rerun clears what the failed one left and starts again.
 
 Every step is idempotent (files appear by atomic renames), as Beam retries bundles. A
 document that makes the embedder or tokenizer raise is skipped and counted
 (embed_error, tokenize_error), never fatal. Skipped records are counted as data that flows
 into the manifest (exact under retries) and as Beam counters (the runner's monitoring).
+data.filter (filters.py) drops records by their other fields, counted as 'filtered'.
 
 The input may lie on an object store (gs://, s3://: inputs.py reads it through
 etils.epath); out_dir and data.embed_cache must be POSIX directories that every worker
@@ -34,12 +42,12 @@ sees (a local disk, NFS or a gcsfuse mount), since the shards are ArrayRecord fi
 cached vectors are memory-mapped: a URL for either is refused before any input is read.
 
 Embeddings are cached on disk (data.embed_cache, by default out_dir/embed_cache, which
-outlives the run): each input file's under its absolute path, size, mtime and
-data.text_field, within a directory per embedder identity (embed.EmbeddingCache). A later
-preparation of the same corpus with the same embedder -- another tree, say, written to
-another --out -- reads them back instead of embedding again; the cache never changes the
-output. The manifest counts the lookups (one per input file, plus one per file the route
-pass found unusable) as embed_cache {hits, misses, rejected}.
+outlives the run): each range's under its file's absolute path, size and mtime, the range's
+bounds, data.text_field and data.filter, within a directory per embedder identity
+(embed.EmbeddingCache). A later preparation of the same corpus with the same embedder --
+another tree, say, written to another --out -- reads them back instead of embedding again;
+the cache never changes the output. The manifest counts the lookups (one per range, plus
+one per range the route pass found unusable) as embed_cache {hits, misses, rejected}.
 
 Output (out_dir):
   {split}-{leaf:05d}-of-{L:05d}.array_record   split 'train' or 'eval'; one shard per
@@ -56,19 +64,21 @@ import collections
 import glob
 import hashlib
 import heapq
-import itertools
 import json
 import os
 import re
+import shutil
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from hmem.data import layout
+from hmem.data import layout, ranges
 from hmem.data.embed import EmbeddingCache, load_embedder, make_embedder
-from hmem.data.inputs import ReadStats, list_files, read_documents, stamp
+from hmem.data.filters import parse_filter
+from hmem.data.inputs import ReadStats, file_format, list_files, read_range, stamp
 from hmem.data.packing import write_shard
+from hmem.data.routed import gather_ranges, read_blocks, routed_file
 from hmem.data.tokenizer import Tokenizer
 from hmem.data.tree import Tree, fit_tree, route, tree_stats
 from hmem.errors import ConfigError, DataError
@@ -81,17 +91,20 @@ _FIT_STREAM, _TREE_STREAM = 0x666974, 0x74726565
 RUNNERS = {'direct': 'DirectRunner', 'dataflow': 'DataflowRunner', 'flink': 'FlinkRunner',
            'spark': 'SparkRunner'}
 TREE_METRICS = ('l2', 'cosine')
+ROUTED = 'routed-tmp'  # out_dir's directory of the route pass's temporary files
 # What a failed run may have left in out_dir: removed before a run starts.
 _OUTPUTS = ('*.array_record', '*.tmp-*', 'tokenizer.json', 'tree.npz', 'embedder*')
 
 
 def prepare(cfg, input_path_or_glob: str, out_dir: str, *, runner: str = 'direct', workers: int = 0,
-            pipeline_args=(), progress: bool = True) -> dict | None:
+            pipeline_args=(), progress: bool = True, range_bytes: int = ranges.RANGE_BYTES) -> dict | None:
   """Runs the preparation on `runner` and returns the manifest (None when the launcher
   cannot see out_dir, e.g. a mount that only the remote workers have).
 
   `workers`: DirectRunner processes (0 = the local cores; 1 runs in this process).
   `pipeline_args`: Beam pipeline options passed to the runner as they are.
+  `range_bytes`: the size of a JSONL byte range and of a Parquet range's row groups
+  (ranges.py); the output does not depend on it, only the parallelism and the cache's keys.
   """
   del progress  # the runner reports progress (DirectRunner logs, Dataflow's console)
   d = cfg.data
@@ -99,6 +112,9 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, *, runner: str = 'direct
     raise DataError(f'data.eval_fraction={d.eval_fraction} must lie in [0, 1)')
   if d.tree_metric not in TREE_METRICS:
     raise ConfigError(f"data.tree_metric={d.tree_metric!r}; use 'l2' or 'cosine'")
+  if range_bytes < 1:
+    raise ConfigError(f'a range of {range_bytes} bytes (--range-mb) cannot hold a record; give at least 1 byte')
+  keep = parse_filter(d.filter)
   layout.check_posix(out_dir, '--out')
   layout.check_posix(d.embed_cache, 'data.embed_cache')
   out_dir = os.path.abspath(out_dir)
@@ -109,6 +125,9 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, *, runner: str = 'direct
                         for found in list_files(input_path_or_glob))
   if not files:
     raise DataError(f'input {input_path_or_glob!r} holds no readable file outside --out {out_dir}')
+  if keep and (texts := [p for p in files if file_format(p) == 'text']):
+    raise DataError(f'data.filter={d.filter!r} reads record fields, which text files have none of '
+                    f'({len(texts)} in the input, e.g. {texts[0]}); leave them out of --input or drop the filter')
   fingerprint = _fingerprint(cfg, input_path_or_glob, files, unsupported)
   manifest_path = os.path.join(out_dir, layout.MANIFEST)
   if os.path.exists(manifest_path):
@@ -117,14 +136,16 @@ def prepare(cfg, input_path_or_glob: str, out_dir: str, *, runner: str = 'direct
       raise DataError(f'{out_dir} already holds a dataset prepared from other inputs or settings; '
                       'pass a new --out or delete that directory')
     return manifest
+  cut = ranges.plan_ranges(files, range_bytes, keep.columns if keep else ())
   os.makedirs(out_dir, exist_ok=True)
   for pattern in _OUTPUTS:  # a failed run's leftovers: start clean
     for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
       os.remove(path)
-  job = _Job(cfg, input_path_or_glob, out_dir, cache_dir, fingerprint, len(unsupported))
+  shutil.rmtree(os.path.join(out_dir, ROUTED), ignore_errors=True)
+  job = _Job(cfg, input_path_or_glob, out_dir, cache_dir, fingerprint, len(files), len(unsupported))
   try:
     with beam.Pipeline(options=pipeline_options(runner, workers, pipeline_args)) as p:
-      build(p, job, files)
+      build(p, job, cut)
   except DataError:
     raise
   except Exception as e:  # noqa: BLE001 -- a worker's DataError comes back as the runner's error
@@ -148,44 +169,62 @@ def pipeline_options(runner: str, workers: int, pipeline_args) -> PipelineOption
 class _Job:
   """What every step needs to know: settings and paths, small and picklable."""
 
-  def __init__(self, cfg, input_path, out_dir, cache_dir, fingerprint, unsupported):
+  def __init__(self, cfg, input_path, out_dir, cache_dir, fingerprint, files, unsupported):
     d, m = cfg.data, cfg.memory
     self.input_path, self.out_dir, self.cache_dir = input_path, out_dir, cache_dir
-    self.fingerprint, self.unsupported = fingerprint, unsupported
+    self.fingerprint, self.files, self.unsupported = fingerprint, files, unsupported
     self.data = d.to_dict()
+    self.keep = parse_filter(d.filter)
     self.k, self.depth, self.leaves = m.k, m.depth, m.k**m.depth
     self.vocab_size, self.seed = cfg.model.vocab_size, cfg.train.seed
 
   def path(self, name: str) -> str:
     return os.path.join(self.out_dir, name)
 
+  def routed(self, range_id: int) -> str:
+    return os.path.join(self.out_dir, ROUTED, f'{range_id:08d}.bin')
 
-def build(p, job: _Job, files: list[str]) -> None:
-  """The graph: read -> sample/fit -> embed/tree -> route -> group by leaf -> pack -> manifest."""
+
+def build(p, job: _Job, cut: list) -> None:
+  """The graph: count -> read -> sample/fit -> embed/tree -> route -> group by leaf -> pack -> manifest."""
   d = job.data
-  # Each pass lists the files anew: passes reading one PCollection would be fused into one
+  # Each pass lists the ranges anew: passes reading one PCollection would be fused into one
   # stage, which cannot wait for a side input that its own output feeds (the tree).
-  inputs = lambda name: (p | f'{name}: files' >> beam.Create(list(enumerate(files)))  # noqa: E731
-                         | f'{name}: spread' >> beam.Reshuffle())
+  inputs = lambda name, elements: (p | f'{name}: ranges' >> beam.Create(elements)  # noqa: E731
+                                   | f'{name}: spread' >> beam.Reshuffle())
+
+  # The key of each range's first record.
+  firsts = (inputs('count', ranges.counted(cut)) | 'count lines' >> beam.Map(lambda r: (r.id, ranges.count_lines(r)))
+            | 'line counts' >> beam.combiners.ToList()
+            | 'first keys' >> beam.Map(lambda counts: ranges.first_keys(cut, dict(counts))))
 
   # Pass 1: count every record; the tokenizer and embedder's sample.
-  read = inputs('read') | 'read' >> beam.ParDo(ReadSample(job)).with_outputs('stats', main='sample')
-  stats = read.stats | 'sum read stats' >> beam.CombineGlobally(_sum_stats)
+  read = (inputs('read', cut) | 'read' >> beam.ParDo(ReadSample(job), beam.pvalue.AsSingleton(firsts))
+          .with_outputs('stats', main='sample'))
+  per_range = read.stats | 'range stats' >> beam.combiners.ToList()
+  stats = per_range | 'sum read stats' >> beam.Map(_sum_stats)
+  # {range id: (first key, kept documents)}: where a range's documents start, and how many
+  # vectors it has in the cache.
+  extents = per_range | 'extents' >> beam.Map(
+      lambda parts, firsts: {r: (firsts[r], s['kept']) for r, s in parts}, beam.pvalue.AsSingleton(firsts))
   fit = (read.sample | 'fit sample' >> beam.combiners.Top.Smallest(d['tokenizer_sample'])
          | 'fit tokenizer and embedder' >> beam.Map(fit_tokenizer_and_embedder, job,
                                                     beam.pvalue.AsSingleton(stats)))
 
   # Pass 2: embed into the cache; the tree's sample, read back from it.
   fit_side = lambda: beam.pvalue.AsSingleton(fit)  # noqa: E731 -- a new view per use
-  embedded = inputs('embed') | 'embed' >> beam.ParDo(EmbedFile(job), fit_side()).with_outputs('cache', main='sample')
+  extents_side = lambda: beam.pvalue.AsSingleton(extents)  # noqa: E731
+  embedded = (inputs('embed', cut) | 'embed' >> beam.ParDo(EmbedRange(job), fit_side(), extents_side())
+              .with_outputs('cache', main='sample'))
   lookups = embedded.cache | 'lookups' >> beam.combiners.ToList()
   tree = (embedded.sample | 'tree sample' >> beam.combiners.Top.Smallest(d['tree_sample'])
           | 'fit tree' >> beam.Map(fit_tree_on_sample, job, fit_side(), beam.pvalue.AsSingleton(lookups)))
 
-  # Pass 3: tokenize and route; group by leaf; pack.
-  routed = (inputs('route') | 'route' >> beam.ParDo(RouteFile(job), fit_side(), beam.pvalue.AsSingleton(tree))
-            .with_outputs('cache', 'failed', main='docs'))
-  shards = (routed.docs | 'group by leaf' >> beam.GroupByKey()
+  # Pass 3: tokenize and route into temporary files; group their blocks by leaf; pack.
+  routed = (inputs('route', cut)
+            | 'route' >> beam.ParDo(RouteRange(job), fit_side(), beam.pvalue.AsSingleton(tree), extents_side())
+            .with_outputs('cache', 'failed', main='blocks'))
+  shards = (routed.blocks | 'group by leaf' >> beam.GroupByKey()
             | 'pack' >> beam.ParDo(PackLeaf(job), fit_side()))
 
   # Last: the manifest, once every shard is written.
@@ -223,27 +262,64 @@ def _salt(seed: int, stream: int) -> int:
   return (seed * 0x100000001B3 + stream) % 2**64 or 1
 
 
+class _Smallest:
+  """The k entries (hash, file, key, *payload) of smallest (hash, file, key) seen so far,
+  fed a chunk at a time: once k are held, only hashes under the largest held are looked at."""
+
+  def __init__(self, k: int):
+    self.k, self._heap = k, []  # a max-heap: entries negated
+
+  def add(self, hash_N: np.ndarray, file_index: int, key_N: np.ndarray, payloads) -> None:
+    """Entries of one file: their hashes, keys and payloads (tuples)."""
+    if not self.k:
+      return
+    rows = np.arange(len(hash_N)) if len(self._heap) < self.k else np.flatnonzero(hash_N <= -self._heap[0][0])
+    payloads = list(payloads)
+    for row, h, key in zip(rows.tolist(), hash_N[rows].tolist(), key_N[rows].tolist()):
+      entry = (-h, -file_index, -key, payloads[row])
+      if len(self._heap) < self.k:
+        heapq.heappush(self._heap, entry)
+      elif entry > self._heap[0]:
+        heapq.heapreplace(self._heap, entry)
+
+  def items(self) -> list[tuple]:
+    return [(-h, -f, -key, *payload) for h, f, key, payload in self._heap]
+
+
+def _chunks(docs, size: int = _CHUNK):
+  """Lists of up to `size` documents."""
+  chunk = []
+  for doc in docs:
+    chunk.append(doc)
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
+
+
 class ReadSample(beam.DoFn):
-  """One file: every record counted; the file's documents with the smallest hashes."""
+  """One range: every record counted; the range's documents with the smallest hashes."""
 
   def __init__(self, job: _Job):
     self.job = job
 
-  def process(self, element):
-    f, path = element
+  def process(self, rng, firsts):
     d, stats = self.job.data, ReadStats()
-    docs = list(read_documents(path, f, d['text_field'], stats))
-    hashes = key_hash(f, np.array([doc.index for doc in docs], np.int64), _FIT_STREAM)
-    yield from heapq.nsmallest(d['tokenizer_sample'], ((int(h), f, doc.index, doc.text)
-                                                       for h, doc in zip(hashes.tolist(), docs)))
+    sample = _Smallest(d['tokenizer_sample'])
+    rng = rng._replace(first=firsts[rng.id])
+    for docs in _chunks(read_range(rng, d['text_field'], stats, self.job.keep)):
+      key_N = np.array([doc.index for doc in docs], np.int64)
+      sample.add(key_hash(rng.file, key_N, _FIT_STREAM), rng.file, key_N, ((doc.text,) for doc in docs))
+    yield from sample.items()
     for reason, count in stats.skipped.items():
       beam.metrics.Metrics.counter('skipped', reason).inc(count)
-    yield beam.pvalue.TaggedOutput('stats', stats.to_json())
+    yield beam.pvalue.TaggedOutput('stats', (rng.id, stats.to_json()))
 
 
 def _sum_stats(parts) -> dict:
   total = ReadStats()
-  for part in parts:
+  for _, part in parts:
     total.add(ReadStats.from_json(part))
   return total.to_json()
 
@@ -253,7 +329,8 @@ def fit_tokenizer_and_embedder(sample, job: _Job, stats: dict) -> dict:
   d = job.data
   if not sample:
     raise DataError(f'input {job.input_path!r} has no usable document ({stats["read"]} records, '
-                    f'skipped: {stats["skipped"]}); check the files and data.text_field={d["text_field"]!r}')
+                    f'skipped: {stats["skipped"]}); check the files, data.text_field={d["text_field"]!r} '
+                    f'and data.filter={d["filter"]!r}')
   texts = [text for *_, text in sorted(sample, key=lambda s: (s[1], s[2]))]  # (file, line) order
   tokenizer = Tokenizer.load(d['tokenizer']) if d['tokenizer'] else Tokenizer.train(texts, job.vocab_size)
   if tokenizer.vocab_size > job.vocab_size:
@@ -287,29 +364,37 @@ class _Loaded(beam.DoFn):
       self.tree = Tree.load(self.job.path('tree.npz')) if tree else None
       self._fit = (fit, tree)
 
-  def source(self, path: str) -> dict:
-    """What decides a file's documents, in order: the embedding cache's key for them."""
-    st = stamp(path)
-    return {'file': path, 'size': st.size, 'mtime_ns': st.mtime_ns, 'text_field': self.job.data['text_field'],
-            'chunk': _CHUNK}
+  def source(self, rng) -> dict:
+    """What decides a range's documents, in order: the embedding cache's key for them."""
+    st, d = stamp(rng.path), self.job.data
+    return {'file': rng.path, 'size': st.size, 'mtime_ns': st.mtime_ns, 'text_field': d['text_field'],
+            'filter': d['filter'], 'chunk': _CHUNK, 'unit': rng.unit, 'start': rng.start, 'stop': rng.stop}
 
-  def vectors(self, path: str, docs: list):
-    """(the file's [N, dim] vectors, cache status, cache key): cached, or embedded and stored.
+  def vectors(self, rng, kept: int):
+    """(cache status, cache key, chunks): the range's documents in chunks, each with its
+    [n, D] vectors, read from the cache or embedded and stored into it as they go.
 
     A document the embedder cannot take gets a NaN row (it is skipped downstream)."""
-    source = self.source(path)
+    source = self.source(rng)
     key = EmbeddingCache.key(**source)
-    cached_NxD, status = self.cache.load(key)
-    if cached_NxD is not None and cached_NxD.shape[0] == len(docs):
-      return cached_NxD, status, key
-    if cached_NxD is not None:  # checksummed vectors of another version of the file
-      status = 'rejected'
+    status = self.cache.load(key, kept)
+    docs = _chunks(read_range(rng, self.job.data['text_field'], ReadStats(), self.job.keep))
+    if status == 'hit':
+      return status, key, self._cached(docs, key, kept)
+    return status, key, self._embedded(docs, key, source, kept)
+
+  def _cached(self, docs, key: str, kept: int):
+    for chunk, vectors_NxD in zip(docs, self.cache.read(key, kept, _CHUNK), strict=True):
+      yield chunk, vectors_NxD
+
+  def _embedded(self, docs, key: str, source: dict, kept: int):
     nan_D = np.full(self.embedder.dim, np.nan, np.float32)
-    rows = [nan_D if row is None else row for lo in range(0, len(docs), _CHUNK)
-            for row in _each(self.embed, [doc.text for doc in docs[lo:lo + _CHUNK]])]
-    vectors_NxD = np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.embedder.dim), np.float32)
-    self.cache.store(key, vectors_NxD, source)
-    return vectors_NxD, status, key
+    with self.cache.writer(key, source, kept) as append:
+      for chunk in docs:
+        rows = _each(self.embed, [doc.text for doc in chunk])
+        vectors_NxD = np.stack([nan_D if row is None else row for row in rows]).astype(np.float32)
+        append(vectors_NxD)
+        yield chunk, vectors_NxD
 
   def embed(self, texts):
     return self.embedder.embed(texts, progress=False)
@@ -329,21 +414,24 @@ def _each(fn, texts: list[str]) -> list:
     return out
 
 
-class EmbedFile(_Loaded):
-  """One file's vectors into the cache; its training documents with the smallest tree hashes."""
+class EmbedRange(_Loaded):
+  """One range's vectors into the cache; its training documents with the smallest tree hashes."""
 
-  def process(self, element, fit):
-    f, path = element
+  def process(self, rng, fit, extents):
     self.load(fit)
-    docs = list(read_documents(path, f, self.job.data['text_field'], ReadStats()))
-    vectors_NxD, status, key = self.vectors(path, docs)
-    yield beam.pvalue.TaggedOutput('cache', (f, key, len(docs), status))
-    index_N = np.array([doc.index for doc in docs], np.int64)
-    usable_N = ~held_out(f, index_N, self.job.data['eval_fraction']) & ~np.isnan(vectors_NxD[:, 0])
-    rows = np.flatnonzero(usable_N)
-    hashes = key_hash(f, index_N[rows], _salt(self.job.seed, _TREE_STREAM))
-    yield from heapq.nsmallest(self.job.data['tree_sample'],
-                               zip(hashes.tolist(), itertools.repeat(f), rows.tolist()))
+    first, kept = extents[rng.id]
+    rng = rng._replace(first=first)
+    status, key, chunks = self.vectors(rng, kept)
+    sample, row = _Smallest(self.job.data['tree_sample']), 0
+    for docs, vectors_NxD in chunks:
+      key_N = np.array([doc.index for doc in docs], np.int64)
+      usable_N = ~held_out(rng.file, key_N, self.job.data['eval_fraction']) & ~np.isnan(vectors_NxD[:, 0])
+      rows = np.flatnonzero(usable_N)
+      sample.add(key_hash(rng.file, key_N[rows], _salt(self.job.seed, _TREE_STREAM)), rng.file, key_N[rows],
+                 ((rng.id, row + r) for r in rows.tolist()))
+      row += len(docs)
+    yield beam.pvalue.TaggedOutput('cache', (rng.id, key, kept, status))
+    yield from sample.items()
 
 
 def fit_tree_on_sample(sample, job: _Job, fit: dict, lookups: list) -> dict:
@@ -353,94 +441,89 @@ def fit_tree_on_sample(sample, job: _Job, fit: dict, lookups: list) -> dict:
   if not sample:
     raise DataError(f'no training document to fit the tree on: every document is held out; '
                     f'lower data.eval_fraction={d["eval_fraction"]}')
-  entries = {f: (key, rows) for f, key, rows, _ in lookups}
+  entries = {r: (key, rows) for r, key, rows, _ in lookups}
   cache = EmbeddingCache(job.cache_dir, load_embedder(job.out_dir))
-  by_file = collections.defaultdict(list)
-  for _, f, row in sample:
-    by_file[f].append(row)
-  emb_NxD = np.concatenate([np.asarray(cache.rows(*entries[f])[sorted(rows)]) for f, rows in sorted(by_file.items())])
+  by_range = collections.defaultdict(list)
+  for *_, r, row in sample:
+    by_range[r].append(row)
+  emb_NxD = np.concatenate([np.asarray(cache.rows(*entries[r])[sorted(rows)]) for r, rows in sorted(by_range.items())])
   tree = fit_tree(emb_NxD, job.k, job.depth, seed=job.seed, samples=d['kmeans_samples'], steps=d['kmeans_steps'],
                   balance=d['balance'], spherical=d['tree_metric'] == 'cosine', progress=False)
   tree.save(job.path('tree.npz'))
   return {'tree_documents': len(sample)}
 
 
-class RouteFile(_Loaded):
-  """One file's documents tokenized and routed: (leaf, documents of that leaf) per leaf."""
+class RouteRange(_Loaded):
+  """One range's documents tokenized and routed into its temporary file: (leaf, where the
+  leaf's documents lie in it) per leaf."""
 
-  def process(self, element, fit, tree):
-    f, path = element
+  def process(self, rng, fit, tree, extents):
     self.load(fit, tree)
-    docs = list(read_documents(path, f, self.job.data['text_field'], ReadStats()))
+    first, kept = extents[rng.id]
+    rng = rng._replace(first=first)
     # The embed pass stored these vectors; they are looked up again (and counted) only
-    # when the file changed or its entry went bad since.
-    vectors_NxD, status, _ = self.vectors(path, docs)
+    # when the range's file changed or its entry went bad since.
+    status, _, chunks = self.vectors(rng, kept)
     if status != 'hit':
       yield beam.pvalue.TaggedOutput('cache', status)
-    failed = collections.Counter(embed_error=int(np.isnan(vectors_NxD[:, 0]).sum()))
-    keep = [i for i in range(len(docs)) if not np.isnan(vectors_NxD[i, 0])]
-    tokens, kept = [], []
-    for lo in range(0, len(keep), _CHUNK):
-      chunk = keep[lo:lo + _CHUNK]
-      for i, ids in zip(chunk, _each(self.tokenizer.encode, [docs[i].text for i in chunk])):
-        if ids is None:
-          failed['tokenize_error'] += 1
-        else:
-          tokens.append(ids)
-          kept.append(i)
+    failed = collections.Counter()
+    os.makedirs(os.path.dirname(self.job.routed(rng.id)), exist_ok=True)
+    with routed_file(self.job.routed(rng.id), layout.token_dtype(fit['vocab_size'])) as out:
+      for docs, vectors_NxD in chunks:
+        embedded = np.flatnonzero(~np.isnan(vectors_NxD[:, 0])).tolist()
+        ids = _each(self.tokenizer.encode, [docs[i].text for i in embedded])
+        kept = [(i, t) for i, t in zip(embedded, ids) if t is not None]
+        failed['embed_error'] += len(docs) - len(embedded)
+        failed['tokenize_error'] += len(embedded) - len(kept)
+        if kept:
+          rows = np.array([i for i, _ in kept])
+          out.add(self.route(vectors_NxD[rows]), np.array([docs[i].index for i in rows], np.int64),
+                  [t for _, t in kept])
     for reason, count in failed.items():
       if count:
         beam.metrics.Metrics.counter('skipped', reason).inc(count)
     yield beam.pvalue.TaggedOutput('failed', dict(failed))
-    if not kept:
-      return
-    leaf_N = np.concatenate([route(self.tree, vectors_NxD[kept[lo:lo + _CHUNK]])
-                             for lo in range(0, len(kept), _CHUNK)])
-    index_N = np.array([docs[i].index for i in kept], np.int64)
-    lengths_N = np.array([len(t) for t in tokens], np.int64)
-    dtype = layout.token_dtype(fit['vocab_size'])
-    tokens_T = np.concatenate(tokens).astype(dtype)
-    starts_N = np.cumsum(lengths_N) - lengths_N
-    held_N = held_out(f, index_N, self.job.data['eval_fraction'])
-    for leaf in np.unique(leaf_N):
-      mine = np.flatnonzero(leaf_N == leaf)
-      yield int(leaf), (f, index_N[mine], held_N[mine], lengths_N[mine],
-                        _concat_ranges(tokens_T, starts_N[mine], lengths_N[mine]))
+    for leaf, blocks in out.blocks.items():
+      yield leaf, (rng.id, rng.file, blocks)
 
-
-def _concat_ranges(tokens: np.ndarray, starts_N: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:
-  """tokens[starts[0]:starts[0]+lengths[0]], tokens[starts[1]:...], ... concatenated."""
-  shift_N = starts_N - (np.cumsum(lengths_N) - lengths_N)
-  return tokens[np.repeat(shift_N, lengths_N) + np.arange(lengths_N.sum())]
+  def route(self, x_NxD: np.ndarray) -> np.ndarray:
+    """Leaves of up to _CHUNK vectors, routed as one padded batch of _CHUNK: one compiled
+    shape, not one per power of two under it (a row's leaf does not depend on the batch)."""
+    return route(self.tree, np.pad(x_NxD, ((0, _CHUNK - len(x_NxD)), (0, 0))))[:len(x_NxD)]
 
 
 class PackLeaf(beam.DoFn):
-  """One leaf's documents, in (file, line) order, packed into its train and eval shards."""
+  """One leaf's documents, read back in (file, line) order, packed into its train and eval shards."""
 
   def __init__(self, job: _Job):
     self.job = job
 
   def process(self, element, fit):
     leaf, parts = element
-    parts = sorted(parts, key=lambda part: part[0])  # by file; lines are in order within one
-    file_N = np.concatenate([np.full(len(part[1]), part[0]) for part in parts])
-    index_N, held_N, lengths_N, tokens_T = (np.concatenate([part[i] for part in parts]) for i in range(1, 5))
+    dtype = layout.token_dtype(fit['vocab_size'])
+    parts = sorted(parts)  # by range: (file, line) order
+    read = [read_blocks(self.job.routed(r), blocks, dtype) for r, _, blocks in parts]
+    file_N = np.concatenate([np.full(len(index_N), f) for (_, f, _), (index_N, _, _) in zip(parts, read)])
+    index_N, lengths_N, tokens_T = (np.concatenate(a) for a in zip(*read))
     assert (np.diff(file_N * 2**32 + index_N) > 0).all(), 'a document reached its leaf twice'
+    held_N = np.concatenate([held_out(f, index_N, self.job.data['eval_fraction'])
+                             for (_, f, _), (index_N, _, _) in zip(parts, read)])
     starts_N = np.cumsum(lengths_N) - lengths_N
     summary = {'leaf': leaf, 'documents': len(index_N)}
     for split in layout.SPLITS:
       mine = np.flatnonzero(held_N == (split == 'eval'))
       name = layout.shard_name(split, leaf, self.job.leaves)
       sequences, tokens = write_shard(
-          self.job.path(name), _concat_ranges(tokens_T, starts_N[mine], lengths_N[mine]), lengths_N[mine], leaf,
-          self.job.data['seq_len'], fit['eot_id'], layout.token_dtype(fit['vocab_size']))
+          self.job.path(name), gather_ranges(tokens_T, starts_N[mine], lengths_N[mine]), lengths_N[mine], leaf,
+          self.job.data['seq_len'], fit['eot_id'], dtype)
       summary[split] = {'file': name if sequences else None, 'documents': int(mine.size),
                         'sequences': sequences, 'tokens': tokens}
     yield summary
 
 
 def write_manifest(shards: list, job: _Job, *, stats, fit, tree, lookups, relookups, failed) -> None:
-  """manifest.json from the leaves' summaries: the pipeline's last write."""
+  """manifest.json from the leaves' summaries: the pipeline's last write; then the route
+  pass's temporary files go."""
   shards = sorted(shards, key=lambda s: s['leaf'])
   read = ReadStats.from_json(stats)
   for counts in failed:
@@ -467,7 +550,7 @@ def write_manifest(shards: list, job: _Job, *, stats, fit, tree, lookups, relook
   tokens = sum(s['tokens'] for s in splits.values())
   manifest = {
       'format': layout.FORMAT, 'version': layout.VERSION, 'fingerprint': job.fingerprint,
-      'input': job.input_path, 'files': len(lookups), 'files_unsupported': job.unsupported,
+      'input': job.input_path, 'files': job.files, 'files_unsupported': job.unsupported, 'ranges': len(lookups),
       'documents_read': read.read, 'documents_kept': read.kept, 'skipped': read.to_json()['skipped'],
       'sample_documents': fit['sample_documents'], 'tree_documents': tree['tree_documents'],
       'sequences': sequences, 'tokens': tokens, 'padding_fraction': _padding(sequences, tokens, seq_len),
@@ -483,12 +566,13 @@ def write_manifest(shards: list, job: _Job, *, stats, fit, tree, lookups, relook
   with atomic_write(job.path(layout.MANIFEST)) as f:
     json.dump(manifest, f, indent=1)
     f.write('\n')
+  shutil.rmtree(job.path(ROUTED), ignore_errors=True)
 
 
 # Data keys added after datasets were prepared, with the value that does what was done
 # before them: at that value a key stays out of the fingerprint, so those datasets are
 # still recognised as done.
-_ADDED_KEYS = {'tfidf_min_df': 0, 'tree_metric': 'l2'}
+_ADDED_KEYS = {'tfidf_min_df': 0, 'tree_metric': 'l2', 'filter': ''}
 
 
 def _fingerprint(cfg, input_path, files, unsupported) -> str:
