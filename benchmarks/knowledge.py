@@ -3,7 +3,7 @@
   python benchmarks/knowledge.py [--quick] [--entities 100 200 400 800] [--config configs/facts.py]
                                  [--workdir runs/knowledge] [--probes 512] [--config.KEY=VALUE ...]
 
-For each N: `hmem.data.facts` writes N synthetic biographies (4 facts each, 16 candidate
+For each N: `hmem.corpora.facts` writes N synthetic biographies (4 facts each, 16 candidate
 values per attribute, chance 1/16) -> `hmem prepare` -> the dense anchor, trained for
 --anchor-epochs over the corpus -> from it, for the same --epochs more on the same batches:
   dense       the anchor's size, no memory;
@@ -40,7 +40,7 @@ import sys
 import time
 
 from hmem.config import load_config
-from hmem.data.facts import write_facts
+from hmem.corpora.facts import write_facts
 from hmem.data.prepare import prepare
 from hmem.infer.bundle import open_bundle, read_manifest
 from hmem.infer.source import open_source

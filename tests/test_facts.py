@@ -1,4 +1,4 @@
-"""The synthetic-biography fact corpus (hmem.data.facts)."""
+"""The synthetic-biography fact corpus (hmem.corpora.facts)."""
 
 import collections
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hmem.config import load_config
-from hmem.data import facts
+from hmem.corpora import facts
 from hmem.data.embed import make_embedder
 from hmem.data.tree import fit_tree, route
 from hmem.errors import DataError
