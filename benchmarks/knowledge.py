@@ -230,8 +230,8 @@ def main(argv=None) -> dict:
       per_seed.append(run_seed(seed_cfg, run_dir(args.workdir, n, args.popularity, args.templates, seed), n, args))
     results.append(report.summarize(per_seed))
     print(f'\nN={n}, {args.popularity.tag}, {args.templates} templates, seeds {results[-1]["seeds"]}')
-    print(report.bucket_table(results[-1]), report.capacity_table(results[-1]), report.checks_table(results[-1]),
-          sep='\n', flush=True)
+    print(report.bucket_table(results[-1]), report.heldout_line(results[-1]), report.capacity_table(results[-1]),
+          report.checks_table(results[-1]), sep='\n', flush=True)
   print('\n' + report.accuracy_table(results))
   png = os.path.join(args.workdir, 'knowledge.png')
   report.plot_vs_n(results, png)

@@ -173,6 +173,12 @@ def bucket_table(summary: dict) -> str:
   return '\n'.join(lines)
 
 
+def heldout_line(summary: dict) -> str:
+  """Fetched memory's held-out over trained phrasing accuracy, over all facts and per bucket."""
+  ratios = summary.get('heldout_over_trained_fetched', {})
+  return 'fetched, held-out / trained phrasing: ' + ', '.join(f'{b} {r:.2f}' for b, r in ratios.items())
+
+
 def capacity_table(summary: dict) -> str:
   lines = [f'{"bits per parameter":<20}{"facts known":>14}{"params":>12}{"bits/param":>22}']
   for model, c in summary['capacity'].items():
