@@ -165,20 +165,20 @@ def run_seed(cfg, d: str, n: int, args) -> dict:
     ppl.update({(mode if block else name): r[f'ppl_{mode}'] for mode in modes})
     lap(f'eval_{name}')
 
-  counts_N = args.popularity.counts(n)
-  entity_buckets = collections.Counter(facts.bucket(c) for c in counts_N)
-  documents = collections.Counter()
-  for c in counts_N:
-    documents[facts.bucket(c)] += int(c)
-  probes = {b: sum(1 for _ in open(path, encoding='utf-8')) for b, path in probe_files['probes'].items()}
+  sizes = collections.defaultdict(collections.Counter)
+  for count in args.popularity.counts(n):
+    sizes[facts.bucket(count)].update(entities=1, documents=int(count))
+  with open(files['probes'], encoding='utf-8') as f:
+    for line in f:
+      sizes[facts.bucket(json.loads(line)['documents'])]['probes'] += 1
   params = {'anchor': anchor_param_counts(configs['anchor'])['anchor_params'],
             'bank': memory_param_counts(configs['memory'])['bank_params']}
   params.update({name: anchor_param_counts(configs[name])['anchor_params'] for name in args.baselines})
   return {'seed': seed, 'entities': n, 'sequences': manifest['sequences'],
           'steps_anchor': configs['anchor'].train.steps, 'steps_extra': configs['memory'].train.steps,
           'acc': {s: dict(v) for s, v in acc.items()}, 'ppl_heldout': ppl,
-          'buckets': {b: {'entities': entity_buckets[b], 'documents': documents[b], 'probes': probes.get(b, 0)}
-                      for b in facts.BUCKETS if entity_buckets[b]},
+          'buckets': {b: {key: sizes[b][key] for key in ('entities', 'documents', 'probes')}
+                      for b in facts.BUCKETS if b in sizes},
           'params': params, 'seconds': seconds, 'minutes': round(sum(seconds.values()) / 60, 2)}
 
 
