@@ -75,6 +75,8 @@ def test_checks_meet_and_miss_the_issue_targets(report):
   assert got['head_generic_over_fetched'] == {'value': pytest.approx(0.7), 'target': 0.8, 'met': False}
   # Tail loses 0.6 of fetched when blocked, the head 0.05: 12x.
   assert got['blocked_loss_tail_over_head']['value'] == pytest.approx(12.0)
+  # The generic block instead: the tail loses 0.6, the head 0.3.
+  assert got['generic_loss_tail_over_head'] == {'value': pytest.approx(2.0), 'target': 5.0, 'met': False}
   by['64+']['blocked'] = 1.0  # the head loses nothing: met whenever the tail loses anything
   assert report.checks(by, buckets)['blocked_loss_tail_over_head']['value'] == math.inf
   assert set(report.checks({'1': by['1']}, buckets)) == {'tail_fetched', 'tail_fetched_over_dense',
