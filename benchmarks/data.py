@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
 from hmem.config import apply_overrides, default_config
-from hmem.data.corpora import wiki_offline
+from hmem.corpora.wiki import wiki_offline
 from hmem.data.embed import make_embedder
 from hmem.data.layout import encode, token_dtype
 from hmem.data.loader import PreparedSource

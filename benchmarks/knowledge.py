@@ -1,10 +1,14 @@
-"""Fact capacity: how many facts a dense model and anchor + memory store, as N grows.
+"""Facts stored, by N and by popularity: what a dense model and anchor + memory answer.
 
-  python benchmarks/knowledge.py [--quick] [--entities 100 200 400 800] [--config configs/facts.py]
-                                 [--workdir runs/knowledge] [--probes 512] [--config.KEY=VALUE ...]
+  python benchmarks/knowledge.py [--quick] [--entities 100 200 400 800] [--popularity uniform|zipf]
+      [--zipf-exponent 1] [--max-documents 256] [--templates 4] [--seeds 1] [--baselines dense dense_wide]
+      [--config configs/facts.py] [--workdir runs/knowledge] [--probes 512] [--config.KEY=VALUE ...]
 
-For each N: `hmem.data.facts` writes N synthetic biographies (4 facts each, 16 candidate
-values per attribute, chance 1/16) -> `hmem prepare` -> the dense anchor, trained for
+For each N and seed: `hmem.corpora.facts` writes N synthetic biographies (4 facts each, 16
+candidate values per attribute, chance 1/16), each entity in as many training documents as
+--popularity gives it (uniform: one each; zipf: the i-th entity in max(1, round(
+max_documents / i ** exponent)), a head seen hundreds of times and a long tail seen once)
+and each fact in --templates phrasings -> `hmem prepare` -> the dense anchor, trained for
 --anchor-epochs over the corpus -> from it, for the same --epochs more on the same batches:
   dense       the anchor's size, no memory;
   dense wide  FLOP-matched to anchor + fetch: every FFN widened by the fetched width
@@ -14,22 +18,35 @@ values per attribute, chance 1/16) -> `hmem prepare` -> the dense anchor, traine
   memory      anchor + memory co-trained (`train.init_from`), exported, then scored with
               the fetched rows, the generic block, no memory, and each probe's own
               level-1 subtree blocked (`--block-best`).
-Scored by `hmem eval` on --probes probes ("The birth city of NAME is", trained phrasing), the
-same questions in a held-out phrasing, and the perplexity of held-out paraphrases of the
-biographies. Prints one table per N as it finishes, the accuracy table (N x mode), saves
-accuracy against N as WORKDIR/knowledge.png, and last one JSON object (with each stage's
-wall seconds per N).
+Scored by `hmem eval` per popularity bucket of the probed entity (1, 2-3, 4-15, 16-63, 64+
+training documents) on --probes probes shared out over the buckets ("The birth city of NAME
+is", trained phrasing), the same questions in a held-out phrasing, and the perplexity of
+held-out paraphrases of the biographies. --seeds K repeats everything with seeds
+train.seed + 0..K-1 (the corpus's names and values and the models' initialisation), and
+every figure is the mean ±standard deviation over them.
 
-Every stage is reused when rerun (runs resume, evaluations are cached per checkpoint), so
-an interrupted run picks up where it stopped. --quick: 32 entities, 2 + 4 epochs, 64
-probes, a depth-2 tree with the same fetched width, no dense wide (a smoke test of the
-other stages; its accuracies mean little). Steps follow the corpus: an epoch is
-ceil(sequences / batch_size) steps.
+Prints per N the accuracy per bucket, the bits stored per parameter and (zipf) the paper's
+popularity checks; then the accuracy table (N x mode, over all facts: buckets weighted by
+their facts); saves WORKDIR/knowledge.png (accuracy against N) and, when there is more than
+one bucket, WORKDIR/knowledge_popularity.png (accuracy against popularity, the largest N),
+and last prints one JSON object: `results` (one summary per N, with its per-seed results),
+and the largest N's `by_popularity` ({bucket: {mode: accuracy}}), `bucket_sizes` and
+`checks`. benchmarks/knowledge_report.py does the arithmetic.
+
+A run's directory is WORKDIR/n{N}[_{law}][_t{templates}][_seed{seed}] (parts at their
+defaults left out, so WORKDIR/n400 is the uniform, 4-template, seed-0 run that
+configs/sweeps/facts.py builds on). Every stage is reused when rerun (runs resume,
+evaluations are cached per checkpoint), so an interrupted run picks up where it stopped.
+--quick: 32 entities, 2 + 4 epochs, 64 probes, a depth-2 tree with the same fetched width,
+no dense wide, zipf's head capped at 8 documents (a smoke test of the stages; its
+accuracies mean little). Steps follow the corpus: an epoch is ceil(sequences / batch_size)
+steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import functools
 import json
@@ -39,23 +56,26 @@ import platform
 import sys
 import time
 
+import knowledge_report as report
+
 from hmem.bundle.export import export_latest
 from hmem.bundle.format import read_manifest
 from hmem.config import load_config
-from hmem.data.facts import write_facts
+from hmem.corpora import facts
 from hmem.data.prepare import prepare
+from hmem.errors import UserError
 from hmem.infer.evaluate import evaluate_cached
 from hmem.infer.source import open_source
+from hmem.sizes import anchor_param_counts, memory_param_counts
 from hmem.train.checkpoint import latest_step
 from hmem.train.trainer import train
 
-MODES = ('dense', 'dense_wide', 'fetched', 'generic', 'none', 'blocked')
 STAGES = ('anchor', 'memory', 'dense', 'dense_wide')
-SETS = ('probes', 'probes_heldout', 'heldout')  # eval files: trained phrasing, held-out phrasing, paraphrase ppl
+BASELINES = ('dense', 'dense_wide')
 
 
 def stage_configs(cfg, data: str, sequences: int, runs: dict, anchor_epochs: float, epochs: float) -> dict:
-  """{run: config} of the four trainings of one N."""
+  """{run: config} of the four trainings of one corpus."""
   def steps(e):
     return max(1, math.ceil(e * sequences / cfg.train.batch_size))
 
@@ -75,16 +95,41 @@ def stage_configs(cfg, data: str, sequences: int, runs: dict, anchor_epochs: flo
   return {'anchor': anchor, 'memory': memory, 'dense': dense, 'dense_wide': wide}
 
 
-def run_n(cfg, root: str, n: int, args) -> dict:
-  """Every stage for N entities; returns {acc_<set>_<mode>, ppl_heldout_<mode>, ...}."""
-  d = os.path.join(root, f'n{n}')
+def run_dir(root: str, n: int, popularity: facts.Popularity, templates: int, seed: int) -> str:
+  name = f'n{n}'
+  name += '' if popularity.law == 'uniform' else f'_{popularity.tag}'
+  name += '' if templates == facts.TRAIN_TEMPLATES else f'_t{templates}'
+  name += '' if seed == 0 else f'_seed{seed}'
+  return os.path.join(root, name)
+
+
+def split_by_bucket(path: str, out_stem: str) -> dict[str, str]:
+  """{bucket: JSONL of the probes whose entity is in that bucket}, as out_stem_<bucket>.jsonl."""
+  groups = collections.defaultdict(list)
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      record = json.loads(line)
+      groups[facts.bucket(record['documents'])].append(record)
+  paths = {}
+  for b in facts.BUCKETS:
+    if b in groups:
+      paths[b] = f'{out_stem}_{b}.jsonl'
+      facts.write_if_changed(paths[b], groups[b])
+  return paths
+
+
+def run_seed(cfg, d: str, n: int, args) -> dict:
+  """Every stage for N entities and cfg.train.seed in directory d; returns the per-seed
+  result knowledge_report reads."""
   seconds, clock = {}, time.perf_counter()
 
   def lap(stage):  # wall seconds of each stage (near 0 where a rerun reused it)
     nonlocal clock
     seconds[stage], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
 
-  files = write_facts(d, n, seed=cfg.train.seed, probes=args.probes)
+  seed = cfg.train.seed
+  files = facts.write_facts(d, n, seed=seed, probes=args.probes, popularity=args.popularity,
+                            templates=args.templates)
   data = os.path.join(d, 'data')
   # In this process: a corpus of hundreds of documents takes seconds, less than starting
   # Beam's worker processes (12 s -> 7 s at N=32).
@@ -100,62 +145,43 @@ def run_n(cfg, root: str, n: int, args) -> dict:
   bundle = os.path.join(d, 'bundle')
   export_latest(runs['memory'], bundle, args.progress)
   lap('export')
+
+  probe_files = {s: split_by_bucket(files[s], os.path.join(d, s)) for s in report.PROBE_SETS}
   models = {'memory': (lambda: open_source(bundle=bundle), read_manifest(bundle)['step'], True)}
-  for name in (n for n in ('dense', 'dense_wide') if n in configs):
+  for name in args.baselines:
     models[name] = (lambda w=runs[name]: open_source(workdir=w), latest_step(runs[name]), False)
-  out = {'entities': n, 'sequences': manifest['sequences'], 'steps_anchor': configs['anchor'].train.steps,
-         'steps_extra': configs['memory'].train.steps}
+  acc = {s: collections.defaultdict(dict) for s in report.PROBE_SETS}
+  ppl = {}
   for name, (open_model, step, block) in models.items():
-    open_model = functools.cache(open_model)  # opened (and compiled) once for its three sets, if not cached
-    for s in SETS:
-      r = evaluate_cached(open_model, step, files[s], os.path.join(d, f'eval_{name}_{s}.json'), block, False)
-      key = 'ppl' if s == 'heldout' else 'acc'
-      for mode in (('fetched', 'generic', 'none', 'blocked') if block else ('none',)):
-        out[f'{key}_{s}_{name if not block else mode}'] = r[f'{key}_{mode}']
+    open_model = functools.cache(open_model)  # opened (and compiled) once for all its files, if not cached
+    modes = ('fetched', 'generic', 'none', 'blocked') if block else ('none',)
+
+    def score(path, out, name=name, open_model=open_model, step=step, block=block):
+      return evaluate_cached(open_model, step, path, os.path.join(d, f'eval_{name}_{out}.json'), block, False)
+
+    for s, by_bucket in probe_files.items():
+      for b, path in by_bucket.items():
+        r = score(path, f'{s}_{b}')
+        acc[s][b].update({(mode if block else name): r[f'acc_{mode}'] for mode in modes})
+    r = score(files['heldout'], 'heldout')
+    ppl.update({(mode if block else name): r[f'ppl_{mode}'] for mode in modes})
     lap(f'eval_{name}')
-  out['seconds'] = seconds
-  out['minutes'] = round(sum(seconds.values()) / 60, 2)
-  return out
 
-
-def table(results: list[dict]) -> str:
-  head = f'{"":<30}' + ''.join(f'{m:>12}' for m in MODES)
-  lines = [head]
-  for r in results:
-    for s, label in (('probes', 'acc, trained phrasing'), ('probes_heldout', 'acc, held-out phrasing'),
-                     ('heldout', 'ppl, held-out paraphrases')):
-      key = 'ppl' if s == 'heldout' else 'acc'
-      name = f'N={r["entities"]} {label}'
-      lines.append(f'{name:<30}'
-                   + ''.join(_cell(r.get(f'{key}_{s}_{m}'), key) for m in MODES))
-  return '\n'.join(lines)
-
-
-def _cell(value, key: str) -> str:
-  return f'{"-":>12}' if value is None else f'{value:>12{".3f" if key == "acc" else ".1f"}}'
-
-
-def plot(results: list[dict], path: str) -> None:
-  """Probe accuracy (trained phrasing solid, held-out dashed) against N, one line per mode."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  ns = [r['entities'] for r in results]
-  fig, ax = plt.subplots(figsize=(6.5, 4))
-  for j, mode in enumerate(m for m in MODES if f'acc_probes_{m}' in results[0]):
-    ax.plot(ns, [r[f'acc_probes_{mode}'] for r in results], 'o-', color=f'C{j}', label=mode)
-    ax.plot(ns, [r[f'acc_probes_heldout_{mode}'] for r in results], 'x--', color=f'C{j}', alpha=0.6)
-  ax.axhline(1 / 16, color='grey', lw=0.8, ls=':', label='chance (1/16)')
-  ax.set_xscale('log', base=2)
-  ax.set_xticks(ns, [str(n) for n in ns])
-  ax.minorticks_off()
-  ax.set_xlabel('entities N (4 facts each)')
-  ax.set_ylabel('probe accuracy')
-  ax.set_title('facts stored vs facts shown (solid: trained phrasing, dashed: held-out)', fontsize=9)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  sizes = collections.defaultdict(collections.Counter)
+  for count in args.popularity.counts(n):
+    sizes[facts.bucket(count)].update(entities=1, documents=int(count))
+  with open(files['probes'], encoding='utf-8') as f:
+    for line in f:
+      sizes[facts.bucket(json.loads(line)['documents'])]['probes'] += 1
+  params = {'anchor': anchor_param_counts(configs['anchor'])['anchor_params'],
+            'bank': memory_param_counts(configs['memory'])['bank_params']}
+  params.update({name: anchor_param_counts(configs[name])['anchor_params'] for name in args.baselines})
+  return {'seed': seed, 'entities': n, 'sequences': manifest['sequences'],
+          'steps_anchor': configs['anchor'].train.steps, 'steps_extra': configs['memory'].train.steps,
+          'acc': {s: dict(v) for s, v in acc.items()}, 'ppl_heldout': ppl,
+          'buckets': {b: {key: sizes[b][key] for key in ('entities', 'documents', 'probes')}
+                      for b in facts.BUCKETS if b in sizes},
+          'params': params, 'seconds': seconds, 'minutes': round(sum(seconds.values()) / 60, 2)}
 
 
 def main(argv=None) -> dict:
@@ -164,18 +190,34 @@ def main(argv=None) -> dict:
   p.add_argument('--config', default=os.path.join(os.path.dirname(__file__), '..', 'configs', 'facts.py'))
   p.add_argument('--workdir', default='runs/knowledge')
   p.add_argument('--entities', type=int, nargs='+', default=[100, 200, 400, 800])
+  p.add_argument('--popularity', choices=facts.POPULARITY, default='uniform',
+                 help='training documents per entity: one each, or Zipf over the entities\' ranks')
+  p.add_argument('--zipf-exponent', type=float, default=1.0)
+  p.add_argument('--max-documents', type=int, default=256, help='zipf: the most popular entity\'s documents')
+  p.add_argument('--templates', type=int, default=facts.TRAIN_TEMPLATES,
+                 help=f'training phrasings per fact, 1-{len(facts.TRAINABLE_TEMPLATES)} (knowledge augmentation)')
+  p.add_argument('--seeds', type=int, default=1, help='seeds per N: train.seed + 0..K-1')
+  p.add_argument('--baselines', nargs='*', choices=BASELINES, default=list(BASELINES),
+                 help='dense models to train and score beside anchor + memory')
   p.add_argument('--anchor-epochs', type=float, default=None, help='default: the config module\'s ANCHOR_EPOCHS')
   p.add_argument('--epochs', type=float, default=None, help='extra epochs; default: the config module\'s EPOCHS')
-  p.add_argument('--probes', type=int, default=512, help='probed (entity, attribute) pairs per N')
+  p.add_argument('--probes', type=int, default=512, help='probed (entity, attribute) pairs per N and seed')
   p.add_argument('--progress', action='store_true', help='progress bars of the trainings')
   args, overrides = p.parse_known_args(argv)
   cfg = load_config(args.config, overrides)
-  args.stages = STAGES
   if args.quick:  # no dense wide: from scratch like the anchor, scored like the dense model
-    args.entities, args.probes, args.stages = [32], 64, STAGES[:3]
+    args.entities, args.probes, args.baselines = [32], 64, ['dense']
     args.anchor_epochs, args.epochs = 2, 4
+    args.max_documents = min(args.max_documents, 8)
     # 64 leaves for 32 entities, the same fetched width: a bank (and checkpoints) 8x smaller.
     cfg.memory.update(depth=2, levels=(32, sum(cfg.memory.levels) - 32))
+  if args.seeds < 1:
+    raise UserError(f'--seeds {args.seeds}; give at least 1')
+  # Checked here, before any work (the corpus writer would stop at the first N otherwise).
+  args.popularity = facts.Popularity(args.popularity, args.zipf_exponent, args.max_documents)
+  if not 1 <= args.templates <= len(facts.TRAINABLE_TEMPLATES):
+    raise UserError(f'--templates {args.templates}; give 1 to {len(facts.TRAINABLE_TEMPLATES)}')
+  args.stages = ('anchor', 'memory', *args.baselines)
   defaults = _epochs(args.config)
   args.anchor_epochs = defaults[0] if args.anchor_epochs is None else args.anchor_epochs
   args.epochs = defaults[1] if args.epochs is None else args.epochs
@@ -183,13 +225,27 @@ def main(argv=None) -> dict:
   start = time.perf_counter()
   results = []
   for n in args.entities:
-    results.append(run_n(cfg, args.workdir, n, args))
-    print(table(results[-1:]), flush=True)
-  print('\n' + table(results))
+    per_seed = []
+    for seed in range(cfg.train.seed, cfg.train.seed + args.seeds):
+      seed_cfg = copy.deepcopy(cfg)
+      seed_cfg.train.seed = seed
+      per_seed.append(run_seed(seed_cfg, run_dir(args.workdir, n, args.popularity, args.templates, seed), n, args))
+    results.append(report.summarize(per_seed))
+    print(f'\nN={n}, {args.popularity.tag}, {args.templates} templates, seeds {results[-1]["seeds"]}')
+    print(report.bucket_table(results[-1]), report.heldout_line(results[-1]), report.capacity_table(results[-1]),
+          report.checks_table(results[-1]), sep='\n', flush=True)
+  print('\n' + report.accuracy_table(results))
   png = os.path.join(args.workdir, 'knowledge.png')
-  plot(results, png)
+  report.plot_vs_n(results, png)
   print(f'plot: {png}')
-  summary = {'results': results, 'anchor_epochs': args.anchor_epochs, 'epochs': args.epochs,
+  last = results[-1]
+  if len(last['bucket_sizes']) > 1:
+    png = os.path.join(args.workdir, 'knowledge_popularity.png')
+    report.plot_popularity(last, png)
+    print(f'plot: {png}')
+  summary = {'by_popularity': last['by_popularity'], 'bucket_sizes': last['bucket_sizes'], 'checks': last['checks'],
+             'results': results, 'popularity': args.popularity.tag, 'templates': args.templates,
+             'seeds': args.seeds, 'anchor_epochs': args.anchor_epochs, 'epochs': args.epochs,
              'overrides': overrides, 'minutes': round((time.perf_counter() - start) / 60, 2),
              'machine': f'{platform.machine()} {os.cpu_count()} cpus'}
   print(json.dumps(summary))

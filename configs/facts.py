@@ -1,4 +1,4 @@
-"""Facts: a tiny anchor and a hierarchical memory on synthetic biographies (hmem.data.facts).
+"""Facts: a tiny anchor and a hierarchical memory on synthetic biographies (hmem.corpora.facts).
 
     python benchmarks/knowledge.py --config configs/facts.py --entities 100 200 400 800
 

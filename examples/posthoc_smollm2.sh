@@ -27,7 +27,7 @@ MEM=(--config.memory.k=4 --config.memory.depth=2 --config.data.seq_len=256)
 # 3,000 lead sections of the offline Wikipedia corpus (10% held out by prepare), and 30
 # other articles, never trained on, for hmem eval.
 [ -f "$W/corpus.jsonl" ] || $PY -c "
-from hmem.data.corpora import wiki_offline, write_jsonl
+from hmem.corpora.wiki import wiki_offline, write_jsonl
 docs = wiki_offline()
 write_jsonl(docs[::3][:3000], '$W/corpus.jsonl')
 write_jsonl([{'text': d['text']} for d in docs[1::3][:30]], '$W/unseen.jsonl')"

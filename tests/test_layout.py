@@ -17,7 +17,7 @@ ALLOWED = {
     'bundle': {'model', 'memory', 'data', 'sizes', 'train', 'weights'},
     'weights': {'model', 'memory', 'data', 'sizes', 'train'},
     'infer': {'model', 'memory', 'data', 'sizes', 'train', 'bundle', 'weights', 'tasks'},
-    'tasks': {'data'},
+    'tasks': {'data', 'corpora'},
     'plan': {'model', 'memory', 'data', 'sizes', 'train'},
     'corpora': {'data'},
     'sweep': {'model', 'memory', 'data', 'sizes', 'train', 'bundle', 'infer'},

@@ -9,7 +9,7 @@ corpus -> `hmem prepare` (tokenizer, embeddings, tree, packed shards) -> three r
 and on the held-out documents: perplexity of the dense baseline, and of the anchor with
 the generic block, the fetched memory, and the fetched memory with each document's own
 level-1 subtree blocked (`--block-best`). With `--probes FILE` (multiple-choice records,
-as `hmem eval` reads them; `hmem.data.facts` writes such files) every model is also scored
+as `hmem eval` reads them; `hmem.corpora.facts` writes such files) every model is also scored
 on the probes: one accuracy row per mode, each question routed by its prompt.
 
 Every stage skips work a previous invocation finished (the trainer resumes; an export or
@@ -27,8 +27,8 @@ import numpy as np
 
 from hmem.bundle.export import export_latest
 from hmem.bundle.format import read_manifest
+from hmem.corpora.wiki import wiki_offline, write_jsonl
 from hmem.data import inputs
-from hmem.data.corpora import wiki_offline, write_jsonl
 from hmem.data.prepare import held_out, prepare
 from hmem.errors import DataError
 from hmem.files import atomic_write

@@ -19,8 +19,8 @@ import numpy as np
 
 from hmem import resources
 from hmem.config import load_config
+from hmem.corpora.wiki import wiki_offline, write_jsonl
 from hmem.data import inputs
-from hmem.data.corpora import wiki_offline, write_jsonl
 from hmem.data.prepare import held_out
 from hmem.tasks import DIR
 

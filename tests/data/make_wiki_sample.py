@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from hmem.data.corpora import wiki_offline, write_jsonl
+from hmem.corpora.wiki import wiki_offline, write_jsonl
 
 DOCUMENTS = 400
 

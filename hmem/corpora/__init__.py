@@ -1,0 +1,1 @@
+"""Benchmark and quickstart corpora, apart from the preparation pipeline (hmem.data)."""
