@@ -28,7 +28,7 @@ BENCHMARKS = (
     ('step', 'step.py', [], ['--quick', '--pairs', '1'], 120),
     ('memory', 'memory.py', [], ['--quick'], 150),
     ('fetch', 'fetch.py', [], ['--quick', '--samples', '2', '--repeats', '1', '--decode-tokens', '4'], 120),
-    ('serve', 'serve.py', [], ['--quick', '--models', 'quickstart', '--repeats', '1'], 90),
+    ('serve', 'serve.py', [], ['--quick', '--models', 'quickstart'], 90),
 )
 _DEVICE = ('import json, jax; d = jax.devices(); print(json.dumps({"platform": d[0].platform, "device_kind": '
            'd[0].device_kind, "devices": len(d), "processes": jax.process_count(), "jax": jax.__version__}))')

@@ -7,7 +7,7 @@ set -euo pipefail
 n=$1; per=$2; shift 2
 port=$((20000 + RANDOM % 20000))
 export JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
-export XLA_FLAGS="--xla_force_host_platform_device_count=$per"
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$per"  # keeps the caller's flags
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1  # see quickstart.sh
 pids=()
 for ((i = 0; i < n; i++)); do

@@ -15,8 +15,10 @@ import shutil
 
 # LLVM at -O0: the tests' models are tiny, so compiling, not running, is most of their time,
 # and -O0 halves the CPU seconds of a compile (docs/PERFORMANCE.md, "The test suite").
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-                           ' --xla_backend_optimization_level=0').strip()
+# Tests that give a subprocess its own XLA_FLAGS add FAST_COMPILE to them.
+FAST_COMPILE = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count=8 {FAST_COMPILE}'
+                           ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WIKI = REPO / 'tests' / 'data' / 'wiki_sample.jsonl'

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from hmem.cli import _parser
 from hmem.config import load_config
@@ -58,7 +59,8 @@ def _start(repo, tmp_path, bindir, workdir, job_id):
              FAKE_SLURM_DIR=str(tmp_path), SLURM_JOB_ID=str(job_id), SLURM_JOB_NAME='hmem',
              SLURM_STEP_NODELIST='localhost', SLURM_NTASKS='2', SLURM_STEP_NUM_NODES='2',
              SLURM_CPUS_PER_TASK='1', SLURM_GPUS_ON_NODE='8', JAX_PLATFORMS='cpu',
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', XLA_FLAGS='--xla_force_host_platform_device_count=4')
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count=4 {FAST_COMPILE}')
   return subprocess.Popen(
       ['bash', str(repo / 'launch/slurm.sbatch'), '--config', str(repo / 'configs/tiny.py'), '--workdir', str(workdir),
        '--config.memory.levels=(8,4)', f'--config.train.steps={STEPS}', '--config.train.log_every=1',
@@ -181,7 +183,7 @@ def test_tpu_vm_run_outlives_ssh_logs_per_worker_and_stop_checkpoints(repo, tmp_
   env.update(PATH=f'{bindir}:{env["PATH"]}', FAKE_TPU=str(tmp_path / 'tpu'), FAKE_WORKERS='2',
              SLURM_JOB_ID=str(random.randrange(1000, 1_000_000)), SLURM_STEP_NODELIST='localhost', SLURM_NTASKS='2',
              JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
-             XLA_FLAGS='--xla_force_host_platform_device_count=4', PYTHONPATH=str(repo))
+             XLA_FLAGS=f'--xla_force_host_platform_device_count=4 {FAST_COMPILE}', PYTHONPATH=str(repo))
   workdir, script = tmp_path / 'run', str(repo / 'launch' / 'tpu_vm.sh')
   run_args = ['--config', str(repo / 'configs/tiny.py'), '--workdir', str(workdir), f'--config.train.steps={STEPS}',
               '--config.train.log_every=1', '--config.train.checkpoint_every=1000', '--config.train.compile_cache=off']

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from hmem.train.trainer import train
 
@@ -30,7 +31,7 @@ def _rows(workdir) -> dict[int, dict]:
 
 
 def _start(repo, workdir, *overrides):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = {**os.environ, 'XLA_FLAGS': FAST_COMPILE}  # launch/local.sh adds the device count
   env['PYTHON'] = sys.executable
   # No persistent cache: when one process finds a step in it and the other compiles it,
   # the first waits longer than gloo's fixed 30 s for the second at their first collective.

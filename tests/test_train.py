@@ -1,11 +1,8 @@
-"""The trainer end to end: learning, metrics, accumulation, checkpoints, resume, signals, NaNs."""
+"""The trainer end to end: learning, metrics, accumulation, checkpoints, resume, NaNs
+(killed and stopped processes: test_faults.py)."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -93,57 +90,6 @@ def test_restore_onto_a_different_mesh(make_config, tiny_run, tmp_path):
     np.testing.assert_allclose(resumed[step]['loss'], full[step]['loss'], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(_params(tmp_path)), jax.tree.leaves(_params(full_dir))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-def _hmem_train(repo, workdir, *overrides):
-  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
-  return subprocess.Popen(
-      [sys.executable, '-m', 'hmem.cli', 'train', '--config', str(repo / 'configs/tiny.py'), '--workdir',
-       str(workdir), '--no-progress', *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
-
-
-def _wait_for_checkpoint(workdir, min_step, proc, polls=2400):
-  """Polls every 50 ms (2 minutes at most) until a checkpoint >= min_step exists."""
-  for _ in range(polls):
-    ckpts = workdir / 'checkpoints'
-    done = [int(s) for s in os.listdir(ckpts) if s.isdigit()] if ckpts.exists() else []
-    if any(s >= min_step for s in done):
-      return
-    assert proc.poll() is None, proc.communicate()
-    time.sleep(0.05)
-  raise AssertionError('no checkpoint appeared')
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_equal(repo, tiny_run, tmp_path):
-  _, full_dir, _ = tiny_run
-  slow = ('--config.train.checkpoint_every=2', '--config.train.async_checkpoints=false')
-  proc = _hmem_train(repo, tmp_path, *slow)
-  _wait_for_checkpoint(tmp_path, 6, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  proc = _hmem_train(repo, tmp_path, *slow)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err
-  assert json.loads(out.strip().splitlines()[-1])['step'] == 20
-  _assert_trees_equal(_params(tmp_path, 20), _params(full_dir, 20))
-  assert [r['step'] for r in _rows(tmp_path) if 'loss' in r] == [5, 10, 15, 20]
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_zero(repo, tmp_path):
-  proc = _hmem_train(repo, tmp_path, '--config.train.steps=100000', '--config.train.checkpoint_every=5',
-                     '--config.train.log_every=1', '--config.train.eval_every=0')
-  _wait_for_checkpoint(tmp_path, 5, proc)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err
-  summary = json.loads(out.strip().splitlines()[-1])
-  assert summary['stopped_by_signal'] and summary['step'] >= 5
-  steps = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
-  assert max(steps) == summary['step']
 
 
 def test_non_finite_loss_stops_the_run_and_no_bad_checkpoint(make_config, tmp_path):

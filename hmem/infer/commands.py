@@ -107,7 +107,10 @@ def _source_args(p, routing: bool = True) -> None:
 
 
 def _live_harness(cfg, mesh):
-  """`train.harness`'s hook (hmem.infer.live), imported only when a run trains."""
+  """`train.harness`'s hook (hmem.infer.live), imported only when a run turns it on (it
+  brings lm-eval and the router's scikit-learn: seconds of every `hmem train` start)."""
+  if not (cfg.train.harness.every or cfg.train.harness.tasks):
+    return None
   from hmem.infer.live import Harness
   return Harness.create(cfg, mesh)
 
