@@ -74,10 +74,13 @@ def _batch(cfg, leaves, seed=0):
   return {'tokens': tokens, 'segment_ids': segments, 'leaf_id': np.asarray(leaves, np.int32)}
 
 
-def test_sparse_row_gradients_equal_grad_through_a_dense_gather(make_config):
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_sparse_row_gradients_equal_grad_through_a_dense_gather(make_config, dtype):
   """Per-row sums of per-sequence block gradients (with repeated nodes) equal jax.grad
-  of the loss with respect to the whole bank through a plain gather."""
-  cfg = make_config(*MEMORY, 'memory.generic_prob=0.0')
+  of the loss with respect to the whole bank through a plain gather. In bf16 the blocks
+  and their gradients move in bf16, the bank stays fp32 and the sums are fp32: the same
+  row gradients as an fp32 gather cast to bf16 for the model, to fp32 summation order."""
+  cfg = make_config(*MEMORY, 'memory.generic_prob=0.0', f'model.dtype={dtype}')
   bank = mb.init_bank(memory_spec(cfg), jax.random.key(0))
   bank = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(a.ndim), a.shape), bank)
   graphdef, params = nnx.split(build_model(cfg))
@@ -87,11 +90,13 @@ def test_sparse_row_gradients_equal_grad_through_a_dense_gather(make_config):
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
   loss_and_grads = make_loss_and_grads(cfg, graphdef)
-  _, block_grads, _, _ = loss_and_grads({}, params, mb.gather_levels(memory_spec(cfg), bank, leaf), batch)
+  blocks = mb.gather_levels(memory_spec(cfg), bank, leaf, jnp.dtype(dtype))
+  _, block_grads, _, _ = loss_and_grads({}, params, blocks, batch)
+  assert {g.dtype for g in jax.tree.leaves(block_grads)} == {jnp.dtype(dtype)}
 
   def dense_loss(bank):
     blocks = {t: {n: a[memory_spec(cfg).level_ids(leaf, t)] for n, a in arrays.items()} for t, arrays in bank.items()}
-    memory = mb.assemble(blocks, None, None, jnp.float32)
+    memory = mb.assemble(blocks, None, None, jnp.dtype(dtype))
     from hmem.train.loss import next_token_loss
     logits = nnx.merge(graphdef, params)(batch['tokens'], batch['segment_ids'], memory)
     return next_token_loss(logits, batch['tokens'], batch['segment_ids'])[0]
@@ -103,6 +108,7 @@ def test_sparse_row_gradients_equal_grad_through_a_dense_gather(make_config):
     valid = ids < rows
     assert sorted(ids[valid]) == sorted(set(np.asarray(memory_spec(cfg).level_ids(leaf, t)).tolist()))
     for n in row_grads:
+      assert row_grads[n].dtype == jnp.float32
       np.testing.assert_allclose(np.asarray(row_grads[n])[valid], np.asarray(dense[t][n])[ids[valid]],
                                  rtol=2e-5, atol=1e-9)
       untouched = np.setdiff1d(np.arange(rows), ids[valid])
@@ -353,6 +359,25 @@ def test_memory_collectives_scale_with_the_local_fetch_not_the_bank(make_config,
     cfg = make_config(*MEMORY, *mesh, f'train.batch_size={batch}', 'train.freeze_anchor=true')
     found = largest_collective_over_local_fetch(cfg, compiled_train_step_text(cfg))
     assert 0 < found['largest_bytes'] and found['ratio'] <= 2, (batch, found)
+
+
+def test_fetched_blocks_and_their_gradients_move_in_the_compute_dtype(make_config):
+  """With bf16 compute the memory's all-to-alls (blocks to their sequences, gradients back
+  to the bank's shards) carry half the bytes of an fp32-compute step; the bank and its
+  moments stay fp32."""
+  from hmem import hlo
+  moved = {}
+  for dtype in ('float32', 'bfloat16'):
+    cfg = make_config(*MEMORY, 'mesh.data=8', 'train.batch_size=16', 'train.freeze_anchor=true',
+                      f'model.dtype={dtype}')
+    mesh = sharding.make_mesh(cfg.mesh)
+    with sharding.use_mesh(mesh, cfg.mesh.rules):
+      spec, _, step = fresh_train_step(cfg, mesh, init=False)
+      lowered = step.lower(spec.abstract, sharding.abstract_batch(mesh, 16, cfg.data.seq_len))
+    state_out = lowered.out_info[0]
+    assert {str(a.dtype) for a in jax.tree.leaves((state_out.bank, state_out.bank_opt))} == {'float32', 'int32'}
+    moved[dtype] = hlo.collective_bytes_per_step(lowered.compile().as_text()).get('all-to-all', 0)
+  assert moved['float32'] > 0 and moved['bfloat16'] == moved['float32'] // 2, moved
 
 
 def test_hlo_collective_parser_reads_tuple_results():

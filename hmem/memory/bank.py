@@ -50,11 +50,15 @@ def init_bank(spec: MemorySpec, key: jax.Array) -> dict:
   return bank
 
 
-def gather_levels(spec: MemorySpec, bank: dict, leaf_B: jax.Array) -> dict:
-  """Per level table, each sequence's row: {table: {name: [B, layers_m, width, features]}}.
+def gather_levels(spec: MemorySpec, bank: dict, leaf_B: jax.Array, dtype=None) -> dict:
+  """Per level table, each sequence's row: {table: {name: [B, layers_m, width, features]}},
+  in `dtype` (None: the bank's fp32).
 
   The bank is feature-sharded: every device gathers all B rows of its feature slice (ids
-  are replicated, tiny), then one all-to-all hands each device its own sequences' rows.
+  are replicated, tiny) and casts them to `dtype`, then one all-to-all hands each device its
+  own sequences' rows. Cast before the all-to-all, the rows move in the compute dtype (bf16:
+  half the bytes of fp32), and the model sees the same values as when cast after it; their
+  gradients move back in that dtype too (`optimizer.row_gradients` sums them in fp32).
   """
   leaf_B = sharding.constrain(leaf_B, (None,))
   out = {}
@@ -64,14 +68,16 @@ def gather_levels(spec: MemorySpec, bank: dict, leaf_B: jax.Array) -> dict:
     ids_B = spec.level_ids(leaf_B, t)
     out[t] = {}
     for name, table in bank[t].items():
-      rows = sharding.constrain(table[ids_B], (None, None, None, 'bank_embed'))
+      rows = table[ids_B] if dtype is None else table[ids_B].astype(dtype)
+      rows = sharding.constrain(rows, (None, None, None, 'bank_embed'))
       out[t][name] = sharding.constrain(rows, ('batch', None, None, None))
   return out
 
 
 def assemble(blocks: dict, generic: dict | None, use_generic_B: jax.Array | None, dtype) -> dict:
   """The model's `memory`: per name, the path's rows concatenated along the width axis,
-  replaced by the generic block for sequences with `use_generic_B`; in `dtype`."""
+  replaced by the generic block for sequences with `use_generic_B`; in `dtype`. The generic
+  block stays fp32 up to the cast, so that its gradient is summed over the batch in fp32."""
   names = next(iter(blocks.values())).keys()
   memory = {}
   for name in names:

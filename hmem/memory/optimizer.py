@@ -1,9 +1,10 @@
 """AdamW for the bank, updating only the rows a step touched, so that its cost does not
 grow with the bank.
 
-Gradients arrive per sequence (with respect to each sequence's fetched rows), never as a
-bank-sized buffer. `row_gradients` sums them per distinct row (`jnp.unique` with a static
-size, then a segment sum); `update` gathers only those rows and their fp32 moments,
+Gradients arrive per sequence (with respect to each sequence's fetched rows, in the compute
+dtype those rows were fetched in), never as a bank-sized buffer. `row_gradients` moves them
+to the bank's feature shards in that dtype and sums them per distinct row in fp32
+(`jnp.unique` with a static size, then a segment sum); `update` gathers only those rows and their fp32 moments,
 updates them, and scatters them back into the donated bank with mode='drop'.
 
 Each row keeps `last_step`, the step it was last updated at. Before its update, a row
@@ -58,9 +59,9 @@ def opt_shardings(bank_shardings: dict, mesh) -> dict:
 
 def row_gradients(spec: MemorySpec, block_grads: dict, generic_grads: dict | None, leaf_B: jax.Array,
                   use_generic_B: jax.Array | None) -> tuple[dict, dict]:
-  """Per table: (row ids [U], summed row gradients {name: [U, ...]}) from the per-sequence
-  gradients of the fetched blocks (and the generic block's, already summed). Sequences
-  switched to the generic block do not touch their path's rows."""
+  """Per table: (row ids [U], summed fp32 row gradients {name: [U, ...]}) from the
+  per-sequence gradients of the fetched blocks (and the generic block's, already summed).
+  Sequences switched to the generic block do not touch their path's rows."""
   row_ids, row_grads = {}, {}
   for t, (rows, _) in spec.tables.items():
     if t == 'generic':
@@ -80,7 +81,9 @@ def _table_row_gradients(seq_grads: dict, ids_B: jax.Array, rows: int):
 
   `ids_B` holds each sequence's row, or `rows` (out of range) for a sequence that did not
   use this table. U = min(B, rows + 1) is static; unused slots and the out-of-range id
-  carry id `rows`, which every later scatter drops.
+  carry id `rows`, which every later scatter drops. The gradients move to the bank's
+  feature shards in the dtype they arrive in (the compute dtype, in which they were
+  computed: a bf16 gradient loses nothing on the way) and are summed in fp32.
   """
   B = ids_B.shape[0]
   U = min(B, rows + 1)
@@ -88,7 +91,7 @@ def _table_row_gradients(seq_grads: dict, ids_B: jax.Array, rows: int):
   inverse = inverse.reshape(B)
   grads = {}
   for name, g in seq_grads.items():
-    g = sharding.constrain(g, ROW_AXES)  # feature-sharded, like the bank
+    g = sharding.constrain(g, ROW_AXES).astype(jnp.float32)  # feature-sharded, like the bank
     grads[name] = jax.ops.segment_sum(g, inverse, num_segments=U, indices_are_sorted=False)
   return row_ids, grads
 

@@ -8,8 +8,9 @@ its own AdamW (hmem.memory.optimizer), and apply the update only if the loss and
 gradient norm are finite; otherwise the state passes through unchanged and `finite`
 reports it.
 
-Memory gradients are taken with respect to the fetched blocks, per sequence; micro-batches
-concatenate them, so no bank-sized buffer ever exists.
+Memory gradients are taken with respect to the fetched blocks, per sequence, in the compute
+dtype the blocks are fetched in (hmem.memory.bank.gather_levels); micro-batches concatenate
+them, so no bank-sized buffer ever exists.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
   analysis, which counts a loop's body once: `hmem plan --target`)."""
   loss_and_grads = make_loss_and_grads(cfg, spec.graphdef, unroll)
   clip, frozen, memory = cfg.train.clip_norm, cfg.train.freeze_anchor, spec.memory
+  dtype = dtype_of(cfg.model.dtype)
 
   def train_step(state: TrainState, batch, tables):
     # Made in the program, not when the step is built: building it runs nothing on a
@@ -95,7 +97,7 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
     batch = dict(batch)
     leaf_B = batch.pop('leaf_id')
-    blocks = memory_bank.gather_levels(memory, state.bank, leaf_B) if state.bank else {}
+    blocks = memory_bank.gather_levels(memory, state.bank, leaf_B, dtype) if state.bank else {}
     use_generic_B = memory_bank.generic_mask(memory, key, leaf_B.shape[0]) if 'generic' in state.bank else None
     if use_generic_B is not None:
       batch['use_generic'] = use_generic_B
@@ -107,9 +109,11 @@ def make_train_step(cfg, spec: StateSpec, tx: optax.GradientTransformation, sche
     count = jnp.maximum(count, 1.0)
     normalise = lambda tree: jax.tree.map(lambda g: g / count, tree)
     anchor_grads = normalise(shared_grads.get('params', {}))
-    row_ids, row_grads = (memory_optimizer.row_gradients(memory, normalise(block_grads),
-                                                         normalise(shared_grads.get('generic')), leaf_B, use_generic_B)
-                          if state.bank else ({}, {}))
+    # Normalised after the per-row sums: the per-sequence gradients stay in the compute dtype
+    # until they are summed in fp32 on the bank's shards.
+    row_ids, row_grads = (memory_optimizer.row_gradients(memory, block_grads, shared_grads.get('generic'), leaf_B,
+                                                         use_generic_B) if state.bank else ({}, {}))
+    row_grads = normalise(row_grads)
     loss = nll / count
     grad_norm = optax.tree.norm((anchor_grads, row_grads))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -206,7 +210,7 @@ def make_eval_step(cfg, spec: StateSpec, mesh):
 
     out = {'anchor': nll(None)}
     if bank:
-      blocks = memory_bank.gather_levels(spec.memory, bank, batch['leaf_id'])
+      blocks = memory_bank.gather_levels(spec.memory, bank, batch['leaf_id'], dtype)
       out['fetched'] = nll(memory_bank.assemble(blocks, None, None, dtype))
       if 'generic' in bank:
         everyone = jnp.ones(batch['leaf_id'].shape, bool)
