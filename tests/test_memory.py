@@ -361,25 +361,6 @@ def test_memory_collectives_scale_with_the_local_fetch_not_the_bank(make_config,
     assert 0 < found['largest_bytes'] and found['ratio'] <= 2, (batch, found)
 
 
-def test_fetched_blocks_and_their_gradients_move_in_the_compute_dtype(make_config):
-  """With bf16 compute the memory's all-to-alls (blocks to their sequences, gradients back
-  to the bank's shards) carry half the bytes of an fp32-compute step; the bank and its
-  moments stay fp32."""
-  from hmem import hlo
-  moved = {}
-  for dtype in ('float32', 'bfloat16'):
-    cfg = make_config(*MEMORY, 'mesh.data=8', 'train.batch_size=16', 'train.freeze_anchor=true',
-                      f'model.dtype={dtype}')
-    mesh = sharding.make_mesh(cfg.mesh)
-    with sharding.use_mesh(mesh, cfg.mesh.rules):
-      spec, _, step = fresh_train_step(cfg, mesh, init=False)
-      lowered = step.lower(spec.abstract, sharding.abstract_batch(mesh, 16, cfg.data.seq_len))
-    state_out = lowered.out_info[0]
-    assert {str(a.dtype) for a in jax.tree.leaves((state_out.bank, state_out.bank_opt))} == {'float32', 'int32'}
-    moved[dtype] = hlo.collective_bytes_per_step(lowered.compile().as_text()).get('all-to-all', 0)
-  assert moved['float32'] > 0 and moved['bfloat16'] == moved['float32'] // 2, moved
-
-
 def test_hlo_collective_parser_reads_tuple_results():
   from hmem import hlo
   text = ('  %all-to-all.1 = (f32[1,8,2]{2,1,0}, /*index=1*/bf16[4]{0}) all-to-all(%a, %b), channel_id=1\n'

@@ -239,3 +239,33 @@ def test_chip_table_matches_device_kinds():
     assert {name: hardware.chip(kind).name for name, kind in kinds.items()} == {'v5e': 'v5e', 'v5p': 'v5p',
                                                                                'v6e': 'v6e'}
     assert hardware.peak_flops_per_device(device=targets.tpu_devices('v5p:2x2x1')[0]) == 459e12
+
+
+_ALL_TO_ALLS = """
+import json, re, sys
+from hmem.config import load_config
+from hmem.plan import plan, targets
+out = {}
+for dtype in ('float32', 'bfloat16'):
+  cfg = load_config(sys.argv[1], ['memory.levels=(8,4)', 'mesh.data=4', 'train.batch_size=16',
+                                  'train.freeze_anchor=true', f'model.dtype={dtype}'])
+  compiled = plan._compile(cfg, targets.devices('v5e:2x2'))[3]
+  out[dtype] = re.findall(r'= (\\w+)\\[[^]]*\\][^ ]* all-to-all\\(', compiled.as_text())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_fetched_rows_and_their_gradients_move_in_the_compute_dtype(repo):
+  """The TPU compiler's train step (post-hoc regime: no anchor all-reduce) with bf16 compute
+  moves every all-to-all in bf16 (the fetched rows to their sequences, their gradients back
+  to the bank's shards); with fp32 compute the memory's all-to-alls are fp32. (XLA's CPU
+  compiler widens bf16 collectives to f32, so this needs the TPU's.)"""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, '-c', _ALL_TO_ALLS, str(repo / 'configs/tiny.py')], env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  kinds = json.loads(out.stdout.splitlines()[-1])
+  assert kinds['bfloat16'] and set(kinds['bfloat16']) == {'bf16'}, kinds
+  assert 'f32' in kinds['float32'], kinds
