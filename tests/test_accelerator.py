@@ -7,7 +7,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # four benchmark processes end to end
 def test_quick_writes_every_benchmark_and_the_device_to_one_json(repo, tmp_path):
   out_file = tmp_path / 'accelerator.json'
   out = subprocess.run([sys.executable, str(repo / 'benchmarks/accelerator.py'), '--quick', '--out', str(out_file)],
