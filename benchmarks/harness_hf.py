@@ -32,17 +32,6 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 
-def _per_request(results) -> dict:
-  """{(task, doc, choice): loglikelihood} from logged samples."""
-  out = {}
-  for task, samples in results['samples'].items():
-    for s in samples:
-      for i, resp in enumerate(s['resps']):
-        value = resp[0]
-        out[task, s['doc_id'], i] = float(value[0] if isinstance(value, (list, tuple)) else value)
-  return out
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--workdir', required=True, help='a run without memory')
@@ -75,7 +64,7 @@ def main() -> None:
   max_length = run_config(args.workdir).data.seq_len
   hf = lm_eval.simple_evaluate(model='hf', model_args=f'pretrained={out},dtype=float32,max_length={max_length}',
                                device='cpu', **common)
-  a, b = _per_request(hmem), _per_request(hf)
+  a, b = table.per_request(hmem), table.per_request(hf)
   if a.keys() != b.keys():
     sys.exit(f'harness_hf: the models answered different requests ({len(a)} vs {len(b)})')
   keys = sorted(a)

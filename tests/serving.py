@@ -10,6 +10,11 @@ import urllib.request
 
 import openai
 
+PROMPTS = ('The French Revolution was a period of political and',
+           'Photosynthesis is the process by which plants turn',
+           'Jazz is a music genre that originated in',
+           'Mathematics is a field of study that')
+NAME = 'tiny'  # the model id the test servers serve under
 TIMEOUT = 120  # seconds: a hang guard for every request and wait, never a timing assertion
 
 

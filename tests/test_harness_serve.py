@@ -13,13 +13,12 @@ import lm_eval
 import numpy as np
 import pytest
 from conftest import WIKI
-from serving import randomize_bank, running
+from serving import NAME, randomize_bank, running
 
 from hmem.infer import table
 from hmem.infer.server import CompletionServer
 from hmem.infer.source import open_source
 
-NAME = 'tiny'
 MAX_LENGTH = 32  # tokens the model reads: rolling documents span several windows
 
 
@@ -50,17 +49,6 @@ def task_dir(tmp_path_factory):
   return root
 
 
-def _per_request(results) -> dict:
-  """{(task, doc, choice): loglikelihood} of logged samples, and {task: acc or word_perplexity}."""
-  out = {}
-  for task, samples in results['samples'].items():
-    for s in samples:
-      for i, resp in enumerate(s['resps']):
-        value = resp[0]
-        out[task, s['doc_id'], i] = float(value[0] if isinstance(value, (list, tuple)) else value)
-  return out
-
-
 @pytest.mark.parametrize('mode', ['none', 'generic'])
 def test_local_completions_through_hmem_serve_equal_the_harness_model(served, task_dir, mode):
   bundle, url = served
@@ -75,7 +63,7 @@ def test_local_completions_through_hmem_serve_equal_the_harness_model(served, ta
       model='local-completions', batch_size=1, **common,
       model_args=f'base_url={url}/v1/completions,model={NAME}:{mode},tokenizer_backend=remote,'
                  f'max_length={MAX_LENGTH + 2},num_concurrent=1,max_retries=1')
-  a, b = _per_request(ours), _per_request(theirs)
+  a, b = table.per_request(ours), table.per_request(theirs)
   assert a.keys() == b.keys() and len(a) == 12 * 4 + 3
   np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], rtol=1e-5)
   assert theirs['results']['hmem_capital']['acc,none'] == ours['results']['hmem_capital']['acc,none']

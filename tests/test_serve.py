@@ -13,17 +13,11 @@ import shutil
 import numpy as np
 import openai
 import pytest
-from serving import forward_logprobs, free_socket, http, randomize_bank, running
+from serving import NAME, PROMPTS, forward_logprobs, free_socket, http, randomize_bank, running
 
 from hmem.infer.decoder import complete, complete_all
 from hmem.infer.server import CompletionServer
 from hmem.infer.source import open_source
-
-PROMPTS = ('The French Revolution was a period of political and',
-           'Photosynthesis is the process by which plants turn',
-           'Jazz is a music genre that originated in',
-           'Mathematics is a field of study that')
-NAME = 'tiny'
 
 
 @pytest.fixture(scope='module')

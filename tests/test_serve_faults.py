@@ -22,19 +22,13 @@ from http.client import HTTPConnection
 import jax
 import numpy as np
 import pytest
-from serving import TIMEOUT, free_socket, http, randomize_bank, running, wait_until
+from serving import NAME, PROMPTS, TIMEOUT, free_socket, http, randomize_bank, running, wait_until
 
 from hmem.bundle import edit
 from hmem.infer import decoder
 from hmem.infer.decoder import complete
 from hmem.infer.server import CompletionServer
 from hmem.infer.source import open_source
-
-PROMPTS = ('The French Revolution was a period of political and',
-           'Photosynthesis is the process by which plants turn',
-           'Jazz is a music genre that originated in',
-           'Mathematics is a field of study that')
-NAME = 'tiny'
 
 
 @pytest.fixture(scope='module')

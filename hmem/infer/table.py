@@ -139,6 +139,18 @@ def run_modes(source, tasks, modes, *, manager, block=(), limit=None, batch_size
   return out
 
 
+def per_request(results: dict) -> dict:
+  """{(task, doc, choice): loglikelihood} from lm-eval's logged samples (`log_samples=True`),
+  to set one model's scores beside another's request by request."""
+  out = {}
+  for task, samples in results['samples'].items():
+    for s in samples:
+      for i, resp in enumerate(s['resps']):
+        value = resp[0]
+        out[task, s['doc_id'], i] = float(value[0] if isinstance(value, (list, tuple)) else value)
+  return out
+
+
 def rows(result: dict) -> list[tuple[str, str, str, float, float | None]]:
   """(task, metric, mode, value, stderr or None) for every cell."""
   return [(task, metric, mode, value, result['stderr'].get(task, {}).get(metric, {}).get(mode))
