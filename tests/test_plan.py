@@ -269,3 +269,19 @@ def test_fetched_rows_and_their_gradients_move_in_the_compute_dtype(repo):
   kinds = json.loads(out.stdout.splitlines()[-1])
   assert kinds['bfloat16'] and set(kinds['bfloat16']) == {'bf16'}, kinds
   assert 'f32' in kinds['float32'], kinds
+
+
+def test_a_cost_model_time_that_is_not_a_time_is_an_error_with_the_roofline_kept():
+  """The TPU cost model returned -4.6 s for the 1b step with its 21B bank on v5p:4x4x4: that
+  is reported as an error (no tokens/s, no MFU), the roofline terms stay; a positive time
+  gives tokens/s per chip and MFU."""
+  chip = hardware.chip('TPU v5')
+  planned = {'flops_per_step': 64 * 459e12, 'collective_bytes': {'all-to-all': 600e9}}
+  cost = {'flops': 459e12, 'bytes accessed': 2765e9, 'optimal_seconds': -4.6}
+  bad = plan.modeled_times(cost, planned, chip, chips=64, tokens=1 << 20)
+  assert 'step_s' not in bad and 'mfu' not in bad and '-4.6 s' in bad['error']
+  assert bad['compute_s'] == pytest.approx(1.0) and bad['memory_s'] == pytest.approx(1.0)
+  assert bad['ideal_s'] == pytest.approx(1.0) and bad['collective_s'] == pytest.approx(1.0)
+  good = plan.modeled_times({**cost, 'optimal_seconds': 2.0}, planned, chip, chips=64, tokens=1 << 20)
+  assert 'error' not in good and good['step_s'] == 2.0
+  assert good['mfu'] == pytest.approx(0.5) and good['tokens_per_s_per_chip'] == pytest.approx((1 << 20) / 2.0 / 64)

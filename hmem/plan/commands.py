@@ -76,6 +76,9 @@ def _print_plan(out: dict) -> None:
   modeled = out.get('modeled')
   if modeled and 'error' in modeled:
     print(f'{"step time":<28} not modeled: {modeled["error"]}')
+    if 'compute_s' in modeled:
+      print(f'{"roofline time":<28} {max(modeled["compute_s"], modeled["memory_s"]):12.4f} s   (the larger of the '
+            "cost analysis's FLOPs over the chip's peak and its bytes over HBM bandwidth)")
   elif modeled:
     print(f'{"step time":<28} {modeled["step_s"]:12.4f} s   ({modeled["source"]})')
     print(f'{"tokens/s per chip":<28} {modeled["tokens_per_s_per_chip"]:12.0f}     (modeled)')

@@ -135,25 +135,33 @@ def modeled(cfg, devices, planned: dict) -> dict:
   if isinstance(compiled, Exception):
     return {'source': MODELED, 'error': 'the unrolled step (for the cost model) does not fit: '
             + str(compiled).splitlines()[0][:300]}
-  cost = compiled.cost_analysis()
-  step_s = float(cost['optimal_seconds'])
-  chips = len(devices)
-  tokens = cfg.train.batch_size * cfg.data.seq_len
+  out = modeled_times(compiled.cost_analysis(), planned, chip, len(devices), cfg.train.batch_size * cfg.data.seq_len)
+  out.update(loops_counted_once=[t for t in hlo.loop_trips(compiled.as_text()) if t > 1], compile_s=round(compile_s, 1))
+  return out
+
+
+def modeled_times(cost: dict, planned: dict, chip, chips: int, tokens: int) -> dict:
+  """The cost model's step time and what it implies, beside the roofline terms. A step time
+  that is not a positive number (the cost model gave -4.6 s for the 1b step with its
+  21B bank on v5p:4x4x4) is reported as an error, with the roofline terms kept."""
   collective = sum(planned['collective_bytes'].values())
-  return {
+  out = {
       'source': MODELED,
-      'step_s': step_s,
-      'tokens_per_s_per_chip': tokens / step_s / chips,
-      'mfu': planned['flops_per_step'] / chips / step_s / chip.peak_flops,
       'flops_per_chip': float(cost['flops']),
       'bytes_accessed_per_chip': float(cost['bytes accessed']),
       'ideal_s': planned['flops_per_step'] / chips / chip.peak_flops,  # the model's FLOPs at peak
       'compute_s': float(cost['flops']) / chip.peak_flops,
       'memory_s': float(cost['bytes accessed']) / chip.hbm_bytes_per_s,
       'collective_s': collective / chip.ici_bytes_per_s if chip.ici_bytes_per_s else None,
-      'loops_counted_once': [t for t in hlo.loop_trips(compiled.as_text()) if t > 1],
-      'compile_s': round(compile_s, 1),
   }
+  step_s = float(cost.get('optimal_seconds', float('nan')))
+  if not (math.isfinite(step_s) and step_s > 0):
+    out['error'] = (f"XLA's TPU cost model gave {step_s:.4g} s for this step, which is not a time; the roofline "
+                    f'terms stand: compute {out["compute_s"]:.3g} s, HBM {out["memory_s"]:.3g} s')
+    return out
+  out.update(step_s=step_s, tokens_per_s_per_chip=tokens / step_s / chips,
+             mfu=planned['flops_per_step'] / chips / step_s / chip.peak_flops)
+  return out
 
 
 REMATS = ('none', 'dots', 'full')
