@@ -108,6 +108,15 @@ def memory_bundle(memory_run, tmp_path_factory):
   return build_once(tmp_path_factory, 'memory_bundle', build) / 'bundle'
 
 
+def rolling_task(root, name: str, texts) -> None:
+  """A local lm-eval task `name` in `root`: rolling perplexity (word_perplexity) over `texts`."""
+  (root / f'{name}.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+  (root / f'{name}.yaml').write_text(json.dumps({  # JSON is YAML
+      'task': name, 'dataset_path': 'json', 'test_split': 'test',
+      'dataset_kwargs': {'data_files': {'test': str(root / f'{name}.jsonl')}}, 'output_type': 'loglikelihood_rolling',
+      'doc_to_text': '', 'doc_to_target': '{{text}}', 'metric_list': [{'metric': 'word_perplexity'}]}))
+
+
 def saved_items(workdir, step=None, items=('params',)):
   """{item: numpy tree} of a run's checkpoint (the latest if `step` is None), read without
   a target mesh, so runs on different meshes compare leaf by leaf."""

@@ -8,7 +8,7 @@ import json
 
 import lm_eval
 import pytest
-from conftest import WIKI
+from conftest import WIKI, rolling_task
 
 from hmem.cli import main
 from hmem.errors import UserError
@@ -24,11 +24,7 @@ def task_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('table_tasks')
   with open(WIKI) as f:
     texts = [json.loads(line)['text'] for line in f][30:33]
-  (root / 'docs.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
-  (root / 'docs.yaml').write_text(json.dumps({
-      'task': 'table_docs', 'dataset_path': 'json', 'test_split': 'test',
-      'dataset_kwargs': {'data_files': {'test': str(root / 'docs.jsonl')}}, 'output_type': 'loglikelihood_rolling',
-      'doc_to_text': '', 'doc_to_target': '{{text}}', 'metric_list': [{'metric': 'word_perplexity'}]}))
+  rolling_task(root, 'table_docs', texts)
   return root
 
 

@@ -12,7 +12,7 @@ import shutil
 import lm_eval
 import numpy as np
 import pytest
-from conftest import WIKI
+from conftest import WIKI, rolling_task
 from serving import NAME, randomize_bank, running
 
 from hmem.infer import table
@@ -41,11 +41,7 @@ def task_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('agree_tasks')
   with open(WIKI) as f:
     texts = [json.loads(line)['text'][:400] for line in f][40:43]
-  (root / 'docs.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
-  (root / 'docs.yaml').write_text(json.dumps({
-      'task': 'agree_docs', 'dataset_path': 'json', 'test_split': 'test',
-      'dataset_kwargs': {'data_files': {'test': str(root / 'docs.jsonl')}}, 'output_type': 'loglikelihood_rolling',
-      'doc_to_text': '', 'doc_to_target': '{{text}}', 'metric_list': [{'metric': 'word_perplexity'}]}))
+  rolling_task(root, 'agree_docs', texts)
   return root
 
 
